@@ -1,0 +1,1 @@
+"""Safety-preserving fine-tuning (SPF)."""
