@@ -1,0 +1,59 @@
+"""Token cross-entropy on response tokens: the training loss and the safety (refusal) loss."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from spf.data import ChatSample, collate, encode_sample
+
+__all__ = ["batch_loss", "per_sample_loss", "refusal_loss"]
+
+
+def per_sample_loss(logits: Tensor, labels: Tensor) -> Tensor:
+    """Mean next-token cross-entropy over each row's supervised tokens (labels ≠ -100) → shape [B]."""
+    shift_logits = logits[:, :-1, :].float()
+    shift_labels = labels[:, 1:]
+    tok = F.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.size(-1)),
+        shift_labels.reshape(-1),
+        ignore_index=-100,
+        reduction="none",
+    ).view(shift_labels.shape)
+    mask = (shift_labels != -100).float()
+    return (tok * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+
+
+def batch_loss(model: torch.nn.Module, batch: dict[str, Tensor]) -> Tensor:
+    """Mean over samples of each sample's mean token loss, so long answers do not dominate."""
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    return per_sample_loss(out.logits, batch["labels"]).mean()
+
+
+@torch.no_grad()
+def refusal_loss(
+    model: torch.nn.Module,
+    tokenizer,
+    samples: Sequence[ChatSample],
+    *,
+    batch_size: int = 8,
+    max_length: int = 512,
+) -> list[float]:
+    """Per-sample mean cross-entropy of each sample's response (lower = the model is closer to refusing)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    losses: list[float] = []
+    try:
+        for i in range(0, len(samples), batch_size):
+            enc = [encode_sample(tokenizer, s, max_length=max_length) for s in samples[i : i + batch_size]]
+            batch = {k: v.to(device) for k, v in collate(enc, pad).items()}
+            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            losses.extend(per_sample_loss(out.logits, batch["labels"]).tolist())
+    finally:
+        model.train(was_training)
+    return losses

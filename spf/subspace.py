@@ -1,0 +1,284 @@
+"""Safety subspace: per-module truncated SVD of the refusal-loss gradient w.r.t. each *effective* weight.
+
+Why hooks instead of ``.grad``: for ``y = x Wᵀ`` the weight gradient is ``G = Σ_t δ_t x_tᵀ = Dᵀ X`` with
+``D`` (T×m) the output gradients and ``X`` (T×n) the inputs over the T tokens of the sample. We capture
+``X`` with a forward hook and ``D`` with ``torch.autograd.grad`` w.r.t. the module outputs, so
+
+* it works for a peft LoRA layer at initialisation (B = 0): the hook sits on the LoRA layer, whose output
+  is ``x (W₀ + s·B·A)ᵀ``, so ``Dᵀ X`` is the gradient w.r.t. the effective weight, while ∂L/∂A = 0;
+* no parameter ``.grad`` is touched, so a re-estimation in the middle of a training step (SPFOptimizer's
+  refresh) cannot corrupt the task gradients;
+* ``rank(G) ≤ T``: with thin QRs ``Dᵀ = Q_d R_d`` and ``Xᵀ = Q_x R_x`` the exact SVD of ``G`` is that of the
+  T×T core ``R_d R_xᵀ`` — O((m+n)·T²) per module instead of an SVD of an m×n matrix, and no m×n
+  gradient is ever formed (one module at a time when T is so large that the dense route is cheaper).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from safetensors.torch import load_file
+from torch import Tensor, nn
+
+from spf.data import ChatSample, collate, encode_sample
+from spf.io import save_json, save_tensors
+from spf.losses import per_sample_loss
+from spf.models import default_target_modules, unwrap
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["SafetySubspace", "cer_table", "estimate_batch_subspace", "estimate_safety_subspace", "subspace_overlap"]
+
+FORMAT_VERSION = 1
+SVDMethod = Literal["auto", "factored", "dense"]
+
+
+@dataclass
+class SafetySubspace:
+    """Per-module top-k singular triplets of the safety gradient.
+
+    ``bases[name] = (U, S, V)`` with U: m×k, S: k, V: n×k (fp32, orthonormal columns); ``energy[name]``
+    is ‖G‖_F² (all singular values), ``spectra[name]`` the leading singular values (≥ k of them when the
+    gradient has that rank), so ``cer(k)`` is exact for every k ≤ len(spectrum).
+    """
+
+    bases: dict[str, tuple[Tensor, Tensor, Tensor]]
+    energy: dict[str, float]
+    spectra: dict[str, Tensor]
+    rank: int
+    metadata: dict = field(default_factory=dict)
+
+    @property
+    def modules(self) -> list[str]:
+        return list(self.bases)
+
+    def cer(self, k: int) -> dict[str, float]:
+        """Cumulative explained ratio Σ_{i≤k} σᵢ² / Σᵢ σᵢ² per module."""
+        out = {}
+        for name, spec in self.spectra.items():
+            total = self.energy[name]
+            out[name] = float((spec[:k].double() ** 2).sum() / total) if total > 0 else 0.0
+        return out
+
+    def mean_cer(self, k: int) -> float:
+        values = list(self.cer(k).values())
+        return sum(values) / max(len(values), 1)
+
+    def to(self, device: torch.device | str) -> SafetySubspace:
+        bases = {n: tuple(t.to(device) for t in b) for n, b in self.bases.items()}
+        return SafetySubspace(bases, dict(self.energy), dict(self.spectra), self.rank, dict(self.metadata))  # type: ignore[arg-type]
+
+    def save(self, directory: str | Path) -> None:
+        """``subspace.safetensors`` (U, S, V, spectrum per module) + ``subspace.json`` (metadata)."""
+        directory = Path(directory)
+        tensors: dict[str, Tensor] = {}
+        for name, (u, s, v) in self.bases.items():
+            tensors[f"{name}.U"] = u
+            tensors[f"{name}.S"] = s
+            tensors[f"{name}.V"] = v
+            tensors[f"{name}.spectrum"] = self.spectra[name]
+        save_tensors(tensors, directory / "subspace.safetensors", metadata={"format": "spf-subspace"})
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "rank": self.rank,
+            "modules": self.modules,
+            "energy": self.energy,
+            "mean_cer": {str(k): self.mean_cer(k) for k in (1, 5, 10, 20)},
+            **self.metadata,
+        }
+        save_json(meta, directory / "subspace.json")
+
+    @classmethod
+    def load(cls, directory: str | Path) -> SafetySubspace:
+        directory = Path(directory)
+        meta_path, tensor_path = directory / "subspace.json", directory / "subspace.safetensors"
+        for p in (meta_path, tensor_path):
+            if not p.is_file():
+                raise FileNotFoundError(f"{p}: not found — is '{directory}' a folder written by `spf estimate`?")
+        meta = json.loads(meta_path.read_text())
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"{meta_path}: field 'format_version': unsupported {meta.get('format_version')!r}")
+        tensors = load_file(str(tensor_path))
+        bases, spectra = {}, {}
+        for name in meta["modules"]:
+            try:
+                bases[name] = (tensors[f"{name}.U"], tensors[f"{name}.S"], tensors[f"{name}.V"])
+                spectra[name] = tensors[f"{name}.spectrum"]
+            except KeyError as e:
+                raise ValueError(f"{tensor_path}: missing tensor {e} for module '{name}'") from None
+        energy = {k: float(v) for k, v in meta.pop("energy").items()}
+        rank = int(meta.pop("rank"))
+        for key in ("format_version", "modules", "mean_cer"):
+            meta.pop(key, None)
+        return cls(bases, energy, spectra, rank, meta)
+
+
+def subspace_overlap(a: SafetySubspace, b: SafetySubspace, k: int | None = None) -> dict[str, float]:
+    """Frobenius overlap φ = (‖U_aᵀU_b‖²_F / k + ‖V_aᵀV_b‖²_F / k) / 2 per shared module, in [0, 1]."""
+    out = {}
+    for name in a.bases.keys() & b.bases.keys():
+        ua, _, va = a.bases[name]
+        ub, _, vb = b.bases[name]
+        kk = min(k or ua.shape[1], ua.shape[1], ub.shape[1])
+        if kk == 0:
+            continue
+        ua, va, ub, vb = ua[:, :kk], va[:, :kk], ub[:, :kk].to(ua), vb[:, :kk].to(ua)
+        out[name] = float(((ua.T @ ub).pow(2).sum() + (va.T @ vb).pow(2).sum()) / (2 * kk))
+    return out
+
+
+# ------------------------------------------------------------------------------------------- estimation
+
+
+def estimate_safety_subspace(
+    model: nn.Module,
+    tokenizer,
+    sample: ChatSample,
+    *,
+    rank: int,
+    modules: Sequence[str] | None = None,
+    max_length: int = 512,
+    spectrum_size: int = 64,
+    svd: SVDMethod = "auto",
+    model_ref: str | None = None,
+) -> SafetySubspace:
+    """Subspace of ONE (harmful prompt, refusal) sample. See :func:`estimate_batch_subspace`."""
+    sub = estimate_batch_subspace(
+        model,
+        tokenizer,
+        [sample],
+        rank=rank,
+        modules=modules,
+        max_length=max_length,
+        spectrum_size=spectrum_size,
+        svd=svd,
+        model_ref=model_ref,
+    )
+    sub.metadata["estimator"] = "single"
+    return sub
+
+
+def estimate_batch_subspace(
+    model: nn.Module,
+    tokenizer,
+    samples: Sequence[ChatSample],
+    *,
+    rank: int,
+    modules: Sequence[str] | None = None,
+    max_length: int = 512,
+    spectrum_size: int = 64,
+    svd: SVDMethod = "auto",
+    model_ref: str | None = None,
+) -> SafetySubspace:
+    """Gradient of the mean (over samples) refusal cross-entropy; per-module truncated SVD of rank ``rank``.
+
+    Needs every sample to carry a response (the refusal). The model is put in eval mode (no dropout)
+    for the pass and restored afterwards; parameter ``.grad`` fields are left untouched.
+    """
+    if rank < 1:
+        raise ValueError(f"rank must be ≥ 1, got {rank}")
+    if not samples:
+        raise ValueError("no samples to estimate the safety subspace from")
+    t0 = time.perf_counter()
+    base = unwrap(model)
+    names = list(modules) if modules is not None else default_target_modules(model)
+    lookup = dict(base.named_modules())
+    missing = [n for n in names if n not in lookup]
+    if missing:
+        raise ValueError(f"modules not found in the model: {missing[:5]}{' …' if len(missing) > 5 else ''}")
+
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    batch = collate([encode_sample(tokenizer, s, max_length=max_length) for s in samples], pad)
+    batch = {k: v.to(device) for k, v in batch.items()}
+    keep = batch["attention_mask"].bool()  # padded positions have zero gradient: drop them from T
+
+    inputs: dict[str, Tensor] = {}
+    outputs: dict[str, Tensor] = {}
+
+    def make_hook(name: str):
+        def hook(_mod: nn.Module, args: tuple, out: Tensor) -> None:
+            inputs[name] = args[0].detach()[keep]
+            outputs[name] = out
+
+        return hook
+
+    # The output of the embedding must require grad, or a fully frozen model (no LoRA, full FT
+    # disabled) would build no graph to the module outputs.
+    def embed_hook(_mod: nn.Module, _args: tuple, out: Tensor) -> Tensor:
+        return out if out.requires_grad else out.detach().requires_grad_(True)
+
+    handles = [lookup[n].register_forward_hook(make_hook(n)) for n in names]
+    handles.append(base.get_input_embeddings().register_forward_hook(embed_hook))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.enable_grad():
+            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            losses = per_sample_loss(out.logits, batch["labels"])
+            loss = losses.mean()
+            ordered = [outputs[n] for n in names]
+            grads = torch.autograd.grad(loss, ordered, allow_unused=True)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+
+    bases, energy, spectra = {}, {}, {}
+    n_tokens = int(keep.sum())
+    for name, g_out in zip(names, grads, strict=True):
+        x = inputs.pop(name).float()
+        m = outputs[name].shape[-1]
+        d = torch.zeros(n_tokens, m, device=x.device) if g_out is None else g_out[keep].float()
+        u, s, v = _svd_of_outer(d, x, method=svd)
+        energy[name] = float((s.double() ** 2).sum())
+        spectra[name] = s[:spectrum_size].cpu()
+        k = min(rank, s.numel())
+        bases[name] = (u[:, :k].contiguous(), s[:k].clone(), v[:, :k].contiguous())
+    outputs.clear()
+
+    digest = hashlib.sha256("".join(s.sha256() for s in samples).encode()).hexdigest()
+    meta = {
+        "model_ref": model_ref,
+        "sample_hash": digest,
+        "n_samples": len(samples),
+        "n_tokens": n_tokens,
+        "safety_loss": float(loss.detach()),
+        "estimator": "batch",
+        "seconds": round(time.perf_counter() - t0, 4),
+    }
+    sub = SafetySubspace(bases, energy, spectra, rank, meta)
+    logger.debug("estimated safety subspace: %d modules, rank %d, %d tokens", len(bases), rank, n_tokens)
+    return sub
+
+
+def _svd_of_outer(d: Tensor, x: Tensor, *, method: SVDMethod = "auto") -> tuple[Tensor, Tensor, Tensor]:
+    """Exact thin SVD of ``G = Dᵀ X`` (D: T×m, X: T×n) → U (m×r), S (r), V (n×r), r = min(T, m, n)."""
+    t, m = d.shape
+    n = x.shape[1]
+    if method == "dense" or (method == "auto" and t >= min(m, n)):
+        u, s, vh = torch.linalg.svd(d.T @ x, full_matrices=False)
+        return u, s, vh.T
+    qd, rd = torch.linalg.qr(d.T)  # m×t, t×t
+    qx, rx = torch.linalg.qr(x.T)  # n×t, t×t
+    a, s, bh = torch.linalg.svd(rd @ rx.T)
+    return qd @ a, s, qx @ bh.T
+
+
+def cer_table(sub: SafetySubspace, ks: Sequence[int] = (1, 5, 10, 20)) -> str:
+    """Plain-text table: per module CER@k, plus the mean row."""
+    cers = {k: sub.cer(k) for k in ks}
+    width = max((len(n) for n in sub.modules), default=6)
+    lines = [f"{'module':<{width}}  " + "  ".join(f"CER@{k:<3}" for k in ks)]
+    for name in sub.modules:
+        lines.append(f"{name:<{width}}  " + "  ".join(f"{cers[k][name]:7.3f}" for k in ks))
+    lines.append(f"{'mean':<{width}}  " + "  ".join(f"{sub.mean_cer(k):7.3f}" for k in ks))
+    return "\n".join(lines)

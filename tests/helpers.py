@@ -1,0 +1,25 @@
+"""Small builders shared by the tests."""
+
+from __future__ import annotations
+
+import torch
+
+from spf.subspace import SafetySubspace
+
+
+def orthonormal(rows: int, k: int, gen: torch.Generator) -> torch.Tensor:
+    q, _ = torch.linalg.qr(torch.randn(rows, k, generator=gen))
+    return q
+
+
+def random_subspace(shapes: dict[str, tuple[int, int]], rank: int, seed: int = 0) -> SafetySubspace:
+    """A subspace from the SVD of a random low-rank 'gradient' per module."""
+    gen = torch.Generator().manual_seed(seed)
+    bases, energy, spectra = {}, {}, {}
+    for name, (m, n) in shapes.items():
+        g = torch.randn(m, 2 * rank, generator=gen) @ torch.randn(2 * rank, n, generator=gen)
+        u, s, vh = torch.linalg.svd(g, full_matrices=False)
+        bases[name] = (u[:, :rank].contiguous(), s[:rank].clone(), vh[:rank].T.contiguous())
+        energy[name] = float((s**2).sum())
+        spectra[name] = s[: 4 * rank].clone()
+    return SafetySubspace(bases, energy, spectra, rank, {"model_ref": "random"})

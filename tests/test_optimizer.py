@@ -1,0 +1,242 @@
+"""Optimizer invariants of SPFOptimizer on a tiny net (LoRA via peft and full fine-tuning)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from torch import nn
+
+from spf.models import unwrap
+from spf.optimizer import SPFOptimizer
+from tests.helpers import random_subspace
+
+SHAPES = {"fc1": (32, 16), "fc2": (8, 32)}  # (out, in) = (m, n)
+
+
+class TinyNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(16, 32)
+        self.fc2 = nn.Linear(32, 8)
+
+    def forward(self, x):
+        return self.fc2(torch.tanh(self.fc1(x)))
+
+
+def make_lora(seed: int = 0):
+    torch.manual_seed(seed)
+    net = TinyNet()
+    model = get_peft_model(net, LoraConfig(r=4, lora_alpha=8, target_modules=["fc1", "fc2"], lora_dropout=0.0))
+    # peft initialises B = 0; give B a value so both first-order terms (ΔB·A and B·ΔA) are exercised
+    for mod in unwrap(model).modules():
+        if hasattr(mod, "lora_B") and isinstance(mod.lora_B, nn.ModuleDict):
+            nn.init.normal_(mod.lora_B["default"].weight, std=0.1)
+    return model
+
+
+def effective_weights(model) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, mod in unwrap(model).named_modules():
+        if name in SHAPES:
+            if hasattr(mod, "get_delta_weight"):
+                out[name] = (mod.base_layer.weight + mod.get_delta_weight("default")).detach().clone()
+            else:
+                out[name] = mod.weight.detach().clone()
+    return out
+
+
+def core_norms(model, w0, sub) -> dict[str, float]:
+    """‖Uᵀ (W − W₀) V‖ / ‖W − W₀‖ per module: how much of the total change lies in the subspace."""
+    w1 = effective_weights(model)
+    out = {}
+    for name, (u, _, v) in sub.bases.items():
+        d = w1[name] - w0[name]
+        out[name] = float((u.T @ d @ v).norm() / d.norm())
+    return out
+
+
+def train(model, opt, steps: int = 8, seed: int = 0) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        x, y = torch.randn(16, 16, generator=gen), torch.randn(16, 8, generator=gen)
+        loss = nn.functional.mse_loss(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
+def trainable(model):
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+@pytest.mark.parametrize("lora", [True, False])
+def test_update_mode_keeps_the_effective_change_out_of_the_subspace_under_adamw(lora):
+    model = make_lora() if lora else TinyNet()
+    sub = random_subspace(SHAPES, rank=3)
+    w0 = effective_weights(model)
+    inner = torch.optim.AdamW(trainable(model), lr=1e-2, weight_decay=0.1)
+    opt = SPFOptimizer(inner, model, sub, mode="always", project_on="update")
+    train(model, opt)
+    ratios = core_norms(model, w0, sub)
+    assert max(ratios.values()) < 1e-5, ratios
+
+
+@pytest.mark.parametrize("lora", [True, False])
+def test_grad_mode_does_not_guarantee_it_under_adamw(lora):
+    model = make_lora() if lora else TinyNet()
+    sub = random_subspace(SHAPES, rank=3)
+    w0 = effective_weights(model)
+    inner = torch.optim.AdamW(trainable(model), lr=1e-2, weight_decay=0.1)
+    opt = SPFOptimizer(inner, model, sub, mode="always", project_on="grad")
+    train(model, opt)
+    ratios = core_norms(model, w0, sub)
+    # Adam's per-coordinate scaling (and weight decay) leaks the change back into the subspace
+    assert max(ratios.values()) > 1e-2, ratios
+
+
+def test_grad_mode_is_exact_for_plain_sgd_full_ft():
+    model = TinyNet()
+    sub = random_subspace(SHAPES, rank=3)
+    w0 = effective_weights(model)
+    opt = SPFOptimizer(torch.optim.SGD(trainable(model), lr=1e-2), model, sub, mode="always", project_on="grad")
+    train(model, opt)
+    assert max(core_norms(model, w0, sub).values()) < 1e-5
+
+
+def test_without_projection_the_change_has_a_subspace_component():
+    model = make_lora()
+    sub = random_subspace(SHAPES, rank=3)
+    w0 = effective_weights(model)
+    train(model, torch.optim.AdamW(trainable(model), lr=1e-2))
+    assert min(core_norms(model, w0, sub).values()) > 1e-2
+
+
+@pytest.mark.parametrize("project_on", ["update", "grad"])
+def test_conflict_mode_leaves_non_conflicting_steps_untouched(project_on):
+    """SGD on full FT with a hand-set gradient: g = +G_k lowers the safety loss, g = −G_k raises it."""
+    sub = random_subspace(SHAPES, rank=3)
+    for sign, expect_untouched in ((+1.0, True), (-1.0, False)):
+        model = TinyNet()
+        ref = copy.deepcopy(model)
+        opt = SPFOptimizer(
+            torch.optim.SGD(trainable(model), lr=0.1), model, sub, mode="conflict", project_on=project_on
+        )
+        for name in SHAPES:
+            u, s, v = sub.bases[name]
+            getattr(model, name).weight.grad = sign * (u @ torch.diag(s) @ v.T)
+            getattr(model, name).bias.grad = torch.zeros_like(getattr(model, name).bias)
+        opt.step()
+        for name in SHAPES:
+            u, s, v = sub.bases[name]
+            expected = getattr(ref, name).weight - 0.1 * sign * (u @ torch.diag(s) @ v.T)
+            got = getattr(model, name).weight
+            if expect_untouched:
+                torch.testing.assert_close(got, expected)
+            else:
+                assert not torch.allclose(got, expected)
+                assert (u.T @ (got - getattr(ref, name).weight) @ v).abs().max() < 1e-5
+        d = opt.last_diagnostics
+        assert d["spf/conflict_frac"] == (0.0 if expect_untouched else 1.0)
+        assert d["spf/projected_frac"] == d["spf/conflict_frac"]
+        if expect_untouched:
+            assert d["spf/pred_dloss_before"] < 0
+
+
+def test_always_mode_projects_even_helpful_steps():
+    sub = random_subspace(SHAPES, rank=3)
+    model = TinyNet()
+    opt = SPFOptimizer(torch.optim.SGD(trainable(model), lr=0.1), model, sub, mode="always")
+    w0 = effective_weights(model)
+    for name in SHAPES:
+        u, s, v = sub.bases[name]
+        getattr(model, name).weight.grad = u @ torch.diag(s) @ v.T  # a step that helps safety
+    opt.step()
+    # the whole step lay inside the subspace, so nothing of it is left
+    for name in SHAPES:
+        assert (getattr(model, name).weight - w0[name]).abs().max() < 1e-6
+    assert opt.last_diagnostics["spf/removed_frac"] == pytest.approx(1.0, abs=1e-4)
+
+
+def test_global_conflict_scope_projects_all_or_nothing():
+    sub = random_subspace(SHAPES, rank=3)
+    model = TinyNet()
+    opt = SPFOptimizer(torch.optim.SGD(trainable(model), lr=0.1), model, sub, mode="conflict", conflict_scope="global")
+    u1, s1, v1 = sub.bases["fc1"]
+    u2, s2, v2 = sub.bases["fc2"]
+    model.fc1.weight.grad = -10 * (u1 @ torch.diag(s1) @ v1.T)  # strong conflict
+    model.fc2.weight.grad = 0.1 * (u2 @ torch.diag(s2) @ v2.T)  # mild help
+    opt.step()
+    assert opt.last_diagnostics["spf/projected_frac"] == 1.0
+    assert opt.last_diagnostics["spf/conflict_frac"] == 0.5
+
+
+def test_diagnostics_on_lora():
+    model = make_lora()
+    sub = random_subspace(SHAPES, rank=3)
+    opt = SPFOptimizer(torch.optim.AdamW(trainable(model), lr=1e-2), model, sub, mode="always")
+    train(model, opt, steps=1)
+    d = opt.last_diagnostics
+    assert abs(d["spf/cos_after"]) < 1e-4
+    assert abs(d["spf/pred_dloss_after"]) < 1e-6
+    assert abs(d["spf/cos_before"]) > 1e-4
+    assert 0.0 < d["spf/removed_frac"] <= 1.0
+
+
+def test_refresh_is_called_on_schedule_and_does_not_touch_grads():
+    sub = random_subspace(SHAPES, rank=3)
+    calls = []
+
+    def refresh():
+        calls.append(1)
+        return random_subspace(SHAPES, rank=3, seed=len(calls))
+
+    model = TinyNet()
+    opt = SPFOptimizer(torch.optim.AdamW(trainable(model), lr=1e-3), model, None, refresh_every=3, refresh_fn=refresh)
+    train(model, opt, steps=7)
+    assert len(calls) == 3  # steps 0 (no initial subspace), 3 and 6
+    opt2 = SPFOptimizer(torch.optim.AdamW(trainable(model), lr=1e-3), model, sub, refresh_every=0, refresh_fn=refresh)
+    train(model, opt2, steps=4)
+    assert len(calls) == 3  # never
+    assert opt2.num_steps == 4
+
+
+def test_delegation_state_dict_scheduler_and_groups():
+    model = make_lora()
+    sub = random_subspace(SHAPES, rank=3)
+    inner = torch.optim.AdamW(trainable(model), lr=1e-2)
+    opt = SPFOptimizer(inner, model, sub)
+    assert opt.param_groups is inner.param_groups
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5**step)
+    train(model, opt, steps=2)
+    sched.step()
+    assert inner.param_groups[0]["lr"] == pytest.approx(5e-3)
+    sd = opt.state_dict()
+    assert sd["spf"]["num_steps"] == 2
+
+    model2 = make_lora()
+    opt2 = SPFOptimizer(torch.optim.AdamW(trainable(model2), lr=1e-2), model2, sub)
+    opt2.load_state_dict(sd)
+    assert opt2.num_steps == 2
+    s1 = next(iter(inner.state.values()))
+    s2 = next(iter(opt2.optimizer.state.values()))
+    torch.testing.assert_close(s1["exp_avg"], s2["exp_avg"])
+    opt.zero_grad()
+    assert all(p.grad is None for p in trainable(model))
+
+
+def test_invalid_options_fail_clearly():
+    model = TinyNet()
+    sub = random_subspace(SHAPES, rank=2)
+    inner = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="mode"):
+        SPFOptimizer(inner, model, sub, mode="sometimes")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="project_on"):
+        SPFOptimizer(inner, model, sub, project_on="weights")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="refresh_fn"):
+        SPFOptimizer(inner, model, None)
+    bad = random_subspace({"nope": (4, 4)}, rank=2)
+    with pytest.raises(ValueError, match="nope"):
+        SPFOptimizer(inner, model, bad)
