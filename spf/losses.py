@@ -10,7 +10,7 @@ from torch import Tensor
 
 from spf.data import ChatSample, collate, encode_sample
 
-__all__ = ["batch_loss", "per_sample_loss", "refusal_loss"]
+__all__ = ["batch_loss", "per_sample_loss", "response_loss"]
 
 
 def per_sample_loss(logits: Tensor, labels: Tensor) -> Tensor:
@@ -34,7 +34,7 @@ def batch_loss(model: torch.nn.Module, batch: dict[str, Tensor]) -> Tensor:
 
 
 @torch.no_grad()
-def refusal_loss(
+def response_loss(
     model: torch.nn.Module,
     tokenizer,
     samples: Sequence[ChatSample],
@@ -42,7 +42,7 @@ def refusal_loss(
     batch_size: int = 8,
     max_length: int = 512,
 ) -> list[float]:
-    """Per-sample mean cross-entropy of each sample's response (lower = the model is closer to refusing)."""
+    """Per-sample mean cross-entropy of each response; on (harmful prompt, refusal) pairs it is the safety loss."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device

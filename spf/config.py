@@ -1,0 +1,113 @@
+"""Typed configs. Each field's comment is its help; ``__post_init__`` rejects bad values before any work."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Literal, get_args
+
+Method = Literal["vanilla", "spf"]
+Finetune = Literal["lora", "full"]
+ProjectMode = Literal["conflict", "always"]
+ProjectOn = Literal["update", "grad"]
+ConflictScope = Literal["module", "global"]
+
+
+def _check_choice(name: str, value: Any, kind: Any) -> None:
+    allowed = get_args(kind)
+    if value not in allowed:
+        raise ValueError(f"{name}: must be one of {', '.join(map(repr, allowed))}, got {value!r}")
+
+
+@dataclass
+class LoraSettings:
+    r: int = 8  # LoRA rank
+    alpha: float = 16.0  # scaling s = alpha / r
+    dropout: float = 0.0
+    target_modules: list[str] | None = None  # None = every linear layer of the decoder blocks
+
+    def __post_init__(self) -> None:
+        if self.r < 1:
+            raise ValueError(f"lora.r: must be ≥ 1, got {self.r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"lora.dropout: must be in [0, 1), got {self.dropout}")
+
+
+@dataclass
+class SPFSettings:
+    subspace: str | None = None  # folder from `spf estimate` (holds the subspace and its sample)
+    sample: str | None = None  # or: a file with the (harmful prompt[, refusal]) sample, estimated at step 0
+    sample_index: int | None = None  # which record of `sample` (None = the first one the model refuses)
+    rank: int = 8  # k, singular directions per module
+    mode: ProjectMode = "always"
+    project_on: ProjectOn = "update"
+    conflict_scope: ConflictScope = "module"
+    refresh_every: int = 1  # re-estimate every T steps from the same sample; 0 = never
+    diagnostics: bool = True
+
+    def __post_init__(self) -> None:
+        if self.rank < 1:
+            raise ValueError(f"spf.rank: must be ≥ 1, got {self.rank}")
+        if self.refresh_every < 0:
+            raise ValueError(f"spf.refresh_every: must be ≥ 0, got {self.refresh_every}")
+        _check_choice("spf.mode", self.mode, ProjectMode)
+        _check_choice("spf.project_on", self.project_on, ProjectOn)
+        _check_choice("spf.conflict_scope", self.conflict_scope, ConflictScope)
+
+
+@dataclass
+class TrainConfig:
+    model: str  # packaged name, local folder or hub id
+    data: str  # chat samples (JSON/JSONL/CSV/TSV) with responses
+    out: str  # output folder
+    method: Method = "spf"
+    finetune: Finetune = "lora"
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    spf: SPFSettings = field(default_factory=SPFSettings)
+    steps: int = 30  # optimizer steps
+    batch_size: int = 4
+    grad_accum: int = 1
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    max_grad_norm: float | None = 1.0
+    max_length: int = 256
+    seed: int = 0
+    save_every: int = 0  # checkpoint every N steps (0 = only the final output)
+    keep_checkpoints: int = 2
+    resume: bool = True  # continue from the newest checkpoint in `out` when there is one
+    heldout_safety: str | None = None  # (harmful prompt, refusal) pairs to track the refusal loss on
+    heldout_n: int = 20
+    task_eval_n: int = 16  # training samples whose mean loss is the tracked task loss (0 = off)
+    eval_every: int = 10  # held-out refusal loss every N steps (and at 0 and the end)
+    limit_data: int | None = None
+    threads: int | None = None  # torch CPU threads (None = leave torch's default)
+    device: str | None = None  # None = cuda when present, else cpu
+
+    def __post_init__(self) -> None:
+        if isinstance(self.lora, dict):
+            self.lora = LoraSettings(**self.lora)
+        if isinstance(self.spf, dict):
+            self.spf = SPFSettings(**self.spf)
+        _check_choice("method", self.method, Method)
+        _check_choice("finetune", self.finetune, Finetune)
+        for name in ("steps", "batch_size", "grad_accum", "max_length", "heldout_n"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be ≥ 1, got {getattr(self, name)}")
+        for name in ("save_every", "warmup_steps", "eval_every"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}: must be ≥ 0, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ValueError(f"lr: must be > 0, got {self.lr}")
+        if self.method == "spf" and not (self.spf.subspace or self.spf.sample):
+            raise ValueError("method 'spf' needs spf.subspace (a folder from `spf estimate`) or spf.sample")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown training option(s): {', '.join(unknown)}")
+        return cls(**d)
