@@ -19,11 +19,12 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from spf.config import ConflictScope, ProjectMode, ProjectOn
 from spf.models import unwrap
 from spf.projection import (
     factored_inner,
@@ -37,10 +38,6 @@ from spf.subspace import SafetySubspace, subspace_overlap
 logger = logging.getLogger(__name__)
 
 __all__ = ["ConflictScope", "ProjectMode", "ProjectOn", "SPFOptimizer"]
-
-ProjectMode = Literal["conflict", "always"]
-ProjectOn = Literal["update", "grad"]
-ConflictScope = Literal["module", "global"]
 
 
 @dataclass
@@ -74,7 +71,9 @@ def _find_targets(model: nn.Module, names: list[str]) -> list[_Target]:
             if len(active) != 1:
                 raise ValueError(f"{name}: exactly one active LoRA adapter is supported, found {active}")
             key = active[0]
-            targets.append(_LoraTarget(name, lora_a[key].weight, mod.lora_B[key].weight, float(mod.scaling[key])))
+            targets.append(
+                _LoraTarget(name, lora_a[key].weight, mod.lora_B[key].weight, float(mod.scaling[key]))
+            )
         elif isinstance(mod, nn.Linear) and mod.weight.requires_grad:
             targets.append(_FullTarget(name, mod.weight))
         else:
@@ -184,7 +183,11 @@ class SPFOptimizer(torch.optim.Optimizer):
         for t in self._targets:
             dev = (t.a if isinstance(t, _LoraTarget) else t.w).device
             u, s, v = subspace.bases[t.name]
-            self._bases[t.name] = (u.to(dev, torch.float32), s.to(dev, torch.float32), v.to(dev, torch.float32))
+            self._bases[t.name] = (
+                u.to(dev, torch.float32),
+                s.to(dev, torch.float32),
+                v.to(dev, torch.float32),
+            )
 
     def _maybe_refresh(self) -> dict[str, float]:
         due = self.refresh_fn is not None and (
@@ -339,7 +342,9 @@ class SPFOptimizer(torch.optim.Optimizer):
                     right = torch.cat([a, ga2], 0)
                     after, after_sq = factored_inner(left, right, u, s, v), factored_sq_norm(left, right)
                     # removed = s((g_B − g_B')A + B(g_A − g_A'))
-                    removed_sq = factored_sq_norm(torch.cat([gb - gb2, b], 1) * t.scale, torch.cat([a, ga - ga2], 0))
+                    removed_sq = factored_sq_norm(
+                        torch.cat([gb - gb2, b], 1) * t.scale, torch.cat([a, ga - ga2], 0)
+                    )
                 else:
                     after, after_sq, removed_sq = inners[t.name], before_sq, torch.zeros(())
             else:

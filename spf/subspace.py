@@ -35,7 +35,13 @@ from spf.models import default_target_modules, unwrap
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SafetySubspace", "cer_table", "estimate_batch_subspace", "estimate_safety_subspace", "subspace_overlap"]
+__all__ = [
+    "SafetySubspace",
+    "cer_table",
+    "estimate_batch_subspace",
+    "estimate_safety_subspace",
+    "subspace_overlap",
+]
 
 FORMAT_VERSION = 1
 SVDMethod = Literal["auto", "factored", "dense"]
@@ -102,10 +108,14 @@ class SafetySubspace:
         meta_path, tensor_path = directory / "subspace.json", directory / "subspace.safetensors"
         for p in (meta_path, tensor_path):
             if not p.is_file():
-                raise FileNotFoundError(f"{p}: not found — is '{directory}' a folder written by `spf estimate`?")
+                raise FileNotFoundError(
+                    f"{p}: not found — is '{directory}' a folder written by `spf estimate`?"
+                )
         meta = json.loads(meta_path.read_text())
         if meta.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"{meta_path}: field 'format_version': unsupported {meta.get('format_version')!r}")
+            raise ValueError(
+                f"{meta_path}: field 'format_version': unsupported {meta.get('format_version')!r}"
+            )
         tensors = load_file(str(tensor_path))
         bases, spectra = {}, {}
         for name in meta["modules"]:

@@ -89,7 +89,9 @@ def _resolve_spf(cfg: TrainConfig, model, tokenizer) -> tuple[SafetySubspace, Ch
         sub = SafetySubspace.load(s.subspace)
         sample = load_safety_sample(s.subspace)
         if sub.metadata.get("model_ref") not in (None, cfg.model):
-            logger.warning("subspace was estimated on %s, training %s", sub.metadata.get("model_ref"), cfg.model)
+            logger.warning(
+                "subspace was estimated on %s, training %s", sub.metadata.get("model_ref"), cfg.model
+            )
         return sub, sample
     from spf.refusal import first_refused, own_refusal  # generation is only needed here
 
@@ -163,7 +165,9 @@ def train(cfg: TrainConfig, callback: Callback | None = None) -> TrainResult:
             diagnostics=cfg.spf.diagnostics,
         )
     warm = cfg.warmup_steps
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0
+    )
 
     start_step, history, evals = 0, [], []
     ckpt = latest_checkpoint(out) if cfg.resume else None
@@ -182,7 +186,9 @@ def train(cfg: TrainConfig, callback: Callback | None = None) -> TrainResult:
     def evaluate(step: int) -> None:
         rec: dict[str, Any] = {"step": step}
         if sample is not None:
-            rec["safety_loss_sample"] = response_loss(model, tokenizer, [sample], max_length=cfg.max_length)[0]
+            rec["safety_loss_sample"] = response_loss(model, tokenizer, [sample], max_length=cfg.max_length)[
+                0
+            ]
         if heldout:
             losses = response_loss(model, tokenizer, heldout, max_length=cfg.max_length)
             rec["safety_loss_heldout"] = sum(losses) / len(losses)
@@ -195,7 +201,9 @@ def train(cfg: TrainConfig, callback: Callback | None = None) -> TrainResult:
 
     if start_step == 0:
         evaluate(0)
-    stream = _batches(len(encoded), cfg.batch_size, cfg.seed, start=start_step * cfg.batch_size * cfg.grad_accum)
+    stream = _batches(
+        len(encoded), cfg.batch_size, cfg.seed, start=start_step * cfg.batch_size * cfg.grad_accum
+    )
     model.train()
     bar = tqdm(range(start_step, cfg.steps), desc=f"train[{cfg.method}]", initial=start_step, total=cfg.steps)
     for step in bar:

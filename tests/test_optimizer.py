@@ -29,7 +29,9 @@ class TinyNet(nn.Module):
 def make_lora(seed: int = 0):
     torch.manual_seed(seed)
     net = TinyNet()
-    model = get_peft_model(net, LoraConfig(r=4, lora_alpha=8, target_modules=["fc1", "fc2"], lora_dropout=0.0))
+    model = get_peft_model(
+        net, LoraConfig(r=4, lora_alpha=8, target_modules=["fc1", "fc2"], lora_dropout=0.0)
+    )
     # peft initialises B = 0; give B a value so both first-order terms (ΔB·A and B·ΔA) are exercised
     for mod in unwrap(model).modules():
         if hasattr(mod, "lora_B") and isinstance(mod.lora_B, nn.ModuleDict):
@@ -101,7 +103,9 @@ def test_grad_mode_is_exact_for_plain_sgd_full_ft():
     model = TinyNet()
     sub = random_subspace(SHAPES, rank=3)
     w0 = effective_weights(model)
-    opt = SPFOptimizer(torch.optim.SGD(trainable(model), lr=1e-2), model, sub, mode="always", project_on="grad")
+    opt = SPFOptimizer(
+        torch.optim.SGD(trainable(model), lr=1e-2), model, sub, mode="always", project_on="grad"
+    )
     train(model, opt)
     assert max(core_norms(model, w0, sub).values()) < 1e-5
 
@@ -163,7 +167,9 @@ def test_always_mode_projects_even_helpful_steps():
 def test_global_conflict_scope_projects_all_or_nothing():
     sub = random_subspace(SHAPES, rank=3)
     model = TinyNet()
-    opt = SPFOptimizer(torch.optim.SGD(trainable(model), lr=0.1), model, sub, mode="conflict", conflict_scope="global")
+    opt = SPFOptimizer(
+        torch.optim.SGD(trainable(model), lr=0.1), model, sub, mode="conflict", conflict_scope="global"
+    )
     u1, s1, v1 = sub.bases["fc1"]
     u2, s2, v2 = sub.bases["fc2"]
     model.fc1.weight.grad = -10 * (u1 @ torch.diag(s1) @ v1.T)  # strong conflict
@@ -194,10 +200,14 @@ def test_refresh_is_called_on_schedule_and_does_not_touch_grads():
         return random_subspace(SHAPES, rank=3, seed=len(calls))
 
     model = TinyNet()
-    opt = SPFOptimizer(torch.optim.AdamW(trainable(model), lr=1e-3), model, None, refresh_every=3, refresh_fn=refresh)
+    opt = SPFOptimizer(
+        torch.optim.AdamW(trainable(model), lr=1e-3), model, None, refresh_every=3, refresh_fn=refresh
+    )
     train(model, opt, steps=7)
     assert len(calls) == 3  # steps 0 (no initial subspace), 3 and 6
-    opt2 = SPFOptimizer(torch.optim.AdamW(trainable(model), lr=1e-3), model, sub, refresh_every=0, refresh_fn=refresh)
+    opt2 = SPFOptimizer(
+        torch.optim.AdamW(trainable(model), lr=1e-3), model, sub, refresh_every=0, refresh_fn=refresh
+    )
     train(model, opt2, steps=4)
     assert len(calls) == 3  # never
     assert opt2.num_steps == 4

@@ -55,7 +55,9 @@ def test_factored_inner_and_norm_match_dense(uv):
     left, right = torch.randn(M, 2 * R), torch.randn(2 * R, N)
     dense = left @ right
     g = u @ torch.diag(s) @ v.T
-    torch.testing.assert_close(P.factored_inner(left, right, u, s, v), (g * dense).sum(), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(
+        P.factored_inner(left, right, u, s, v), (g * dense).sum(), rtol=1e-4, atol=1e-4
+    )
     torch.testing.assert_close(P.factored_sq_norm(left, right), dense.pow(2).sum(), rtol=1e-4, atol=1e-3)
     torch.testing.assert_close(P.safety_inner(dense, u, s, v), (g * dense).sum(), rtol=1e-4, atol=1e-4)
 

@@ -1,0 +1,5 @@
+import sys
+
+from spf.cli import main
+
+sys.exit(main())

@@ -1,0 +1,285 @@
+"""``spf`` command line: ``estimate``, ``train``, ``data``.
+
+Errors a user can fix (bad file, unknown model, a prompt the model does not refuse) print one line
+``spf: error: …`` and exit with status 2; nothing partial is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+__all__ = ["main"]
+
+logger = logging.getLogger("spf")
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda when present)")
+    p.add_argument("-v", "--verbose", action="store_true")
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="spf", description="Safety-preserving fine-tuning")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    e = sub.add_parser(
+        "estimate", help="estimate the safety subspace from one (harmful prompt, refusal) sample"
+    )
+    e.add_argument(
+        "--model", required=True, help="smollm2-135m-instruct | local folder | hub id | tiny-llama"
+    )
+    e.add_argument("--sample", required=True, help="file of candidate samples (JSON/JSONL/CSV/TSV)")
+    e.add_argument("--index", type=int, default=None, help="record to use (default: first the model refuses)")
+    e.add_argument("--rank", type=int, required=True, help="k, singular directions kept per module")
+    e.add_argument("--out", required=True, help="output folder")
+    e.add_argument(
+        "--own-response",
+        action="store_true",
+        help="ignore a response in the file and use the model's own answer (it must be a refusal)",
+    )
+    e.add_argument(
+        "--batch", type=int, default=1, help="estimate from the first N refused samples (comparison)"
+    )
+    e.add_argument("--modules", nargs="*", default=None, help="module names (default: all decoder linears)")
+    e.add_argument("--max-length", type=int, default=512)
+    e.add_argument("--max-new-tokens", type=int, default=64, help="for generating the model's own answer")
+    _add_common(e)
+
+    t = sub.add_parser("train", help="fine-tune (vanilla or SPF) with LoRA or full fine-tuning")
+    t.add_argument("--config", default=None, help="YAML/JSON with TrainConfig fields; flags override it")
+    t.add_argument("--model")
+    t.add_argument("--data")
+    t.add_argument("--out")
+    t.add_argument("--method", choices=["vanilla", "spf"])
+    t.add_argument("--finetune", choices=["lora", "full"])
+    t.add_argument("--subspace", help="folder from `spf estimate`")
+    t.add_argument("--safety-sample", help="instead of --subspace: sample file, estimated at step 0")
+    t.add_argument("--sample-index", type=int)
+    t.add_argument("--mode", choices=["conflict", "always"])
+    t.add_argument("--project-on", choices=["update", "grad"])
+    t.add_argument("--conflict-scope", choices=["module", "global"])
+    t.add_argument("--refresh-every", type=int, help="re-estimate every T steps (0 = never)")
+    t.add_argument("--rank", type=int)
+    t.add_argument("--lora-r", type=int)
+    t.add_argument("--lora-alpha", type=float)
+    t.add_argument("--steps", type=int)
+    t.add_argument("--lr", type=float)
+    t.add_argument("--weight-decay", type=float)
+    t.add_argument("--batch-size", type=int)
+    t.add_argument("--grad-accum", type=int)
+    t.add_argument("--max-length", type=int)
+    t.add_argument("--seed", type=int)
+    t.add_argument("--save-every", type=int)
+    t.add_argument("--eval-every", type=int)
+    t.add_argument("--heldout-safety", help="(harmful prompt, refusal) pairs whose loss is tracked")
+    t.add_argument("--heldout-n", type=int)
+    t.add_argument("--limit", type=int, dest="limit_data")
+    t.add_argument("--no-resume", action="store_true")
+    _add_common(t)
+
+    d = sub.add_parser("data", help="build fine-tuning datasets from public sources")
+    d.add_argument("kind", choices=["sst2", "harmful-compliance", "refusals"])
+    d.add_argument("--src", nargs="+", required=True, help="sst2: TSV; harmful-compliance: CSV TARGETS_JSON")
+    d.add_argument("--n", type=int, default=None)
+    d.add_argument("--offset", type=int, default=0)
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--out", required=True)
+    return parser
+
+
+def _summarise_cer(sub: Any, ks: tuple[int, ...] = (1, 5, 10, 20)) -> str:
+    """Mean CER@k per module kind (q_proj, …) — 210 rows of the full table live in cer.json."""
+    kinds: dict[str, list[str]] = defaultdict(list)
+    for name in sub.modules:
+        kinds[name.rsplit(".", 1)[-1]].append(name)
+    cers = {k: sub.cer(k) for k in ks}
+    lines = [f"{'module kind':<14}{'n':>4}  " + "  ".join(f"CER@{k:<3}" for k in ks)]
+    for kind, names in kinds.items():
+        vals = [sum(cers[k][n] for n in names) / len(names) for k in ks]
+        lines.append(f"{kind:<14}{len(names):>4}  " + "  ".join(f"{v:7.3f}" for v in vals))
+    lines.append(f"{'all':<14}{len(sub.modules):>4}  " + "  ".join(f"{sub.mean_cer(k):7.3f}" for k in ks))
+    return "\n".join(lines)
+
+
+def cmd_estimate(args: argparse.Namespace) -> int:
+    import torch
+
+    from spf.data import load_samples, save_samples
+    from spf.io import save_json
+    from spf.models import load_model
+    from spf.refusal import first_refused, generate, is_refusal, own_refusal
+    from spf.subspace import estimate_batch_subspace, estimate_safety_subspace
+
+    if args.rank < 1:
+        raise ValueError(f"--rank must be ≥ 1, got {args.rank}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    candidates = load_samples(args.sample)
+    model, tok = load_model(args.model, device=args.device)
+    if args.index is not None:
+        if not 0 <= args.index < len(candidates):
+            raise ValueError(f"{args.sample}: --index {args.index} out of range (0..{len(candidates) - 1})")
+        cand = candidates[args.index]
+        use_given = cand.response is not None and not args.own_response
+        samples = [cand if use_given else own_refusal(model, tok, cand, max_new_tokens=args.max_new_tokens)]
+    elif args.batch > 1:
+        answers = generate(
+            model, tok, [c.prompt_messages() for c in candidates], max_new_tokens=args.max_new_tokens
+        )
+        samples = [c.with_response(a) for c, a in zip(candidates, answers, strict=True) if is_refusal(a)]
+        samples = samples[: args.batch]
+        if not samples:
+            raise ValueError(f"{args.sample}: the model refuses none of the {len(candidates)} prompts")
+    elif candidates[0].response is not None and not args.own_response:
+        samples = [candidates[0]]
+    else:
+        samples = [first_refused(model, tok, candidates, max_new_tokens=args.max_new_tokens)]
+
+    if len(samples) == 1:
+        sub = estimate_safety_subspace(
+            model,
+            tok,
+            samples[0],
+            rank=args.rank,
+            modules=args.modules,
+            max_length=args.max_length,
+            model_ref=args.model,
+        )
+    else:
+        sub = estimate_batch_subspace(
+            model,
+            tok,
+            samples,
+            rank=args.rank,
+            modules=args.modules,
+            max_length=args.max_length,
+            model_ref=args.model,
+        )
+    out = Path(args.out)
+    sub.save(out)
+    save_samples(samples, out / "sample.jsonl")
+    save_json({str(k): sub.cer(k) for k in (1, 5, 10, 20)}, out / "cer.json")
+    print(
+        f"sample: {samples[0].prompt[:100]!r} → {samples[0].response[:100]!r}"
+        + (f" (+{len(samples) - 1})" if len(samples) > 1 else "")
+    )
+    print(
+        f"safety loss {sub.metadata['safety_loss']:.4f} over {sub.metadata['n_tokens']} tokens; rank {sub.rank}"
+    )
+    print(_summarise_cer(sub))
+    print(f"wrote {out}/subspace.safetensors, subspace.json, sample.jsonl, cer.json")
+    return 0
+
+
+_TRAIN_FLAT = (
+    "model", "data", "out", "method", "finetune", "steps", "lr", "weight_decay", "batch_size", "grad_accum",
+    "max_length", "seed", "save_every", "eval_every", "heldout_safety", "heldout_n", "limit_data", "threads",
+    "device",
+)  # fmt: skip
+_TRAIN_SPF = {
+    "subspace": "subspace",
+    "safety_sample": "sample",
+    "sample_index": "sample_index",
+    "mode": "mode",
+    "project_on": "project_on",
+    "conflict_scope": "conflict_scope",
+    "refresh_every": "refresh_every",
+    "rank": "rank",
+}
+
+
+def _train_config(args: argparse.Namespace):
+    from spf.config import TrainConfig
+
+    cfg: dict[str, Any] = {}
+    if args.config:
+        path = Path(args.config)
+        loaded = (
+            yaml.safe_load(path.read_text())
+            if path.suffix in (".yaml", ".yml")
+            else json.loads(path.read_text())
+        )
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{path}: expected a mapping of TrainConfig fields")
+        cfg.update(loaded)
+    for key in _TRAIN_FLAT:
+        if getattr(args, key) is not None:
+            cfg[key] = getattr(args, key)
+    spf = dict(cfg.get("spf") or {})
+    for flag, key in _TRAIN_SPF.items():
+        if getattr(args, flag) is not None:
+            spf[key] = getattr(args, flag)
+    cfg["spf"] = spf
+    lora = dict(cfg.get("lora") or {})
+    if args.lora_r is not None:
+        lora["r"] = args.lora_r
+    if args.lora_alpha is not None:
+        lora["alpha"] = args.lora_alpha
+    cfg["lora"] = lora
+    if args.no_resume:
+        cfg["resume"] = False
+    missing = [k for k in ("model", "data", "out") if not cfg.get(k)]
+    if missing:
+        raise ValueError(f"missing required option(s): {', '.join('--' + m for m in missing)}")
+    return TrainConfig.from_dict(cfg)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from spf.training import train
+
+    cfg = _train_config(args)
+    result = train(cfg)
+    s = result.metrics["summary"]
+    print(json.dumps(s, indent=2))
+    print(f"wrote {result.out}")
+    return 0
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    from spf import scenarios
+    from spf.data import save_samples
+
+    if args.kind == "sst2":
+        samples = scenarios.sst2(args.src[0], n=args.n, seed=args.seed)
+    elif args.kind == "harmful-compliance":
+        if len(args.src) != 2:
+            raise ValueError("harmful-compliance needs --src BEHAVIORS_CSV TARGETS_JSON")
+        samples = scenarios.harmful_compliance(
+            args.src[0], args.src[1], n=args.n, seed=args.seed, offset=args.offset
+        )
+    else:
+        samples = scenarios.refusal_pairs(args.src[0], n=args.n, seed=args.seed, offset=args.offset)
+    save_samples(samples, args.out)
+    print(f"wrote {len(samples)} samples to {args.out}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    from spf.data import DataError
+    from spf.models import ModelLoadError
+
+    handlers = {"estimate": cmd_estimate, "train": cmd_train, "data": cmd_data}
+    try:
+        return handlers[args.command](args)
+    except (DataError, ModelLoadError, FileNotFoundError, ValueError) as e:
+        # NotRefusedError is a ValueError: it names the prompt the model did not refuse
+        print(f"spf: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

