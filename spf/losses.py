@@ -10,7 +10,7 @@ from torch import Tensor
 
 from spf.data import ChatSample, collate, encode_sample
 
-__all__ = ["batch_loss", "per_sample_loss", "response_loss"]
+__all__ = ["batch_loss", "kept_position_loss", "per_sample_loss", "response_loss"]
 
 
 def per_sample_loss(logits: Tensor, labels: Tensor) -> Tensor:
@@ -24,6 +24,15 @@ def per_sample_loss(logits: Tensor, labels: Tensor) -> Tensor:
         reduction="none",
     ).view(shift_labels.shape)
     mask = (shift_labels != -100).float()
+    return (tok * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+
+
+def kept_position_loss(logits: Tensor, targets: Tensor) -> Tensor:
+    """Per-row mean cross-entropy where ``logits[:, j]`` predicts ``targets[:, j]`` (-100 = ignore) → [B]."""
+    tok = F.cross_entropy(
+        logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100, reduction="none"
+    ).view(targets.shape)
+    mask = (targets != -100).float()
     return (tok * mask).sum(1) / mask.sum(1).clamp_min(1.0)
 
 

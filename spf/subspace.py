@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from spf.data import ChatSample, collate, encode_sample
 from spf.io import save_json, save_tensors
-from spf.losses import per_sample_loss
+from spf.losses import kept_position_loss
 from spf.models import default_target_modules, unwrap
 
 logger = logging.getLogger(__name__)
@@ -77,6 +77,13 @@ class SafetySubspace:
     def mean_cer(self, k: int) -> float:
         values = list(self.cer(k).values())
         return sum(values) / max(len(values), 1)
+
+    def truncate(self, k: int) -> SafetySubspace:
+        """The top-``min(k, rank)`` directions (spectra and energy unchanged, so CER stays exact)."""
+        bases = {n: (u[:, :k], s[:k], v[:, :k]) for n, (u, s, v) in self.bases.items()}
+        return SafetySubspace(
+            bases, dict(self.energy), dict(self.spectra), min(k, self.rank), dict(self.metadata)
+        )
 
     def to(self, device: torch.device | str) -> SafetySubspace:
         bases = {n: tuple(t.to(device) for t in b) for n, b in self.bases.items()}
@@ -210,6 +217,10 @@ def estimate_batch_subspace(
     batch = collate([encode_sample(tokenizer, s, max_length=max_length) for s in samples], pad)
     batch = {k: v.to(device) for k, v in batch.items()}
     keep = batch["attention_mask"].bool()  # padded positions have zero gradient: drop them from T
+    # Logits are needed only where a response token is predicted: skipping the LM head (a fifth of
+    # SmolLM2's compute) on prompt positions makes the re-estimation cheaper, the gradient identical.
+    labels = batch["labels"]
+    positions = (labels[:, 1:] != -100).any(0).nonzero().squeeze(1)
 
     inputs: dict[str, Tensor] = {}
     outputs: dict[str, Tensor] = {}
@@ -232,8 +243,10 @@ def estimate_batch_subspace(
     model.eval()
     try:
         with torch.enable_grad():
-            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-            losses = per_sample_loss(out.logits, batch["labels"])
+            out = model(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=positions
+            )
+            losses = kept_position_loss(out.logits, labels[:, positions + 1])
             loss = losses.mean()
             ordered = [outputs[n] for n in names]
             grads = torch.autograd.grad(loss, ordered, allow_unused=True)
@@ -242,18 +255,21 @@ def estimate_batch_subspace(
             h.remove()
         model.train(was_training)
 
-    bases, energy, spectra = {}, {}, {}
     n_tokens = int(keep.sum())
+    ds, xs = [], []
     for name, g_out in zip(names, grads, strict=True):
-        x = inputs.pop(name).float()
-        m = outputs[name].shape[-1]
-        d = torch.zeros(n_tokens, m, device=x.device) if g_out is None else g_out[keep].float()
-        u, s, v = _svd_of_outer(d, x, method=svd)
-        energy[name] = float((s.double() ** 2).sum())
-        spectra[name] = s[:spectrum_size].cpu()
-        k = min(rank, s.numel())
-        bases[name] = (u[:, :k].contiguous(), s[:k].clone(), v[:, :k].contiguous())
+        x = inputs.pop(name)
+        ds.append(
+            torch.zeros(n_tokens, outputs[name].shape[-1], device=x.device) if g_out is None else g_out[keep]
+        )
+        xs.append(x)
     outputs.clear()
+    bases, energy, spectra = {}, {}, {}
+    for name, (u, s, v, total) in zip(names, _topk_svds(ds, xs, rank, spectrum_size, svd), strict=True):
+        energy[name] = total
+        spectra[name] = s[:spectrum_size].float().cpu()
+        k = min(rank, s.numel())
+        bases[name] = (u[:, :k].float().contiguous(), s[:k].float().clone(), v[:, :k].float().contiguous())
 
     digest = hashlib.sha256("".join(s.sha256() for s in samples).encode()).hexdigest()
     meta = {
@@ -275,12 +291,81 @@ def _svd_of_outer(d: Tensor, x: Tensor, *, method: SVDMethod = "auto") -> tuple[
     t, m = d.shape
     n = x.shape[1]
     if method == "dense" or (method == "auto" and t >= min(m, n)):
-        u, s, vh = torch.linalg.svd(d.T @ x, full_matrices=False)
+        u, s, vh = torch.linalg.svd(d.T.float() @ x.float(), full_matrices=False)
         return u, s, vh.T
-    qd, rd = torch.linalg.qr(d.T)  # m×t, t×t
-    qx, rx = torch.linalg.qr(x.T)  # n×t, t×t
-    a, s, bh = torch.linalg.svd(rd @ rx.T)
-    return qd @ a, s, qx @ bh.T
+    r = min(t, m, n)
+    lam, e = torch.linalg.eigh((x @ x.T).double())
+    u, s, v = _from_grams(d, x, (d @ d.T).double(), lam, e, r, r)
+    return u, s.to(d.dtype), v
+
+
+def _from_grams(
+    d: Tensor, x: Tensor, k_d: Tensor, lam: Tensor, e: Tensor, n_values: int, n_vectors: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Top singular triplets of ``G = Dᵀ X`` from T×T Gram matrices, never forming G.
+
+    With ``X Xᵀ = E Λ Eᵀ``: ``X = E Λ^½ Q_xᵀ`` where ``Q_x = Xᵀ E Λ^-½`` has orthonormal columns, so
+    ``G = H Q_xᵀ`` with ``H = Dᵀ E Λ^½``. From ``HᵀH = Λ^½ Eᵀ (D Dᵀ) E Λ^½ = W Σ² Wᵀ``:
+    ``U = H W Σ⁻¹ = Dᵀ (E Λ^½ W Σ⁻¹)`` and ``V = Xᵀ (E Λ^-½ W)``. The T×T algebra runs in fp64 (the Gram
+    matrices square the condition number); the two thin products with D and X run in their own dtype.
+    Returns ``n_values`` singular values (fp64) and ``n_vectors`` singular vectors.
+    """
+    lam = lam.clamp_min(0)
+    tol = lam.max().clamp_min(1e-300) * 1e-12
+    root = lam.sqrt()
+    inv_root = torch.where(lam > tol, 1.0 / root.clamp_min(1e-300), torch.zeros_like(root))
+    er = e * root  # E Λ^½
+    sig2, w = torch.linalg.eigh(er.T @ k_d @ er)
+    order = torch.argsort(sig2, descending=True)
+    sig = sig2[order[:n_values]].clamp_min(0).sqrt()
+    top = order[:n_vectors]
+    w = w[:, top]
+    s_top = sig[:n_vectors]
+    inv_sig = torch.where(s_top > sig.max().clamp_min(1e-300) * 1e-10, 1.0 / s_top.clamp_min(1e-300), 0.0)
+    u = d.T @ (er @ w * inv_sig).to(d.dtype)
+    v = x.T @ ((e * inv_root) @ w).to(x.dtype)
+    return u, sig, v
+
+
+def _topk_svds(
+    ds: list[Tensor], xs: list[Tensor], rank: int, n_values: int, method: SVDMethod
+) -> list[tuple[Tensor, Tensor, Tensor, float]]:
+    """Per module (U, S, V, ‖G‖²_F); the T×T eigen-problems of all modules run as one batched call."""
+    t = ds[0].shape[0] if ds else 0
+    dense = [
+        method == "dense" or (method == "auto" and t >= min(d.shape[1], x.shape[1]))
+        for d, x in zip(ds, xs, strict=True)
+    ]
+    results: list[tuple[Tensor, Tensor, Tensor, float] | None] = [None] * len(ds)
+    gram_idx = [i for i, is_dense in enumerate(dense) if not is_dense]
+    if gram_idx:
+        # Gram matrices in fp32 (fast BLAS3); every T×T step in fp64 and batched over modules, so two
+        # batched eigen-decompositions serve the whole model (see _from_grams for the algebra).
+        k_d = torch.stack([(ds[i] @ ds[i].T) for i in gram_idx]).double()
+        k_x = torch.stack([(xs[i] @ xs[i].T) for i in gram_idx]).double()
+        lam, e = torch.linalg.eigh(k_x)
+        lam = lam.clamp_min(0)
+        tol = lam.amax(dim=1, keepdim=True).clamp_min(1e-300) * 1e-12
+        root = lam.sqrt()
+        inv_root = torch.where(lam > tol, 1.0 / root.clamp_min(1e-300), torch.zeros_like(root))
+        er = e * root.unsqueeze(1)  # E Λ^½
+        sig2, w = torch.linalg.eigh(er.transpose(1, 2) @ k_d @ er)  # ascending
+        sig2, w = sig2.flip(-1).clamp_min(0), w.flip(-1)
+        sig = sig2.sqrt()
+        top_w = w[:, :, :rank]
+        s_top = sig[:, :rank]
+        floor = sig[:, :1].clamp_min(1e-300) * 1e-10
+        inv_sig = torch.where(s_top > floor, 1.0 / s_top.clamp_min(1e-300), torch.zeros_like(s_top))
+        coef_u = (er @ top_w * inv_sig.unsqueeze(1)).float()  # U = Dᵀ coef_u
+        coef_v = ((e * inv_root.unsqueeze(1)) @ top_w).float()  # V = Xᵀ coef_v
+        energies = (k_d * k_x).sum(dim=(1, 2))  # ‖DᵀX‖²_F = tr(K_d K_x), exact
+        for j, i in enumerate(gram_idx):
+            results[i] = (ds[i].T @ coef_u[j], sig[j, :n_values], xs[i].T @ coef_v[j], float(energies[j]))
+    for i, is_dense in enumerate(dense):
+        if is_dense:
+            u, s, v = _svd_of_outer(ds[i], xs[i], method="dense")
+            results[i] = (u[:, :rank], s[:n_values], v[:, :rank], float((s.double() ** 2).sum()))
+    return results  # type: ignore[return-value]
 
 
 def cer_table(sub: SafetySubspace, ks: Sequence[int] = (1, 5, 10, 20)) -> str:

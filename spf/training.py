@@ -87,6 +87,10 @@ def _resolve_spf(cfg: TrainConfig, model, tokenizer) -> tuple[SafetySubspace, Ch
     s = cfg.spf
     if s.subspace:
         sub = SafetySubspace.load(s.subspace)
+        if sub.rank > s.rank:
+            sub = sub.truncate(s.rank)
+        elif sub.rank < s.rank:
+            logger.warning("subspace folder has rank %d < spf.rank %d: using %d until the first refresh", sub.rank, s.rank, sub.rank)
         sample = load_safety_sample(s.subspace)
         if sub.metadata.get("model_ref") not in (None, cfg.model):
             logger.warning(
