@@ -90,7 +90,12 @@ def _resolve_spf(cfg: TrainConfig, model, tokenizer) -> tuple[SafetySubspace, Ch
         if sub.rank > s.rank:
             sub = sub.truncate(s.rank)
         elif sub.rank < s.rank:
-            logger.warning("subspace folder has rank %d < spf.rank %d: using %d until the first refresh", sub.rank, s.rank, sub.rank)
+            logger.warning(
+                "subspace folder has rank %d < spf.rank %d: using %d until the first refresh",
+                sub.rank,
+                s.rank,
+                sub.rank,
+            )
         sample = load_safety_sample(s.subspace)
         if sub.metadata.get("model_ref") not in (None, cfg.model):
             logger.warning(
@@ -118,12 +123,13 @@ def train(cfg: TrainConfig, callback: Callback | None = None) -> TrainResult:
     """Fine-tune ``cfg.model`` on ``cfg.data``; write the adapter/weights, ``metrics.json`` and checkpoints."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    # validate the data before anything is created on disk
+    data = load_samples(cfg.data, require_response=True, limit=cfg.limit_data)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     device = torch.device(cfg.device) if cfg.device else auto_device()
 
-    data = load_samples(cfg.data, require_response=True, limit=cfg.limit_data)
     model, tokenizer = _setup_model(cfg, device)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     encoded = [encode_sample(tokenizer, s, max_length=cfg.max_length) for s in data]
