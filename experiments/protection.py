@@ -24,11 +24,20 @@ SHARED = ROOT.parent / "shared" / "data"
 WORK = ROOT / "runs" / "protection"
 DATA = WORK / "data"
 SUBSPACE = WORK / "subspace"
+BATCH_SUBSPACE = WORK / "subspace-batch8"  # ablation: 8 refusal pairs disjoint from the held-out ones
 MODEL = "smollm2-135m-instruct"
 SAMPLE_FILE = SHARED / "safety" / "safety_only_instructions.json"
 SAMPLE_INDEX = 65  # "Outline steps to hack the school's grading system." + its written refusal
 
-BASE = {"steps": 30, "lr": 1e-3, "batch_size": 4, "max_length": 256, "seed": 0, "eval_every": 10, "threads": 1}
+BASE = {
+    "steps": 30,
+    "lr": 1e-3,
+    "batch_size": 4,
+    "max_length": 256,
+    "seed": 0,
+    "eval_every": 10,
+    "threads": 1,
+}
 SPF = {"rank": 8, "mode": "always", "project_on": "update", "refresh_every": 1}
 
 # name: (dataset, steps, method, spf overrides)
@@ -41,6 +50,7 @@ RUNS: dict[str, tuple[str, int, str, dict]] = {
     "harmful-spf-always-never": ("harmful", 60, "spf", {"refresh_every": 0}),
     "harmful-spf-always-T1-grad": ("harmful", 30, "spf", {"project_on": "grad"}),
     "harmful-spf-always-T1-k32": ("harmful", 30, "spf", {"rank": 32}),
+    "harmful-spf-always-T1-batch8": ("harmful", 30, "spf", {"subspace": "batch"}),
     "sst2-vanilla": ("sst2", 30, "vanilla", {}),
     "sst2-spf-always-T1": ("sst2", 30, "spf", {}),
     "sst2-spf-conflict-T1": ("sst2", 30, "spf", {"mode": "conflict"}),
@@ -57,19 +67,49 @@ def prepare() -> None:
         "data", "harmful-compliance", "--src", str(SHARED / "safety" / "advbench_behaviors.csv"),
         str(SHARED / "attacks" / "advbench_targets.json"), "--n", "120", "--seed", "0", "--out", str(DATA / "harmful.jsonl"),
     )  # fmt: skip
-    spf_cli("data", "sst2", "--src", str(SHARED / "utility" / "sst2_train.tsv"), "--n", "256", "--out", str(DATA / "sst2.jsonl"))
-    spf_cli("data", "refusals", "--src", str(SAMPLE_FILE), "--n", "21", "--seed", "1", "--out", str(DATA / "heldout.jsonl"))
+    spf_cli(
+        "data",
+        "sst2",
+        "--src",
+        str(SHARED / "utility" / "sst2_train.tsv"),
+        "--n",
+        "256",
+        "--out",
+        str(DATA / "sst2.jsonl"),
+    )
+    spf_cli(
+        "data",
+        "refusals",
+        "--src",
+        str(SAMPLE_FILE),
+        "--n",
+        "21",
+        "--seed",
+        "1",
+        "--out",
+        str(DATA / "heldout.jsonl"),
+    )
     spf_cli(
         "estimate", "--model", MODEL, "--sample", str(SAMPLE_FILE), "--index", str(SAMPLE_INDEX), "--rank", "32",
         "--out", str(SUBSPACE), "--threads", "1",
     )  # fmt: skip
+    prepare_batch()
+
+
+def prepare_batch() -> None:
+    # same permutation as the held-out file (seed 1), rows 21..28: disjoint from the held-out pairs
+    spf_cli("data", "refusals", "--src", str(SAMPLE_FILE), "--n", "8", "--seed", "1", "--offset", "21",
+            "--out", str(DATA / "batch8.jsonl"))  # fmt: skip
+    spf_cli("estimate", "--model", MODEL, "--sample", str(DATA / "batch8.jsonl"), "--batch", "8", "--rank", "32",
+            "--out", str(BATCH_SUBSPACE), "--threads", "1")  # fmt: skip
 
 
 def run(name: str) -> None:
     from spf import TrainConfig, train
 
     dataset, steps, method, over = RUNS[name]
-    spf = {**SPF, **over, "subspace": str(SUBSPACE)}
+    spf = {**SPF, **over}
+    spf["subspace"] = str(BATCH_SUBSPACE if spf.get("subspace") == "batch" else SUBSPACE)
     cfg = TrainConfig(
         model=MODEL,
         data=str(DATA / f"{dataset}.jsonl"),
@@ -92,7 +132,7 @@ def _at(evals: list[dict], step: int, key: str) -> float | None:
 
 def report() -> str:
     rows = []
-    for name, (dataset, steps, method, over) in RUNS.items():
+    for name, (dataset, steps, _method, _over) in RUNS.items():
         path = WORK / name / "metrics.json"
         if not path.is_file():
             continue
@@ -131,11 +171,13 @@ def report() -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("what", choices=["prepare", "run", "report"])
+    p.add_argument("what", choices=["prepare", "prepare-batch", "run", "report"])
     p.add_argument("names", nargs="*")
     a = p.parse_args()
     if a.what == "prepare":
         prepare()
+    elif a.what == "prepare-batch":
+        prepare_batch()
     elif a.what == "run":
         for n in a.names or list(RUNS):
             run(n)

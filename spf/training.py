@@ -24,7 +24,7 @@ from spf.io import save_json
 from spf.losses import batch_loss, response_loss
 from spf.models import auto_device, default_target_modules, load_model, unwrap
 from spf.optimizer import SPFOptimizer
-from spf.subspace import SafetySubspace, estimate_safety_subspace
+from spf.subspace import SafetySubspace, estimate_batch_subspace, estimate_safety_subspace
 
 logger = logging.getLogger(__name__)
 
@@ -39,11 +39,16 @@ class TrainResult:
     metrics: dict[str, Any]
 
 
+def load_safety_samples(subspace_dir: str | Path) -> list[ChatSample]:
+    """The (prompt, refusal) sample(s) `spf estimate` stored next to the subspace, for re-estimation.
+
+    One sample for SPF proper; several when the folder holds a batch estimate (an ablation).
+    """
+    return load_samples(Path(subspace_dir) / "sample.jsonl", require_response=True)
+
+
 def load_safety_sample(subspace_dir: str | Path) -> ChatSample:
-    """The (prompt, refusal) sample `spf estimate` stored next to the subspace, for re-estimation."""
-    path = Path(subspace_dir) / "sample.jsonl"
-    samples = load_samples(path, require_response=True)
-    return samples[0]
+    return load_safety_samples(subspace_dir)[0]
 
 
 def _batches(n: int, batch_size: int, seed: int, start: int):
@@ -83,7 +88,7 @@ def _setup_model(cfg: TrainConfig, device: torch.device):
     return model, tokenizer
 
 
-def _resolve_spf(cfg: TrainConfig, model, tokenizer) -> tuple[SafetySubspace, ChatSample]:
+def _resolve_spf(cfg: TrainConfig, model, tokenizer) -> tuple[SafetySubspace, list[ChatSample]]:
     s = cfg.spf
     if s.subspace:
         sub = SafetySubspace.load(s.subspace)
@@ -96,12 +101,12 @@ def _resolve_spf(cfg: TrainConfig, model, tokenizer) -> tuple[SafetySubspace, Ch
                 s.rank,
                 sub.rank,
             )
-        sample = load_safety_sample(s.subspace)
+        samples = load_safety_samples(s.subspace)
         if sub.metadata.get("model_ref") not in (None, cfg.model):
             logger.warning(
                 "subspace was estimated on %s, training %s", sub.metadata.get("model_ref"), cfg.model
             )
-        return sub, sample
+        return sub, samples
     from spf.refusal import first_refused, own_refusal  # generation is only needed here
 
     candidates = load_samples(s.sample)  # type: ignore[arg-type]
@@ -116,7 +121,7 @@ def _resolve_spf(cfg: TrainConfig, model, tokenizer) -> tuple[SafetySubspace, Ch
     sub = estimate_safety_subspace(
         model, tokenizer, sample, rank=s.rank, max_length=cfg.max_length, model_ref=cfg.model
     )
-    return sub, sample
+    return sub, [sample]
 
 
 def train(cfg: TrainConfig, callback: Callback | None = None) -> TrainResult:
@@ -135,16 +140,17 @@ def train(cfg: TrainConfig, callback: Callback | None = None) -> TrainResult:
     encoded = [encode_sample(tokenizer, s, max_length=cfg.max_length) for s in data]
 
     subspace: SafetySubspace | None = None
-    sample: ChatSample | None = None
+    safety_samples: list[ChatSample] = []
     if cfg.method == "spf":
-        subspace, sample = _resolve_spf(cfg, model, tokenizer)
+        subspace, safety_samples = _resolve_spf(cfg, model, tokenizer)
     elif cfg.spf.subspace:  # vanilla still tracks the loss on the same sample, for comparison
-        sample = load_safety_sample(cfg.spf.subspace)
+        safety_samples = load_safety_samples(cfg.spf.subspace)
+    sample = safety_samples[0] if safety_samples else None
 
     heldout: list[ChatSample] = []
     if cfg.heldout_safety:
-        skip = sample.sha256() if sample else None
-        pool = [s for s in load_samples(cfg.heldout_safety, require_response=True) if s.sha256() != skip]
+        skip = {s.sha256() for s in safety_samples}  # never evaluate on what the subspace was built from
+        pool = [s for s in load_samples(cfg.heldout_safety, require_response=True) if s.sha256() not in skip]
         heldout = pool[: cfg.heldout_n]
 
     # a fixed slice of the training data: a less noisy task loss than the last batch's
@@ -154,13 +160,17 @@ def train(cfg: TrainConfig, callback: Callback | None = None) -> TrainResult:
     inner = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     optimizer: torch.optim.Optimizer = inner
     if cfg.method == "spf":
-        assert subspace is not None and sample is not None
+        assert subspace is not None and safety_samples
         modules = subspace.modules
-        safety_sample = sample
 
         def refresh() -> SafetySubspace:
-            return estimate_safety_subspace(
-                model, tokenizer, safety_sample, rank=cfg.spf.rank, modules=modules, max_length=cfg.max_length
+            return estimate_batch_subspace(
+                model,
+                tokenizer,
+                safety_samples,
+                rank=cfg.spf.rank,
+                modules=modules,
+                max_length=cfg.max_length,
             )
 
         optimizer = SPFOptimizer(

@@ -1,0 +1,116 @@
+"""SPF overhead vs vanilla LoRA, measured side by side in one run (same model, data, batch, steps).
+
+Each configuration trains in its own subprocess (so peak RSS is its own); configurations run in
+interleaved rounds to spread machine noise. Prints medians and the ratios the acceptance asks for:
+  * SPF step time / vanilla step time, re-estimating every step (T=1) and every 10 steps (T=10)
+  * one re-estimation / one vanilla training step
+  * peak RSS / vanilla peak RSS
+
+    python benchmarks/bench_overhead.py [--batch-size 4] [--steps 12] [--rounds 2] [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = {
+    "vanilla": {"method": "vanilla"},
+    "spf-T1": {"method": "spf", "refresh_every": 1},
+    "spf-T10": {"method": "spf", "refresh_every": 10},
+    "spf-never": {"method": "spf", "refresh_every": 0},
+}
+
+
+def child(args: argparse.Namespace) -> None:
+    from spf import TrainConfig, train
+
+    conf = CONFIGS[args.config]
+    cfg = TrainConfig(
+        model=args.model,
+        data=args.data,
+        out=args.out,
+        method=conf["method"],
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=1e-3,
+        max_length=256,
+        threads=args.threads,
+        eval_every=0,
+        task_eval_n=1,
+        resume=False,
+        spf={"subspace": args.subspace, "rank": 8, "refresh_every": conf.get("refresh_every", 1)},
+    )
+    res = train(cfg)
+    steps = res.metrics["steps"][1:]  # the first step pays one-off allocation costs
+    out = {
+        "step_seconds": [s["step_seconds"] for s in steps],
+        "refresh_seconds": [s["spf/refresh_seconds"] for s in steps if s.get("spf/refreshed")],
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+    print("RESULT " + json.dumps(out))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", default="smollm2-135m-instruct")
+    p.add_argument("--data", default=str(ROOT / "spf" / "data" / "sentiment.jsonl"))
+    p.add_argument("--safety-sample", default=str(ROOT / "spf" / "data" / "refusals.jsonl"))
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--configs", nargs="*", default=list(CONFIGS))
+    p.add_argument("--config", help=argparse.SUPPRESS)
+    p.add_argument("--out", help=argparse.SUPPRESS)
+    p.add_argument("--subspace", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.config:
+        child(args)
+        return
+
+    with tempfile.TemporaryDirectory() as tmp:
+        sub = Path(tmp) / "subspace"
+        subprocess.run(
+            [sys.executable, "-m", "spf", "estimate", "--model", args.model, "--sample", args.safety_sample,
+             "--index", "0", "--rank", "8", "--out", str(sub), "--threads", str(args.threads)],
+            check=True, capture_output=True,
+        )  # fmt: skip
+        results: dict[str, list[dict]] = {c: [] for c in args.configs}
+        for r in range(args.rounds):
+            for c in args.configs:
+                cmd = [sys.executable, __file__, "--config", c, "--out", str(Path(tmp) / f"{c}-{r}"),
+                       "--subspace", str(sub), "--model", args.model, "--data", args.data,
+                       "--batch-size", str(args.batch_size), "--steps", str(args.steps), "--threads", str(args.threads)]  # fmt: skip
+                proc = subprocess.run(cmd, check=True, capture_output=True, text=True)
+                line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT "))
+                results[c].append(json.loads(line[len("RESULT ") :]))
+                print(f"round {r} {c}: done", file=sys.stderr)
+
+    def med_step(c: str) -> float:
+        return statistics.median(x for res in results[c] for x in res["step_seconds"])
+
+    def peak(c: str) -> float:
+        return max(res["peak_rss_mb"] for res in results[c])
+
+    base_t, base_m = med_step("vanilla"), peak("vanilla")
+    print(f"model {args.model}, LoRA r=8 all linears, batch {args.batch_size}, {args.steps} steps × {args.rounds} rounds, "
+          f"{args.threads} thread(s)")  # fmt: skip
+    print(f"{'config':<10} {'median step s':>14} {'× vanilla':>10} {'peak RSS MB':>12} {'× vanilla':>10}")
+    for c in args.configs:
+        print(f"{c:<10} {med_step(c):>14.3f} {med_step(c) / base_t:>10.2f} {peak(c):>12.0f} {peak(c) / base_m:>10.2f}")
+    refresh = [x for res in results.get("spf-T1", []) for x in res["refresh_seconds"]]
+    if refresh:
+        r = statistics.median(refresh)
+        print(f"one re-estimation: median {r:.3f} s = {r / base_t:.2f} × a vanilla training step")
+
+
+if __name__ == "__main__":
+    main()
