@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from spf.config import ConflictScope, ProjectMode, ProjectOn
+from spf.distributed import broadcast_subspace
 from spf.models import unwrap
 from spf.projection import (
     factored_inner,
@@ -176,7 +177,11 @@ class SPFOptimizer(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ subspace
     def set_subspace(self, subspace: SafetySubspace) -> None:
-        """Install a (new) subspace; bases are moved to each parameter's device once, in fp32."""
+        """Install a (new) subspace; bases are moved to each parameter's device once, in fp32.
+
+        Under torch.distributed every rank adopts rank 0's subspace, so all replicas project alike.
+        """
+        subspace = broadcast_subspace(subspace)
         self.subspace = subspace
         self._targets = _find_targets(self.model, subspace.modules)
         self._bases = {}
