@@ -132,13 +132,15 @@ def cmd_estimate(args: argparse.Namespace) -> int:
         use_given = cand.response is not None and not args.own_response
         samples = [cand if use_given else own_refusal(model, tok, cand, max_new_tokens=args.max_new_tokens)]
     elif args.batch > 1:
-        answers = generate(
-            model, tok, [c.prompt_messages() for c in candidates], max_new_tokens=args.max_new_tokens
-        )
-        samples = [c.with_response(a) for c, a in zip(candidates, answers, strict=True) if is_refusal(a)]
-        samples = samples[: args.batch]
-        if not samples:
-            raise ValueError(f"{args.sample}: the model refuses none of the {len(candidates)} prompts")
+        if all(c.response is not None for c in candidates) and not args.own_response:
+            samples = candidates[: args.batch]
+        else:
+            prompts = [c.prompt_messages() for c in candidates]
+            answers = generate(model, tok, prompts, max_new_tokens=args.max_new_tokens)
+            samples = [c.with_response(a) for c, a in zip(candidates, answers, strict=True) if is_refusal(a)]
+            samples = samples[: args.batch]
+            if not samples:
+                raise ValueError(f"{args.sample}: the model refuses none of the {len(candidates)} prompts")
     elif candidates[0].response is not None and not args.own_response:
         samples = [candidates[0]]
     else:

@@ -195,3 +195,20 @@ def test_bad_training_input_fails_before_any_work(files, capsys):
     assert rc == 2 and "spf.subspace" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["train", "--model", "tiny-llama", "--data", "x", "--out", "y", "--method", "sometimes"])
+
+
+def test_batch_estimate_folder_refreshes_from_all_its_samples(files):
+    out = files / "batch-sub"
+    assert main(["estimate", "--model", "tiny-llama", "--sample", str(files / "safety.jsonl"), "--batch", "2",
+                 "--rank", "2", "--out", str(out)]) == 0  # fmt: skip
+    sub = SafetySubspace.load(out)
+    assert sub.metadata["n_samples"] == 2 and sub.metadata["estimator"] == "batch"
+    cfg = _cfg(
+        files, files / "bt", steps=3, save_every=2, spf={"subspace": str(out), "rank": 2, "refresh_every": 1}
+    )
+    train(cfg)
+    saved = SafetySubspace.load(files / "bt" / "checkpoints" / "step-000002" / "subspace")
+    assert saved.metadata["n_samples"] == 2
+    # held-out tracking never uses the estimation samples
+    m = json.loads((files / "bt" / "metrics.json").read_text())
+    assert "safety_loss_sample" in m["evals"][0]
