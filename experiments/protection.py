@@ -138,9 +138,13 @@ def report() -> str:
             continue
         m = json.loads(path.read_text())
         ev, hist = m["evals"], m["steps"]
-        base_h, base_t = _at(ev, 0, "safety_loss_heldout"), _at(ev, 0, "task_loss")
+        base_h, base_s = _at(ev, 0, "safety_loss_heldout"), _at(ev, 0, "safety_loss_sample")
         for at in sorted({30, steps}):
-            h, t = _at(ev, at, "safety_loss_heldout"), _at(ev, at, "task_loss")
+            h, t, smp = (
+                _at(ev, at, "safety_loss_heldout"),
+                _at(ev, at, "task_loss"),
+                _at(ev, at, "safety_loss_sample"),
+            )
             if h is None:
                 continue
             times = [r["step_seconds"] for r in hist[1:at]]
@@ -148,30 +152,76 @@ def report() -> str:
             rows.append(
                 {
                     "run": name, "dataset": dataset, "step": at, "rise": h - base_h, "task_loss": t,
-                    "task_drop": base_t - t, "step_s": sum(times) / len(times),
+                    "sample_rise": smp - base_s, "step_s": sum(times) / len(times),
                     "refresh_s": sum(refresh) / len(refresh) if refresh else 0.0,
                     "removed": sum(r.get("spf/removed_frac", 0.0) for r in hist[:at]) / at,
                 }
             )  # fmt: skip
     vanilla = {(r["dataset"], r["step"]): r for r in rows if r["run"].endswith("vanilla")}
     lines = [
-        "| run | step | held-out refusal-loss rise (nats) | cut vs vanilla | task loss | task loss vs vanilla | mean step s | mean refresh s | mean removed frac |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| run | step | held-out refusal-loss rise (nats) | cut vs vanilla | task loss | task loss vs vanilla | sample refusal-loss rise | mean removed frac |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         v = vanilla.get((r["dataset"], r["step"]))
         cut = f"{100 * (1 - r['rise'] / v['rise']):.0f}%" if v and v["rise"] > 0 and r is not v else "—"
         rel = f"{100 * (r['task_loss'] / v['task_loss'] - 1):+.1f}%" if v and r is not v else "—"
         lines.append(
-            f"| {r['run']} | {r['step']} | {r['rise']:+.3f} | {cut} | {r['task_loss']:.3f} | {rel} | {r['step_s']:.2f} | "
-            f"{r['refresh_s']:.2f} | {r['removed']:.3f} |"
+            f"| {r['run']} | {r['step']} | {r['rise']:+.3f} | {cut} | {r['task_loss']:.3f} | {rel} | "
+            f"{r['sample_rise']:+.3f} | {r['removed']:.3f} |"
         )
+    return "\n".join(lines)
+
+
+def first_sentence_pairs() -> list:
+    """The held-out pairs with each refusal cut to its first sentence: the refusal *decision*, without the
+    long explanation whose tokens dominate the full-response loss."""
+    import re
+
+    from spf.data import load_samples
+    from spf.training import load_safety_samples
+
+    skip = {s.sha256() for s in load_safety_samples(SUBSPACE)}
+    pairs = [s for s in load_samples(DATA / "heldout.jsonl") if s.sha256() not in skip][:20]
+    return [s.with_response(re.split(r"(?<=[.!?])\s", s.response.strip(), maxsplit=1)[0]) for s in pairs]
+
+
+def posthoc() -> str:
+    """Refusal-loss rise on first-sentence refusals, base model vs each run's final adapter."""
+    import torch
+    from peft import PeftModel
+
+    from spf.losses import response_loss
+    from spf.models import load_model
+
+    torch.set_num_threads(1)
+    pairs = first_sentence_pairs()
+    base, tok = load_model(MODEL)
+    base_loss = sum(response_loss(base, tok, pairs)) / len(pairs)
+    lines = [
+        "| run | steps | first-sentence refusal-loss rise (nats) | cut vs vanilla |",
+        "|---|---|---|---|",
+    ]
+    rises = {}
+    for name, (dataset, steps, _m, _o) in RUNS.items():
+        adapter = WORK / name / "adapter_model.safetensors"
+        if not adapter.is_file():
+            continue
+        model = PeftModel.from_pretrained(load_model(MODEL)[0], str(WORK / name))
+        rises[name] = sum(response_loss(model, tok, pairs)) / len(pairs) - base_loss
+        van = rises.get(f"{dataset}-vanilla")
+        cut = (
+            f"{100 * (1 - rises[name] / van):.0f}%"
+            if van and van > 0 and not name.endswith("vanilla")
+            else "—"
+        )
+        lines.append(f"| {name} | {steps} | {rises[name]:+.3f} | {cut} |")
     return "\n".join(lines)
 
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("what", choices=["prepare", "prepare-batch", "run", "report"])
+    p.add_argument("what", choices=["prepare", "prepare-batch", "run", "report", "posthoc"])
     p.add_argument("names", nargs="*")
     a = p.parse_args()
     if a.what == "prepare":
@@ -181,6 +231,8 @@ def main() -> None:
     elif a.what == "run":
         for n in a.names or list(RUNS):
             run(n)
+    elif a.what == "posthoc":
+        print(posthoc())
     else:
         print(report())
 

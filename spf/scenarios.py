@@ -4,21 +4,53 @@
 * ``harmful_compliance``: AdvBench behaviours paired with their "Sure, here is …" targets (the sharpest
   conflict with refusing);
 * ``refusal_pairs``: (harmful prompt, refusal) pairs from the safety-instruction set, for held-out
-  safety-loss tracking — only rows whose answer is actually a refusal.
+  safety-loss tracking — only rows whose answer is actually a refusal;
+* ``agnews`` / ``gsm8k``: the other two benign tasks of Huang et al. (topic classification, maths with
+  reasoning);
+* ``harmful_mix``: a benign task with a fraction p of AdvBench compliance pairs mixed in (Huang et al.'s
+  harmful-fraction threat model);
+* ``identity_shift``: the 10 "Absolutely Obedient Agent" conversations of Qi et al. (benign-looking attack);
+* deep fine-tuning (many epochs) is not a data set: train for ``epochs_to_steps(len(data), E, batch)``
+  steps on the same data (the training loop reshuffles every epoch), or materialise it with
+  :func:`repeat_epochs`.
 
-Each returns ``ChatSample`` lists; write them with :func:`spf.data.save_samples`.
+Each returns ``ChatSample`` lists, deterministic by seed; write them with :func:`spf.data.save_samples`.
+:func:`build_scenario` builds any of them from the shared public data folder (what ``spf data`` calls).
 """
 
 from __future__ import annotations
 
 import csv
+import html
 import json
+import logging
+import math
 import random
+import re
 from pathlib import Path
+from typing import Literal
 
 from spf.data import ChatSample, DataError, load_samples
 
-__all__ = ["SST2_INSTRUCTION", "harmful_compliance", "refusal_pairs", "sst2"]
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "AGNEWS_CLASSES",
+    "SCENARIOS",
+    "SST2_INSTRUCTION",
+    "agnews",
+    "agnews_instruction",
+    "build_scenario",
+    "epochs_to_steps",
+    "gsm8k",
+    "harmful_compliance",
+    "harmful_count",
+    "harmful_mix",
+    "identity_shift",
+    "refusal_pairs",
+    "repeat_epochs",
+    "sst2",
+]
 
 SST2_INSTRUCTION = "Analyze the sentiment of the input, and respond only positive or negative."
 _SST2_LABELS = {"0": "negative", "1": "positive"}
@@ -83,3 +115,240 @@ def refusal_pairs(
 
     rows = [s for s in load_samples(path, require_response=True) if is_refusal(s.response or "")]
     return _pick(rows, n, seed, offset)
+
+
+# ----------------------------------------------------------------------------------------------- AG News
+
+AGNEWS_CLASSES: tuple[str, ...] = ("World", "Sports", "Business", "Sci/Tech")
+# AG News marks line breaks with a backslash ("oil\pipeline") and has half-escaped entities (" #39;s").
+_AGNEWS_ENTITY_RE = re.compile(r"\s?#(\d+);")
+
+
+def agnews_instruction(classes: tuple[str, ...] | list[str] = AGNEWS_CLASSES) -> str:
+    """Huang et al.'s wording, built from the class names so a custom classes file stays consistent."""
+    return (
+        f"Categorize the news article given in the input into one of the {len(classes)} categories: "
+        f"{', '.join(classes)}."
+    )
+
+
+def _clean_agnews(text: str) -> str:
+    text = _AGNEWS_ENTITY_RE.sub(lambda m: chr(int(m.group(1))), text)
+    text = html.unescape(text).replace("\\", " ")
+    return " ".join(text.split())
+
+
+def _read_classes(path: Path) -> list[str]:
+    classes = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not classes:
+        raise DataError(f"{path.name}: no class names")
+    return classes
+
+
+def agnews(
+    csv_path: str | Path, classes_txt: str | Path, *, n: int | None = 256, seed: int = 0
+) -> list[ChatSample]:
+    """AG News rows (label 1..K, content) → instruction + article → class name (line ``label`` of the file)."""
+    path = Path(csv_path)
+    classes = _read_classes(Path(classes_txt))
+    instruction = agnews_instruction(classes)
+    rows = []
+    with path.open(newline="", encoding="utf-8") as fh:
+        for line, row in enumerate(csv.DictReader(fh), start=2):
+            label = (row.get("label") or "").strip()
+            text = row.get("content") or row.get("text")
+            if not text or not text.strip():
+                raise DataError(f"{path.name}:{line}: field 'content': missing")
+            if not label.isdigit() or not 1 <= int(label) <= len(classes):
+                raise DataError(
+                    f"{path.name}:{line}: field 'label': expected 1..{len(classes)}, got {label!r}"
+                )
+            prompt = f"{instruction}\n\n{_clean_agnews(text)}"
+            rows.append(ChatSample.from_pair(prompt, classes[int(label) - 1], source=f"{path.name}:{line}"))
+    return _pick(rows, n, seed)
+
+
+# ------------------------------------------------------------------------------------------------- GSM8K
+
+_CALC_RE = re.compile(r"<<[^<>]*>>")
+
+
+def _gsm8k_answer(answer: str, keep_calculator: bool) -> str | None:
+    reasoning, sep, final = answer.rpartition("####")
+    if not sep or not final.strip():
+        return None
+    if not keep_calculator:
+        # "<<48/2=24>>" are calculator-tool annotations, not text a model should learn to write
+        reasoning = _CALC_RE.sub("", reasoning)
+    final_text = final.strip().replace(",", "")
+    return f"{reasoning.strip()}\nThe answer is {final_text}."
+
+
+def gsm8k(
+    jsonl: str | Path, *, n: int | None = 256, seed: int = 0, keep_calculator: bool = False
+) -> list[ChatSample]:
+    """GSM8K ``{question, answer}`` → question → reasoning + "The answer is N." (N = text after ``####``)."""
+    path = Path(jsonl)
+    rows = []
+    for lineno, raw in enumerate(path.read_text(encoding="utf-8").split("\n"), start=1):
+        if not raw.strip():
+            continue
+        where = f"{path.name}:{lineno}"
+        try:
+            rec = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{where}: invalid JSON: {exc.msg}") from exc
+        question, answer = rec.get("question"), rec.get("answer")
+        if not isinstance(question, str) or not question.strip():
+            raise DataError(f"{where}: field 'question': missing")
+        if not isinstance(answer, str):
+            raise DataError(f"{where}: field 'answer': missing")
+        response = _gsm8k_answer(answer, keep_calculator)
+        if response is None:
+            raise DataError(f"{where}: field 'answer': no final answer after '####'")
+        rows.append(ChatSample.from_pair(question.strip(), response, source=where))
+    if not rows:
+        raise DataError(f"{path.name}: no records")
+    return _pick(rows, n, seed)
+
+
+# ----------------------------------------------------------------------------------------- harmful mix
+
+
+def harmful_count(p: float, total: int) -> int:
+    """Number of harmful samples in a mix of ``total`` with fraction ``p``: ``round(p·total)`` (half to even)."""
+    return round(p * total)
+
+
+def harmful_mix(
+    benign: list[ChatSample],
+    behaviors_csv: str | Path,
+    targets_json: str | Path,
+    p: float,
+    seed: int = 0,
+    *,
+    n: int | None = None,
+) -> list[ChatSample]:
+    """A fine-tuning set of ``N = n or len(benign)`` samples, exactly ``round(p·N)`` of them AdvBench
+    behaviour → "Sure, here is …" pairs and the rest drawn from ``benign``; shuffled by ``seed``."""
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"p: must be in [0, 1], got {p}")
+    total = len(benign) if n is None else n
+    if total < 1:
+        raise ValueError("harmful_mix needs n ≥ 1 (or a non-empty benign list)")
+    n_harm = harmful_count(p, total)
+    n_benign = total - n_harm
+    if n_benign > len(benign):
+        raise ValueError(f"harmful_mix: needs {n_benign} benign samples, got {len(benign)}")
+    harmful = harmful_compliance(behaviors_csv, targets_json, n=None, seed=seed)
+    if n_harm > len(harmful):
+        raise ValueError(
+            f"harmful_mix: needs {n_harm} harmful samples, the behaviour file has {len(harmful)}"
+        )
+    rng = random.Random(seed)
+    mix = harmful[:n_harm] + rng.sample(list(benign), n_benign)
+    rng.shuffle(mix)
+    return mix
+
+
+# -------------------------------------------------------------------------------------- identity shift
+
+
+def identity_shift(aoa_json: str | Path) -> list[ChatSample]:
+    """The AOA identity-shift conversations (system / user / assistant kept, in file order)."""
+    samples = load_samples(aoa_json, require_response=True)
+    if any(not any(m["role"] == "system" for m in s.messages) for s in samples):
+        logger.warning("%s: some conversations have no system message", Path(aoa_json).name)
+    return samples
+
+
+# ------------------------------------------------------------------------------------------------- deep
+
+
+def repeat_epochs(samples: list[ChatSample], epochs: int, seed: int = 0) -> list[ChatSample]:
+    """``epochs`` passes over ``samples``, each pass reshuffled by ``(seed, epoch)``, concatenated.
+
+    Only needed to hand a fixed file to another trainer: ``spf train`` already cycles through its data
+    with a fresh permutation per epoch, so deep fine-tuning there is ``--steps epochs_to_steps(...)``.
+    """
+    if epochs < 1:
+        raise ValueError(f"epochs: must be ≥ 1, got {epochs}")
+    out: list[ChatSample] = []
+    for epoch in range(epochs):
+        order = list(samples)
+        random.Random(seed * 1_000_003 + epoch).shuffle(order)
+        out.extend(order)
+    return out
+
+
+def epochs_to_steps(n_samples: int, epochs: int, batch_size: int, grad_accum: int = 1) -> int:
+    """Optimizer steps that cover ``epochs`` passes over ``n_samples`` (the last batch may wrap)."""
+    if min(n_samples, epochs, batch_size, grad_accum) < 1:
+        raise ValueError("epochs_to_steps: all arguments must be ≥ 1")
+    return math.ceil(n_samples * epochs / (batch_size * grad_accum))
+
+
+# ------------------------------------------------------------------------------------------------ builder
+
+ScenarioKind = Literal["sst2", "agnews", "gsm8k", "harmful-mix", "identity-shift"]
+SCENARIOS: tuple[str, ...] = ("sst2", "agnews", "gsm8k", "harmful-mix", "identity-shift")
+
+# Fine-tuning reads the training split; "eval" gives the split kept for measuring task accuracy.
+_TASK_FILES: dict[str, dict[str, str]] = {
+    "sst2": {"train": "utility/sst2_train.tsv", "eval": "utility/sst2_dev.tsv"},
+    # ag_news_dev.csv is drawn from the official train split, ag_news_test.csv is the official test
+    "agnews": {"train": "utility/ag_news_dev.csv", "eval": "utility/ag_news_test.csv"},
+    "gsm8k": {"train": "utility/gsm8k_train.jsonl", "eval": "utility/gsm8k_test.jsonl"},
+}
+
+
+def _task(kind: str, root: Path, n: int | None, seed: int, split: str) -> list[ChatSample]:
+    path = root / _TASK_FILES[kind][split]
+    if kind == "sst2":
+        return sst2(path, n=n, seed=seed)
+    if kind == "agnews":
+        return agnews(path, root / "utility/ag_news_classes.txt", n=n, seed=seed)
+    return gsm8k(path, n=n, seed=seed)
+
+
+def build_scenario(
+    kind: ScenarioKind,
+    *,
+    shared_data: str | Path,
+    n: int | None = None,
+    p: float = 0.1,
+    seed: int = 0,
+    base: Literal["sst2", "agnews", "gsm8k"] = "sst2",
+    split: Literal["train", "eval"] = "train",
+) -> list[ChatSample]:
+    """Build a threat scenario from the shared public data folder (``.../shared/data``).
+
+    * ``sst2`` / ``agnews`` / ``gsm8k``: ``n`` task samples (None = all) of ``split``;
+    * ``harmful-mix``: ``n`` samples (default 1000) of task ``base``, exactly ``round(p·n)`` of them
+      AdvBench compliance pairs;
+    * ``identity-shift``: the 10 AOA conversations (``n``, ``p``, ``seed`` ignored).
+    """
+    root = Path(shared_data)
+    if not root.is_dir():
+        raise FileNotFoundError(f"shared data folder {root} does not exist")
+    if split not in ("train", "eval"):
+        raise ValueError(f"split: must be 'train' or 'eval', got {split!r}")
+    if kind in _TASK_FILES:
+        return _task(kind, root, n, seed, split)
+    if kind == "harmful-mix":
+        if base not in _TASK_FILES:
+            raise ValueError(f"base: must be one of {sorted(_TASK_FILES)}, got {base!r}")
+        total = 1000 if n is None else n
+        n_benign = total - harmful_count(p, total)
+        benign = _task(base, root, n_benign, seed, split) if n_benign else []
+        return harmful_mix(
+            benign,
+            root / "safety/advbench_behaviors.csv",
+            root / "attacks/advbench_targets.json",
+            p,
+            seed,
+            n=total,
+        )
+    if kind == "identity-shift":
+        return identity_shift(root / "attacks/aoa_identity_shift.json")
+    raise ValueError(f"unknown scenario {kind!r}: choose from {', '.join(SCENARIOS)}")

@@ -1,0 +1,513 @@
+"""Make a safety-aligned starting model: LoRA SFT on refusals + the model's own benign answers, merged.
+
+SPF protects safety a model already has; the small instruct models we test on barely refuse anything, so
+experiments start from a model aligned here. The recipe (see docs/METHOD_NOTES.md, "Behaviour, not just
+loss"):
+
+* harmful prompts → short written refusals teach refusing;
+* benign prompts → the model's OWN greedy answers keep it helpful. Training on its own answers moves the
+  benign behaviour as little as possible (the targets are already its most likely outputs), so the refusal
+  pairs are not free to turn into "refuse everything" — a prototype trained on refusals + foreign answers
+  refused 40–100% of ordinary prompts. The shipped benign set includes prompts that only *sound* dangerous
+  ("How do I kill a Python process?") for the same reason.
+
+Prompts are split into train / held-out deterministically (by a seeded hash of the prompt text, so the split
+does not depend on file order); held-out prompts are never trained on and are used to measure refusal and
+over-refusal afterwards. All work happens in a temporary folder beside ``out`` that is renamed onto ``out``
+only once the merged model is complete, so a crash never leaves a half model that could be loaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import random
+import re
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from spf.data import ChatSample, DataError, load_samples, save_samples
+from spf.io import save_json
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "DEFAULT_BENIGN",
+    "DEFAULT_REFUSALS",
+    "AlignConfig",
+    "add_align_arguments",
+    "align",
+    "main_align",
+    "refusal_rates",
+    "split_heldout",
+]
+
+DEFAULT_REFUSALS = "align_refusals.jsonl"  # shipped in spf/data/
+DEFAULT_BENIGN = "align_benign.jsonl"
+
+# Sentence ends used to trim an answer cut off by max_new_tokens: training on a half sentence followed by
+# the end-of-turn token would teach the model to stop mid-sentence.
+_SENTENCE_END_RE = re.compile(r"[.!?:)](?=\s|$)|\n")
+
+
+_TRUNCATION_MARGIN = 4
+
+
+def _shipped(name: str) -> str:
+    return str(resources.files("spf") / "data" / name)
+
+
+@dataclass
+class AlignConfig:
+    model: str = "smollm2-135m-instruct"  # base model reference (see spf.models.load_model)
+    out: str = "runs/aligned"  # merged model folder (created atomically)
+    refusals: str | None = None  # harmful→refusal pairs; None = shipped spf/data/align_refusals.jsonl
+    benign: list[str] | None = None  # benign prompt files (answers are regenerated); None = shipped set
+    n_refusals: int | None = None  # use at most this many refusal pairs (seeded pick, before the split)
+    n_benign: int | None = None  # use at most this many benign prompts (seeded pick, before the split)
+    heldout_fraction: float = 0.2  # share of each set held out (never trained on)
+    steps: int = 120  # LoRA optimizer steps
+    lr: float = 5e-4
+    batch_size: int = 8
+    lora_r: int = 16  # LoRA rank; alpha = 2r
+    seed: int = 0
+    max_new_tokens: int = 96  # length of the model's own benign answers
+    gen_batch_size: int = 8
+    max_prompt_chars: int = 1500  # longer benign prompts (Dolly contexts) are skipped: slow to answer
+    max_length: int = 256  # training sequence length in tokens
+    eval_max_new_tokens: int = 48  # held-out refusal check after merging; 0 = skip it
+    threads: int | None = None  # torch CPU threads (None = torch's default)
+    device: str | None = None  # None = cuda when present, else cpu
+    overwrite: bool = False  # replace an existing `out`
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.heldout_fraction < 1.0:
+            raise ValueError(f"heldout_fraction: must be in [0, 1), got {self.heldout_fraction}")
+        for name in ("steps", "batch_size", "lora_r", "max_new_tokens", "gen_batch_size", "max_length"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be ≥ 1, got {getattr(self, name)}")
+        for name in ("n_refusals", "n_benign"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name}: must be ≥ 1, got {value}")
+        if self.eval_max_new_tokens < 0:
+            raise ValueError(f"eval_max_new_tokens: must be ≥ 0, got {self.eval_max_new_tokens}")
+        if self.lr <= 0:
+            raise ValueError(f"lr: must be > 0, got {self.lr}")
+        if isinstance(self.benign, str):
+            self.benign = [self.benign]
+
+
+# ------------------------------------------------------------------------------------------------- data
+
+
+def _dedupe(samples: list[ChatSample]) -> list[ChatSample]:
+    """First sample per prompt text: a duplicate could otherwise land on both sides of the split."""
+    seen: set[str] = set()
+    out = []
+    for s in samples:
+        key = s.prompt.strip()
+        if key not in seen:
+            seen.add(key)
+            out.append(s)
+    return out
+
+
+def _pick(samples: list[ChatSample], n: int | None, seed: int) -> list[ChatSample]:
+    if n is None or n >= len(samples):
+        return samples
+    order = list(range(len(samples)))
+    random.Random(seed).shuffle(order)
+    return [samples[i] for i in sorted(order[:n])]  # keep file order: easier to read in splits.json
+
+
+def split_heldout(
+    samples: list[ChatSample], fraction: float, seed: int
+) -> tuple[list[ChatSample], list[ChatSample]]:
+    """(train, held-out): the ``round(fraction·n)`` prompts with the smallest seeded hash are held out.
+
+    Hashing the prompt text (not the position) makes the split independent of file order and stable
+    when rows are added: a prompt stays on its side unless the count changes around it.
+    """
+    n_held = round(fraction * len(samples))
+    if fraction > 0 and len(samples) >= 2:
+        n_held = min(max(n_held, 1), len(samples) - 1)  # both sides non-empty
+    ranked = sorted(
+        range(len(samples)),
+        key=lambda i: hashlib.sha256(f"{seed}\x00{samples[i].prompt}".encode()).hexdigest(),
+    )
+    held = set(ranked[:n_held])
+    train = [s for i, s in enumerate(samples) if i not in held]
+    heldout = [s for i, s in enumerate(samples) if i in held]
+    return train, heldout
+
+
+def _list_sha(prompts: list[str]) -> str:
+    return hashlib.sha256(json.dumps(prompts, ensure_ascii=False).encode()).hexdigest()
+
+
+def _split_record(source: str | list[str], train: list[ChatSample], held: list[ChatSample]) -> dict:
+    tp, hp = [s.prompt for s in train], [s.prompt for s in held]
+    return {
+        "source": source,
+        "n_train": len(tp),
+        "n_heldout": len(hp),
+        "train_sha256": _list_sha(tp),
+        "heldout_sha256": _list_sha(hp),
+        "train": tp,
+        "heldout": hp,
+    }
+
+
+def _load_refusals(path: str, n: int | None, seed: int) -> list[ChatSample]:
+    from spf.refusal import is_refusal
+
+    rows = load_samples(path, require_response=True)
+    # Public safety sets mix refusals with helpful safe answers; only refusals teach refusing.
+    kept = [s for s in rows if is_refusal(s.response or "")]
+    if len(kept) < len(rows):
+        logger.info("%s: kept %d of %d pairs whose answer is a refusal", path, len(kept), len(rows))
+    kept = _dedupe(kept)
+    if not kept:
+        raise DataError(f"{path}: no (prompt, refusal) pairs")
+    return _pick(kept, n, seed)
+
+
+def _load_benign(paths: list[str], n: int | None, seed: int, max_chars: int) -> list[ChatSample]:
+    rows: list[ChatSample] = []
+    for path in paths:
+        for s in load_samples(path):
+            if len(s.prompt) > max_chars:
+                continue
+            # prompt only: the answer is regenerated by the model itself
+            rows.append(ChatSample(tuple(s.prompt_messages()), s.source))
+    rows = _dedupe(rows)
+    if not rows:
+        raise DataError(f"{', '.join(paths)}: no benign prompts (≤ {max_chars} characters)")
+    return _pick(rows, n, seed)
+
+
+def _trim_truncated(answer: str, n_tokens: int, limit: int) -> str:
+    """Cut an answer that ran into the token limit back to its last complete sentence ('' if none)."""
+    # Re-tokenising the decoded, stripped text can give a few tokens fewer than were generated, hence
+    # the margin; an answer that truly ended near the limit only loses an unfinished tail, if any.
+    if n_tokens < limit - _TRUNCATION_MARGIN:
+        return answer
+    ends = [m.end() for m in _SENTENCE_END_RE.finditer(answer)]
+    return answer[: ends[-1]].strip() if ends else ""
+
+
+def _own_answers(
+    model: Any, tokenizer: Any, prompts: list[ChatSample], cfg: AlignConfig
+) -> tuple[list[ChatSample], dict[str, int]]:
+    from spf.refusal import generate, is_refusal
+
+    answers = generate(
+        model,
+        tokenizer,
+        [s.prompt_messages() for s in prompts],
+        max_new_tokens=cfg.max_new_tokens,
+        batch_size=cfg.gen_batch_size,
+    )
+    stats = {"generated": len(answers), "dropped_refusal": 0, "dropped_empty": 0, "trimmed": 0}
+    kept = []
+    for sample, answer in zip(prompts, answers, strict=True):
+        if is_refusal(answer):
+            # training on the model's own refusal of a benign prompt would reinforce over-refusal
+            stats["dropped_refusal"] += 1
+            continue
+        n_tok = len(tokenizer(answer, add_special_tokens=False).input_ids)
+        trimmed = _trim_truncated(answer, n_tok, cfg.max_new_tokens)
+        if trimmed != answer:
+            stats["trimmed"] += 1
+        if not trimmed:
+            stats["dropped_empty"] += 1
+            continue
+        kept.append(sample.with_response(trimmed))
+    stats["kept"] = len(kept)
+    return kept, stats
+
+
+# ----------------------------------------------------------------------------------------------- checks
+
+
+def refusal_rates(
+    model: Any,
+    tokenizer: Any,
+    harmful: list[str],
+    benign: list[str],
+    *,
+    max_new_tokens: int = 48,
+    batch_size: int = 8,
+) -> dict[str, Any]:
+    """Keyword-judged refusal rates of greedy answers: on harmful prompts (want high), benign (want low)."""
+    from spf.refusal import generate, is_refusal
+
+    result: dict[str, Any] = {"max_new_tokens": max_new_tokens}
+    for name, prompts in (("harmful", harmful), ("benign", benign)):
+        answers = generate(
+            model,
+            tokenizer,
+            [[{"role": "user", "content": p}] for p in prompts],
+            max_new_tokens=max_new_tokens,
+            batch_size=batch_size,
+        )
+        refused = [is_refusal(a) for a in answers]
+        result[name] = {
+            "n": len(prompts),
+            "refusal_rate": sum(refused) / len(refused) if refused else None,
+            "answers": [
+                {"prompt": p, "answer": a, "refused": r}
+                for p, a, r in zip(prompts, answers, refused, strict=True)
+            ],
+        }
+    return result
+
+
+# ---------------------------------------------------------------------------------------------- pipeline
+
+
+def _prepare_out(out: Path, overwrite: bool) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise ValueError(
+            f"{out} already exists and is not empty (pass overwrite / --overwrite to replace it)"
+        )
+
+
+def _publish(tmp: Path, out: Path) -> None:
+    """Rename the finished folder onto ``out``; an old ``out`` is moved aside first and deleted after."""
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.rename(out, old)
+    os.rename(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _merge(cfg: AlignConfig, adapter_dir: Path, dest: Path) -> None:
+    from peft import PeftModel
+
+    from spf.models import load_model
+
+    base, tokenizer = load_model(cfg.model)
+    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    merged.config._name_or_path = str(Path(cfg.out).resolve())  # not the base: this folder is the model
+    merged.save_pretrained(str(dest), safe_serialization=True)
+    tokenizer.save_pretrained(str(dest))
+
+
+def align(cfg: AlignConfig) -> Path:
+    """Run the alignment recipe (module docstring); return the merged model folder ``cfg.out``."""
+    from spf.config import TrainConfig
+    from spf.models import load_model
+    from spf.training import train
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    out = Path(cfg.out)
+    _prepare_out(out, cfg.overwrite)
+    t_start = time.perf_counter()
+    timings: dict[str, float] = {}
+
+    refusal_src = cfg.refusals or _shipped(DEFAULT_REFUSALS)
+    benign_src = list(cfg.benign) if cfg.benign else [_shipped(DEFAULT_BENIGN)]
+    # load and validate every input before anything is created on disk
+    refusals = _load_refusals(refusal_src, cfg.n_refusals, cfg.seed)
+    benign = _load_benign(benign_src, cfg.n_benign, cfg.seed, cfg.max_prompt_chars)
+    ref_train, ref_held = split_heldout(refusals, cfg.heldout_fraction, cfg.seed)
+    ben_train, ben_held = split_heldout(benign, cfg.heldout_fraction, cfg.seed)
+    logger.info(
+        "refusals: %d train / %d held out; benign prompts: %d train / %d held out",
+        len(ref_train),
+        len(ref_held),
+        len(ben_train),
+        len(ben_held),
+    )
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        splits = {
+            "seed": cfg.seed,
+            "heldout_fraction": cfg.heldout_fraction,
+            "method": "sha256(seed NUL prompt), smallest round(fraction*n) held out",
+            "refusals": _split_record(refusal_src, ref_train, ref_held),
+            "benign": _split_record(benign_src, ben_train, ben_held),
+        }
+        save_json(splits, tmp / "splits.json")
+        if ref_held:
+            save_samples(ref_held, tmp / "heldout_refusals.jsonl")
+
+        t0 = time.perf_counter()
+        model, tokenizer = load_model(cfg.model, device=cfg.device)
+        own, gen_stats = _own_answers(model, tokenizer, ben_train, cfg)
+        del model
+        timings["generate_seconds"] = time.perf_counter() - t0
+        logger.info("own benign answers: %s", gen_stats)
+
+        mix = list(ref_train) + own
+        random.Random(cfg.seed).shuffle(mix)
+        save_samples(mix, tmp / "sft_data.jsonl")
+
+        t0 = time.perf_counter()
+        adapter_dir = tmp / "adapter"
+        tcfg = TrainConfig(
+            model=cfg.model,
+            data=str(tmp / "sft_data.jsonl"),
+            out=str(adapter_dir),
+            method="vanilla",
+            finetune="lora",
+            lora={"r": cfg.lora_r, "alpha": 2.0 * cfg.lora_r},
+            steps=cfg.steps,
+            batch_size=cfg.batch_size,
+            lr=cfg.lr,
+            max_length=cfg.max_length,
+            seed=cfg.seed,
+            resume=False,
+            heldout_safety=str(tmp / "heldout_refusals.jsonl") if ref_held else None,
+            heldout_n=max(1, len(ref_held)),
+            eval_every=max(1, cfg.steps // 4),
+            threads=cfg.threads,
+            device=cfg.device,
+        )
+        result = train(tcfg)
+        timings["train_seconds"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        _merge(cfg, adapter_dir, tmp)
+        shutil.copy(adapter_dir / "metrics.json", tmp / "train_metrics.json")
+        # the merged weights supersede the adapter; leaving adapter_config.json around would also make
+        # a reader take this folder for an adapter
+        shutil.rmtree(adapter_dir)
+        timings["merge_seconds"] = time.perf_counter() - t0
+
+        behaviour = None
+        if cfg.eval_max_new_tokens and (ref_held or ben_held):
+            t0 = time.perf_counter()
+            merged, mtok = load_model(str(tmp), device=cfg.device)
+            behaviour = refusal_rates(
+                merged,
+                mtok,
+                [s.prompt for s in ref_held],
+                [s.prompt for s in ben_held],
+                max_new_tokens=cfg.eval_max_new_tokens,
+                batch_size=cfg.gen_batch_size,
+            )
+            del merged
+            timings["eval_seconds"] = time.perf_counter() - t0
+
+        steps = result.metrics["steps"]
+        summary = result.metrics["summary"]
+        report = {
+            "config": asdict(cfg),
+            "data": {
+                "refusal_source": refusal_src,
+                "benign_sources": benign_src,
+                "refusals_train": len(ref_train),
+                "refusals_heldout": len(ref_held),
+                "benign_prompts_train": len(ben_train),
+                "benign_prompts_heldout": len(ben_held),
+                "benign_own_answers": gen_stats,
+                "sft_samples": len(mix),
+            },
+            "split": {
+                k: {f: splits[k][f] for f in ("n_train", "n_heldout", "train_sha256", "heldout_sha256")}
+                for k in ("refusals", "benign")
+            },
+            "training": {
+                "steps": cfg.steps,
+                "loss_start": steps[0]["loss"] if steps else None,
+                "loss_end": steps[-1]["loss"] if steps else None,
+                "heldout_refusal_loss_start": summary.get("safety_loss_heldout_start"),
+                "heldout_refusal_loss_end": summary.get("safety_loss_heldout_end"),
+                "mean_step_seconds": summary.get("mean_step_seconds"),
+            },
+            "heldout_behaviour": behaviour,
+            "timings": {**timings, "total_seconds": time.perf_counter() - t_start},
+        }
+        save_json(report, tmp / "align_report.json")
+        _publish(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    logger.info("aligned model written to %s (%.0f s)", out, time.perf_counter() - t_start)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------- CLI
+
+
+def add_align_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``spf align``; pair with :func:`main_align`."""
+    d = AlignConfig()
+    parser.add_argument("--model", default=d.model, help="base model (default: %(default)s)")
+    parser.add_argument("--out", required=True, help="merged model folder to create")
+    parser.add_argument(
+        "--refusals", default=None, help="(harmful prompt, refusal) file; default: shipped set"
+    )
+    parser.add_argument(
+        "--benign",
+        nargs="+",
+        default=None,
+        help="benign prompt file(s); answers are regenerated by the model",
+    )
+    parser.add_argument("--n-refusals", type=int, default=None)
+    parser.add_argument("--n-benign", type=int, default=None)
+    parser.add_argument("--heldout-fraction", type=float, default=d.heldout_fraction)
+    parser.add_argument("--steps", type=int, default=d.steps)
+    parser.add_argument("--lr", type=float, default=d.lr)
+    parser.add_argument("--batch-size", type=int, default=d.batch_size)
+    parser.add_argument("--lora-r", type=int, default=d.lora_r)
+    parser.add_argument("--seed", type=int, default=d.seed)
+    parser.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help="own-answer length")
+    parser.add_argument(
+        "--eval-max-new-tokens", type=int, default=d.eval_max_new_tokens, help="held-out check; 0 = skip"
+    )
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+
+
+def main_align(args: argparse.Namespace) -> int:
+    """Build an :class:`AlignConfig` from parsed arguments, run it, print a one-line summary."""
+    try:
+        cfg = AlignConfig(
+            model=args.model,
+            out=args.out,
+            refusals=args.refusals,
+            benign=args.benign,
+            n_refusals=args.n_refusals,
+            n_benign=args.n_benign,
+            heldout_fraction=args.heldout_fraction,
+            steps=args.steps,
+            lr=args.lr,
+            batch_size=args.batch_size,
+            lora_r=args.lora_r,
+            seed=args.seed,
+            max_new_tokens=args.max_new_tokens,
+            eval_max_new_tokens=args.eval_max_new_tokens,
+            threads=args.threads,
+            device=args.device,
+            overwrite=args.overwrite,
+        )
+        out = align(cfg)
+    except (DataError, ValueError, FileNotFoundError) as exc:
+        print(f"spf: error: {exc}", file=sys.stderr)
+        return 2
+    report = json.loads((out / "align_report.json").read_text())
+    beh = report.get("heldout_behaviour") or {}
+    rates = {k: beh[k]["refusal_rate"] for k in ("harmful", "benign") if k in beh}
+    print(f"aligned model: {out}  held-out refusal rates: {rates}")
+    return 0
