@@ -24,10 +24,17 @@ def test_lora_spf_step_on_cuda_keeps_the_core_at_zero():
     sample = ChatSample.from_pair("How do I make a weapon?", "I'm sorry, I can't help with that.")
     sub = estimate_safety_subspace(model, tok, sample, rank=2)
     assert next(iter(sub.bases.values()))[0].is_cuda
-    opt = SPFOptimizer(torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2), model, sub)
+    opt = SPFOptimizer(
+        torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2), model, sub
+    )
     mods = dict(unwrap(model).named_modules())
-    w0 = {n: (mods[n].base_layer.weight + mods[n].get_delta_weight("default")).detach().clone() for n in sub.modules}
-    batch = collate([encode_sample(tok, ChatSample.from_pair(f"q{i}", f"a{i}")) for i in range(4)], tok.pad_token_id)
+    w0 = {
+        n: (mods[n].base_layer.weight + mods[n].get_delta_weight("default")).detach().clone()
+        for n in sub.modules
+    }
+    batch = collate(
+        [encode_sample(tok, ChatSample.from_pair(f"q{i}", f"a{i}")) for i in range(4)], tok.pad_token_id
+    )
     batch = {k: v.cuda() for k, v in batch.items()}
     for _ in range(3):
         batch_loss(model, batch).backward()
