@@ -86,13 +86,36 @@ def _build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-resume", action="store_true")
     _add_common(t)
 
-    d = sub.add_parser("data", help="build fine-tuning datasets from public sources")
-    d.add_argument("kind", choices=["sst2", "harmful-compliance", "refusals"])
-    d.add_argument("--src", nargs="+", required=True, help="sst2: TSV; harmful-compliance: CSV TARGETS_JSON")
+    d = sub.add_parser("data", help="build fine-tuning datasets (threat scenarios) from public sources")
+    d.add_argument(
+        "kind",
+        choices=[
+            "sst2",
+            "agnews",
+            "gsm8k",
+            "harmful-mix",
+            "identity-shift",
+            "harmful-compliance",
+            "refusals",
+        ],
+        help="task sets; harmful-mix (fraction --p of AdvBench compliance pairs in a --base task set); "
+        "identity-shift (the 10 AOA conversations); harmful-compliance and refusals read --src files",
+    )
+    d.add_argument("--src", nargs="+", help="harmful-compliance: CSV TARGETS_JSON; refusals: JSON; sst2: TSV")
+    d.add_argument("--shared-data", default=None, help="public data folder (default: ../shared/data)")
     d.add_argument("--n", type=int, default=None)
+    d.add_argument("--p", type=float, default=0.1, help="harmful fraction for harmful-mix")
+    d.add_argument("--base", choices=["sst2", "agnews", "gsm8k"], default="sst2")
+    d.add_argument("--split", choices=["train", "eval"], default="train")
+    d.add_argument("--epochs", type=int, default=1, help="repeat the set (deep fine-tuning)")
     d.add_argument("--offset", type=int, default=0)
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--out", required=True)
+
+    from spf.align import add_align_arguments
+
+    al = sub.add_parser("align", help="make a safety-aligned base model (LoRA SFT merged into full weights)")
+    add_align_arguments(al)
     return parser
 
 
@@ -246,20 +269,48 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _shared_data(arg: str | None) -> Path:
+    import os
+
+    path = Path(
+        arg or os.environ.get("SPF_SHARED_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data"
+    )
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"public data folder {path} not found: pass --shared-data or set SPF_SHARED_DATA"
+        )
+    return path
+
+
 def cmd_data(args: argparse.Namespace) -> int:
     from spf import scenarios
     from spf.data import save_samples
 
-    if args.kind == "sst2":
-        samples = scenarios.sst2(args.src[0], n=args.n, seed=args.seed)
-    elif args.kind == "harmful-compliance":
-        if len(args.src) != 2:
-            raise ValueError("harmful-compliance needs --src BEHAVIORS_CSV TARGETS_JSON")
-        samples = scenarios.harmful_compliance(
-            args.src[0], args.src[1], n=args.n, seed=args.seed, offset=args.offset
-        )
+    if args.kind in ("harmful-compliance", "refusals") or (args.kind == "sst2" and args.src):
+        if not args.src:
+            raise ValueError(f"{args.kind} needs --src")
+        if args.kind == "sst2":
+            samples = scenarios.sst2(args.src[0], n=args.n, seed=args.seed)
+        elif args.kind == "harmful-compliance":
+            if len(args.src) != 2:
+                raise ValueError("harmful-compliance needs --src BEHAVIORS_CSV TARGETS_JSON")
+            samples = scenarios.harmful_compliance(
+                args.src[0], args.src[1], n=args.n, seed=args.seed, offset=args.offset
+            )
+        else:
+            samples = scenarios.refusal_pairs(args.src[0], n=args.n, seed=args.seed, offset=args.offset)
     else:
-        samples = scenarios.refusal_pairs(args.src[0], n=args.n, seed=args.seed, offset=args.offset)
+        samples = scenarios.build_scenario(
+            args.kind,
+            shared_data=_shared_data(args.shared_data),
+            n=args.n,
+            p=args.p,
+            seed=args.seed,
+            base=args.base,
+            split=args.split,
+        )
+    if args.epochs > 1:
+        samples = scenarios.repeat_epochs(samples, args.epochs, seed=args.seed)
     save_samples(samples, args.out)
     print(f"wrote {len(samples)} samples to {args.out}")
     return 0
@@ -271,10 +322,11 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",
     )
+    from spf.align import main_align
     from spf.data import DataError
     from spf.models import ModelLoadError
 
-    handlers = {"estimate": cmd_estimate, "train": cmd_train, "data": cmd_data}
+    handlers = {"estimate": cmd_estimate, "train": cmd_train, "data": cmd_data, "align": main_align}
     try:
         return handlers[args.command](args)
     except (DataError, ModelLoadError, FileNotFoundError, ValueError) as e:
