@@ -113,6 +113,11 @@ def _build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", required=True)
 
     from spf.align import add_align_arguments
+    from spf.evaluation import add_eval_arguments
+
+    ev = sub.add_parser("eval", help="safety / utility evaluation → results.json + samples.jsonl")
+    add_eval_arguments(ev)
+    _add_common(ev)
 
     al = sub.add_parser("align", help="make a safety-aligned base model (LoRA SFT merged into full weights)")
     add_align_arguments(al)
@@ -329,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     handlers = {"estimate": cmd_estimate, "train": cmd_train, "data": cmd_data, "align": main_align}
     try:
         return handlers[args.command](args)
-    except (DataError, ModelLoadError, FileNotFoundError, ValueError) as e:
+    except (DataError, ModelLoadError, JudgeError, FileNotFoundError, ValueError) as e:
         # NotRefusedError is a ValueError: it names the prompt the model did not refuse
         print(f"spf: error: {e}", file=sys.stderr)
         return 2
