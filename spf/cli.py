@@ -329,9 +329,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     from spf.align import main_align
     from spf.data import DataError
+    from spf.evaluation import main_eval
+    from spf.judges import JudgeError
     from spf.models import ModelLoadError
 
-    handlers = {"estimate": cmd_estimate, "train": cmd_train, "data": cmd_data, "align": main_align}
+    handlers = {
+        "estimate": cmd_estimate,
+        "train": cmd_train,
+        "data": cmd_data,
+        "align": main_align,
+        "eval": main_eval,
+    }
     try:
         return handlers[args.command](args)
     except (DataError, ModelLoadError, JudgeError, FileNotFoundError, ValueError) as e:
