@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -168,3 +169,18 @@ def test_own_answers_generates_and_filters_with_the_real_model():
     assert stats["generated"] == 3
     assert stats["kept"] + stats["dropped_refusal"] + stats["dropped_empty"] == 3
     assert all(s.response and s.prompt in {b.prompt for b in BENIGN} for s in kept)
+
+
+def test_shipped_alignment_data_never_contains_evaluation_prompts():
+    """Over-refusal is measured on prompts the alignment never saw — not even near-duplicates."""
+    import difflib
+
+    from spf.data import load_samples
+
+    data = Path(__file__).resolve().parents[1] / "spf" / "data"
+    evals = [s.prompt.strip().lower() for s in load_samples(data / "overrefusal_prompts.jsonl")]
+    evals += [s.prompt.strip().lower() for s in load_samples(data / "refusals.jsonl")]
+    for name in ("align_benign.jsonl", "align_refusals.jsonl"):
+        for s in load_samples(data / name):
+            p = s.prompt.strip().lower()
+            assert not difflib.get_close_matches(p, evals, n=1, cutoff=0.75), (name, p)
