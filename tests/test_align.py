@@ -147,7 +147,7 @@ def test_shipped_default_data_is_valid():
     refusals = load_samples(align_mod._shipped(align_mod.DEFAULT_REFUSALS), require_response=True)
     benign = load_samples(align_mod._shipped(align_mod.DEFAULT_BENIGN))
     assert len(refusals) >= 50 and all(is_refusal(s.response or "") for s in refusals)
-    assert len(benign) >= 70 and all(s.response is None for s in benign)
+    assert len(benign) >= 55 and all(s.response is None for s in benign)
     assert not {s.prompt for s in refusals} & {s.prompt for s in benign}
 
 
