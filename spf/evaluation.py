@@ -800,9 +800,22 @@ def _gsm8k(
     return result, records
 
 
+UTILITY_TASKS = ("sst2", "agnews", "gsm8k")
+
+
 def _suite_utility(
-    ctx: _Context, data_dir: Path | None, limit: int | None, seed: int, gsm8k_max_new_tokens: int
+    ctx: _Context,
+    data_dir: Path | None,
+    limit: int | None,
+    seed: int,
+    gsm8k_max_new_tokens: int,
+    tasks: Sequence[str] = UTILITY_TASKS,
 ) -> tuple[list[SuiteResult], list[dict], dict[str, str]]:
+    unknown = sorted(set(tasks) - set(UTILITY_TASKS))
+    if unknown or "sst2" not in tasks:
+        raise ValueError(
+            f"utility tasks: choose from {', '.join(UTILITY_TASKS)} (sst2 required), got {list(tasks)}"
+        )
     results: list[SuiteResult] = []
     records: list[dict] = []
     skipped: dict[str, str] = {}
@@ -813,7 +826,9 @@ def _suite_utility(
     records += recs
 
     utility = data_dir / "utility" if data_dir is not None else None
-    if (
+    if "agnews" not in tasks:
+        skipped["utility.agnews"] = "not requested"
+    elif (
         utility is not None
         and (utility / "ag_news_test.csv").is_file()
         and (utility / "ag_news_classes.txt").is_file()
@@ -825,7 +840,9 @@ def _suite_utility(
     else:
         skipped["utility.agnews"] = "AG News (utility/ag_news_test.csv) not found in the shared data folder"
 
-    if utility is not None and (utility / "gsm8k_test.jsonl").is_file():
+    if "gsm8k" not in tasks:
+        skipped["utility.gsm8k"] = "not requested"
+    elif utility is not None and (utility / "gsm8k_test.jsonl").is_file():
         res, recs = _gsm8k(ctx, data_dir, limit, seed, gsm8k_max_new_tokens)  # type: ignore[arg-type]
         results.append(res)
         records += recs
@@ -875,6 +892,7 @@ def evaluate(
     judge_kwargs: dict[str, Any] | None = None,
     templates: Sequence[str] | None = None,
     gsm8k_max_new_tokens: int = GSM8K_MAX_NEW_TOKENS,
+    utility_tasks: Sequence[str] = UTILITY_TASKS,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Run ``suites`` on a loaded model; return ``(results, per-sample records)``.
 
@@ -927,7 +945,9 @@ def evaluate(
             res, recs = _suite_prefill(ctx, _select(harmful_items, limit, seed), harmful_source, data_dir)
             found = [res]
         else:
-            found, recs, skip = _suite_utility(ctx, data_dir, limit, seed, gsm8k_max_new_tokens)
+            found, recs, skip = _suite_utility(
+                ctx, data_dir, limit, seed, gsm8k_max_new_tokens, utility_tasks
+            )
             skipped.update(skip)
         timing[name] = round(time.perf_counter() - t0, 3)
         for res in found:
@@ -1063,6 +1083,11 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--shared-data", default=None, help="public data folder (default: $SPF_SHARED_DATA or ../shared/data)"
     )
+    parser.add_argument(
+        "--utility-tasks",
+        default=",".join(UTILITY_TASKS),
+        help="comma list of utility data sets (sst2 always; agnews, gsm8k optional)",
+    )
     parser.add_argument("--out", required=True, help="output folder for results.json and samples.jsonl")
 
 
@@ -1085,6 +1110,7 @@ def main_eval(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         seed=args.seed,
         shared_data=args.shared_data,
+        utility_tasks=tuple(t.strip() for t in args.utility_tasks.split(",") if t.strip()),
     )
     # CLI output, not logging: the table is the command's result.
     print(format_table(results))
