@@ -105,7 +105,9 @@ def main() -> None:
           f"{args.threads} thread(s)")  # fmt: skip
     print(f"{'config':<10} {'median step s':>14} {'× vanilla':>10} {'peak RSS MB':>12} {'× vanilla':>10}")
     for c in args.configs:
-        print(f"{c:<10} {med_step(c):>14.3f} {med_step(c) / base_t:>10.2f} {peak(c):>12.0f} {peak(c) / base_m:>10.2f}")
+        print(
+            f"{c:<10} {med_step(c):>14.3f} {med_step(c) / base_t:>10.2f} {peak(c):>12.0f} {peak(c) / base_m:>10.2f}"
+        )
     refresh = [x for res in results.get("spf-T1", []) for x in res["refresh_seconds"]]
     if refresh:
         r = statistics.median(refresh)
