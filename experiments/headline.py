@@ -49,6 +49,11 @@ def spf(*args: str) -> None:
 
 
 def prepare() -> None:
+    prepare_data()
+    prepare_subspace()
+
+
+def prepare_data() -> None:
     DATA.mkdir(parents=True, exist_ok=True)
     spf("data", "sst2", "--n", "400", "--seed", "0", "--out", str(DATA / "sst2.jsonl"))
     spf(
@@ -77,6 +82,9 @@ def prepare() -> None:
         w.writeheader()
         for r in rows[:100]:
             w.writerow({"Behavior": r["Behavior"], "BehaviorID": r["BehaviorID"]})
+
+
+def prepare_subspace() -> None:
     # the single sample: the first shipped harmful prompt the ALIGNED model refuses, with its own refusal
     spf("estimate", "--model", str(ALIGNED), "--sample", str(ROOT / "spf" / "data" / "refusals.jsonl"),
         "--own-response", "--rank", "8", "--out", str(WORK / "subspace"), "--threads", "1")  # fmt: skip
@@ -125,11 +133,15 @@ def report() -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("what", choices=["prepare", "run", "report", "jobs"])
+    p.add_argument("what", choices=["prepare", "prepare-data", "prepare-subspace", "run", "report", "jobs"])
     p.add_argument("jobs", nargs="*")
     a = p.parse_args()
     if a.what == "prepare":
         prepare()
+    elif a.what == "prepare-data":
+        prepare_data()
+    elif a.what == "prepare-subspace":
+        prepare_subspace()
     elif a.what == "jobs":
         print(" ".join([f"train:{f}" for f in FINETUNES] + [f"eval:{m}/{s}" for m in MODELS for s in SUITES]))
     elif a.what == "run":
