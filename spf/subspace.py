@@ -225,9 +225,13 @@ def estimate_batch_subspace(
     inputs: dict[str, Tensor] = {}
     outputs: dict[str, Tensor] = {}
 
+    all_kept = bool(keep.all())
+
     def make_hook(name: str):
         def hook(_mod: nn.Module, args: tuple, out: Tensor) -> None:
-            inputs[name] = args[0].detach()[keep]
+            x = args[0].detach()
+            # without padding a view suffices; boolean indexing would copy every module's input
+            inputs[name] = x.reshape(-1, x.shape[-1]) if all_kept else x[keep]
             outputs[name] = out
 
         return hook
@@ -241,6 +245,11 @@ def estimate_batch_subspace(
     handles.append(base.get_input_embeddings().register_forward_hook(embed_hook))
     was_training = model.training
     model.eval()
+    # Parameters are frozen for the pass: autograd then saves only what the output gradients need (no
+    # inputs kept for weight gradients), which keeps the re-estimation's memory and time down.
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    for p in trainable:
+        p.requires_grad_(False)
     try:
         with torch.enable_grad():
             out = model(
@@ -253,6 +262,8 @@ def estimate_batch_subspace(
     finally:
         for h in handles:
             h.remove()
+        for p in trainable:
+            p.requires_grad_(True)
         model.train(was_training)
 
     n_tokens = int(keep.sum())
