@@ -3,8 +3,23 @@
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from spf.subspace import SafetySubspace
+
+TINY_SHAPES = {"fc1": (32, 16), "fc2": (8, 32)}  # (out, in) = (m, n) of TinyNet's layers
+
+
+class TinyNet(nn.Module):
+    """Two linear layers: the smallest net with distinct left/right subspace sizes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(16, 32)
+        self.fc2 = nn.Linear(32, 8)
+
+    def forward(self, x):
+        return self.fc2(torch.tanh(self.fc1(x)))
 
 
 def orthonormal(rows: int, k: int, gen: torch.Generator) -> torch.Tensor:

@@ -12,19 +12,9 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from spf.optimizer import SPFOptimizer
-from tests.helpers import random_subspace
+from tests.helpers import TINY_SHAPES, TinyNet, random_subspace
 
-SHAPES = {"fc1": (32, 16), "fc2": (8, 32)}
-
-
-class Net(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(16, 32)
-        self.fc2 = nn.Linear(32, 8)
-
-    def forward(self, x):
-        return self.fc2(torch.tanh(self.fc1(x)))
+SHAPES = TINY_SHAPES
 
 
 def _worker(rank: int, world: int, port: int, out: str) -> None:
@@ -32,7 +22,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    net = Net()
+    net = TinyNet()
     model = DDP(net)
     calls = []
 

@@ -11,19 +11,9 @@ from torch import nn
 
 from spf.models import unwrap
 from spf.optimizer import SPFOptimizer
-from tests.helpers import random_subspace
+from tests.helpers import TINY_SHAPES, TinyNet, random_subspace
 
-SHAPES = {"fc1": (32, 16), "fc2": (8, 32)}  # (out, in) = (m, n)
-
-
-class TinyNet(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(16, 32)
-        self.fc2 = nn.Linear(32, 8)
-
-    def forward(self, x):
-        return self.fc2(torch.tanh(self.fc1(x)))
+SHAPES = TINY_SHAPES
 
 
 def make_lora(seed: int = 0):
