@@ -17,13 +17,14 @@ import io
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from spf.io import atomic_path
 
 logger = logging.getLogger(__name__)
 
@@ -356,25 +357,18 @@ def save_samples(samples: Iterable[ChatSample], path: str | Path) -> None:
     sample never leaves a truncated file that a later run would silently train on.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     count = 0
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
-            for sample in samples:
-                if not isinstance(sample, ChatSample):
-                    raise TypeError(f"save_samples expects ChatSample objects, got {_type_name(sample)}")
-                fh.write(json.dumps(sample.to_dict(), ensure_ascii=False) + "\n")
-                count += 1
-            if count == 0:
-                # An empty file cannot be loaded back (load_samples rejects it), so refuse to write one.
-                raise ValueError(f"{path}: no samples to save")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp, tmp.open("w", encoding="utf-8", newline="\n") as fh:
+        for sample in samples:
+            if not isinstance(sample, ChatSample):
+                raise TypeError(f"save_samples expects ChatSample objects, got {_type_name(sample)}")
+            fh.write(json.dumps(sample.to_dict(), ensure_ascii=False) + "\n")
+            count += 1
+        if count == 0:
+            # An empty file cannot be loaded back (load_samples rejects it), so refuse to write one.
+            raise ValueError(f"{path}: no samples to save")
+        fh.flush()
+        os.fsync(fh.fileno())
     logger.info("saved %d samples to %s", count, path)
 
 
@@ -450,6 +444,11 @@ def encode_sample(tokenizer: Any, sample: ChatSample, *, max_length: int = 512) 
     input_ids = kept_prompt + kept_response
     labels = [_IGNORE_INDEX] * len(kept_prompt) + kept_response
     return {"input_ids": input_ids, "labels": labels, "attention_mask": [1] * len(input_ids)}
+
+
+def pad_token_id(tokenizer: Any) -> int:
+    """The tokenizer's pad id, or its EOS id when it has none (padded positions are masked anyway)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
 def collate(encoded: list[dict[str, list[int]]], pad_token_id: int) -> dict[str, torch.Tensor]:

@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import torch
 
-from spf.data import DataError, load_samples
+from spf.data import DataError, load_samples, pad_token_id
 from spf.io import atomic_path
 from spf.refusal import generate
 
@@ -638,7 +638,7 @@ def label_logprobs(
     rows.sort(key=lambda r: len(prefix_ids[r[0]]) + len(label_ids[r[1]]))
     scores = torch.empty(len(prompts), len(labels), dtype=torch.float64)
     device = _model_device(model)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = pad_token_id(tokenizer)
     was_training = model.training
     model.eval()
     try:

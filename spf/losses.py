@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from spf.data import ChatSample, collate, encode_sample
+from spf.data import ChatSample, collate, encode_sample, pad_token_id
 
 __all__ = ["batch_loss", "kept_position_loss", "per_sample_loss", "response_loss"]
 
@@ -55,7 +55,7 @@ def response_loss(
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_token_id(tokenizer)
     losses: list[float] = []
     try:
         for i in range(0, len(samples), batch_size):

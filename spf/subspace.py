@@ -28,7 +28,7 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from spf.data import ChatSample, collate, encode_sample
+from spf.data import ChatSample, collate, encode_sample, pad_token_id
 from spf.io import save_json, save_tensors
 from spf.losses import kept_position_loss
 from spf.models import default_target_modules, unwrap
@@ -213,7 +213,7 @@ def estimate_batch_subspace(
         raise ValueError(f"modules not found in the model: {missing[:5]}{' …' if len(missing) > 5 else ''}")
 
     device = next(model.parameters()).device
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_token_id(tokenizer)
     batch = collate([encode_sample(tokenizer, s, max_length=max_length) for s in samples], pad)
     batch = {k: v.to(device) for k, v in batch.items()}
     keep = batch["attention_mask"].bool()  # padded positions have zero gradient: drop them from T
@@ -305,43 +305,21 @@ def _svd_of_outer(d: Tensor, x: Tensor, *, method: SVDMethod = "auto") -> tuple[
         u, s, vh = torch.linalg.svd(d.T.float() @ x.float(), full_matrices=False)
         return u, s, vh.T
     r = min(t, m, n)
-    lam, e = torch.linalg.eigh((x @ x.T).double())
-    u, s, v = _from_grams(d, x, (d @ d.T).double(), lam, e, r, r)
+    u, s, v, _ = _topk_svds([d], [x], r, r, "factored")[0]
     return u, s.to(d.dtype), v
-
-
-def _from_grams(
-    d: Tensor, x: Tensor, k_d: Tensor, lam: Tensor, e: Tensor, n_values: int, n_vectors: int
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Top singular triplets of ``G = Dᵀ X`` from T×T Gram matrices, never forming G.
-
-    With ``X Xᵀ = E Λ Eᵀ``: ``X = E Λ^½ Q_xᵀ`` where ``Q_x = Xᵀ E Λ^-½`` has orthonormal columns, so
-    ``G = H Q_xᵀ`` with ``H = Dᵀ E Λ^½``. From ``HᵀH = Λ^½ Eᵀ (D Dᵀ) E Λ^½ = W Σ² Wᵀ``:
-    ``U = H W Σ⁻¹ = Dᵀ (E Λ^½ W Σ⁻¹)`` and ``V = Xᵀ (E Λ^-½ W)``. The T×T algebra runs in fp64 (the Gram
-    matrices square the condition number); the two thin products with D and X run in their own dtype.
-    Returns ``n_values`` singular values (fp64) and ``n_vectors`` singular vectors.
-    """
-    lam = lam.clamp_min(0)
-    tol = lam.max().clamp_min(1e-300) * 1e-12
-    root = lam.sqrt()
-    inv_root = torch.where(lam > tol, 1.0 / root.clamp_min(1e-300), torch.zeros_like(root))
-    er = e * root  # E Λ^½
-    sig2, w = torch.linalg.eigh(er.T @ k_d @ er)
-    order = torch.argsort(sig2, descending=True)
-    sig = sig2[order[:n_values]].clamp_min(0).sqrt()
-    top = order[:n_vectors]
-    w = w[:, top]
-    s_top = sig[:n_vectors]
-    inv_sig = torch.where(s_top > sig.max().clamp_min(1e-300) * 1e-10, 1.0 / s_top.clamp_min(1e-300), 0.0)
-    u = d.T @ (er @ w * inv_sig).to(d.dtype)
-    v = x.T @ ((e * inv_root) @ w).to(x.dtype)
-    return u, sig, v
 
 
 def _topk_svds(
     ds: list[Tensor], xs: list[Tensor], rank: int, n_values: int, method: SVDMethod
 ) -> list[tuple[Tensor, Tensor, Tensor, float]]:
-    """Per module (U, S, V, ‖G‖²_F); the T×T eigen-problems of all modules run as one batched call."""
+    """Per module (U, S, V, ‖G‖²_F) of ``G = Dᵀ X``; the T×T eigen-problems of all modules run batched.
+
+    With ``X Xᵀ = E Λ Eᵀ``: ``X = E Λ^½ Q_xᵀ`` where ``Q_x = Xᵀ E Λ^-½`` has orthonormal columns, so
+    ``G = H Q_xᵀ`` with ``H = Dᵀ E Λ^½``. From ``HᵀH = Λ^½ Eᵀ (D Dᵀ) E Λ^½ = W Σ² Wᵀ``:
+    ``U = H W Σ⁻¹ = Dᵀ (E Λ^½ W Σ⁻¹)`` and ``V = Xᵀ (E Λ^-½ W)``. The T×T algebra runs in fp64 (the Gram
+    matrices square the condition number); the thin products with D and X run in their own dtype.
+    Returns ``n_values`` singular values (fp64) and ``rank`` singular vectors per module.
+    """
     t = ds[0].shape[0] if ds else 0
     dense = [
         method == "dense" or (method == "auto" and t >= min(d.shape[1], x.shape[1]))
@@ -351,7 +329,7 @@ def _topk_svds(
     gram_idx = [i for i, is_dense in enumerate(dense) if not is_dense]
     if gram_idx:
         # Gram matrices in fp32 (fast BLAS3); every T×T step in fp64 and batched over modules, so two
-        # batched eigen-decompositions serve the whole model (see _from_grams for the algebra).
+        # batched eigen-decompositions serve the whole model.
         k_d = torch.stack([(ds[i] @ ds[i].T) for i in gram_idx]).double()
         k_x = torch.stack([(xs[i] @ xs[i].T) for i in gram_idx]).double()
         lam, e = torch.linalg.eigh(k_x)

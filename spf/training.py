@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from spf.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from spf.config import TrainConfig
-from spf.data import ChatSample, collate, encode_sample, load_samples
+from spf.data import ChatSample, collate, encode_sample, load_samples, pad_token_id
 from spf.io import save_json
 from spf.losses import batch_loss, response_loss
 from spf.models import auto_device, default_target_modules, load_model, unwrap
@@ -28,7 +28,7 @@ from spf.subspace import SafetySubspace, estimate_batch_subspace, estimate_safet
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["TrainResult", "load_safety_sample", "train"]
+__all__ = ["TrainResult", "load_safety_samples", "train"]
 
 Callback = Callable[[dict[str, Any]], None]
 
@@ -46,9 +46,6 @@ def load_safety_samples(subspace_dir: str | Path) -> list[ChatSample]:
     """
     return load_samples(Path(subspace_dir) / "sample.jsonl", require_response=True)
 
-
-def load_safety_sample(subspace_dir: str | Path) -> ChatSample:
-    return load_safety_samples(subspace_dir)[0]
 
 
 def _batches(n: int, batch_size: int, seed: int, start: int):
@@ -136,7 +133,7 @@ def train(cfg: TrainConfig, callback: Callback | None = None) -> TrainResult:
     device = torch.device(cfg.device) if cfg.device else auto_device()
 
     model, tokenizer = _setup_model(cfg, device)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_token_id(tokenizer)
     encoded = [encode_sample(tokenizer, s, max_length=cfg.max_length) for s in data]
 
     subspace: SafetySubspace | None = None
