@@ -453,7 +453,9 @@ def add_align_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``spf align``; pair with :func:`main_align`."""
     d = AlignConfig()
     parser.add_argument("--model", default=d.model, help="base model (default: %(default)s)")
-    parser.add_argument("--out", required=True, help="merged model folder to create")
+    parser.add_argument(
+        "--out", default=None, help="merged model folder to create (required without --params)"
+    )
     parser.add_argument(
         "--refusals", default=None, help="(harmful prompt, refusal) file; default: shipped set"
     )
@@ -482,6 +484,9 @@ def add_align_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main_align(args: argparse.Namespace) -> int:
     """Build an :class:`AlignConfig` from parsed arguments, run it, print a one-line summary."""
+    if args.out is None:
+        print("spf: error: --out is required (or run the pipeline stage with --params FILE)", file=sys.stderr)
+        return 2
     try:
         cfg = AlignConfig(
             model=args.model,

@@ -1,4 +1,5 @@
-"""``spf`` command line: ``estimate``, ``train``, ``data``.
+"""``spf`` command line: ``estimate``, ``train``, ``data``, ``align``, ``eval`` and the pipeline stages
+(``prepare``, ``align``, ``estimate``, ``finetune``, ``evaluate`` with ``--params params.yaml``).
 
 Errors a user can fix (bad file, unknown model, a prompt the model does not refuse) print one line
 ``spf: error: …`` and exit with status 2; nothing partial is written.
@@ -34,13 +35,11 @@ def _build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser(
         "estimate", help="estimate the safety subspace from one (harmful prompt, refusal) sample"
     )
-    e.add_argument(
-        "--model", required=True, help="smollm2-135m-instruct | local folder | hub id | tiny-llama"
-    )
-    e.add_argument("--sample", required=True, help="file of candidate samples (JSON/JSONL/CSV/TSV)")
+    e.add_argument("--model", help="smollm2-135m-instruct | local folder | hub id | tiny-llama")
+    e.add_argument("--sample", help="file of candidate samples (JSON/JSONL/CSV/TSV)")
     e.add_argument("--index", type=int, default=None, help="record to use (default: first the model refuses)")
-    e.add_argument("--rank", type=int, required=True, help="k, singular directions kept per module")
-    e.add_argument("--out", required=True, help="output folder")
+    e.add_argument("--rank", type=int, help="k, singular directions kept per module")
+    e.add_argument("--out", help="output folder")
     e.add_argument(
         "--own-response",
         action="store_true",
@@ -121,7 +120,42 @@ def _build_parser() -> argparse.ArgumentParser:
 
     al = sub.add_parser("align", help="make a safety-aligned base model (LoRA SFT merged into full weights)")
     add_align_arguments(al)
+
+    # Pipeline stages (what dvc.yaml runs): every knob comes from params.yaml; `-S key=value` overrides.
+    stage_help = {
+        "prepare": "pipeline stage: fine-tuning data, safety samples, held-out harmful prompts",
+        "finetune": "pipeline stage: vanilla/SPF fine-tuning of the aligned base",
+        "evaluate": "pipeline stage: safety + utility evaluation of the fine-tuned model",
+    }
+    for name, text in stage_help.items():
+        sp = sub.add_parser(name, help=text)
+        _add_params_args(sp, required=True)
+    for sp in (e, al):
+        _add_params_args(sp, required=False)
     return parser
+
+
+def _add_params_args(p: argparse.ArgumentParser, *, required: bool) -> None:
+    p.add_argument(
+        "--params",
+        required=required,
+        help="pipeline parameter file (params.yaml): run this as a pipeline stage"
+        + ("" if required else "; other options are then ignored"),
+    )
+    p.add_argument(
+        "-S", "--set", action="append", default=[], metavar="KEY=VALUE", help="override a parameter"
+    )
+
+
+def cmd_stage(args: argparse.Namespace) -> int:
+    from spf.params import load_params
+    from spf.pipeline import run_stage
+
+    stage = "align" if args.command == "align" else args.command
+    params = load_params(args.params, args.set)
+    summary = run_stage(stage, params)
+    print(json.dumps(summary, indent=2, default=str))
+    return 0
 
 
 def _summarise_cer(sub: Any, ks: tuple[int, ...] = (1, 5, 10, 20)) -> str:
@@ -147,6 +181,9 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     from spf.refusal import first_refused, generate, is_refusal, own_refusal
     from spf.subspace import estimate_batch_subspace, estimate_safety_subspace
 
+    missing = [f"--{k}" for k in ("model", "sample", "rank", "out") if getattr(args, k) is None]
+    if missing:
+        raise ValueError(f"{', '.join(missing)} required (or run the pipeline stage with --params FILE)")
     if args.rank < 1:
         raise ValueError(f"--rank must be ≥ 1, got {args.rank}")
     if args.threads:
@@ -332,7 +369,12 @@ def main(argv: list[str] | None = None) -> int:
     from spf.evaluation import main_eval
     from spf.judges import JudgeError
     from spf.models import ModelLoadError
+    from spf.params import ParamsError
 
+    if getattr(args, "params", None):
+        handler = cmd_stage
+    else:
+        handler = None
     handlers = {
         "estimate": cmd_estimate,
         "train": cmd_train,
@@ -341,8 +383,8 @@ def main(argv: list[str] | None = None) -> int:
         "eval": main_eval,
     }
     try:
-        return handlers[args.command](args)
-    except (DataError, ModelLoadError, JudgeError, FileNotFoundError, ValueError) as e:
+        return (handler or handlers[args.command])(args)
+    except (ParamsError, DataError, ModelLoadError, JudgeError, FileNotFoundError, ValueError) as e:
         # NotRefusedError is a ValueError: it names the prompt the model did not refuse
         print(f"spf: error: {e}", file=sys.stderr)
         return 2

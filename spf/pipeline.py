@@ -1,0 +1,423 @@
+"""The pipeline's stages as plain functions: prepare → align → estimate → finetune → evaluate.
+
+Each stage reads :class:`~spf.params.PipelineParams` and fixed paths under ``runtime.workdir`` (the DVC
+``outs``) and returns a small JSON-able dict (paths and numbers, never models) — so the same function backs
+``spf <stage> --params params.yaml`` (what ``dvc.yaml`` runs) and the Prefect tasks in ``tasks/``. Every
+output folder is built beside its final path and renamed into place once complete (:func:`_publish`), so a
+crashed stage never leaves an output that DVC or the next stage would take for a finished one.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import os
+import random
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from spf.params import PipelineParams
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "STAGES",
+    "align_stage",
+    "estimate_stage",
+    "evaluate_stage",
+    "finetune_stage",
+    "flat_metrics",
+    "path_sha256",
+    "prepare_stage",
+    "run_stage",
+]
+
+STAGES = ("prepare", "align", "estimate", "finetune", "evaluate")
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+def path_sha256(path: str | Path) -> str:
+    """Content hash of a file or a folder (relative names + bytes, sorted): the cache key of an input."""
+    path = Path(path)
+    h = hashlib.sha256()
+    if path.is_file():
+        files = [(path.name, path)]
+    elif path.is_dir():
+        files = sorted((p.relative_to(path).as_posix(), p) for p in path.rglob("*") if p.is_file())
+    else:
+        raise FileNotFoundError(f"{path} does not exist")
+    for rel, p in files:
+        h.update(rel.encode() + b"\0")
+        with p.open("rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+@contextmanager
+def _publish(dest: Path) -> Iterator[Path]:
+    """Yield an empty temporary folder beside ``dest``; on success replace ``dest`` with it."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    try:
+        yield tmp
+        if dest.exists():
+            old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+            os.replace(dest, old)
+            os.replace(tmp, dest)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, dest)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _set_threads(p: PipelineParams) -> None:
+    if p.runtime.threads:
+        import torch
+
+        torch.set_num_threads(p.runtime.threads)
+
+
+def _shipped(name: str) -> Path:
+    return Path(str(resources.files("spf") / "data" / name))
+
+
+def _write_json(obj: Any, path: Path) -> None:
+    path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def aligned_model_ref(p: PipelineParams) -> str:
+    """The model the later stages start from: the aligned folder, or ``align.model`` when align is off."""
+    ref_file = p.stage_dir("aligned") / "model_ref.json"
+    if ref_file.is_file():
+        ref = json.loads(ref_file.read_text())["ref"]
+        return str(p.stage_dir("aligned")) if ref == "." else ref
+    raise FileNotFoundError(f"{ref_file} missing: run the align stage first")
+
+
+# ---------------------------------------------------------------------------------------------- stages
+
+
+def prepare_stage(p: PipelineParams) -> dict[str, Any]:
+    """Fine-tuning set, safety-sample candidates and held-out harmful prompts → ``workdir/data``."""
+    from spf.data import ChatSample, load_samples, save_samples
+    from spf.evaluation import find_shared_data
+    from spf.scenarios import build_scenario, repeat_epochs
+
+    pp = p.prepare
+    shared = find_shared_data(pp.shared_data)
+    if pp.scenario == "sentiment":
+        pool = load_samples(_shipped("sentiment.jsonl"), require_response=True)
+        rng = random.Random(pp.seed)
+        train = [pool[i % len(pool)] for i in rng.sample(range(len(pool)), len(pool))]
+        train = (train * (pp.n // len(train) + 1))[: pp.n]
+    else:
+        assert shared is not None  # PipelineParams.validate checked it
+        train = build_scenario(pp.scenario, shared_data=shared, n=pp.n, p=pp.p, seed=pp.seed, base=pp.base)
+    if pp.epochs > 1:
+        train = repeat_epochs(train, pp.epochs, seed=pp.seed)
+    safety_src = Path(pp.safety_samples) if pp.safety_samples else _shipped("refusals.jsonl")
+    safety = load_samples(safety_src, require_response=True)
+
+    # Held-out harmful prompts: AdvBench behaviours never in the training set (the harmful mix draws from
+    # the same file), else the shipped harmful prompts.
+    in_train = {s.prompt.strip() for s in train}
+    heldout: list[str] = []
+    source = ""
+    advbench = shared / "safety" / "advbench_behaviors.csv" if shared is not None else None
+    if advbench is not None and advbench.is_file():
+        with advbench.open(newline="", encoding="utf-8") as fh:
+            rows = [r["Behavior"].strip() for r in csv.DictReader(fh) if r.get("Behavior")]
+        rows = [r for r in rows if r not in in_train]
+        random.Random(pp.seed).shuffle(rows)
+        heldout, source = rows[: pp.heldout_harmful_n], str(advbench)
+    else:
+        heldout = [s.prompt for s in safety][: pp.heldout_harmful_n]
+        source = str(safety_src)
+
+    out = p.stage_dir("data")
+    with _publish(out) as tmp:
+        save_samples(train, tmp / "train.jsonl")
+        save_samples([ChatSample.from_pair(s.prompt, s.response or "") for s in safety], tmp / "safety.jsonl")
+        with (tmp / "heldout_harmful.csv").open("w", newline="", encoding="utf-8") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(["prompt"])
+            writer.writerows([h] for h in heldout)
+        manifest = {
+            "scenario": pp.scenario,
+            "n_train": len(train),
+            "n_safety": len(safety),
+            "n_heldout_harmful": len(heldout),
+            "heldout_source": source,
+            "safety_source": str(safety_src),
+            "train_sha256": path_sha256(tmp / "train.jsonl"),
+        }
+        _write_json(manifest, tmp / "manifest.json")
+    logger.info("prepared %d training samples, %d held-out harmful prompts", len(train), len(heldout))
+    return {"data_dir": str(out), **manifest}
+
+
+def align_stage(p: PipelineParams) -> dict[str, Any]:
+    """The safety-aligned base → ``workdir/aligned`` (a full safetensors model, or a reference to one)."""
+    out = p.stage_dir("aligned")
+    if not p.align.enabled:
+        with _publish(out) as tmp:
+            _write_json({"ref": p.align.model, "aligned": False}, tmp / "model_ref.json")
+        return {"model_ref": p.align.model, "aligned": False}
+
+    from spf.align import AlignConfig, align
+
+    a = p.align
+    tmp_out = out.with_name(f".{out.name}.align-{os.getpid()}")
+    cfg = AlignConfig(
+        model=a.model,
+        out=str(tmp_out),
+        refusals=a.refusals,
+        benign=a.benign,
+        n_refusals=a.n_refusals,
+        n_benign=a.n_benign,
+        steps=a.steps,
+        lr=a.lr,
+        batch_size=a.batch_size,
+        lora_r=a.lora_r,
+        seed=a.seed,
+        max_new_tokens=a.max_new_tokens,
+        eval_max_new_tokens=a.eval_max_new_tokens,
+        threads=p.runtime.threads,
+        device=p.runtime.device,
+        overwrite=True,
+    )
+    try:
+        align(cfg)  # builds atomically itself; we add the reference file and move it into place
+        _write_json({"ref": ".", "aligned": True, "base": a.model}, tmp_out / "model_ref.json")
+        with _publish(out) as tmp:
+            os.rmdir(tmp)
+            os.replace(tmp_out, tmp)
+    finally:
+        shutil.rmtree(tmp_out, ignore_errors=True)
+    report = json.loads((out / "align_report.json").read_text())
+    beh = report.get("heldout_behaviour") or {}
+    return {
+        "model_ref": str(out),
+        "aligned": True,
+        **{f"heldout_{k}_refusal": v["refusal_rate"] for k, v in beh.items() if "refusal_rate" in v},
+    }
+
+
+def estimate_stage(p: PipelineParams) -> dict[str, Any]:
+    """The safety subspace from ONE (harmful prompt, refusal) sample → ``workdir/subspace``."""
+    from spf.data import load_samples, save_samples
+    from spf.models import load_model
+    from spf.refusal import first_refused, generate, is_refusal
+    from spf.subspace import estimate_batch_subspace, estimate_safety_subspace
+
+    _set_threads(p)
+    e = p.estimate
+    model_ref = aligned_model_ref(p)
+    candidates = load_samples(p.stage_dir("data") / "safety.jsonl", require_response=True)
+    model, tok = load_model(model_ref, device=p.runtime.device)
+    if e.n_samples == 1:
+        samples = (
+            [first_refused(model, tok, candidates, max_new_tokens=e.max_new_tokens)]
+            if e.own_response
+            else candidates[:1]
+        )
+    elif e.own_response:
+        answers = generate(
+            model, tok, [c.prompt_messages() for c in candidates], max_new_tokens=e.max_new_tokens
+        )
+        samples = [c.with_response(a) for c, a in zip(candidates, answers, strict=True) if is_refusal(a)]
+        samples = samples[: e.n_samples]
+        if not samples:
+            raise ValueError(f"the model refuses none of the {len(candidates)} safety prompts")
+    else:
+        samples = candidates[: e.n_samples]
+    t0 = time.perf_counter()
+    kwargs = {"rank": e.rank, "max_length": e.max_length, "model_ref": model_ref}
+    if len(samples) == 1:
+        sub = estimate_safety_subspace(model, tok, samples[0], **kwargs)
+    else:
+        sub = estimate_batch_subspace(model, tok, samples, **kwargs)
+    seconds = time.perf_counter() - t0
+    out = p.stage_dir("subspace")
+    with _publish(out) as tmp:
+        sub.save(tmp)
+        save_samples(samples, tmp / "sample.jsonl")
+        _write_json({str(k): sub.mean_cer(k) for k in (1, 5, 10, 20)}, tmp / "cer.json")
+    return {
+        "subspace_dir": str(out),
+        "n_samples": len(samples),
+        "rank": e.rank,
+        "n_modules": len(sub.modules),
+        "safety_loss": float(sub.metadata.get("safety_loss", float("nan"))),
+        "estimate_seconds": round(seconds, 3),
+        "sample_prompt": samples[0].prompt,
+        **{f"cer_at_{k}": sub.mean_cer(k) for k in (1, 5, 10)},
+    }
+
+
+def finetune_stage(p: PipelineParams) -> dict[str, Any]:
+    """Vanilla or SPF fine-tuning of the aligned base → ``workdir/finetune`` (adapter + metrics.json)."""
+    from spf.config import TrainConfig
+    from spf.training import train
+
+    f = p.finetune
+    out = p.stage_dir("finetune")
+    subspace_dir = p.stage_dir("subspace")
+    cfg = TrainConfig(
+        model=aligned_model_ref(p),
+        data=str(p.stage_dir("data") / "train.jsonl"),
+        out=str(out),
+        method=f.method,
+        finetune=f.finetune,
+        lora={"r": f.lora_r, "alpha": f.lora_alpha},
+        spf={
+            "subspace": str(subspace_dir),
+            "rank": p.estimate.rank,
+            "mode": f.mode,
+            "project_on": f.project_on,
+            "refresh_every": f.refresh_every,
+        },
+        steps=f.steps,
+        lr=f.lr,
+        batch_size=f.batch_size,
+        grad_accum=f.grad_accum,
+        max_length=f.max_length,
+        seed=f.seed,
+        save_every=f.save_every,
+        eval_every=f.eval_every,
+        heldout_safety=str(p.stage_dir("data") / "safety.jsonl"),
+        threads=p.runtime.threads,
+        device=p.runtime.device,
+    )
+    # Training resumes from checkpoints in `out` (a killed run continues); the finished adapter and
+    # metrics.json are written last, so their presence marks completion.
+    result = train(cfg)
+    summary = result.metrics["summary"]
+    # One row per step (training loss, projection diagnostics, and the safety/task loss where evaluated):
+    # the file `dvc plots` and the MLflow telemetry read.
+    by_step: dict[int, dict[str, Any]] = {}
+    for rec in result.metrics.get("steps", []) + result.metrics.get("evals", []):
+        by_step.setdefault(int(rec["step"]), {}).update(rec)
+    rows = [by_step[k] for k in sorted(by_step)]
+    from spf.io import atomic_path
+
+    with atomic_path(Path(p.runtime.workdir) / "telemetry.json") as tmp:
+        tmp.write_text(json.dumps(rows, indent=1) + "\n")
+    return {
+        "adapter_dir": str(out),
+        **{k: v for k, v in summary.items() if isinstance(v, int | float | str) and not isinstance(v, bool)},
+    }
+
+
+def flat_metrics(results: dict[str, Any]) -> dict[str, float]:
+    """``results.json`` of ``spf eval`` → the flat metrics the gate and MLflow use."""
+    suites = results.get("suites", {})
+    names = {
+        "harmful": "harmful_rate",
+        "overrefusal": "overrefusal_rate",
+        "jailbreak": "jailbreak_rate",
+        "prefill": "prefill_rate",
+        "utility": "utility",
+    }
+    out: dict[str, float] = {}
+    for suite, key in names.items():
+        if suite in suites:
+            s = suites[suite]
+            out[key] = float(s["rate"])
+            out[f"{key}_ci_low"] = float(s["ci_low"])
+            out[f"{key}_ci_high"] = float(s["ci_high"])
+            out[f"{key}_n"] = float(s["n"])
+    for name, s in suites.items():
+        if name.startswith("utility.") and "rate" in s:
+            out[name.replace(".", "_")] = float(s["rate"])
+    return out
+
+
+def evaluate_stage(p: PipelineParams) -> dict[str, Any]:
+    """Safety and utility suites on aligned base + adapter → ``workdir/eval`` (results, samples, metrics)."""
+    from peft import PeftModel
+
+    from spf.evaluation import evaluate
+    from spf.io import atomic_path
+    from spf.models import load_model
+
+    _set_threads(p)
+    ev = p.evaluate
+    model, tok = load_model(aligned_model_ref(p), device=p.runtime.device)
+    model = PeftModel.from_pretrained(model, str(p.stage_dir("finetune")), is_trainable=False)
+    model.eval()
+    common = {
+        "judge": ev.judge,
+        "max_new_tokens": ev.max_new_tokens,
+        "batch_size": ev.batch_size,
+        "seed": ev.seed,
+        "shared_data": p.prepare.shared_data,
+    }
+    safety = [s for s in ev.suites if s != "utility"]
+    results: dict[str, Any] = {"suites": {}, "timing_s": {}, "config": {}}
+    records: list[dict[str, Any]] = []
+    if safety:
+        res, recs = evaluate(
+            model,
+            tok,
+            safety,
+            prompts=p.stage_dir("data") / "heldout_harmful.csv",
+            limit=ev.limit,
+            **common,
+        )
+        results = res
+        records += recs
+    if "utility" in ev.suites:
+        res, recs = evaluate(
+            model, tok, ["utility"], limit=ev.utility_limit, utility_tasks=ev.utility_tasks, **common
+        )
+        results["suites"].update(res["suites"])
+        results["timing_s"].update(res["timing_s"])
+        results.setdefault("skipped", {}).update(res.get("skipped", {}))
+        records += recs
+    metrics = flat_metrics(results)
+    out = p.stage_dir("eval")
+    with _publish(out) as tmp:
+        with (tmp / "samples.jsonl").open("w", encoding="utf-8") as fh:
+            for r in records:
+                fh.write(json.dumps(r, ensure_ascii=False) + "\n")
+        _write_json(results, tmp / "results.json")
+        _write_json(metrics, tmp / "metrics.json")
+    # DVC reads metrics from a file outside the (cached) eval folder, so `dvc metrics diff` needs no checkout
+    with atomic_path(Path(p.runtime.workdir) / "metrics.json") as tmp_metrics:
+        tmp_metrics.write_text(json.dumps(metrics, indent=2) + "\n")
+    return {"eval_dir": str(out), **metrics}
+
+
+_STAGE_FUNCS = {
+    "prepare": prepare_stage,
+    "align": align_stage,
+    "estimate": estimate_stage,
+    "finetune": finetune_stage,
+    "evaluate": evaluate_stage,
+}
+
+
+def run_stage(name: str, p: PipelineParams) -> dict[str, Any]:
+    if name not in _STAGE_FUNCS:
+        raise ValueError(f"unknown stage {name!r}; stages: {', '.join(STAGES)}")
+    t0 = time.perf_counter()
+    logger.info("stage %s ...", name)
+    out = _STAGE_FUNCS[name](p)
+    out["seconds"] = round(time.perf_counter() - t0, 3)
+    logger.info("stage %s done in %.1f s", name, out["seconds"])
+    return out
