@@ -371,10 +371,7 @@ def main(argv: list[str] | None = None) -> int:
     from spf.models import ModelLoadError
     from spf.params import ParamsError
 
-    if getattr(args, "params", None):
-        handler = cmd_stage
-    else:
-        handler = None
+    handler = cmd_stage if getattr(args, "params", None) else None
     handlers = {
         "estimate": cmd_estimate,
         "train": cmd_train,
