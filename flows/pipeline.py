@@ -1,0 +1,219 @@
+"""``spf_pipeline``: DVC data versioning → align → single-sample safety subspace → SPF fine-tuning (a GPU
+deployment) → evaluation → MLflow tracking → registry promotion gate.
+
+Parameters are typed so the Prefect UI renders a form; everything not on the form is reachable through
+``overrides`` (dotted keys of params.yaml). Invalid parameters (unknown method, negative rank, missing
+dataset …) fail in the first step, before any work. The run's effective parameters are written to
+``params.yaml`` (as ``dvc exp run -S`` does) and the stage outputs are committed to DVC, so ``dvc.lock``
+describes the run and its hash is tagged on the MLflow run.
+
+Run it:  python -m flows.pipeline [--set finetune.steps=20 ...]   (Prefect's ephemeral mode unless
+PREFECT_API_URL points at a server; MLflow on runs/mlflow/mlflow.db unless MLFLOW_TRACKING_URI is set).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact
+from prefect.runtime import flow_run
+from prefect.transactions import transaction
+from pydantic import Field
+
+from spf.params import PipelineParams, load_params
+from tasks.mlflow_tasks import finish_run_task, gate_task, register_task, track_run_task
+from tasks.stages import dvc_version_task, stage_task, write_params_task
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def build_params(
+    params_file: str,
+    form: dict[str, Any],
+    overrides: dict[str, Any] | None,
+) -> PipelineParams:
+    """params.yaml ← form fields ← free overrides; validated (ParamsError names the key)."""
+    merged = {k: v for k, v in form.items() if v is not None}
+    merged.update(overrides or {})
+    return load_params(params_file, merged)
+
+
+def _report(params: dict[str, Any], metrics: dict[str, Any], decision: dict[str, Any], run: dict) -> str:
+    g = params["gate"]
+    rows = [
+        ("harmful rate", "harmful_rate", f"≤ {g['max_harmful_rate']}"),
+        ("over-refusal", "overrefusal_rate", f"≤ {g['max_overrefusal_rate']}"),
+        ("utility", "utility", f"≥ {g['min_utility']}"),
+    ]
+    lines = [
+        f"## SPF candidate v{decision['version']}: **{'PROMOTED' if decision['promote'] else 'REJECTED'}**",
+        "",
+        f"method `{params['finetune']['method']}`, rank {params['estimate']['rank']}, scenario "
+        f"`{params['prepare']['scenario']}`, base `{params['align']['model']}`",
+        "",
+        "| metric | value | 95% CI | n | threshold |",
+        "|---|---|---|---|---|",
+    ]
+    for label, key, thr in rows:
+        if key in metrics:
+            lo, hi, n = (metrics.get(f"{key}_{s}") for s in ("ci_low", "ci_high", "n"))
+            ci = f"[{lo:.3f}, {hi:.3f}]" if lo is not None else ""
+            lines.append(f"| {label} | {metrics[key]:.3f} | {ci} | {int(n or 0)} | {thr} |")
+    lines += ["", f"champion before: {decision.get('champion_version') or decision.get('champion_before')}"]
+    if decision.get("reasons"):
+        lines += ["", "Reasons:", *[f"- {r}" for r in decision["reasons"]]]
+    lines += ["", f"MLflow run: {run['run_url']}"]
+    return "\n".join(lines)
+
+
+@flow(name="spf-pipeline", log_prints=True, validate_parameters=True)
+def spf_pipeline(
+    base_model: str | None = None,
+    scenario: Literal["sst2", "agnews", "gsm8k", "harmful-mix", "identity-shift", "sentiment"] | None = None,
+    method: Literal["spf", "vanilla"] | None = None,
+    rank: int | None = Field(default=None, ge=1, description="k, safety directions per module"),
+    steps: int | None = Field(default=None, ge=1, description="fine-tuning optimizer steps"),
+    lr: float | None = Field(default=None, gt=0),
+    max_harmful_rate: float | None = Field(default=None, ge=0, le=1),
+    max_overrefusal_rate: float | None = Field(default=None, ge=0, le=1),
+    min_utility: float | None = Field(default=None, ge=0, le=1),
+    registered_model: str | None = None,
+    overrides: dict[str, Any] | None = None,
+    params_file: str = "params.yaml",
+    workspace: str | None = None,
+    finetune_deployment: str | None = None,
+    dvc_remote: str | None = None,
+    dvc_push: bool = True,
+) -> dict[str, Any]:
+    """The whole DAG. ``finetune_deployment`` ("spf-finetune/gpu") runs fine-tuning on the GPU pool;
+    unset, it runs in this process. ``dvc_remote`` picks the DVC remote ("local" default, or "s3")."""
+    log = get_run_logger()
+    t_start = time.perf_counter()
+    os.chdir(workspace or ROOT)
+    form = {
+        "align.model": base_model,
+        "prepare.scenario": scenario,
+        "finetune.method": method,
+        "estimate.rank": rank,
+        "finetune.steps": steps,
+        "finetune.lr": lr,
+        "gate.max_harmful_rate": max_harmful_rate,
+        "gate.max_overrefusal_rate": max_overrefusal_rate,
+        "gate.min_utility": min_utility,
+        "tracking.registered_model": registered_model,
+    }
+    p = build_params(params_file, form, overrides)  # fails here, before any work, on bad parameters
+    params = p.to_dict()
+    log.info("effective parameters: %s", json.dumps(params))
+
+    write_params_task(params)
+    results: dict[str, dict[str, Any]] = {}
+    results["prepare"] = stage_task("prepare", params)
+    dvc_version_task(["prepare"], dvc_remote, push=dvc_push)  # the dataset is versioned before training
+    results["align"] = stage_task("align", params)
+    results["estimate"] = stage_task("estimate", params)
+    if finetune_deployment:
+        from prefect.deployments import run_deployment
+
+        fr = run_deployment(
+            name=finetune_deployment,
+            parameters={"params": params, "workspace": str(Path.cwd()), "dvc_remote": None},
+            timeout=None,
+        )
+        if not fr.state or not fr.state.is_completed():
+            raise RuntimeError(f"fine-tuning deployment {finetune_deployment} ended {fr.state}")
+        summary = json.loads((p.stage_dir("finetune") / "metrics.json").read_text())["summary"]
+        results["finetune"] = {"adapter_dir": str(p.stage_dir("finetune")), "flow_run_id": str(fr.id)}
+        results["finetune"].update({k: v for k, v in summary.items() if isinstance(v, int | float)})
+    else:
+        results["finetune"] = stage_task("finetune", params)
+    results["evaluate"] = stage_task("evaluate", params)
+    versioned = dvc_version_task(list(results), dvc_remote, push=dvc_push)
+
+    tags = {
+        "prefect.flow_run_id": str(flow_run.get_id() or ""),
+        "prefect.flow_run_name": str(flow_run.get_name() or ""),
+        "spf.method": params["finetune"]["method"],
+    }
+    run = track_run_task(
+        params, results, f"{params['finetune']['method']}-{flow_run.get_name() or 'local'}", tags
+    )
+    metrics = {k: v for k, v in results["evaluate"].items() if isinstance(v, int | float) and k != "seconds"}
+    if "aborted" in results["finetune"]:
+        metrics["aborted"] = results["finetune"]["aborted"]
+
+    # Registration + gate + report are one transaction: if anything after the promotion fails, the
+    # gate task's rollback hook puts `champion` back where it was.
+    with transaction() as txn:
+        txn.set("params", params)
+        version = register_task(params, run, metrics)
+        decision = gate_task(params, run, version)
+        txn.set("decision", decision)
+        markdown = _report(params, metrics, decision, run)
+        create_markdown_artifact(markdown=markdown, key="spf-gate", description="SPF promotion gate")
+        finish_run_task(params, run, decision)
+
+    summary = {
+        "promoted": bool(decision["promote"]),
+        "version": version,
+        "reasons": decision.get("reasons", []),
+        "metrics": metrics,
+        "mlflow_run_id": run["run_id"],
+        "mlflow_run_url": run["run_url"],
+        "dvc_lock_sha256": versioned["dvc_lock_sha256"],
+        "stage_seconds": {k: v.get("seconds") for k, v in results.items()},
+        "wall_seconds": round(time.perf_counter() - t_start, 1),
+    }
+    log.info("%s", markdown)
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="run the spf-pipeline flow once (no server needed)")
+    ap.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--params-file", default="params.yaml")
+    ap.add_argument("--finetune-deployment", default=None)
+    ap.add_argument("--dvc-remote", default=None)
+    ap.add_argument("--summary", default=None, help="write the run summary JSON here")
+    args = ap.parse_args(argv)
+    from spf.params import ParamsError, apply_overrides
+
+    try:
+        overrides = apply_overrides({}, args.set)
+        flat = _flatten(overrides)
+        load_params(Path(ROOT) / args.params_file, flat)  # fail fast, before Prefect starts
+    except ParamsError as exc:
+        print(f"spf-pipeline: error: {exc}", file=sys.stderr)
+        return 2
+    summary = spf_pipeline(
+        overrides=flat,
+        params_file=args.params_file,
+        finetune_deployment=args.finetune_deployment,
+        dvc_remote=args.dvc_remote,
+    )
+    text = json.dumps(summary, indent=2, default=str)
+    print(text)
+    if args.summary:
+        Path(args.summary).write_text(text + "\n")
+    return 0
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(main())
