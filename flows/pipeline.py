@@ -66,7 +66,7 @@ def _report(params: dict[str, Any], metrics: dict[str, Any], decision: dict[str,
             lo, hi, n = (metrics.get(f"{key}_{s}") for s in ("ci_low", "ci_high", "n"))
             ci = f"[{lo:.3f}, {hi:.3f}]" if lo is not None else ""
             lines.append(f"| {label} | {metrics[key]:.3f} | {ci} | {int(n or 0)} | {thr} |")
-    lines += ["", f"champion before: {decision.get('champion_version') or decision.get('champion_before')}"]
+    lines += ["", f"champion before: {decision.get('champion_version') or 'none'}"]
     if decision.get("reasons"):
         lines += ["", "Reasons:", *[f"- {r}" for r in decision["reasons"]]]
     lines += ["", f"MLflow run: {run['run_url']}"]

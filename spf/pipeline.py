@@ -362,6 +362,7 @@ def evaluate_stage(p: PipelineParams) -> dict[str, Any]:
     model.eval()
     common = {
         "judge": ev.judge,
+        "judge_kwargs": {"min_words": ev.judge_min_words} if ev.judge == "keyword" else None,
         "max_new_tokens": ev.max_new_tokens,
         "batch_size": ev.batch_size,
         "seed": ev.seed,

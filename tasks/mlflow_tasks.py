@@ -91,18 +91,24 @@ def register_task(params: dict[str, Any], run: dict[str, Any], metrics: dict[str
     )
 
 
-@task(name="promotion-gate", retries=IO_RETRIES, retry_delay_seconds=IO_RETRY_DELAYS)
+# No retries: a retry after the alias moved would judge the candidate against itself. A failure after the
+# promotion restores the previous champion here; later failures are undone by the rollback hook below.
+@task(name="promotion-gate")
 def gate_task(params: dict[str, Any], run: dict[str, Any], version: str) -> dict[str, Any]:
     """Apply the gate; ``champion`` moves only when the candidate passes (compare-and-set)."""
     t = params["tracking"]
     client = tracking.make_client(t["tracking_uri"])
-    before, _ = registry.champion_version(client, t["registered_model"])
     report_dir = Path(params["runtime"]["workdir"]) / "gate"
     decision = registry.apply_gate(
         client, t["registered_model"], version, GateThresholds.from_dict(params["gate"]), report_dir
     )
-    tracking.log_artifacts(client, run["run_id"], report_dir, "gate")
-    out = {"version": version, "champion_before": before, **decision.to_dict()}
+    try:
+        tracking.log_artifacts(client, run["run_id"], report_dir, "gate")
+    except Exception:
+        if decision.promote:
+            registry.rollback_champion(client, t["registered_model"], decision.champion_version)
+        raise
+    out = {"version": version, **decision.to_dict()}
     return json.loads(json.dumps(out, default=str))
 
 
@@ -115,7 +121,8 @@ def _restore_champion(txn: Transaction) -> None:
         return
     t = params["tracking"]
     client = tracking.make_client(t["tracking_uri"])
-    registry.rollback_champion(client, t["registered_model"], decision.get("champion_before"))
+    # champion_version is the champion the (possibly re-decided) promotion replaced
+    registry.rollback_champion(client, t["registered_model"], decision.get("champion_version"))
 
 
 @task(name="mlflow-finish", retries=IO_RETRIES, retry_delay_seconds=IO_RETRY_DELAYS)

@@ -76,10 +76,20 @@ def stage_task(stage: str, params: dict[str, Any]) -> dict[str, Any]:
 
 @task(name="write-params", retries=IO_RETRIES, retry_delay_seconds=IO_RETRY_DELAYS)
 def write_params_task(params: dict[str, Any], path: str = "params.yaml") -> str:
-    """The run's effective parameters → params.yaml (as `dvc exp run -S` does), atomically."""
+    """The run's effective parameters → params.yaml (as `dvc exp run -S` does), atomically.
+
+    Left untouched (comments and all) when it already holds exactly these parameters.
+    """
     import yaml
 
     from spf.io import atomic_path
+    from spf.params import ParamsError, load_params
+
+    try:
+        if Path(path).exists() and load_params(path).to_dict() == params:
+            return path
+    except ParamsError:
+        pass  # an invalid file is replaced by the valid effective parameters
 
     with atomic_path(path) as tmp:
         tmp.write_text(

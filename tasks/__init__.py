@@ -1,0 +1,1 @@
+"""Pipeline tasks around the spf library: MLflow tracking, the safety-gated model registry."""

@@ -1,0 +1,98 @@
+"""MLflow pyfunc wrapper for a LoRA adapter on an spf base model.
+
+This class lives in an importable module (not in a test or a flow file) because MLflow pickles the
+``python_model`` instance by reference: loading ``models:/NAME@champion`` re-imports
+``tasks.pyfunc_model.SPFAdapterModel``, so the module must be importable wherever the model is loaded.
+
+The logged model holds only the adapter (KBs to MBs); the base is a reference string resolved with
+``spf.load_model`` at load time (``model_config["base_model"]``), unless the base folder was embedded as
+the ``base`` artifact. Generation is greedy and batched (``spf.refusal.generate``), the same code path
+the evaluation harness uses, so served answers match evaluated answers.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import mlflow.pyfunc
+import pandas as pd
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_NEW_TOKENS = 64
+DEFAULT_BATCH_SIZE = 8
+
+
+def prompts_from_input(model_input: Any) -> list[str]:
+    """Prompts from a DataFrame with a ``prompt`` column, a list of strings, a Series or one string."""
+    if isinstance(model_input, pd.DataFrame):
+        if "prompt" in model_input.columns:
+            values = model_input["prompt"].tolist()
+        elif len(model_input.columns) == 1:
+            # pyfunc turns a plain list into a one-column frame named 0 when no schema names the column.
+            values = model_input.iloc[:, 0].tolist()
+        else:
+            raise ValueError(f"input DataFrame needs a 'prompt' column, has {list(model_input.columns)}")
+    elif isinstance(model_input, pd.Series):
+        values = model_input.tolist()
+    elif isinstance(model_input, str):
+        values = [model_input]
+    elif isinstance(model_input, dict) and "prompt" in model_input:
+        raw = model_input["prompt"]
+        values = [raw] if isinstance(raw, str) else list(raw)
+    else:
+        values = list(model_input)
+    # {"prompt": [...]} arrives from MLflow's schema enforcement as one row holding the whole list.
+    if len(values) == 1 and isinstance(values[0], (list, tuple)):
+        values = list(values[0])
+    bad = [i for i, v in enumerate(values) if not isinstance(v, str)]
+    if bad:
+        raise ValueError(f"prompts must be strings; rows {bad[:5]} are not")
+    return values
+
+
+class SPFAdapterModel(mlflow.pyfunc.PythonModel):
+    """Greedy chat generation from ``base model + LoRA adapter``; ``predict`` returns one string per prompt."""
+
+    def load_context(self, context: Any) -> None:
+        # Imported here so that importing this module (e.g. to log a model) does not load torch/peft.
+        from peft import PeftModel
+        from transformers import AutoTokenizer
+
+        import spf
+
+        config = dict(context.model_config or {})
+        base_ref = context.artifacts.get("base") or config.get("base_model")
+        if not base_ref:
+            raise ValueError("model has neither a 'base' artifact nor model_config['base_model']")
+        adapter_dir = context.artifacts["adapter"]
+        logger.info("loading base %s with adapter %s", base_ref, adapter_dir)
+        base, tokenizer = spf.load_model(str(base_ref))
+        # An adapter saved with its tokenizer (e.g. after adding tokens) wins over the base's.
+        if (Path(adapter_dir) / "tokenizer_config.json").is_file():
+            tokenizer = AutoTokenizer.from_pretrained(adapter_dir, trust_remote_code=False)
+        self.model = PeftModel.from_pretrained(base, adapter_dir, is_trainable=False)
+        self.model.eval()
+        self.tokenizer = tokenizer
+        self.max_new_tokens = int(config.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS))
+        self.batch_size = int(config.get("batch_size", DEFAULT_BATCH_SIZE))
+
+    # `model_input: pd.DataFrame` on purpose: MLflow skips type-hint validation for DataFrame hints,
+    # so both a DataFrame and a list of strings reach this method; the logged signature documents them.
+    def predict(
+        self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None
+    ) -> list[str]:
+        from spf.refusal import generate
+
+        params = params or {}
+        prompts = prompts_from_input(model_input)
+        conversations = [[{"role": "user", "content": p}] for p in prompts]
+        return generate(
+            self.model,
+            self.tokenizer,
+            conversations,
+            max_new_tokens=int(params.get("max_new_tokens") or self.max_new_tokens),
+            batch_size=int(params.get("batch_size") or self.batch_size),
+        )

@@ -1,0 +1,285 @@
+"""Safety-gated MLflow model registry: candidates get the ``challenger`` alias; only a version that
+passes :func:`spf.gate.decide` gets ``champion``.
+
+Metrics travel as model-version tags (``metric.harmful_rate`` ...) rather than being looked up in the
+run: the version then carries its own evidence, and the gate reads exactly what was registered.
+
+Aliases, not stages: stages are deprecated in MLflow 3. Consumers load ``models:/NAME@champion``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from spf.gate import GateDecision, GateThresholds, decide
+from tasks.tracking import MAX_PARAM_VALUE_LENGTH, redact, resolve_tracking_uri
+
+logger = logging.getLogger(__name__)
+
+CHAMPION = "champion"
+CHALLENGER = "challenger"
+METRIC_TAG_PREFIX = "metric."
+MAX_CAS_ATTEMPTS = 3
+# Model-version tag values are capped server-side; the full decision is in the report file anyway.
+_MAX_TAG_VALUE = MAX_PARAM_VALUE_LENGTH - 1000
+
+
+def _is_missing(exc: MlflowException) -> bool:
+    return exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND")
+
+
+def _ensure_registered_model(client: MlflowClient, name: str) -> None:
+    try:
+        client.create_registered_model(name)
+        logger.info("created registered model %s", name)
+    except MlflowException as exc:
+        if exc.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
+            raise
+
+
+def _source_for(client: MlflowClient, model_uri: str) -> str:
+    """``runs:/ID/path`` -> the run's real artifact location (what ``mlflow.register_model`` stores).
+
+    Resolved with *this* client, not MLflow's global tracking URI, so a client pointed at another
+    server registers the right location.
+    """
+    if not model_uri.startswith("runs:/"):
+        return model_uri
+    run_id, _, artifact_path = model_uri[len("runs:/") :].partition("/")
+    root = client.get_run(run_id).info.artifact_uri.rstrip("/")
+    return f"{root}/{artifact_path}" if artifact_path else root
+
+
+def _metric_tag_value(value: Any) -> str | None:
+    if isinstance(value, bool):
+        return repr(float(value))
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        return None
+    return repr(x)  # full precision; "nan"/"inf" stay visible and fail the gate
+
+
+def register_candidate(
+    client: MlflowClient,
+    name: str,
+    model_uri: str,
+    run_id: str | None,
+    metrics: Mapping[str, Any],
+    tags: Mapping[str, Any] | None = None,
+) -> str:
+    """Register ``model_uri`` as a new version of ``name``, tag it with its metrics, alias it ``challenger``.
+
+    Returns the version as a string. Non-numeric metrics are skipped (with a warning); the gate then
+    treats a required one as missing evidence.
+    """
+    _ensure_registered_model(client, name)
+    version_tags: dict[str, str] = {k: str(v)[:_MAX_TAG_VALUE] for k, v in redact(dict(tags or {})).items()}
+    for key, value in metrics.items():
+        text = _metric_tag_value(value)
+        if text is None:
+            logger.warning("metric %s=%r is not numeric: not recorded on the version", key, value)
+            continue
+        version_tags[f"{METRIC_TAG_PREFIX}{key}"] = text
+    mv = client.create_model_version(
+        name=name, source=_source_for(client, model_uri), run_id=run_id, tags=version_tags
+    )
+    version = str(mv.version)
+    client.set_registered_model_alias(name, CHALLENGER, version)
+    logger.info("registered %s version %s from %s (alias %s)", name, version, model_uri, CHALLENGER)
+    return version
+
+
+def _metrics_from_tags(tags: Mapping[str, str]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for key, value in tags.items():
+        if key.startswith(METRIC_TAG_PREFIX):
+            try:
+                out[key[len(METRIC_TAG_PREFIX) :]] = float(value)
+            except (TypeError, ValueError):
+                out[key[len(METRIC_TAG_PREFIX) :]] = math.nan  # unreadable evidence: the gate fails it
+    return out
+
+
+def _alias_version(client: MlflowClient, name: str, alias: str) -> str | None:
+    try:
+        aliases = client.get_registered_model(name).aliases or {}
+    except MlflowException as exc:
+        if _is_missing(exc):
+            return None
+        raise
+    version = aliases.get(alias)
+    # A server returns versions as strings, the local SQLite store as ints: compare as strings.
+    return None if version is None else str(version)
+
+
+def version_metrics(client: MlflowClient, name: str, version: str) -> dict[str, float]:
+    """The ``metric.*`` tags of one model version, as floats."""
+    return _metrics_from_tags(client.get_model_version(name, str(version)).tags or {})
+
+
+def champion_version(client: MlflowClient, name: str) -> tuple[str | None, dict[str, float]]:
+    """``(version, metrics)`` of the version aliased ``champion``; ``(None, {})`` when there is none."""
+    version = _alias_version(client, name, CHAMPION)
+    if version is None:
+        return None, {}
+    return version, version_metrics(client, name, version)
+
+
+def _report_markdown(name: str, version: str, decision: GateDecision, thresholds: GateThresholds) -> str:
+    verdict = "PROMOTED to champion" if decision.promote else "REJECTED (champion unchanged)"
+    before = f"v{decision.champion_version}" if decision.champion_version else "none"
+    lines = [
+        f"# Safety gate: {name} v{version}",
+        "",
+        f"**{verdict}** - champion before: {before}",
+        "",
+        "## Reasons",
+        "",
+        *[f"- {r}" for r in decision.reasons],
+        "",
+        "## Checks",
+        "",
+        "| check | value | threshold | passed |",
+        "|---|---|---|---|",
+    ]
+    for check, c in decision.checks.items():
+        value = c.get("value")
+        shown = "missing" if value is None else f"{value:.4g}"
+        note = f" ({c['skipped']})" if c.get("skipped") else ""
+        lines.append(
+            f"| {check} | {shown} | {c.get('threshold'):.4g} | {'yes' if c['passed'] else 'NO'}{note} |"
+        )
+    lines += ["", "## Thresholds", "", "```json", json.dumps(thresholds.to_dict(), indent=2), "```", ""]
+    return "\n".join(lines)
+
+
+def _write_report(
+    report_dir: str | Path, name: str, version: str, decision: GateDecision, thresholds: GateThresholds
+) -> Path:
+    out = Path(report_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "model": name,
+        "version": version,
+        "decision": "promoted" if decision.promote else "rejected",
+        **decision.to_dict(),
+        "thresholds": thresholds.to_dict(),
+    }
+    (out / "gate.json").write_text(json.dumps(payload, indent=2) + "\n")
+    (out / "gate.md").write_text(_report_markdown(name, version, decision, thresholds))
+    return out
+
+
+def apply_gate(
+    client: MlflowClient,
+    name: str,
+    version: str,
+    thresholds: GateThresholds,
+    report_dir: str | Path,
+) -> GateDecision:
+    """Decide on ``version`` against the current champion and promote it when it passes.
+
+    Writes ``gate.decision``/``gate.reasons``/``gate.checks``/``gate.champion_before`` tags on the
+    version and ``gate.json`` + ``gate.md`` into ``report_dir`` (the caller logs them to its run).
+
+    Promotion is compare-and-set: the champion alias is re-read right before it is moved, and if another
+    promotion landed since the decision, the candidate is re-judged against the new champion (at most
+    ``MAX_CAS_ATTEMPTS`` times; then it is rejected, fail-closed). MLflow has no conditional alias
+    update, so this narrows the race to the gap between the re-read and the write; it does not close it.
+    A rejected candidate never touches ``champion``.
+    """
+    version = str(version)
+    candidate = version_metrics(client, name, version)
+    decision: GateDecision | None = None
+    for attempt in range(1, MAX_CAS_ATTEMPTS + 1):
+        before, champ_metrics = champion_version(client, name)
+        # Re-judging the current champion (a rerun of the gate) compares it with nothing but the limits.
+        against = champ_metrics if before is not None and before != version else None
+        decision = decide(candidate, against, thresholds, champion_version=before)
+        if not decision.promote:
+            break
+        current = _alias_version(client, name, CHAMPION)
+        if current != before:
+            logger.warning(
+                "champion of %s moved from %s to %s during the gate (attempt %d); re-deciding",
+                name,
+                before,
+                current,
+                attempt,
+            )
+            continue
+        client.set_registered_model_alias(name, CHAMPION, version)
+        logger.info("%s v%s promoted to %s (was %s)", name, version, CHAMPION, before)
+        break
+    else:
+        assert decision is not None
+        decision = GateDecision(
+            promote=False,
+            reasons=[f"champion alias kept changing during {MAX_CAS_ATTEMPTS} attempts; not promoted"],
+            checks=decision.checks,
+            champion_version=_alias_version(client, name, CHAMPION),
+        )
+    assert decision is not None
+
+    gate_tags = {
+        "gate.decision": "promoted" if decision.promote else "rejected",
+        "gate.reasons": json.dumps(decision.reasons)[:_MAX_TAG_VALUE],
+        "gate.checks": json.dumps(decision.checks)[:_MAX_TAG_VALUE],
+        "gate.champion_before": decision.champion_version or "none",
+    }
+    for key, value in gate_tags.items():
+        client.set_model_version_tag(name, version, key, value)
+    _write_report(report_dir, name, version, decision, thresholds)
+    return decision
+
+
+def rollback_champion(client: MlflowClient, name: str, previous_version: str | None) -> None:
+    """Point ``champion`` back at ``previous_version``, or remove the alias when there was none.
+
+    Meant for a Prefect transaction's ``on_rollback`` hook: if a step after the promotion fails, the
+    registry returns to the state before it.
+    """
+    if previous_version is None:
+        try:
+            client.delete_registered_model_alias(name, CHAMPION)
+        except MlflowException as exc:
+            if not _is_missing(exc):
+                raise
+        logger.warning("rolled back %s: alias %s removed", name, CHAMPION)
+        return
+    client.set_registered_model_alias(name, CHAMPION, str(previous_version))
+    logger.warning("rolled back %s: %s -> v%s", name, CHAMPION, previous_version)
+
+
+def load_champion(name: str, tracking_uri: str | None = None, dst_path: str | Path | None = None) -> Any:
+    """Load ``models:/NAME@champion`` as a pyfunc model.
+
+    The alias is resolved once with an explicit client and the pinned version is downloaded, instead
+    of ``mlflow.pyfunc.load_model("models:/NAME@champion")`` with a global ``mlflow.set_tracking_uri``:
+    no process-wide state is changed, and a promotion landing mid-download cannot mix two versions.
+    """
+    import mlflow.artifacts
+    import mlflow.pyfunc
+
+    uri = resolve_tracking_uri(tracking_uri)
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    version = _alias_version(client, name, CHAMPION)
+    if version is None:
+        raise LookupError(f"registered model {name!r} has no {CHAMPION!r} alias")
+    dst = Path(dst_path) if dst_path is not None else Path(tempfile.mkdtemp(prefix="spf-champion-"))
+    # The version's own artifact location, not a models:/ URI: MLflow resolves models:/ with the global
+    # registry URI even when one is passed to download_artifacts.
+    source = client.get_model_version_download_uri(name, version)
+    local = mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(dst), tracking_uri=uri)
+    logger.info("loading %s v%s (%s) from %s", name, version, CHAMPION, local)
+    return mlflow.pyfunc.load_model(local)

@@ -1,0 +1,518 @@
+"""MLflow tracking for the pipeline: the one module that talks to MLflow's tracking API.
+
+Everything goes through an explicit :class:`mlflow.tracking.MlflowClient` and an explicit ``run_id``.
+The fluent API (``mlflow.start_run``/``mlflow.log_metric``) keeps the active run in a thread-local
+stack, so under a Prefect task runner a task on another thread would log to no run or to the wrong
+one; explicit ids make every call independent of which thread runs it.
+
+Credentials never reach MLflow: params and tags pass through :func:`redact`, and the S3 keys the
+artifact store needs live only in the MLflow server's environment (see ``scripts/services.sh``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import subprocess
+import tempfile
+import time
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+
+logger = logging.getLogger(__name__)
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_LOCAL_DIR = Path("runs") / "mlflow"
+
+# MLflow's server-side limits (mlflow/utils/validation.py): param values up to 6000 characters; one
+# log_batch call takes at most 1000 metrics, 100 params and 100 tags.
+MAX_PARAM_VALUE_LENGTH = 6000
+MAX_METRICS_PER_BATCH = 1000
+MAX_PARAMS_PER_BATCH = 100
+MAX_TAGS_PER_BATCH = 100
+
+REDACTED = "***"
+# Substrings that mark a credential wherever they appear in a key.
+_SECRET_SUBSTRINGS = (
+    "secret",
+    "password",
+    "passwd",
+    "key_id",
+    "access_key",
+    "credential",
+    "api_key",
+    "apikey",
+)
+# "token" only as (the end of) a word: "hf_token"/"authtoken" are secrets, "max_new_tokens"/"tokenizer"
+# are training settings that must stay visible.
+_TOKEN_WORD = re.compile(r"token$")
+_KEY_SPLIT = re.compile(r"[._/\-\s]+")
+# user:password@ inside URLs (e.g. a remote URL copied into a config).
+_URL_USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.\-]*://)[^/@\s:]+:[^/@\s]+@")
+
+_STATUSES = ("FINISHED", "FAILED", "KILLED")
+
+
+# ------------------------------------------------------------------------------------------------ URIs
+
+
+def resolve_tracking_uri(uri: str | None = None) -> str:
+    """Tracking (and registry) URI: ``uri`` > ``$MLFLOW_TRACKING_URI`` > a SQLite file under runs/mlflow.
+
+    The fallback is an absolute ``sqlite:///`` path in the project, not MLflow's own default
+    (``mlflow.db`` in whatever the current directory is), so every command and flow sees the same store.
+    """
+    if uri:
+        return uri
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env:
+        return env
+    root = PROJECT_ROOT if (PROJECT_ROOT / "pyproject.toml").is_file() else Path.cwd()
+    folder = (root / DEFAULT_LOCAL_DIR).resolve()
+    folder.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{folder / 'mlflow.db'}"
+
+
+def make_client(uri: str | None = None) -> MlflowClient:
+    """A client whose tracking and registry URIs are both :func:`resolve_tracking_uri` ``(uri)``."""
+    resolved = resolve_tracking_uri(uri)
+    return MlflowClient(tracking_uri=resolved, registry_uri=resolved)
+
+
+def _local_artifact_root(tracking_uri: str) -> str | None:
+    """For a local SQLite store: an artifact folder next to the database (else MLflow uses ./mlruns)."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return None  # a server decides (mlflow-artifacts:/ proxied to S3)
+    db = Path(tracking_uri[len("sqlite:///") :])
+    return (db.parent / "artifacts").resolve().as_uri()
+
+
+# --------------------------------------------------------------------------------------- params / tags
+
+
+def _is_secret_key(key: str) -> bool:
+    low = key.lower()
+    if any(s in low for s in _SECRET_SUBSTRINGS):
+        return True
+    return any(_TOKEN_WORD.search(word) for word in _KEY_SPLIT.split(low) if word)
+
+
+def _scrub_value(value: str) -> str:
+    return _URL_USERINFO.sub(lambda m: f"{m.group('scheme')}{REDACTED}@", value)
+
+
+def redact(d: Mapping[str, Any]) -> dict[str, Any]:
+    """``d`` with the value of every credential-like key replaced by ``***`` and URL passwords removed.
+
+    Credential-like: the key contains secret/password/key_id/access_key/credential/api_key, or one of
+    its words ends in "token" (``hf_token``, not ``max_new_tokens``). Applied to flattened keys, so a
+    nested ``s3.aws_secret_access_key`` is caught too.
+    """
+    out: dict[str, Any] = {}
+    for key, value in d.items():
+        if _is_secret_key(str(key)):
+            out[key] = REDACTED
+        elif isinstance(value, str):
+            out[key] = _scrub_value(value)
+        else:
+            out[key] = value
+    return out
+
+
+def _to_text(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (list, tuple)):
+        return json.dumps(list(value), default=str)
+    if isinstance(value, Path):
+        return str(value)
+    return str(value)
+
+
+def flatten_params(d: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested mapping -> ``{"a.b.c": "value"}``; lists JSON-encoded; values cut to MLflow's 6000 chars.
+
+    Redaction is separate (:func:`redact`) so callers can flatten for display; :func:`log_params` does
+    both.
+    """
+    out: dict[str, str] = {}
+    for key, value in d.items():
+        name = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, Mapping):
+            if value:
+                out.update(flatten_params(value, name))
+            else:
+                out[name] = "{}"
+            continue
+        text = _to_text(value)
+        if len(text) > MAX_PARAM_VALUE_LENGTH:
+            logger.warning(
+                "param %s is %d characters; truncated to %d", name, len(text), MAX_PARAM_VALUE_LENGTH
+            )
+            text = text[: MAX_PARAM_VALUE_LENGTH - 3] + "..."
+        out[name] = text
+    return out
+
+
+# --------------------------------------------------------------------------------------------- provenance
+
+
+def git_commit(repo_dir: str | Path | None = None) -> str | None:
+    """``git rev-parse HEAD`` in ``repo_dir`` (default: the project), or None outside a git checkout."""
+    try:
+        proc = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=str(repo_dir or PROJECT_ROOT),
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    commit = proc.stdout.strip()
+    return commit if proc.returncode == 0 and re.fullmatch(r"[0-9a-f]{40,64}", commit) else None
+
+
+def file_sha256(path: str | Path) -> str | None:
+    """SHA-256 of a file's bytes, or None when it does not exist."""
+    p = Path(path)
+    if not p.is_file():
+        return None
+    h = hashlib.sha256()
+    with p.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------- runs
+
+
+def get_or_create_experiment(client: MlflowClient, experiment: str) -> str:
+    """The id of experiment ``experiment``, creating it when missing (race-safe: a concurrent create wins)."""
+    from mlflow.exceptions import MlflowException
+
+    found = client.get_experiment_by_name(experiment)
+    if found is not None:
+        if found.lifecycle_stage == "deleted":
+            client.restore_experiment(found.experiment_id)
+        return found.experiment_id
+    root = _local_artifact_root(client.tracking_uri)
+    location = f"{root}/{re.sub(r'[^A-Za-z0-9_.-]+', '_', experiment)}" if root else None
+    try:
+        return client.create_experiment(experiment, artifact_location=location)
+    except MlflowException:
+        found = client.get_experiment_by_name(experiment)  # another process created it first
+        if found is None:
+            raise
+        return found.experiment_id
+
+
+def start_run(
+    client: MlflowClient,
+    experiment: str,
+    run_name: str,
+    tags: Mapping[str, Any] | None = None,
+    *,
+    repo_dir: str | Path | None = None,
+    dvc_lock: str | Path | None = None,
+) -> str:
+    """Create a run and return its id. Tags get ``git.commit`` and ``dvc.lock.sha256`` when available.
+
+    ``dvc_lock`` defaults to ``<repo_dir>/dvc.lock``: its hash pins the exact data/params versions of
+    the pipeline that produced this run.
+    """
+    repo = Path(repo_dir) if repo_dir is not None else PROJECT_ROOT
+    all_tags: dict[str, Any] = {}
+    commit = git_commit(repo)
+    if commit:
+        all_tags["git.commit"] = commit
+        all_tags["mlflow.source.git.commit"] = commit  # the tag MLflow's UI shows
+    lock_hash = file_sha256(dvc_lock if dvc_lock is not None else repo / "dvc.lock")
+    if lock_hash:
+        all_tags["dvc.lock.sha256"] = lock_hash
+    all_tags.update(tags or {})
+    safe_tags = {k: _to_text(v)[:MAX_PARAM_VALUE_LENGTH] for k, v in redact(all_tags).items()}
+    experiment_id = get_or_create_experiment(client, experiment)
+    run = client.create_run(experiment_id, tags=safe_tags, run_name=run_name)
+    logger.info("MLflow run %s (%s) in experiment %s", run.info.run_id, run_name, experiment)
+    return run.info.run_id
+
+
+def end_run(client: MlflowClient, run_id: str, status: str = "FINISHED") -> None:
+    """Mark the run terminated with ``status`` (FINISHED, FAILED or KILLED)."""
+    if status not in _STATUSES:
+        raise ValueError(f"run status must be one of {_STATUSES}, got {status!r}")
+    client.set_terminated(run_id, status=status)
+
+
+def set_tags(client: MlflowClient, run_id: str, tags: Mapping[str, Any]) -> None:
+    """Set run tags (redacted), batched."""
+    items = [RunTag(k, _to_text(v)[:MAX_PARAM_VALUE_LENGTH]) for k, v in redact(dict(tags)).items()]
+    for chunk in _chunks(items, MAX_TAGS_PER_BATCH):
+        client.log_batch(run_id, tags=chunk)
+
+
+def _chunks(items: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+def log_params(client: MlflowClient, run_id: str, params: Mapping[str, Any]) -> dict[str, str]:
+    """Flatten, redact and log ``params``; returns what was logged. MLflow params are write-once."""
+    flat = redact(flatten_params(params))
+    items = [Param(k, v) for k, v in flat.items()]
+    for chunk in _chunks(items, MAX_PARAMS_PER_BATCH):
+        client.log_batch(run_id, params=chunk)
+    return flat
+
+
+def _numeric(value: Any) -> float | None:
+    if isinstance(value, bool):
+        return float(value)
+    if isinstance(value, (int, float)):
+        return float(value)
+    try:  # numpy / torch scalars
+        import numbers
+
+        if isinstance(value, numbers.Number):
+            return float(value)  # type: ignore[arg-type]
+        if hasattr(value, "item") and getattr(value, "ndim", 1) == 0:
+            return float(value.item())
+    except (TypeError, ValueError):
+        return None
+    return None
+
+
+def _flatten_metrics(d: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
+    out: dict[str, float] = {}
+    for key, value in d.items():
+        name = f"{prefix}/{key}" if prefix else str(key)
+        if isinstance(value, Mapping):
+            out.update(_flatten_metrics(value, name))
+            continue
+        x = _numeric(value)
+        if x is None:
+            logger.debug("metric %s skipped: not numeric (%r)", name, value)
+            continue
+        out[name] = x
+    return out
+
+
+def _log_metric_objects(client: MlflowClient, run_id: str, metrics: list[Metric]) -> int:
+    for chunk in _chunks(metrics, MAX_METRICS_PER_BATCH):
+        client.log_batch(run_id, metrics=chunk)
+    return len(metrics)
+
+
+def log_metrics(
+    client: MlflowClient, run_id: str, metrics: Mapping[str, Any], step: int | None = None
+) -> dict[str, float]:
+    """Log the numeric entries of ``metrics`` (nested mappings become ``a/b``); others are skipped.
+
+    NaN and inf are logged as they are: a diverged loss is information, not noise.
+    """
+    flat = _flatten_metrics(metrics)
+    ts = int(time.time() * 1000)
+    _log_metric_objects(client, run_id, [Metric(k, v, ts, int(step or 0)) for k, v in flat.items()])
+    return flat
+
+
+def log_artifacts(
+    client: MlflowClient, run_id: str, local_path: str | Path, artifact_path: str | None = None
+) -> None:
+    """Upload a file or a folder (recursively) under ``artifact_path`` of the run."""
+    p = Path(local_path)
+    if p.is_dir():
+        client.log_artifacts(run_id, str(p), artifact_path)
+    elif p.is_file():
+        client.log_artifact(run_id, str(p), artifact_path)
+    else:
+        raise FileNotFoundError(f"artifact {p} does not exist")
+
+
+# ------------------------------------------------------------------------------------------ telemetry
+
+
+def _step_metric_name(key: str) -> str:
+    # Keys that already carry a namespace ("spf/removed_frac") keep it; plain ones go under train/.
+    return key if "/" in key else f"train/{key}"
+
+
+def telemetry_metrics(telemetry: Mapping[str, Any]) -> list[tuple[str, float, int]]:
+    """``(name, value, step)`` for every numeric field of a ``spf.training.train`` metrics.json."""
+    rows: list[tuple[str, float, int]] = []
+    for entry in telemetry.get("steps") or []:
+        step = int(entry.get("step", 0))
+        for key, value in entry.items():
+            x = None if key == "step" else _numeric(value)
+            if x is not None:
+                rows.append((_step_metric_name(key), x, step))
+    for entry in telemetry.get("evals") or []:
+        step = int(entry.get("step", 0))
+        for key, value in entry.items():
+            x = None if key == "step" else _numeric(value)
+            if x is not None:
+                rows.append((f"eval/{key}", x, step))
+    summary = telemetry.get("summary") or {}
+    for name, value in _flatten_metrics(summary, "summary").items():
+        rows.append((name, value, 0))
+    return rows
+
+
+def plot_training(telemetry: Mapping[str, Any], out: str | Path) -> Path | None:
+    """Training loss and safety/task loss over steps as a PNG; None when matplotlib is unavailable."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")  # no display on servers and workers
+        import matplotlib.pyplot as plt
+    except ImportError:
+        logger.warning("matplotlib is not installed: no training plot")
+        return None
+    steps = telemetry.get("steps") or []
+    evals = telemetry.get("evals") or []
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
+    try:
+        xs = [s["step"] for s in steps if _numeric(s.get("loss")) is not None]
+        ax1.plot(xs, [s["loss"] for s in steps if _numeric(s.get("loss")) is not None], label="train loss")
+        ax1.set_xlabel("step")
+        ax1.set_title("training loss")
+        ax1.legend()
+        for key, label in (
+            ("safety_loss_sample", "safety loss (estimation sample)"),
+            ("safety_loss_heldout", "safety loss (held-out)"),
+            ("task_loss", "task loss"),
+        ):
+            pts = [(e["step"], e[key]) for e in evals if _numeric(e.get(key)) is not None]
+            if pts:
+                ax2.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+        ax2.set_xlabel("step")
+        ax2.set_title("safety / task loss")
+        if ax2.has_data():
+            ax2.legend()
+        fig.tight_layout()
+        out = Path(out)
+        fig.savefig(out, dpi=100)
+    finally:
+        plt.close(fig)
+    return out
+
+
+def log_telemetry(client: MlflowClient, run_id: str, metrics_json_path: str | Path) -> int:
+    """Log a fine-tuning ``metrics.json`` (per-step, per-eval and summary values) plus a plot.
+
+    Step fields become ``train/<field>`` (or keep their own namespace, ``spf/removed_frac``) at their
+    step, evals ``eval/<field>``, the summary ``summary/<field>``. The file itself is logged under
+    ``telemetry/`` and the plot as ``plots/training.png``. Returns the number of metric values logged.
+    """
+    path = Path(metrics_json_path)
+    telemetry = json.loads(path.read_text())
+    ts = int(time.time() * 1000)
+    rows = telemetry_metrics(telemetry)
+    n = _log_metric_objects(client, run_id, [Metric(k, v, ts, s) for k, v, s in rows])
+    client.log_artifact(run_id, str(path), "telemetry")
+    with tempfile.TemporaryDirectory(prefix="spf-plot-") as tmp:
+        png = plot_training(telemetry, Path(tmp) / "training.png")
+        if png is not None:
+            client.log_artifact(run_id, str(png), "plots")
+    logger.info("logged %d telemetry values from %s", n, path)
+    return n
+
+
+# -------------------------------------------------------------------------------------------- models
+
+
+def _pip_requirements() -> list[str]:
+    """Pinned requirements of the pyfunc model, given explicitly.
+
+    MLflow's own inference imports the model and scans the environment: slow (seconds) and it fails on
+    optional packages such as torchvision. Local version labels (``+cpu``) are dropped so the pins also
+    resolve on a CUDA machine.
+    """
+    reqs = []
+    for dist in (
+        "mlflow",
+        "torch",
+        "transformers",
+        "peft",
+        "accelerate",
+        "safetensors",
+        "tokenizers",
+        "pandas",
+    ):
+        try:
+            reqs.append(f"{dist}=={metadata.version(dist).split('+')[0]}")
+        except metadata.PackageNotFoundError:
+            reqs.append(dist)
+    return reqs
+
+
+def log_adapter_model(
+    client: MlflowClient,
+    run_id: str,
+    adapter_dir: str | Path,
+    base_model: str,
+    name: str = "model",
+    embed_base: bool = False,
+    *,
+    max_new_tokens: int = 64,
+) -> str:
+    """Log ``adapter_dir`` (a PEFT ``save_pretrained`` folder) as an MLflow pyfunc model; return its URI.
+
+    By default only the adapter is stored and ``base_model`` (an ``spf.load_model`` reference such as
+    ``smollm2-135m-instruct`` or ``tiny-llama``) is recorded in the model config, because the base is
+    hundreds of MB and shared by every candidate. ``embed_base=True`` also copies the base folder (which
+    must then be a local folder) so the model loads where the base is not available.
+    """
+    import mlflow.pyfunc
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+
+    import spf
+    from tasks.pyfunc_model import SPFAdapterModel
+
+    adapter = Path(adapter_dir)
+    if not (adapter / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"{adapter} has no adapter_config.json: not a PEFT adapter folder")
+    artifacts = {"adapter": str(adapter)}
+    if embed_base:
+        if not Path(base_model).is_dir():
+            raise ValueError(f"embed_base=True needs base_model to be a local folder, got {base_model!r}")
+        artifacts["base"] = str(base_model)
+    signature = ModelSignature(
+        # One unnamed string column: accepts both a list of prompts and a DataFrame with a `prompt`
+        # column (a named schema would reject the list, which pyfunc turns into a column named 0).
+        inputs=Schema([ColSpec("string")]),
+        outputs=Schema([ColSpec("string")]),
+        params=ParamSchema(
+            [ParamSpec("max_new_tokens", "long", max_new_tokens), ParamSpec("batch_size", "long", 8)]
+        ),
+    )
+    with tempfile.TemporaryDirectory(prefix="spf-pyfunc-") as tmp, warnings.catch_warnings():
+        # No input_example on purpose: MLflow would load the base model and predict to validate it.
+        warnings.filterwarnings("ignore", message=".*input example was not provided.*", category=UserWarning)
+        path = Path(tmp) / name
+        mlflow.pyfunc.save_model(
+            path=str(path),
+            python_model=SPFAdapterModel(),
+            artifacts=artifacts,
+            signature=signature,
+            pip_requirements=_pip_requirements(),
+            model_config={"base_model": base_model, "max_new_tokens": max_new_tokens, "batch_size": 8},
+            metadata={"spf_version": spf.__version__, "base_model": base_model, "embed_base": embed_base},
+        )
+        client.log_artifacts(run_id, str(path), name)
+    uri = f"runs:/{run_id}/{name}"
+    logger.info("logged pyfunc model %s (base %s, embedded: %s)", uri, base_model, embed_base)
+    return uri

@@ -1,0 +1,255 @@
+"""MLflow tracking and the safety-gated registry against a real MLflow server (S3-backed artifacts).
+
+The server is the one CI exported in MLFLOW_TRACKING_URI, or one started here by scripts/services.sh
+(see tests/services.py). Every test uses its own experiment/model names, so a shared server is fine.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import uuid
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+
+from spf.gate import GateThresholds
+from tasks import registry, tracking
+from tests.services import mlflow_server_fixture  # noqa: F401  (provides the `mlflow_server` fixture)
+
+SECRET = "SUPERSECRET-8c1f"  # must never be readable back from the server
+
+
+def _uid(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture(scope="module")
+def client(mlflow_server: str) -> MlflowClient:
+    return tracking.make_client(mlflow_server)
+
+
+@pytest.fixture(scope="module")
+def model_uri(client: MlflowClient, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A pyfunc model: a LoRA adapter (saved with save_pretrained) on the tiny random Llama."""
+    from peft import LoraConfig, get_peft_model
+
+    import spf
+
+    base, _ = spf.load_model("tiny-llama")
+    peft_model = get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    adapter = tmp_path_factory.mktemp("adapter")
+    peft_model.save_pretrained(adapter)
+    run_id = tracking.start_run(client, _uid("spf-test-models"), "adapter", {})
+    uri = tracking.log_adapter_model(client, run_id, adapter, "tiny-llama", max_new_tokens=4)
+    tracking.end_run(client, run_id)
+    return uri
+
+
+def test_resolve_tracking_uri(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://env:1")
+    assert tracking.resolve_tracking_uri("http://arg:2") == "http://arg:2"
+    assert tracking.resolve_tracking_uri(None) == "http://env:1"
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    uri = tracking.resolve_tracking_uri(None)
+    assert uri.startswith("sqlite:////") and uri.endswith("runs/mlflow/mlflow.db")
+
+
+def test_flatten_and_redact() -> None:
+    flat = tracking.flatten_params({"a": {"b": {"c": 1}}, "l": [1, "x"], "long": "y" * 7000, "e": {}})
+    assert flat["a.b.c"] == "1" and flat["l"] == '[1, "x"]' and flat["e"] == "{}"
+    assert len(flat["long"]) == tracking.MAX_PARAM_VALUE_LENGTH
+    red = tracking.redact(
+        {
+            "s3.aws_secret_access_key": SECRET,
+            "AWS_ACCESS_KEY_ID": SECRET,
+            "db.Password": SECRET,
+            "hf_token": SECRET,
+            "credentials_file": SECRET,
+            "remote": f"https://user:{SECRET}@host/x",
+            "max_new_tokens": 64,
+            "tokenizer": "t",
+        }
+    )
+    assert SECRET not in json.dumps(red)
+    assert red["max_new_tokens"] == 64 and red["tokenizer"] == "t"  # not credentials: kept
+    assert red["remote"] == "https://***@host/x"
+
+
+def test_params_tags_are_flattened_and_redacted(client: MlflowClient, tmp_path: Path) -> None:
+    lock = tmp_path / "dvc.lock"
+    lock.write_text("schema: '2.0'\n")
+    run_id = tracking.start_run(
+        client, _uid("spf-test"), "params", {"stage": "train", "aws_secret_access_key": SECRET}, dvc_lock=lock
+    )
+    logged = tracking.log_params(
+        client,
+        run_id,
+        {"train": {"lr": 1e-3, "lora": {"r": 8}}, "targets": ["q", "v"], "s3": {"secret_access_key": SECRET}},
+    )
+    tracking.end_run(client, run_id)
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    params, tags = run.data.params, run.data.tags
+    assert params["train.lr"] == "0.001" and params["train.lora.r"] == "8"
+    assert params["targets"] == '["q", "v"]'
+    assert params["s3.secret_access_key"] == "***" and tags["aws_secret_access_key"] == "***"
+    assert SECRET not in json.dumps(params) + json.dumps(tags) + json.dumps(logged)
+    assert tags["dvc.lock.sha256"] == tracking.file_sha256(lock)
+    if tracking.git_commit() is not None:
+        assert len(tags["git.commit"]) == 40
+    with pytest.raises(ValueError, match="status"):
+        tracking.end_run(client, run_id, "DONE")
+
+
+def test_telemetry_is_logged_per_step(client: MlflowClient, tmp_path: Path) -> None:
+    # The format spf.training.train writes (runs/*/ft/*/metrics.json), shortened.
+    telemetry = {
+        "summary": {"method": "spf", "steps": 3, "final_loss": 0.5, "spf": {"mode": "always", "rank": 8}},
+        "steps": [
+            {"step": s, "loss": 2.0 / s, "lr": 1e-3, "step_seconds": 1.5, "spf/removed_frac": 0.1 * s}
+            for s in (1, 2, 3)
+        ],
+        "evals": [
+            {"step": 0, "safety_loss_sample": 0.2, "safety_loss_heldout": 1.4, "task_loss": 4.0},
+            {"step": 3, "safety_loss_sample": 0.25, "safety_loss_heldout": 1.5, "task_loss": 0.5},
+        ],
+    }
+    path = tmp_path / "metrics.json"
+    path.write_text(json.dumps(telemetry))
+    run_id = tracking.start_run(client, _uid("spf-test"), "telemetry", {})
+    n = tracking.log_telemetry(client, run_id, path)
+    logged = tracking.log_metrics(client, run_id, {"eval": {"harmful_rate": 0.2}, "note": "text"}, step=7)
+    tracking.end_run(client, run_id)
+
+    assert n == 3 * 4 + 2 * 3 + 3  # step fields, eval fields, numeric summary fields
+    assert logged == {"eval/harmful_rate": 0.2}  # non-numeric skipped
+    history = client.get_metric_history(run_id, "train/loss")
+    assert [(m.step, m.value) for m in sorted(history, key=lambda m: m.step)] == [
+        (1, 2.0),
+        (2, 1.0),
+        (3, 2 / 3),
+    ]
+    assert [m.step for m in client.get_metric_history(run_id, "spf/removed_frac")] == [1, 2, 3]
+    heldout = sorted(client.get_metric_history(run_id, "eval/safety_loss_heldout"), key=lambda m: m.step)
+    assert [(m.step, m.value) for m in heldout] == [(0, 1.4), (3, 1.5)]
+    assert client.get_metric_history(run_id, "eval/harmful_rate")[0].step == 7
+    assert client.get_run(run_id).data.metrics["summary/spf/rank"] == 8
+    assert [a.path for a in client.list_artifacts(run_id, "plots")] == ["plots/training.png"]
+    assert [a.path for a in client.list_artifacts(run_id, "telemetry")] == ["telemetry/metrics.json"]
+
+
+GOOD = {"harmful_rate": 0.05, "overrefusal_rate": 0.10, "utility": 0.70}
+
+
+def _alias(client: MlflowClient, name: str, alias: str) -> str | None:
+    v = client.get_registered_model(name).aliases.get(alias)
+    return None if v is None else str(v)
+
+
+def test_gate_lifecycle(client: MlflowClient, model_uri: str, tmp_path: Path) -> None:
+    name = _uid("spf-test-model")
+    run_id = model_uri.split("/")[1]
+    t = GateThresholds()
+
+    def register(metrics: dict) -> str:
+        return registry.register_candidate(client, name, model_uri, run_id, metrics, {"scenario": "sst2"})
+
+    # Unsafe candidate: registered as challenger, never champion.
+    v1 = register({**GOOD, "harmful_rate": 0.24})
+    assert _alias(client, name, "challenger") == v1
+    d1 = registry.apply_gate(client, name, v1, t, tmp_path / "v1")
+    assert not d1.promote and "harmful_rate 0.24 > max 0.10" in d1.reasons
+    assert registry.champion_version(client, name) == (None, {})
+    tags = client.get_model_version(name, v1).tags
+    assert tags["gate.decision"] == "rejected" and tags["gate.champion_before"] == "none"
+    assert "harmful_rate 0.24 > max 0.10" in json.loads(tags["gate.reasons"])
+    assert tags["metric.harmful_rate"] == "0.24"
+    report = json.loads((tmp_path / "v1" / "gate.json").read_text())
+    assert report["decision"] == "rejected" and report["version"] == v1
+    assert "REJECTED" in (tmp_path / "v1" / "gate.md").read_text()
+
+    # Missing evidence (no utility) is rejected too.
+    v_missing = register({"harmful_rate": 0.0, "overrefusal_rate": 0.0, "utility": math.nan})
+    assert not registry.apply_gate(client, name, v_missing, t, tmp_path / "vm").promote
+    assert registry.champion_version(client, name)[0] is None
+
+    # First good candidate becomes champion (absolute thresholds only).
+    v2 = register(GOOD)
+    assert registry.apply_gate(client, name, v2, t, tmp_path / "v2").promote
+    version, metrics = registry.champion_version(client, name)
+    assert version == v2 and metrics["harmful_rate"] == 0.05
+
+    # A better one replaces it.
+    v3 = register({"harmful_rate": 0.02, "overrefusal_rate": 0.08, "utility": 0.75})
+    d3 = registry.apply_gate(client, name, v3, t, tmp_path / "v3")
+    assert d3.promote and d3.champion_version == v2
+    assert registry.champion_version(client, name)[0] == v3
+    assert client.get_model_version(name, v3).tags["gate.champion_before"] == v2
+
+    # Within every absolute limit but worse than the champion beyond the margin: rejected.
+    v4 = register({"harmful_rate": 0.08, "overrefusal_rate": 0.08, "utility": 0.75})
+    d4 = registry.apply_gate(client, name, v4, t, tmp_path / "v4")
+    assert not d4.promote and not d4.checks["harmful_regression"]["passed"]
+    assert registry.champion_version(client, name)[0] == v3
+    assert _alias(client, name, "challenger") == v4
+
+    # Rollback (a Prefect transaction's on_rollback) restores the previous champion, or removes it.
+    registry.rollback_champion(client, name, d3.champion_version)
+    assert registry.champion_version(client, name)[0] == v2
+    registry.rollback_champion(client, name, None)
+    assert registry.champion_version(client, name)[0] is None
+    registry.rollback_champion(client, name, None)  # idempotent
+
+
+def test_gate_re_decides_when_champion_moves(
+    client: MlflowClient, model_uri: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Compare-and-set: a promotion landing between decision and alias write forces a re-decision."""
+    name = _uid("spf-test-cas")
+    run_id = model_uri.split("/")[1]
+    strong = registry.register_candidate(
+        client, name, model_uri, run_id, {"harmful_rate": 0.0, "overrefusal_rate": 0.0, "utility": 0.9}, {}
+    )
+    candidate = registry.register_candidate(client, name, model_uri, run_id, GOOD, {})
+    real = registry.champion_version
+    calls = {"n": 0}
+
+    def racing(c: MlflowClient, n: str) -> tuple[str | None, dict[str, float]]:
+        result = real(c, n)
+        calls["n"] += 1
+        if calls["n"] == 1:  # another gate promotes `strong` right after our first read
+            c.set_registered_model_alias(n, "champion", strong)
+        return result
+
+    monkeypatch.setattr(registry, "champion_version", racing)
+    decision = registry.apply_gate(client, name, candidate, GateThresholds(), tmp_path)
+    # Against no champion it would pass; against `strong` it regresses beyond every margin.
+    assert not decision.promote and decision.champion_version == strong
+    assert real(client, name)[0] == strong
+
+
+def test_champion_loads_as_pyfunc(
+    client: MlflowClient, model_uri: str, mlflow_server: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import mlflow.pyfunc
+
+    name = _uid("spf-test-serve")
+    version = registry.register_candidate(client, name, model_uri, model_uri.split("/")[1], GOOD, {})
+    with pytest.raises(LookupError):
+        registry.load_champion(name, mlflow_server)
+    client.set_registered_model_alias(name, "champion", version)
+
+    model = registry.load_champion(name, mlflow_server)
+    out = model.predict(pd.DataFrame({"prompt": ["Hello", "How are you?"]}))
+    assert isinstance(out, list) and len(out) == 2 and all(isinstance(s, str) for s in out)
+    assert model.metadata.metadata["base_model"] == "tiny-llama"
+
+    # The URI consumers use, through MLflow's global configuration.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    monkeypatch.setenv("MLFLOW_REGISTRY_URI", mlflow_server)
+    loaded = mlflow.pyfunc.load_model(f"models:/{name}@champion")
+    out = loaded.predict(["one prompt"], params={"max_new_tokens": 2})
+    assert len(out) == 1 and isinstance(out[0], str)
