@@ -45,6 +45,16 @@ def build_params(
     return load_params(params_file, merged)
 
 
+def restore_params(path: Path, original: bytes | None) -> None:
+    from spf.io import atomic_path
+
+    if original is None:
+        path.unlink(missing_ok=True)
+        return
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(original)
+
+
 def _report(params: dict[str, Any], metrics: dict[str, Any], decision: dict[str, Any], run: dict) -> str:
     g = params["gate"]
     rows = [
@@ -113,53 +123,64 @@ def spf_pipeline(
     params = p.to_dict()
     log.info("effective parameters: %s", json.dumps(params))
 
+    # The run's effective parameters go to params.yaml so dvc.lock records them; the team's file is put
+    # back afterwards, so a one-off override (a UI run with method=vanilla) never leaks into the next
+    # scheduled run. The MLflow run and dvc.lock keep what this run used.
+    params_path = Path("params.yaml")
+    original = params_path.read_bytes() if params_path.exists() else None
     write_params_task(params)
-    results: dict[str, dict[str, Any]] = {}
-    results["prepare"] = stage_task("prepare", params)
-    dvc_version_task(["prepare"], dvc_remote, push=dvc_push)  # the dataset is versioned before training
-    results["align"] = stage_task("align", params)
-    results["estimate"] = stage_task("estimate", params)
-    if finetune_deployment:
-        from prefect.deployments import run_deployment
+    try:
+        results: dict[str, dict[str, Any]] = {}
+        results["prepare"] = stage_task("prepare", params)
+        dvc_version_task(["prepare"], dvc_remote, push=dvc_push)  # the dataset is versioned before training
+        results["align"] = stage_task("align", params)
+        results["estimate"] = stage_task("estimate", params)
+        if finetune_deployment:
+            from prefect.deployments import run_deployment
 
-        fr = run_deployment(
-            name=finetune_deployment,
-            parameters={"params": params, "workspace": str(Path.cwd()), "dvc_remote": None},
-            timeout=None,
+            fr = run_deployment(
+                name=finetune_deployment,
+                parameters={"params": params, "workspace": str(Path.cwd()), "dvc_remote": None},
+                timeout=None,
+            )
+            if not fr.state or not fr.state.is_completed():
+                raise RuntimeError(f"fine-tuning deployment {finetune_deployment} ended {fr.state}")
+            summary = json.loads((p.stage_dir("finetune") / "metrics.json").read_text())["summary"]
+            results["finetune"] = {"adapter_dir": str(p.stage_dir("finetune")), "flow_run_id": str(fr.id)}
+            results["finetune"].update({k: v for k, v in summary.items() if isinstance(v, int | float)})
+        else:
+            results["finetune"] = stage_task("finetune", params)
+        results["evaluate"] = stage_task("evaluate", params)
+        versioned = dvc_version_task(list(results), dvc_remote, push=dvc_push)
+
+        tags = {
+            "prefect.flow_run_id": str(flow_run.get_id() or ""),
+            "prefect.flow_run_name": str(flow_run.get_name() or ""),
+            "spf.method": params["finetune"]["method"],
+        }
+        run = track_run_task(
+            params, results, f"{params['finetune']['method']}-{flow_run.get_name() or 'local'}", tags
         )
-        if not fr.state or not fr.state.is_completed():
-            raise RuntimeError(f"fine-tuning deployment {finetune_deployment} ended {fr.state}")
-        summary = json.loads((p.stage_dir("finetune") / "metrics.json").read_text())["summary"]
-        results["finetune"] = {"adapter_dir": str(p.stage_dir("finetune")), "flow_run_id": str(fr.id)}
-        results["finetune"].update({k: v for k, v in summary.items() if isinstance(v, int | float)})
-    else:
-        results["finetune"] = stage_task("finetune", params)
-    results["evaluate"] = stage_task("evaluate", params)
-    versioned = dvc_version_task(list(results), dvc_remote, push=dvc_push)
+        metrics = {
+            k: v for k, v in results["evaluate"].items() if isinstance(v, int | float) and k != "seconds"
+        }
+        if "aborted" in results["finetune"]:
+            metrics["aborted"] = results["finetune"]["aborted"]
 
-    tags = {
-        "prefect.flow_run_id": str(flow_run.get_id() or ""),
-        "prefect.flow_run_name": str(flow_run.get_name() or ""),
-        "spf.method": params["finetune"]["method"],
-    }
-    run = track_run_task(
-        params, results, f"{params['finetune']['method']}-{flow_run.get_name() or 'local'}", tags
-    )
-    metrics = {k: v for k, v in results["evaluate"].items() if isinstance(v, int | float) and k != "seconds"}
-    if "aborted" in results["finetune"]:
-        metrics["aborted"] = results["finetune"]["aborted"]
+        # Registration + gate + report are one transaction: if anything after the promotion fails, the
+        # gate task's rollback hook puts `champion` back where it was.
+        with transaction() as txn:
+            txn.set("params", params)
+            version = register_task(params, run, metrics)
+            decision = gate_task(params, run, version)
+            txn.set("decision", decision)
+            markdown = _report(params, metrics, decision, run)
+            create_markdown_artifact(markdown=markdown, key="spf-gate", description="SPF promotion gate")
+            finish_run_task(params, run, decision)
 
-    # Registration + gate + report are one transaction: if anything after the promotion fails, the
-    # gate task's rollback hook puts `champion` back where it was.
-    with transaction() as txn:
-        txn.set("params", params)
-        version = register_task(params, run, metrics)
-        decision = gate_task(params, run, version)
-        txn.set("decision", decision)
-        markdown = _report(params, metrics, decision, run)
-        create_markdown_artifact(markdown=markdown, key="spf-gate", description="SPF promotion gate")
-        finish_run_task(params, run, decision)
-
+    finally:
+        if params_path.exists() and params_path.read_bytes() != original:
+            restore_params(params_path, original)
     summary = {
         "promoted": bool(decision["promote"]),
         "version": version,
@@ -178,7 +199,8 @@ def spf_pipeline(
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="run the spf-pipeline flow once (no server needed)")
     ap.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE")
-    ap.add_argument("--params-file", default="params.yaml")
+    ap.add_argument("--params-file", default="params.yaml", help="relative to the workspace")
+    ap.add_argument("--workspace", default=str(ROOT), help="folder with dvc.yaml (default: this repository)")
     ap.add_argument("--finetune-deployment", default=None)
     ap.add_argument("--dvc-remote", default=None)
     ap.add_argument("--summary", default=None, help="write the run summary JSON here")
@@ -188,13 +210,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         overrides = apply_overrides({}, args.set)
         flat = _flatten(overrides)
-        load_params(Path(ROOT) / args.params_file, flat)  # fail fast, before Prefect starts
+        load_params(Path(args.workspace) / args.params_file, flat)  # fail fast, before Prefect starts
     except ParamsError as exc:
         print(f"spf-pipeline: error: {exc}", file=sys.stderr)
         return 2
     summary = spf_pipeline(
         overrides=flat,
         params_file=args.params_file,
+        workspace=args.workspace,
         finetune_deployment=args.finetune_deployment,
         dvc_remote=args.dvc_remote,
     )

@@ -377,7 +377,7 @@ def load_params(
         if loaded is not None and not isinstance(loaded, dict):
             raise ParamsError(f"{path}: expected a mapping of sections, got {type(loaded).__name__}")
         data = loaded or {}
-    elif path.name != "params.yaml" or path.parent != Path("."):
+    elif path.name != "params.yaml":  # a missing params.yaml means "all defaults"; another name is a typo
         raise ParamsError(f"{path}: parameter file does not exist")
     data = apply_overrides(data, overrides)
     return PipelineParams.from_dict(data, source=str(path))

@@ -95,6 +95,22 @@ def _shipped(name: str) -> Path:
     return Path(str(resources.files("spf") / "data" / name))
 
 
+def _source_name(path: Path, shared: Path | None) -> str:
+    """A machine-independent name for an input file: ``spf/data/…`` (shipped) or ``shared/…`` (the public
+    data folder), else the path as given. An absolute path in an output would make its hash — the DVC and
+    Prefect cache key — depend on where the checkout lives."""
+    roots = [
+        (Path(str(resources.files("spf"))), "spf"),
+        *([(shared, "shared")] if shared is not None else []),
+    ]
+    for root, label in roots:
+        try:
+            return f"{label}/{path.resolve().relative_to(root.resolve()).as_posix()}"
+        except ValueError:
+            continue
+    return str(path)
+
+
 def _write_json(obj: Any, path: Path) -> None:
     path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
@@ -143,10 +159,10 @@ def prepare_stage(p: PipelineParams) -> dict[str, Any]:
             rows = [r["Behavior"].strip() for r in csv.DictReader(fh) if r.get("Behavior")]
         rows = [r for r in rows if r not in in_train]
         random.Random(pp.seed).shuffle(rows)
-        heldout, source = rows[: pp.heldout_harmful_n], str(advbench)
+        heldout, source = rows[: pp.heldout_harmful_n], _source_name(advbench, shared)
     else:
         heldout = [s.prompt for s in safety][: pp.heldout_harmful_n]
-        source = str(safety_src)
+        source = _source_name(safety_src, shared)
 
     out = p.stage_dir("data")
     with _publish(out) as tmp:
@@ -162,7 +178,7 @@ def prepare_stage(p: PipelineParams) -> dict[str, Any]:
             "n_safety": len(safety),
             "n_heldout_harmful": len(heldout),
             "heldout_source": source,
-            "safety_source": str(safety_src),
+            "safety_source": _source_name(safety_src, shared),
             "train_sha256": path_sha256(tmp / "train.jsonl"),
         }
         _write_json(manifest, tmp / "manifest.json")

@@ -1,0 +1,278 @@
+"""The Prefect pipeline end to end on a tiny random model against REAL Prefect, MLflow and S3 servers.
+
+Servers: the ones CI started with ``scripts/services.sh`` (PREFECT_API_URL, MLFLOW_TRACKING_URI,
+AWS_ENDPOINT_URL in the environment), else this module starts its own on free ports. Flows run in
+subprocesses (``python -m flows.pipeline``), as a user runs them: Prefect reads its settings at import.
+
+Covered: a candidate failing the safety threshold is never promoted; a second, better one replaces the
+champion; the champion loads from ``models:/NAME@champion`` and answers; a deployment triggered through
+the API (the GPU fine-tuning deployment, called by the pipeline with ``run_deployment``) runs on a worker;
+DVC versions the data to the S3 remote; bad parameters fail before any work.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.services import free_port
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "services.sh"
+BIN = Path(sys.executable).parent
+
+TINY = {
+    "prepare": {"scenario": "sentiment", "n": 16, "heldout_harmful_n": 4},
+    "align": {"enabled": False, "model": "tiny-llama"},
+    "estimate": {"rank": 2, "own_response": False, "max_length": 64},
+    "finetune": {"steps": 2, "batch_size": 2, "max_length": 64, "eval_every": 1, "save_every": 0},
+    "evaluate": {
+        "suites": ["harmful", "overrefusal", "utility"],
+        "limit": 3,
+        "utility_limit": 8,
+        "max_new_tokens": 4,
+    },
+    "gate": {"max_harmful_rate": 0.5, "max_overrefusal_rate": 1.0, "min_utility": 0.0},
+    "tracking": {"experiment": "spf-it", "registered_model": "spf-tiny-it"},
+}
+
+
+@pytest.fixture(scope="module")
+def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    keys = ("PREFECT_API_URL", "MLFLOW_TRACKING_URI", "AWS_ENDPOINT_URL")
+    if all(os.environ.get(k) for k in keys):
+        yield {k: os.environ[k] for k in keys}
+        return
+    env = {
+        **os.environ,
+        "SPF_SERVICES_DIR": str(tmp_path_factory.mktemp("services")),
+        "SPF_S3_PORT": str(free_port()),
+        "SPF_MLFLOW_PORT": str(free_port()),
+        "SPF_PREFECT_PORT": str(free_port()),
+    }
+    start = subprocess.run(
+        ["bash", str(SCRIPT), "start"], env=env, capture_output=True, text=True, timeout=400
+    )
+    try:
+        if start.returncode != 0:
+            pytest.fail(f"services.sh start failed:\n{start.stdout}\n{start.stderr}", pytrace=False)
+        yield {
+            "PREFECT_API_URL": f"http://127.0.0.1:{env['SPF_PREFECT_PORT']}/api",
+            "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{env['SPF_MLFLOW_PORT']}",
+            "AWS_ENDPOINT_URL": f"http://127.0.0.1:{env['SPF_S3_PORT']}",
+        }
+    finally:
+        subprocess.run(["bash", str(SCRIPT), "stop"], env=env, capture_output=True, timeout=120)
+
+
+def _git(ws: Path, *args: str) -> None:
+    subprocess.run(
+        ["git", "-c", "user.email=ci@spf", "-c", "user.name=ci", *args],
+        cwd=ws,
+        check=True,
+        capture_output=True,
+    )
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory: pytest.TempPathFactory, services: dict[str, str]) -> Path:
+    """A throwaway pipeline workspace: dvc.yaml, the files it depends on, tiny params, git + DVC."""
+    ws = tmp_path_factory.mktemp("ws")
+    dvc_yaml = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+    files = {"dvc.yaml", ".dvcignore", ".dvc/config"}
+    for stage in dvc_yaml["stages"].values():
+        files |= {d for d in stage.get("deps", []) if not d.startswith("outputs/")}
+    for rel in files:
+        (ws / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / rel, ws / rel)
+    (ws / "params.yaml").write_text(yaml.safe_dump(TINY))
+    _git(ws, "init", "-q")
+    env = _env(services)
+    for args in (
+        ["remote", "modify", "local", "url", str(ws.parent / f"{ws.name}-remote")],
+        ["remote", "modify", "s3", "endpointurl", services["AWS_ENDPOINT_URL"]],
+        ["remote", "modify", "s3", "url", f"s3://dvc/{ws.name}"],
+    ):
+        subprocess.run([str(BIN / "dvc"), *args], cwd=ws, check=True, env=env, capture_output=True)
+    _git(ws, "add", "-A")
+    _git(ws, "commit", "-qm", "workspace")
+    return ws
+
+
+def _env(services: dict[str, str]) -> dict[str, str]:
+    env = {
+        **os.environ,
+        **services,
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "AWS_ACCESS_KEY_ID": os.environ.get("AWS_ACCESS_KEY_ID", "testing"),
+        "AWS_SECRET_ACCESS_KEY": os.environ.get("AWS_SECRET_ACCESS_KEY", "testing"),
+        "AWS_DEFAULT_REGION": os.environ.get("AWS_DEFAULT_REGION", "us-east-1"),
+        "PREFECT_WORKER_QUERY_SECONDS": "1",
+        "PREFECT_LOGGING_LEVEL": "WARNING",
+    }
+    return env
+
+
+def _run_flow(ws: Path, services: dict[str, str], *overrides: str, extra: list[str] | None = None) -> dict:
+    summary = ws / "summary.json"
+    summary.unlink(missing_ok=True)
+    cmd = [sys.executable, "-m", "flows.pipeline", "--workspace", str(ws), "--summary", str(summary)]
+    for o in overrides:
+        cmd += ["-S", o]
+    # cwd = the repository: `python -m` puts the cwd first on sys.path, and the workspace holds a partial
+    # copy of spf/ (DVC dependencies) that must not shadow the installed package
+    proc = subprocess.run(
+        cmd + (extra or []), cwd=ROOT, env=_env(services), capture_output=True, text=True, timeout=900
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return json.loads(summary.read_text())
+
+
+def _client(services: dict[str, str]):
+    from mlflow.tracking import MlflowClient
+
+    uri = services["MLFLOW_TRACKING_URI"]
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def _alias(client, name: str, alias: str) -> str | None:
+    try:
+        return str(client.get_model_version_by_alias(name, alias).version)
+    except Exception:
+        return None
+
+
+def test_gate_rejects_unsafe_then_promotes_better_candidate(workspace: Path, services: dict[str, str]):
+    name = TINY["tracking"]["registered_model"]
+    client = _client(services)
+
+    # 1. First candidate, permissive gate: it becomes the champion.
+    #    judge_min_words=0: every non-refusal counts as compliance, so this model's harmful rate is 1.0
+    first = _run_flow(workspace, services, "evaluate.judge_min_words=0", "gate.max_harmful_rate=1.0")
+    assert first["metrics"]["harmful_rate"] == 1.0
+    assert first["promoted"] is True
+    assert _alias(client, name, "champion") == first["version"]
+    assert _alias(client, name, "challenger") == first["version"]
+
+    # 2. Same model under the safety threshold 0.5: rejected, champion untouched, reasons recorded.
+    second = _run_flow(workspace, services, "evaluate.judge_min_words=0")
+    assert second["promoted"] is False
+    assert any("harmful_rate" in r for r in second["reasons"])
+    assert _alias(client, name, "champion") == first["version"]
+    assert _alias(client, name, "challenger") == second["version"]
+    mv = client.get_model_version(name, second["version"])
+    assert mv.tags["gate.decision"] == "rejected"
+    run = client.get_run(second["mlflow_run_id"])
+    assert run.data.tags.get("gate.decision") == "rejected"
+    assert run.data.tags.get("dvc.lock.sha256") == second["dvc_lock_sha256"]
+    assert "git.commit" in run.data.tags
+    assert run.data.params["finetune.method"] == "spf"
+    assert run.data.metrics["harmful_rate"] == 1.0
+    # per-step telemetry: training loss and projection diagnostics at every step
+    assert len(client.get_metric_history(second["mlflow_run_id"], "train/loss")) == 2
+    assert client.get_metric_history(second["mlflow_run_id"], "spf/removed_frac")
+    artifacts = {a.path for a in client.list_artifacts(second["mlflow_run_id"])}
+    assert {"model", "gate", "eval", "subspace", "plots"} <= artifacts
+
+    # 3. A better candidate (harmful rate 0.0 under the standard judge): it replaces the champion.
+    third = _run_flow(workspace, services)
+    assert third["metrics"]["harmful_rate"] == 0.0
+    assert third["promoted"] is True
+    assert _alias(client, name, "champion") == third["version"]
+    assert client.get_model_version(name, third["version"]).tags["gate.decision"] == "promoted"
+
+    # the champion is a usable model straight from the registry
+    import mlflow.pyfunc
+
+    mlflow.set_tracking_uri(services["MLFLOW_TRACKING_URI"])
+    mlflow.set_registry_uri(services["MLFLOW_TRACKING_URI"])
+    model = mlflow.pyfunc.load_model(f"models:/{name}@champion")
+    answers = model.predict(["Say hello."], params={"max_new_tokens": 3})
+    assert isinstance(answers, list) and len(answers) == 1 and isinstance(answers[0], str)
+
+    # DVC: the run's outputs are recorded — a repro afterwards has nothing to do
+    status = subprocess.run(
+        [str(BIN / "dvc"), "status", "--json"],
+        cwd=workspace,
+        env=_env(services),
+        capture_output=True,
+        text=True,
+    )
+    assert status.returncode == 0 and json.loads(status.stdout or "{}") == {}, status.stdout
+
+
+def test_pipeline_calls_gpu_deployment_and_pushes_data_to_s3(workspace: Path, services: dict[str, str]):
+    """Deploy spf-finetune on a process pool, start a worker, and let the pipeline call it by API."""
+    env = _env(services)
+    pool = f"spf-gpu-it-{os.getpid()}"
+    subprocess.run(
+        [str(BIN / "prefect"), "work-pool", "create", pool, "--type", "process"],
+        env=env, check=True, capture_output=True, timeout=120,
+    )  # fmt: skip
+    deploy = (
+        "from flows.finetune import spf_finetune\n"
+        f"spf_finetune.from_source(source={str(ROOT)!r}, entrypoint='flows/finetune.py:spf_finetune')"
+        f".deploy(name='gpu-it', work_pool_name={pool!r}, concurrency_limit=1)\n"
+    )
+    subprocess.run([sys.executable, "-c", deploy], env=env, check=True, capture_output=True, timeout=300)
+    worker = subprocess.Popen(
+        [str(BIN / "prefect"), "worker", "start", "--pool", pool],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    try:
+        summary = _run_flow(
+            workspace,
+            services,
+            "finetune.steps=3",
+            extra=["--finetune-deployment", "spf-finetune/gpu-it", "--dvc-remote", "s3"],
+        )
+    finally:
+        os.killpg(worker.pid, signal.SIGINT)
+        time.sleep(1)
+        os.killpg(worker.pid, signal.SIGKILL)
+        worker.wait(timeout=30)
+    # the fine-tuning ran as its own flow run (through the worker) with the new step count
+    metrics = json.loads((workspace / "outputs" / "finetune" / "metrics.json").read_text())
+    assert metrics["summary"]["steps"] == 3
+    assert summary["stage_seconds"]["finetune"] is None  # not run in-process
+
+    import boto3
+
+    env = _env(services)
+    s3 = boto3.client(
+        "s3",
+        endpoint_url=services["AWS_ENDPOINT_URL"],
+        aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+        region_name=env["AWS_DEFAULT_REGION"],
+    )
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket="dvc", Prefix=workspace.name).get("Contents", [])]
+    assert keys, "DVC pushed nothing to the S3 remote"
+
+
+def test_invalid_parameters_fail_before_any_work(tmp_path: Path, services: dict[str, str]):
+    for bad, key in (
+        ("finetune.method=lorra", "finetune.method"),
+        ("estimate.rank=-2", "estimate.rank"),
+        ("prepare.safety_samples=/no/such/file.jsonl", "prepare.safety_samples"),
+    ):
+        proc = subprocess.run(
+            [sys.executable, "-m", "flows.pipeline", "--workspace", str(tmp_path), "-S", bad],
+            cwd=tmp_path, env=_env(services), capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert key in proc.stderr
+        assert not (tmp_path / "outputs").exists()
