@@ -29,7 +29,7 @@ from pydantic import Field
 
 from spf.params import PipelineParams, load_params
 from tasks.mlflow_tasks import finish_run_task, gate_task, register_task, track_run_task
-from tasks.stages import dvc_version_task, stage_task, write_params_task
+from tasks.stages import dvc_version_task, run_stage_task, write_params_task
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -131,10 +131,10 @@ def spf_pipeline(
     write_params_task(params)
     try:
         results: dict[str, dict[str, Any]] = {}
-        results["prepare"] = stage_task("prepare", params)
+        results["prepare"] = run_stage_task("prepare", params)
         dvc_version_task(["prepare"], dvc_remote, push=dvc_push)  # the dataset is versioned before training
-        results["align"] = stage_task("align", params)
-        results["estimate"] = stage_task("estimate", params)
+        results["align"] = run_stage_task("align", params)
+        results["estimate"] = run_stage_task("estimate", params)
         if finetune_deployment:
             from prefect.deployments import run_deployment
 
@@ -149,8 +149,8 @@ def spf_pipeline(
             results["finetune"] = {"adapter_dir": str(p.stage_dir("finetune")), "flow_run_id": str(fr.id)}
             results["finetune"].update({k: v for k, v in summary.items() if isinstance(v, int | float)})
         else:
-            results["finetune"] = stage_task("finetune", params)
-        results["evaluate"] = stage_task("evaluate", params)
+            results["finetune"] = run_stage_task("finetune", params)
+        results["evaluate"] = run_stage_task("evaluate", params)
         versioned = dvc_version_task(list(results), dvc_remote, push=dvc_push)
 
         tags = {

@@ -39,27 +39,41 @@ IO_RETRIES = 3
 IO_RETRY_DELAYS = [2, 10, 30]
 
 
-def _hash_or_missing(path: Path) -> str:
-    return path_sha256(path) if path.exists() else "missing"
+STAMP = ".spf-cache-key"  # written into a stage's output folder: the input key it was computed from
 
 
-def stage_cache_key(stage: str, params: dict[str, Any]) -> str:
-    sections, inputs, output = STAGE_IO[stage]
+def input_key(stage: str, params: dict[str, Any]) -> str:
+    """SHA-256 of the stage's parameter section(s) and the bytes of its input folders."""
+    sections, inputs, _ = STAGE_IO[stage]
     workdir = Path(params["runtime"]["workdir"])
     payload = {
         "stage": stage,
         "params": {s: params[s] for s in sections},
-        "inputs": {name: _hash_or_missing(workdir / name) for name in inputs},
-        "output": _hash_or_missing(workdir / output),
+        "inputs": {n: path_sha256(workdir / n) if (workdir / n).exists() else "missing" for n in inputs},
     }
-    if payload["output"] == "missing":
-        # nothing on disk to reuse: a unique key forces a run (a stale record would point at nothing)
-        payload["nonce"] = str(id(payload))
-    return f"spf-{stage}-" + hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def output_matches(stage: str, params: dict[str, Any], key: str) -> bool:
+    """Whether the output on disk was produced from inputs with this key (its stamp says so)."""
+    stamp = Path(params["runtime"]["workdir"]) / STAGE_IO[stage][2] / STAMP
+    return stamp.is_file() and stamp.read_text().strip() == key
 
 
 def _cache_key_fn(context: TaskRunContext, parameters: dict[str, Any]) -> str:
-    return stage_cache_key(parameters["stage"], parameters["params"])
+    return f"spf-{parameters['stage']}-{input_key(parameters['stage'], parameters['params'])}"
+
+
+def run_stage_task(stage: str, params: dict[str, Any]) -> dict[str, Any]:
+    """Call :func:`stage_task`, reusing a cached result only while the output on disk is that result.
+
+    Outputs live at fixed paths (the DVC outs), so a run with other parameters may have overwritten them
+    since the cached run, or someone deleted them. The stamp written into the output folder records which
+    input key produced it; when it does not match, the cache is refreshed (the stage runs and its new
+    result replaces the record) instead of returning a path to the wrong data.
+    """
+    fresh = output_matches(stage, params, input_key(stage, params))
+    return stage_task.with_options(refresh_cache=not fresh)(stage, params)
 
 
 @task(
@@ -71,7 +85,10 @@ def _cache_key_fn(context: TaskRunContext, parameters: dict[str, Any]) -> str:
 )
 def stage_task(stage: str, params: dict[str, Any]) -> dict[str, Any]:
     """Run one pipeline stage (spf.pipeline.run_stage) with the run's effective parameters."""
-    return run_stage(stage, PipelineParams.from_dict(params, source="flow parameters"))
+    key = input_key(stage, params)  # before the run: the inputs it reads
+    result = run_stage(stage, PipelineParams.from_dict(params, source="flow parameters"))
+    (Path(params["runtime"]["workdir"]) / STAGE_IO[stage][2] / STAMP).write_text(key + "\n")
+    return result
 
 
 @task(name="write-params", retries=IO_RETRIES, retry_delay_seconds=IO_RETRY_DELAYS)
