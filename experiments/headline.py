@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import random
 import subprocess
 import sys
@@ -22,9 +23,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
-WORK = ROOT / "runs" / "headline"
+# SPF_HEADLINE_WORK / SPF_HEADLINE_ALIGNED: rerun the table on another aligned base in its own folder
+WORK = Path(os.environ.get("SPF_HEADLINE_WORK", ROOT / "runs" / "headline"))
 DATA = WORK / "data"
-ALIGNED = ROOT / "runs" / "aligned"
+ALIGNED = Path(os.environ.get("SPF_HEADLINE_ALIGNED", ROOT / "runs" / "aligned"))
 BASE = "smollm2-135m-instruct"
 TRAIN = ["--steps", "40", "--lr", "5e-4", "--batch-size", "8", "--lora-r", "8", "--seed", "0", "--threads", "1",
          "--eval-every", "0", "--heldout-n", "15", "--no-resume"]  # fmt: skip

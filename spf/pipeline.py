@@ -194,9 +194,21 @@ def align_stage(p: PipelineParams) -> dict[str, Any]:
             _write_json({"ref": p.align.model, "aligned": False}, tmp / "model_ref.json")
         return {"model_ref": p.align.model, "aligned": False}
 
+    from dataclasses import asdict
+
     from spf.align import AlignConfig, align
 
     a = p.align
+    # The aligned base costs many minutes: a complete folder built from the same `align` section is kept
+    # (e.g. after a crash later in the pipeline, or when an orchestrator's cache record was lost).
+    params_file = out / "align_params.json"
+    if (
+        (out / "model.safetensors").is_file()
+        and params_file.is_file()
+        and json.loads(params_file.read_text()) == asdict(a)
+    ):
+        logger.info("aligned base %s is up to date with the align parameters: kept", out)
+        return _align_summary(out)
     tmp_out = out.with_name(f".{out.name}.align-{os.getpid()}")
     cfg = AlignConfig(
         model=a.model,
@@ -219,17 +231,26 @@ def align_stage(p: PipelineParams) -> dict[str, Any]:
     try:
         align(cfg)  # builds atomically itself; we add the reference file and move it into place
         _write_json({"ref": ".", "aligned": True, "base": a.model}, tmp_out / "model_ref.json")
+        _write_json(asdict(a), tmp_out / "align_params.json")
         with _publish(out) as tmp:
             os.rmdir(tmp)
             os.replace(tmp_out, tmp)
     finally:
         shutil.rmtree(tmp_out, ignore_errors=True)
+    return _align_summary(out)
+
+
+def _align_summary(out: Path) -> dict[str, Any]:
     report = json.loads((out / "align_report.json").read_text())
     beh = report.get("heldout_behaviour") or {}
     return {
         "model_ref": str(out),
         "aligned": True,
-        **{f"heldout_{k}_refusal": v["refusal_rate"] for k, v in beh.items() if "refusal_rate" in v},
+        **{
+            f"heldout_{k}_refusal": v["refusal_rate"]
+            for k, v in beh.items()
+            if isinstance(v, dict) and "refusal_rate" in v
+        },
     }
 
 
