@@ -102,11 +102,14 @@ def main() -> None:
         "PREFECT_LOGGING_LEVEL": "WARNING",
         "MLFLOW_TRACKING_URI": os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{base / 'mlflow.db'}",
         "PREFECT_HOME": str(base / "prefect"),  # no cached results from earlier runs
+        # a fresh ephemeral server migrates its database first: slow on a loaded 2-core machine
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
     }
     rows = []
     for i in range(args.repeats):
         ws_direct = make_workspace(base, params)
-        direct = run([sys.executable, "-c", DIRECT], ws_direct, env)
+        # -P: the workspace (cwd) holds a partial spf/ copy (DVC deps) that must not shadow the package
+        direct = run([sys.executable, "-P", "-c", DIRECT], ws_direct, env)
         ws_flow = make_workspace(base, params)
         # cwd = the repository (python -m puts cwd on sys.path; the workspace has a partial spf/ copy)
         flow = run(

@@ -9,6 +9,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$PWD/.venv/bin:$PATH"
 export PREFECT_SERVER_ANALYTICS_ENABLED=false HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+# Prefect's ephemeral server (no PREFECT_API_URL) migrates its database on first start: give slow/loaded
+# machines more than the default 20 s
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS=${PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS:-180}
 mkdir -p runs/pipeline
 start=$(date +%s)
 python -m flows.pipeline --summary runs/pipeline/summary.json "$@"
