@@ -95,19 +95,18 @@ def stage_task(stage: str, params: dict[str, Any]) -> dict[str, Any]:
 def write_params_task(params: dict[str, Any], path: str = "params.yaml") -> str:
     """The run's effective parameters → params.yaml (as `dvc exp run -S` does), atomically.
 
-    Left untouched (comments and all) when it already holds exactly these parameters.
+    Left untouched (comments and all) when it already spells out exactly these parameters — every section
+    included: DVC requires each section a stage declares to be present in the file, defaults or not.
     """
     import yaml
 
     from spf.io import atomic_path
-    from spf.params import ParamsError, load_params
 
     try:
-        if Path(path).exists() and load_params(path).to_dict() == params:
+        if Path(path).exists() and yaml.safe_load(Path(path).read_text()) == params:
             return path
-    except ParamsError:
+    except yaml.YAMLError:
         pass  # an invalid file is replaced by the valid effective parameters
-
     with atomic_path(path) as tmp:
         tmp.write_text(
             "# written by the spf-pipeline flow: the effective parameters of its last run\n"
