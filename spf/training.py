@@ -47,7 +47,6 @@ def load_safety_samples(subspace_dir: str | Path) -> list[ChatSample]:
     return load_samples(Path(subspace_dir) / "sample.jsonl", require_response=True)
 
 
-
 def _batches(n: int, batch_size: int, seed: int, start: int):
     """Deterministic index stream: epoch e is a permutation seeded by (seed, e); resumable from `start`."""
     pos = start
