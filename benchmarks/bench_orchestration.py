@@ -21,8 +21,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import yaml
-
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
@@ -53,23 +51,10 @@ print(json.dumps(out))
 
 
 def make_workspace(base: Path, params: dict) -> Path:
+    from tasks.dvc_ops import init_workspace
+
     ws = Path(tempfile.mkdtemp(prefix="ws-", dir=base))
-    dvc_yaml = yaml.safe_load((ROOT / "dvc.yaml").read_text())
-    files = {"dvc.yaml", ".dvcignore", ".dvc/config"}
-    for stage in dvc_yaml["stages"].values():
-        files |= {d for d in stage.get("deps", []) if not d.startswith("outputs/")}
-    for rel in files:
-        (ws / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(ROOT / rel, ws / rel)
-    (ws / "params.yaml").write_text(yaml.safe_dump(params))
-    git = ["git", "-c", "user.email=b@spf", "-c", "user.name=bench"]
-    subprocess.run([*git, "init", "-q"], cwd=ws, check=True)
-    subprocess.run(
-        [str(BIN / "dvc"), "remote", "modify", "local", "url", str(ws / "remote")], cwd=ws, check=True
-    )
-    subprocess.run([*git, "add", "-A"], cwd=ws, check=True)
-    subprocess.run([*git, "commit", "-qm", "ws"], cwd=ws, check=True)
-    return ws
+    return init_workspace(ws, params, local_remote=ws / "remote")
 
 
 def run(cmd: list[str], cwd: Path, env: dict[str, str]) -> float:

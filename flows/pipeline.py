@@ -45,6 +45,19 @@ def build_params(
     return load_params(params_file, merged)
 
 
+def overridden(original: bytes | None, params: dict[str, Any]) -> bool:
+    """Whether ``params`` differ in value from what the original params.yaml (with defaults) says."""
+    import yaml
+
+    from spf.params import ParamsError, PipelineParams
+
+    try:
+        base = yaml.safe_load(original.decode()) if original is not None else {}
+        return PipelineParams.from_dict(base or {}, source="params.yaml").to_dict() != params
+    except (ParamsError, yaml.YAMLError, UnicodeDecodeError):
+        return True
+
+
 def restore_params(path: Path, original: bytes | None) -> None:
     from spf.io import atomic_path
 
@@ -179,7 +192,9 @@ def spf_pipeline(
             finish_run_task(params, run, decision)
 
     finally:
-        if params_path.exists() and params_path.read_bytes() != original:
+        # Put the team's file back only when this run overrode its values; a file that merely left some
+        # keys at their defaults stays spelled out in full (what dvc.lock records, so `dvc status` is clean).
+        if params_path.exists() and params_path.read_bytes() != original and overridden(original, params):
             restore_params(params_path, original)
     summary = {
         "promoted": bool(decision["promote"]),

@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -65,3 +66,36 @@ def dvc_push(cwd: str | Path, remote: str | None = None, targets: list[str] | No
     if remote:
         args += ["--remote", remote]
     dvc(args + (targets or []), cwd)
+
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+def init_workspace(
+    dest: str | Path, params: dict[str, Any], *, local_remote: str | Path | None = None
+) -> Path:
+    """A separate pipeline workspace at ``dest``: this project's dvc.yaml, DVC config and the source files
+    the stages declare as deps, the given ``params.yaml``, a git repository with one commit.
+
+    For running the pipeline somewhere other than the checkout (tests, benchmarks, a scratch experiment).
+    ``local_remote`` re-points the default ``local`` DVC remote (else it stays ``../runs/dvc-remote``).
+    """
+    import yaml
+
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    spec = yaml.safe_load((PROJECT_ROOT / "dvc.yaml").read_text())
+    deps = {
+        d for stage in spec["stages"].values() for d in stage.get("deps", []) if not d.startswith("outputs/")
+    }
+    for rel in sorted({"dvc.yaml", ".dvcignore", ".dvc/config", *deps}):
+        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(PROJECT_ROOT / rel, dest / rel)
+    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    git = ["git", "-c", "user.email=spf@localhost", "-c", "user.name=spf"]
+    subprocess.run([*git, "init", "-q", "-b", "main"], cwd=dest, check=True, capture_output=True)
+    if local_remote is not None:
+        dvc(["remote", "modify", "local", "url", str(local_remote)], dest)
+    subprocess.run([*git, "add", "-A"], cwd=dest, check=True, capture_output=True)
+    subprocess.run([*git, "commit", "-q", "-m", "workspace"], cwd=dest, check=True, capture_output=True)
+    return dest

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -23,7 +22,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import yaml
 
 from tests.services import free_port
 
@@ -77,37 +75,19 @@ def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str
         subprocess.run(["bash", str(SCRIPT), "stop"], env=env, capture_output=True, timeout=120)
 
 
-def _git(ws: Path, *args: str) -> None:
-    subprocess.run(
-        ["git", "-c", "user.email=ci@spf", "-c", "user.name=ci", *args],
-        cwd=ws,
-        check=True,
-        capture_output=True,
-    )
-
-
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory: pytest.TempPathFactory, services: dict[str, str]) -> Path:
-    """A throwaway pipeline workspace: dvc.yaml, the files it depends on, tiny params, git + DVC."""
-    ws = tmp_path_factory.mktemp("ws")
-    dvc_yaml = yaml.safe_load((ROOT / "dvc.yaml").read_text())
-    files = {"dvc.yaml", ".dvcignore", ".dvc/config"}
-    for stage in dvc_yaml["stages"].values():
-        files |= {d for d in stage.get("deps", []) if not d.startswith("outputs/")}
-    for rel in files:
-        (ws / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(ROOT / rel, ws / rel)
-    (ws / "params.yaml").write_text(yaml.safe_dump(TINY))
-    _git(ws, "init", "-q")
+    """A throwaway pipeline workspace (tasks.dvc_ops.init_workspace) with the S3 remote on the server."""
+    from tasks.dvc_ops import init_workspace
+
+    root = tmp_path_factory.mktemp("ws")
+    ws = init_workspace(root / "ws", TINY, local_remote=root / "remote")
     env = _env(services)
     for args in (
-        ["remote", "modify", "local", "url", str(ws.parent / f"{ws.name}-remote")],
-        ["remote", "modify", "s3", "endpointurl", services["AWS_ENDPOINT_URL"]],
-        ["remote", "modify", "s3", "url", f"s3://dvc/{ws.name}"],
+        ["remote", "modify", "--local", "s3", "endpointurl", services["AWS_ENDPOINT_URL"]],
+        ["remote", "modify", "--local", "s3", "url", f"s3://dvc/{root.name}"],
     ):
         subprocess.run([str(BIN / "dvc"), *args], cwd=ws, check=True, env=env, capture_output=True)
-    _git(ws, "add", "-A")
-    _git(ws, "commit", "-qm", "workspace")
     return ws
 
 
@@ -259,7 +239,9 @@ def test_pipeline_calls_gpu_deployment_and_pushes_data_to_s3(workspace: Path, se
         aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
         region_name=env["AWS_DEFAULT_REGION"],
     )
-    keys = [o["Key"] for o in s3.list_objects_v2(Bucket="dvc", Prefix=workspace.name).get("Contents", [])]
+    keys = [
+        o["Key"] for o in s3.list_objects_v2(Bucket="dvc", Prefix=workspace.parent.name).get("Contents", [])
+    ]
     assert keys, "DVC pushed nothing to the S3 remote"
 
 

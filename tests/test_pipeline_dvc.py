@@ -14,7 +14,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -26,6 +25,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+
+from tests.services import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -121,38 +122,20 @@ def set_params(ws: Path, **changes: object) -> None:
     (ws / "params.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 # ------------------------------------------------------------------------------------------ fixtures
 
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tasks.dvc_ops import init_workspace
+
     root = tmp_path_factory.mktemp("dvc")
-    ws = root / "ws"
-    ws.mkdir()
-    spec = yaml.safe_load((REPO / "dvc.yaml").read_text())
-    deps = sorted(
-        {d for stage in spec["stages"].values() for d in stage.get("deps", []) if d.startswith("spf/")}
-    )
+    ws = init_workspace(root / "ws", TINY_PARAMS, local_remote=root / "remote")
+    deps = [p.relative_to(ws).as_posix() for p in (ws / "spf").rglob("*") if p.is_file()]
     assert any(d.endswith(".py") for d in deps) and any(d.endswith(".jsonl") for d in deps)
-    for rel in ["dvc.yaml", ".dvcignore", *deps]:
-        (ws / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(REPO / rel, ws / rel)
-    (ws / "params.yaml").write_text(yaml.safe_dump(TINY_PARAMS, sort_keys=False))
-    git(ws, "init", "-q", "-b", "main")
-    dvc(ws, "init", "-q")
-    shutil.copy2(REPO / ".dvc" / "config", ws / ".dvc" / "config")
-    dvc(ws, "remote", "modify", "local", "url", str(root / "remote"))
     remotes = dvc(ws, "remote", "list").stdout
     assert "local" in remotes and "s3" in remotes
     assert dvc(ws, "config", "core.remote").stdout.strip() == "local"  # the default remote is the folder
-    git(ws, "add", "-A")
-    git(ws, "commit", "-q", "-m", "workspace")
     return ws
 
 
