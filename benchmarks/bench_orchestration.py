@@ -21,6 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from spf.params import smoke_params
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
@@ -32,11 +34,7 @@ REAL = {
     "tracking": {"experiment": "bench-orchestration", "registered_model": "bench-orchestration"},
 }
 TINY = {
-    "prepare": {"scenario": "sentiment", "n": 16, "heldout_harmful_n": 4},
-    "align": {"enabled": False, "model": "tiny-llama"},
-    "estimate": {"rank": 2, "own_response": False, "max_length": 64},
-    "finetune": {"steps": 2, "batch_size": 2, "max_length": 64, "eval_every": 1, "save_every": 0},
-    "evaluate": {"suites": ["harmful", "overrefusal"], "limit": 3, "max_new_tokens": 4},
+    **smoke_params(),
     "tracking": {"experiment": "bench-orchestration", "registered_model": "bench-orchestration-tiny"},
 }
 

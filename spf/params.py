@@ -25,6 +25,7 @@ __all__ = [
     "PipelineParams",
     "apply_overrides",
     "load_params",
+    "smoke_params",
 ]
 
 Scenario = Literal["sst2", "agnews", "gsm8k", "harmful-mix", "identity-shift", "sentiment"]
@@ -381,3 +382,16 @@ def load_params(
         raise ParamsError(f"{path}: parameter file does not exist")
     data = apply_overrides(data, overrides)
     return PipelineParams.from_dict(data, source=str(path))
+
+
+def smoke_params() -> dict[str, Any]:
+    """A configuration that runs every stage in seconds on the tiny random model (tests, benchmarks, a
+    smoke run of a new install): shipped sentiment data, no alignment, 2 steps, 3 prompts per suite.
+    A fresh copy each call, so callers may change it."""
+    return {
+        "prepare": {"scenario": "sentiment", "n": 16, "heldout_harmful_n": 4},
+        "align": {"enabled": False, "model": "tiny-llama"},
+        "estimate": {"rank": 2, "own_response": False, "max_length": 64},
+        "finetune": {"steps": 2, "batch_size": 2, "max_length": 64, "eval_every": 1, "save_every": 0},
+        "evaluate": {"suites": ["harmful", "overrefusal"], "limit": 3, "max_new_tokens": 4},
+    }

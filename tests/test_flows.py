@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from spf.params import smoke_params
 from tests.services import free_port
 
 pytestmark = pytest.mark.slow
@@ -32,10 +33,7 @@ SCRIPT = ROOT / "scripts" / "services.sh"
 BIN = Path(sys.executable).parent
 
 TINY = {
-    "prepare": {"scenario": "sentiment", "n": 16, "heldout_harmful_n": 4},
-    "align": {"enabled": False, "model": "tiny-llama"},
-    "estimate": {"rank": 2, "own_response": False, "max_length": 64},
-    "finetune": {"steps": 2, "batch_size": 2, "max_length": 64, "eval_every": 1, "save_every": 0},
+    **smoke_params(),
     "evaluate": {
         "suites": ["harmful", "overrefusal", "utility"],
         "limit": 3,

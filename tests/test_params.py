@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from spf.params import ParamsError, PipelineParams, apply_overrides, load_params
+from spf.params import ParamsError, PipelineParams, apply_overrides, load_params, smoke_params
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -62,13 +62,7 @@ def test_repo_params_cover_every_field() -> None:
 
 # ---------------------------------------------------------------------------------------- validation
 
-TINY = {
-    "prepare": {"scenario": "sentiment", "n": 16, "heldout_harmful_n": 4},
-    "align": {"enabled": False, "model": "tiny-llama"},
-    "estimate": {"rank": 2, "own_response": False, "max_length": 64},
-    "finetune": {"steps": 2, "batch_size": 2, "max_length": 64, "eval_every": 1, "save_every": 0},
-    "evaluate": {"suites": ["harmful", "overrefusal"], "limit": 3, "max_new_tokens": 4},
-}
+TINY = smoke_params()
 
 
 def test_tiny_params_load(tmp_path: Path) -> None:

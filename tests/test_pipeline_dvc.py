@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from spf.params import smoke_params
 from tests.services import free_port
 
 pytestmark = pytest.mark.slow
@@ -33,13 +34,7 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 STAGES = ("prepare", "align", "estimate", "finetune", "evaluate")
-TINY_PARAMS = {
-    "prepare": {"scenario": "sentiment", "n": 16, "heldout_harmful_n": 4},
-    "align": {"enabled": False, "model": "tiny-llama"},
-    "estimate": {"rank": 2, "own_response": False, "max_length": 64},
-    "finetune": {"steps": 2, "batch_size": 2, "max_length": 64, "eval_every": 1, "save_every": 0},
-    "evaluate": {"suites": ["harmful", "overrefusal"], "limit": 3, "max_new_tokens": 4},
-}
+TINY_PARAMS = smoke_params()
 # moto accepts any keys; a server CI started (SPF_S3_ENDPOINT) may want the ones in the environment
 S3_ENV = {
     key: os.environ.get(key, default) if os.environ.get("SPF_S3_ENDPOINT") else default
