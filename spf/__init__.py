@@ -1,6 +1,6 @@
 """Safety-preserving fine-tuning (SPF): a single-sample safety subspace and a projecting optimizer."""
 
-from spf.config import LoraSettings, SPFSettings, TrainConfig
+from spf.config import BaselineSettings, LoraSettings, SPFSettings, TrainConfig
 from spf.data import ChatSample, DataError, load_samples, save_samples
 from spf.models import ModelLoadError, load_model, tiny_llama
 from spf.optimizer import SPFOptimizer
@@ -10,6 +10,7 @@ from spf.training import TrainResult, train
 __version__ = "0.1.0"
 
 __all__ = [
+    "BaselineSettings",
     "ChatSample",
     "DataError",
     "LoraSettings",

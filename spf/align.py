@@ -87,6 +87,8 @@ class AlignConfig:
     max_prompt_chars: int = 1500  # longer benign prompts (Dolly contexts) are skipped: slow to answer
     max_length: int = 256  # training sequence length in tokens
     eval_max_new_tokens: int = 48  # held-out refusal check after merging; 0 = skip it
+    # over-refusal lever: weight of -log(1 - p(refusal opening | benign train prompt)); 0 = off
+    unlikelihood_weight: float = 0.0
     threads: int | None = None  # torch CPU threads (None = torch's default)
     device: str | None = None  # None = cuda when present, else cpu
     overwrite: bool = False  # replace an existing `out`
@@ -101,6 +103,8 @@ class AlignConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name}: must be ≥ 1, got {value}")
+        if self.unlikelihood_weight < 0:
+            raise ValueError(f"unlikelihood_weight: must be ≥ 0, got {self.unlikelihood_weight}")
         if self.eval_max_new_tokens < 0:
             raise ValueError(f"eval_max_new_tokens: must be ≥ 0, got {self.eval_max_new_tokens}")
         if self.lr <= 0:
@@ -360,6 +364,16 @@ def align(cfg: AlignConfig) -> Path:
         mix = list(ref_train) + own
         random.Random(cfg.seed).shuffle(mix)
         save_samples(mix, tmp / "sft_data.jsonl")
+        unlikelihood: dict[str, Any] = {}
+        if cfg.unlikelihood_weight > 0 and ben_train:
+            # benign TRAIN prompts only: held-out ones measure over-refusal afterwards
+            save_samples(
+                [ChatSample.from_pair(s.prompt) for s in ben_train], tmp / "unlikelihood_prompts.jsonl"
+            )
+            unlikelihood = {
+                "data": str(tmp / "unlikelihood_prompts.jsonl"),
+                "weight": cfg.unlikelihood_weight,
+            }
 
         t0 = time.perf_counter()
         adapter_dir = tmp / "adapter"
@@ -378,6 +392,7 @@ def align(cfg: AlignConfig) -> Path:
             resume=False,
             heldout_safety=str(tmp / "heldout_refusals.jsonl") if ref_held else None,
             heldout_n=max(1, len(ref_held)),
+            unlikelihood=unlikelihood,
             eval_every=max(1, cfg.steps // 4),
             threads=cfg.threads,
             device=cfg.device,
@@ -433,6 +448,8 @@ def align(cfg: AlignConfig) -> Path:
                 "heldout_refusal_loss_start": summary.get("safety_loss_heldout_start"),
                 "heldout_refusal_loss_end": summary.get("safety_loss_heldout_end"),
                 "mean_step_seconds": summary.get("mean_step_seconds"),
+                "unlikelihood_loss_start": steps[0].get("unlikelihood_loss") if steps else None,
+                "unlikelihood_loss_end": steps[-1].get("unlikelihood_loss") if steps else None,
             },
             "heldout_behaviour": behaviour,
             "timings": {**timings, "total_seconds": time.perf_counter() - t_start},
@@ -477,6 +494,12 @@ def add_align_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--eval-max-new-tokens", type=int, default=d.eval_max_new_tokens, help="held-out check; 0 = skip"
     )
+    parser.add_argument(
+        "--unlikelihood-weight",
+        type=float,
+        default=d.unlikelihood_weight,
+        help="push refusal openings down on benign train prompts (over-refusal lever; 0 = off)",
+    )
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--device", default=None)
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
@@ -503,6 +526,7 @@ def main_align(args: argparse.Namespace) -> int:
             seed=args.seed,
             max_new_tokens=args.max_new_tokens,
             eval_max_new_tokens=args.eval_max_new_tokens,
+            unlikelihood_weight=args.unlikelihood_weight,
             threads=args.threads,
             device=args.device,
             overwrite=args.overwrite,

@@ -26,7 +26,7 @@ from spf.subspace import SafetySubspace
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["latest_checkpoint", "load_checkpoint", "save_checkpoint"]
+__all__ = ["latest_checkpoint", "load_checkpoint", "load_extra_tensors", "save_checkpoint"]
 
 
 def _flatten_optimizer_state(sd: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -81,7 +81,10 @@ def save_checkpoint(
     trainer_state: dict[str, Any],
     subspace: SafetySubspace | None = None,
     keep_last: int = 2,
+    extra_tensors: dict[str, dict[str, torch.Tensor]] | None = None,
 ) -> Path:
+    """``extra_tensors``: ``{name: tensors}`` written as ``name.safetensors`` inside the same atomic folder
+    (e.g. Lisa's proximal anchor); read back with :func:`load_extra_tensors`."""
     ckpt_root = out_dir / "checkpoints"
     ckpt_root.mkdir(parents=True, exist_ok=True)
     final = ckpt_root / f"step-{step:06d}"
@@ -97,6 +100,13 @@ def save_checkpoint(
         (tmp / "trainer_state.json").write_text(json.dumps({**trainer_state, "step": step, **py_state}))
         if subspace is not None:
             subspace.save(tmp / "subspace")
+        for name, tensors in (extra_tensors or {}).items():
+            if not name.isidentifier():
+                raise ValueError(f"extra_tensors: {name!r} is not a plain file stem")
+            save_file(
+                {k: v.detach().cpu().contiguous() for k, v in tensors.items()},
+                str(tmp / f"{name}.safetensors"),
+            )
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -112,6 +122,12 @@ def save_checkpoint(
 def latest_checkpoint(out_dir: Path) -> Path | None:
     done = sorted(p for p in (out_dir / "checkpoints").glob("step-*") if (p / "trainer_state.json").is_file())
     return done[-1] if done else None
+
+
+def load_extra_tensors(path: Path, name: str) -> dict[str, torch.Tensor] | None:
+    """The ``name`` tensors saved with ``save_checkpoint(extra_tensors=...)``, or None when absent."""
+    file = Path(path) / f"{name}.safetensors"
+    return load_file(str(file)) if file.is_file() else None
 
 
 def load_checkpoint(

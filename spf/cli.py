@@ -53,12 +53,18 @@ def _build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-new-tokens", type=int, default=64, help="for generating the model's own answer")
     _add_common(e)
 
-    t = sub.add_parser("train", help="fine-tune (vanilla or SPF) with LoRA or full fine-tuning")
+    from typing import get_args
+
+    from spf.config import Method
+
+    t = sub.add_parser(
+        "train", help="fine-tune (vanilla, SPF or a baseline defense) with LoRA or full fine-tuning"
+    )
     t.add_argument("--config", default=None, help="YAML/JSON with TrainConfig fields; flags override it")
     t.add_argument("--model")
     t.add_argument("--data")
     t.add_argument("--out")
-    t.add_argument("--method", choices=["vanilla", "spf"])
+    t.add_argument("--method", choices=list(get_args(Method)), help="baselines: see docs/baselines.md")
     t.add_argument("--finetune", choices=["lora", "full"])
     t.add_argument("--subspace", help="folder from `spf estimate`")
     t.add_argument("--safety-sample", help="instead of --subspace: sample file, estimated at step 0")
@@ -83,6 +89,14 @@ def _build_parser() -> argparse.ArgumentParser:
     t.add_argument("--heldout-n", type=int)
     t.add_argument("--limit", type=int, dest="limit_data")
     t.add_argument("--no-resume", action="store_true")
+    t.add_argument("--safety-data", help="safeinstr/safegrad/lisa: (harmful prompt, refusal) pairs")
+    t.add_argument("--safeinstr-fraction", type=float, help="safeinstr: demos added per task sample")
+    t.add_argument("--safegrad-batch", type=int, help="safegrad: safety pairs per safety gradient")
+    t.add_argument("--safegrad-every", type=int, help="safegrad: project every N steps")
+    t.add_argument("--safegrad-scope", choices=["global", "module"])
+    t.add_argument("--lisa-align-steps", type=int, help="lisa: safety-data steps per cycle")
+    t.add_argument("--lisa-task-steps", type=int, help="lisa: task-data steps per cycle")
+    t.add_argument("--lisa-rho", type=float, help="lisa: proximal weight")
     _add_common(t)
 
     d = sub.add_parser("data", help="build fine-tuning datasets (threat scenarios) from public sources")
@@ -120,6 +134,17 @@ def _build_parser() -> argparse.ArgumentParser:
 
     al = sub.add_parser("align", help="make a safety-aligned base model (LoRA SFT merged into full weights)")
     add_align_arguments(al)
+
+    from spf.analysis import add_analyze_arguments
+
+    an = sub.add_parser("analyze", help="insights I-III: CER, cosine, overlap → analysis.json + PNGs")
+    add_analyze_arguments(an)
+    _add_common(an)
+
+    from spf.bench import add_bench_arguments
+
+    bn = sub.add_parser("bench", help="every defense × threat scenario (+ ablations) → docs/results.md")
+    add_bench_arguments(bn)
 
     # Pipeline stages (what dvc.yaml runs): every knob comes from params.yaml; `-S key=value` overrides.
     stage_help = {
@@ -178,7 +203,7 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     from spf.data import load_samples, save_samples
     from spf.io import save_json
     from spf.models import load_model
-    from spf.refusal import first_refused, generate, is_refusal, own_refusal
+    from spf.refusal import select_safety_samples
     from spf.subspace import estimate_batch_subspace, estimate_safety_subspace
 
     missing = [f"--{k}" for k in ("model", "sample", "rank", "out") if getattr(args, k) is None]
@@ -190,27 +215,20 @@ def cmd_estimate(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     candidates = load_samples(args.sample)
     model, tok = load_model(args.model, device=args.device)
-    if args.index is not None:
-        if not 0 <= args.index < len(candidates):
-            raise ValueError(f"{args.sample}: --index {args.index} out of range (0..{len(candidates) - 1})")
-        cand = candidates[args.index]
-        use_given = cand.response is not None and not args.own_response
-        samples = [cand if use_given else own_refusal(model, tok, cand, max_new_tokens=args.max_new_tokens)]
-    elif args.batch > 1:
-        if all(c.response is not None for c in candidates) and not args.own_response:
-            samples = candidates[: args.batch]
-        else:
-            prompts = [c.prompt_messages() for c in candidates]
-            answers = generate(model, tok, prompts, max_new_tokens=args.max_new_tokens)
-            samples = [c.with_response(a) for c, a in zip(candidates, answers, strict=True) if is_refusal(a)]
-            samples = samples[: args.batch]
-            if not samples:
-                raise ValueError(f"{args.sample}: the model refuses none of the {len(candidates)} prompts")
-    elif candidates[0].response is not None and not args.own_response:
-        samples = [candidates[0]]
+    # written refusals are used as they are unless --own-response, or when the chosen record(s) lack one
+    if args.index is not None and 0 <= args.index < len(candidates):
+        lacking = candidates[args.index].response is None
     else:
-        samples = [first_refused(model, tok, candidates, max_new_tokens=args.max_new_tokens)]
-
+        lacking = any(c.response is None for c in candidates[: max(1, args.batch)])
+    samples = select_safety_samples(
+        model,
+        tok,
+        candidates,
+        n=args.batch,
+        own_response=args.own_response or lacking,
+        index=args.index,
+        max_new_tokens=args.max_new_tokens,
+    )
     if len(samples) == 1:
         sub = estimate_safety_subspace(
             model,
@@ -262,6 +280,11 @@ _TRAIN_SPF = {
     "refresh_every": "refresh_every",
     "rank": "rank",
 }
+# flag --safety-data → baselines.safety_data, and so on
+_TRAIN_BASELINES = (
+    "safety_data", "safeinstr_fraction", "safegrad_batch", "safegrad_every", "safegrad_scope",
+    "lisa_align_steps", "lisa_task_steps", "lisa_rho",
+)  # fmt: skip
 
 
 def _train_config(args: argparse.Namespace):
@@ -286,6 +309,11 @@ def _train_config(args: argparse.Namespace):
         if getattr(args, flag) is not None:
             spf[key] = getattr(args, flag)
     cfg["spf"] = spf
+    baselines = dict(cfg.get("baselines") or {})
+    for key in _TRAIN_BASELINES:
+        if getattr(args, key) is not None:
+            baselines[key] = getattr(args, key)
+    cfg["baselines"] = baselines
     lora = dict(cfg.get("lora") or {})
     if args.lora_r is not None:
         lora["r"] = args.lora_r
@@ -358,6 +386,12 @@ def cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from spf.analysis import main_analyze
+
+    return main_analyze(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
     logging.basicConfig(
@@ -365,6 +399,7 @@ def main(argv: list[str] | None = None) -> int:
         format="%(levelname)s %(name)s: %(message)s",
     )
     from spf.align import main_align
+    from spf.bench import main_bench
     from spf.data import DataError
     from spf.evaluation import main_eval
     from spf.judges import JudgeError
@@ -378,6 +413,8 @@ def main(argv: list[str] | None = None) -> int:
         "data": cmd_data,
         "align": main_align,
         "eval": main_eval,
+        "analyze": cmd_analyze,
+        "bench": main_bench,
     }
     try:
         return (handler or handlers[args.command])(args)

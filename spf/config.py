@@ -5,11 +5,13 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal, get_args
 
-Method = Literal["vanilla", "spf"]
+Method = Literal["vanilla", "spf", "safeinstr", "safegrad", "lisa"]
+BASELINE_METHODS: tuple[str, ...] = ("safeinstr", "safegrad", "lisa")  # the defenses of spf.baselines
 Finetune = Literal["lora", "full"]
 ProjectMode = Literal["conflict", "always"]
 ProjectOn = Literal["update", "grad"]
 ConflictScope = Literal["module", "global"]
+SafeGradScope = Literal["global", "module"]
 
 
 def _check_choice(name: str, value: Any, kind: Any) -> None:
@@ -54,6 +56,54 @@ class SPFSettings:
         _check_choice("spf.conflict_scope", self.conflict_scope, ConflictScope)
 
 
+DEFAULT_REFUSAL_PREFIXES = ["I'm sorry", "I cannot", "I can't"]
+
+
+@dataclass
+class UnlikelihoodSettings:
+    """Penalise answer openings (by default refusals) on a set of prompts — an over-refusal lever for align."""
+
+    data: str | None = None  # prompts on which the prefixes are pushed down; None = off
+    prefixes: list[str] = field(default_factory=lambda: list(DEFAULT_REFUSAL_PREFIXES))
+    weight: float = 0.5  # added to the task loss as weight * mean(-log(1 - p(prefix | prompt)))
+    batch_size: int = 4  # prompts per step (each scored with every prefix)
+
+    def __post_init__(self) -> None:
+        if self.weight < 0:
+            raise ValueError(f"unlikelihood.weight: must be ≥ 0, got {self.weight}")
+        if self.batch_size < 1:
+            raise ValueError(f"unlikelihood.batch_size: must be ≥ 1, got {self.batch_size}")
+        if not self.prefixes or not all(isinstance(x, str) and x.strip() for x in self.prefixes):
+            raise ValueError("unlikelihood.prefixes: must be a non-empty list of non-empty strings")
+
+
+@dataclass
+class BaselineSettings:
+    """Knobs of the baseline defenses (spf.baselines; docs/baselines.md), used by their `method` only."""
+
+    safety_data: str | None = None  # (harmful prompt, refusal) pairs; needed by safeinstr, safegrad, lisa
+    safeinstr_fraction: float = 0.1  # safeinstr: adds max(1, round(fraction * len(task data))) demos
+    safegrad_batch: int = 4  # safegrad: safety pairs in the batch whose gradient g_s is computed
+    safegrad_every: int = 1  # safegrad: compute g_s and project every N steps (1 = every step)
+    safegrad_scope: SafeGradScope = "global"  # one dot product over all trainable params, or per tensor
+    lisa_align_steps: int = 2  # lisa: steps on the safety data per cycle (the cycle starts with them)
+    lisa_task_steps: int = 8  # lisa: steps on the task data per cycle
+    lisa_rho: float = 1.0  # lisa: proximal weight, (rho/2)·||w − w_anchor||² (0 = plain bi-state)
+
+    def __post_init__(self) -> None:
+        f = self.safeinstr_fraction
+        if isinstance(f, bool) or not isinstance(f, int | float) or not 0.0 < f <= 1.0:
+            raise ValueError(f"baselines.safeinstr_fraction: must be in (0, 1], got {f}")
+        for name in ("safegrad_batch", "safegrad_every", "lisa_align_steps", "lisa_task_steps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"baselines.{name}: must be an integer ≥ 1, got {value!r}")
+        _check_choice("baselines.safegrad_scope", self.safegrad_scope, SafeGradScope)
+        rho = self.lisa_rho
+        if isinstance(rho, bool) or not isinstance(rho, int | float) or not 0.0 <= rho < float("inf"):
+            raise ValueError(f"baselines.lisa_rho: must be a finite number ≥ 0, got {rho}")
+
+
 @dataclass
 class TrainConfig:
     model: str  # packaged name, local folder or hub id
@@ -63,6 +113,8 @@ class TrainConfig:
     finetune: Finetune = "lora"
     lora: LoraSettings = field(default_factory=LoraSettings)
     spf: SPFSettings = field(default_factory=SPFSettings)
+    unlikelihood: UnlikelihoodSettings = field(default_factory=UnlikelihoodSettings)
+    baselines: BaselineSettings = field(default_factory=BaselineSettings)
     steps: int = 30  # optimizer steps
     batch_size: int = 4
     grad_accum: int = 1
@@ -88,6 +140,14 @@ class TrainConfig:
             self.lora = LoraSettings(**self.lora)
         if isinstance(self.spf, dict):
             self.spf = SPFSettings(**self.spf)
+        if isinstance(self.unlikelihood, dict):
+            self.unlikelihood = UnlikelihoodSettings(**self.unlikelihood)
+        if isinstance(self.baselines, dict):
+            known = {f.name for f in fields(BaselineSettings)}
+            unknown = sorted(set(self.baselines) - known)
+            if unknown:
+                raise ValueError(f"baselines.{unknown[0]}: unknown key (known: {', '.join(sorted(known))})")
+            self.baselines = BaselineSettings(**self.baselines)
         _check_choice("method", self.method, Method)
         _check_choice("finetune", self.finetune, Finetune)
         for name in ("steps", "batch_size", "grad_accum", "max_length", "heldout_n"):
@@ -100,6 +160,10 @@ class TrainConfig:
             raise ValueError(f"lr: must be > 0, got {self.lr}")
         if self.method == "spf" and not (self.spf.subspace or self.spf.sample):
             raise ValueError("method 'spf' needs spf.subspace (a folder from `spf estimate`) or spf.sample")
+        if self.method in BASELINE_METHODS and not self.baselines.safety_data:
+            raise ValueError(
+                f"method {self.method!r} needs baselines.safety_data (a file of (harmful prompt, refusal) pairs)"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -34,6 +34,7 @@ __all__ = [
     "ROLES",
     "ChatSample",
     "DataError",
+    "chat_prompt_ids",
     "collate",
     "encode_sample",
     "load_samples",
@@ -449,6 +450,11 @@ def encode_sample(tokenizer: Any, sample: ChatSample, *, max_length: int = 512) 
 def pad_token_id(tokenizer: Any) -> int:
     """The tokenizer's pad id, or its EOS id when it has none (padded positions are masked anyway)."""
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def chat_prompt_ids(tokenizer: Any, sample: ChatSample) -> list[int]:
+    """Token ids of ``sample``'s prompt messages plus the generation prompt (where the answer starts)."""
+    return _chat_ids(tokenizer, sample.prompt_messages(), add_generation_prompt=True)
 
 
 def collate(encoded: list[dict[str, list[int]]], pad_token_id: int) -> dict[str, torch.Tensor]:

@@ -8,9 +8,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from spf.data import ChatSample, collate, encode_sample, pad_token_id
+from spf.data import ChatSample, chat_prompt_ids, collate, encode_sample, pad_token_id
 
-__all__ = ["batch_loss", "kept_position_loss", "per_sample_loss", "response_loss"]
+__all__ = [
+    "batch_loss",
+    "encode_prefix_batch",
+    "kept_position_loss",
+    "per_sample_loss",
+    "prefix_unlikelihood_loss",
+    "response_loss",
+]
 
 
 def per_sample_loss(logits: Tensor, labels: Tensor) -> Tensor:
@@ -66,3 +73,43 @@ def response_loss(
     finally:
         model.train(was_training)
     return losses
+
+
+def encode_prefix_batch(
+    tokenizer, prompts: Sequence[ChatSample], prefixes: Sequence[str], *, max_length: int = 256
+) -> dict[str, Tensor]:
+    """Every (prompt, prefix) pair as generation prompt + prefix tokens, only the prefix supervised.
+
+    No end-of-turn token follows the prefix: what is scored is how likely the answer is to *start* so.
+    """
+    encoded = []
+    prefix_ids = [list(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prefixes]
+    for sample in prompts:
+        ids = chat_prompt_ids(tokenizer, sample)
+        for pre in prefix_ids:
+            keep = max(1, max_length - len(pre))
+            head = ids[-keep:]
+            encoded.append(
+                {
+                    "input_ids": head + pre,
+                    "labels": [-100] * len(head) + pre,
+                    "attention_mask": [1] * (len(head) + len(pre)),
+                }
+            )
+    return collate(encoded, pad_token_id(tokenizer))
+
+
+def prefix_unlikelihood_loss(model: torch.nn.Module, batch: dict[str, Tensor]) -> Tensor:
+    """Mean over rows of -log(1 - p(prefix | prompt)): pushes a whole answer opening (e.g. a refusal) down.
+
+    Sequence-level unlikelihood (Welleck et al., 2019, applied to a phrase rather than a token): it is large
+    only while the model would actually start its answer with the prefix, and vanishes as p → 0, so it does
+    not keep pushing once the opening is unlikely.
+    """
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    logits = out.logits[:, :-1, :].float()
+    labels = batch["labels"][:, 1:]
+    mask = labels != -100
+    logp = torch.log_softmax(logits, dim=-1).gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+    seq_logp = (logp * mask).sum(1).clamp(max=-1e-6)  # log p(prefix) < 0 so that 1 - p > 0
+    return -torch.log(-torch.expm1(seq_logp)).mean()

@@ -2,7 +2,7 @@
 
 One dataclass per stage, each field commented with its meaning. Loading rejects unknown keys, wrong types,
 out-of-range values and missing input files *before any work starts*, naming the file and the dotted key
-(``params.yaml: finetune.method: must be one of 'vanilla', 'spf', got 'lorra'``). The same object backs the
+(``params.yaml: finetune.method: must be one of 'vanilla', 'spf', …, got 'lorra'``). The same object backs the
 DVC stages (``spf prepare|align|estimate|finetune|evaluate --params params.yaml``) and the Prefect flow's
 form, so the two cannot drift apart.
 """
@@ -20,6 +20,8 @@ from typing import Any, Literal, get_args, get_origin
 
 import yaml
 
+from spf.config import Method, SafeGradScope
+
 __all__ = [
     "ParamsError",
     "PipelineParams",
@@ -29,7 +31,6 @@ __all__ = [
 ]
 
 Scenario = Literal["sst2", "agnews", "gsm8k", "harmful-mix", "identity-shift", "sentiment"]
-Method = Literal["vanilla", "spf"]
 Finetune = Literal["lora", "full"]
 ProjectMode = Literal["conflict", "always"]
 ProjectOn = Literal["update", "grad"]
@@ -67,6 +68,7 @@ class AlignParams:
     lora_r: int = 16
     max_new_tokens: int = 64  # length of the model's own benign answers
     eval_max_new_tokens: int = 48  # held-out check after merging (0 = skip)
+    unlikelihood_weight: float = 0.0  # push refusal openings down on benign train prompts (0 = off)
     seed: int = 0
 
 
@@ -96,6 +98,15 @@ class FinetuneParams:
     eval_every: int = 10  # safety/task loss telemetry every N steps
     save_every: int = 10  # checkpoints (resume after a crash)
     seed: int = 0
+    # baseline defenses (method safeinstr | safegrad | lisa; docs/baselines.md)
+    safety_data: str | None = None  # (harmful prompt, refusal) pairs; None = shipped align_refusals.jsonl
+    safeinstr_fraction: float = 0.1  # safeinstr: demos added = round(fraction · training samples), ≥ 1
+    safegrad_batch: int = 4  # safegrad: safety pairs per safety gradient
+    safegrad_every: int = 1  # safegrad: safety gradient + projection every N steps
+    safegrad_scope: SafeGradScope = "global"  # safegrad: one dot product (global) or one per tensor (module)
+    lisa_align_steps: int = 2  # lisa: safety-data steps per cycle
+    lisa_task_steps: int = 8  # lisa: task-data steps per cycle
+    lisa_rho: float = 1.0  # lisa: proximal weight (0 = bi-state optimisation only)
 
 
 @dataclass
@@ -180,6 +191,10 @@ class PipelineParams:
             "finetune.grad_accum": self.finetune.grad_accum,
             "finetune.lora_r": self.finetune.lora_r,
             "finetune.max_length": self.finetune.max_length,
+            "finetune.safegrad_batch": self.finetune.safegrad_batch,
+            "finetune.safegrad_every": self.finetune.safegrad_every,
+            "finetune.lisa_align_steps": self.finetune.lisa_align_steps,
+            "finetune.lisa_task_steps": self.finetune.lisa_task_steps,
             "evaluate.max_new_tokens": self.evaluate.max_new_tokens,
             "evaluate.batch_size": self.evaluate.batch_size,
         }
@@ -213,6 +228,12 @@ class PipelineParams:
         }.items():
             if not (math.isfinite(value) and value > 0):
                 raise err(key, f"must be a finite number > 0, got {value}")
+        if not 0.0 < self.finetune.safeinstr_fraction <= 1.0:
+            raise err(
+                "finetune.safeinstr_fraction", f"must be in (0, 1], got {self.finetune.safeinstr_fraction}"
+            )
+        if not (math.isfinite(self.finetune.lisa_rho) and self.finetune.lisa_rho >= 0):
+            raise err("finetune.lisa_rho", f"must be a finite number ≥ 0, got {self.finetune.lisa_rho}")
         if not 0.0 <= self.prepare.p <= 1.0:
             raise err("prepare.p", f"must be in [0, 1], got {self.prepare.p}")
         for f in fields(self.gate):
@@ -232,6 +253,7 @@ class PipelineParams:
             files = {
                 "prepare.safety_samples": self.prepare.safety_samples,
                 "align.refusals": self.align.refusals,
+                "finetune.safety_data": self.finetune.safety_data,
             }
             for i, path in enumerate(self.align.benign or []):
                 files[f"align.benign[{i}]"] = path

@@ -224,6 +224,7 @@ def align_stage(p: PipelineParams) -> dict[str, Any]:
         seed=a.seed,
         max_new_tokens=a.max_new_tokens,
         eval_max_new_tokens=a.eval_max_new_tokens,
+        unlikelihood_weight=a.unlikelihood_weight,
         threads=p.runtime.threads,
         device=p.runtime.device,
         overwrite=True,
@@ -258,7 +259,7 @@ def estimate_stage(p: PipelineParams) -> dict[str, Any]:
     """The safety subspace from ONE (harmful prompt, refusal) sample → ``workdir/subspace``."""
     from spf.data import load_samples, save_samples
     from spf.models import load_model
-    from spf.refusal import first_refused, generate, is_refusal
+    from spf.refusal import select_safety_samples
     from spf.subspace import estimate_batch_subspace, estimate_safety_subspace
 
     _set_threads(p)
@@ -266,22 +267,9 @@ def estimate_stage(p: PipelineParams) -> dict[str, Any]:
     model_ref = aligned_model_ref(p)
     candidates = load_samples(p.stage_dir("data") / "safety.jsonl", require_response=True)
     model, tok = load_model(model_ref, device=p.runtime.device)
-    if e.n_samples == 1:
-        samples = (
-            [first_refused(model, tok, candidates, max_new_tokens=e.max_new_tokens)]
-            if e.own_response
-            else candidates[:1]
-        )
-    elif e.own_response:
-        answers = generate(
-            model, tok, [c.prompt_messages() for c in candidates], max_new_tokens=e.max_new_tokens
-        )
-        samples = [c.with_response(a) for c, a in zip(candidates, answers, strict=True) if is_refusal(a)]
-        samples = samples[: e.n_samples]
-        if not samples:
-            raise ValueError(f"the model refuses none of the {len(candidates)} safety prompts")
-    else:
-        samples = candidates[: e.n_samples]
+    samples = select_safety_samples(
+        model, tok, candidates, n=e.n_samples, own_response=e.own_response, max_new_tokens=e.max_new_tokens
+    )
     t0 = time.perf_counter()
     kwargs = {"rank": e.rank, "max_length": e.max_length, "model_ref": model_ref}
     if len(samples) == 1:
@@ -307,13 +295,19 @@ def estimate_stage(p: PipelineParams) -> dict[str, Any]:
 
 
 def finetune_stage(p: PipelineParams) -> dict[str, Any]:
-    """Vanilla or SPF fine-tuning of the aligned base → ``workdir/finetune`` (adapter + metrics.json)."""
-    from spf.config import TrainConfig
+    """Vanilla, SPF or baseline fine-tuning of the aligned base → ``workdir/finetune`` (adapter, metrics)."""
+    from spf.config import BASELINE_METHODS, TrainConfig
     from spf.training import train
 
     f = p.finetune
     out = p.stage_dir("finetune")
     subspace_dir = p.stage_dir("subspace")
+    # The baselines' safety pairs: a path as given (relative = from the workspace root, like the other
+    # inputs here), else the shipped alignment refusals — disjoint from the held-out pairs and prompts
+    # (data/safety.jsonl, heldout_harmful.csv) the safety loss and the evaluation use.
+    safety_data = None
+    if f.method in BASELINE_METHODS:
+        safety_data = f.safety_data or str(_shipped("align_refusals.jsonl"))
     cfg = TrainConfig(
         model=aligned_model_ref(p),
         data=str(p.stage_dir("data") / "train.jsonl"),
@@ -327,6 +321,16 @@ def finetune_stage(p: PipelineParams) -> dict[str, Any]:
             "mode": f.mode,
             "project_on": f.project_on,
             "refresh_every": f.refresh_every,
+        },
+        baselines={
+            "safety_data": safety_data,
+            "safeinstr_fraction": f.safeinstr_fraction,
+            "safegrad_batch": f.safegrad_batch,
+            "safegrad_every": f.safegrad_every,
+            "safegrad_scope": f.safegrad_scope,
+            "lisa_align_steps": f.lisa_align_steps,
+            "lisa_task_steps": f.lisa_task_steps,
+            "lisa_rho": f.lisa_rho,
         },
         steps=f.steps,
         lr=f.lr,

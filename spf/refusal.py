@@ -285,3 +285,54 @@ def first_refused(
         f"the model refused none of the {len(candidates)} candidates tried "
         f"(first: {_short(candidates[0].prompt)!r})"
     )
+
+
+def select_safety_samples(
+    model: Any,
+    tokenizer: Any,
+    candidates: list[ChatSample],
+    *,
+    n: int = 1,
+    own_response: bool = True,
+    index: int | None = None,
+    max_new_tokens: int = 64,
+) -> list[ChatSample]:
+    """The (harmful prompt, refusal) sample(s) a safety subspace is estimated from.
+
+    ``index`` picks one candidate (its written refusal, or the model's own with ``own_response``). Otherwise
+    the first ``n`` candidates: with ``own_response`` the first ``n`` the model refuses, each with its own
+    refusal; without, the first ``n`` as written (they must carry responses).
+    """
+    if not candidates:
+        raise ValueError("no candidate safety samples")
+    if n < 1:
+        raise ValueError(f"n must be ≥ 1, got {n}")
+    if index is not None:
+        if not 0 <= index < len(candidates):
+            raise ValueError(f"sample index {index} out of range (0..{len(candidates) - 1})")
+        cand = candidates[index]
+        if cand.response is not None and not own_response:
+            return [cand]
+        return [own_refusal(model, tokenizer, cand, max_new_tokens=max_new_tokens)]
+    if not own_response:
+        chosen = candidates[:n]
+        missing = [c.source or str(i) for i, c in enumerate(chosen) if c.response is None]
+        if missing:
+            raise ValueError(f"samples without a written refusal: {', '.join(missing[:5])}")
+        return chosen
+    if n == 1:
+        return [first_refused(model, tokenizer, candidates, max_new_tokens=max_new_tokens)]
+    answers = generate(
+        model, tokenizer, [c.prompt_messages() for c in candidates], max_new_tokens=max_new_tokens
+    )
+    refused = [c.with_response(a) for c, a in zip(candidates, answers, strict=True) if is_refusal(a)]
+    if not refused:
+        raise NotRefusedError(f"the model refuses none of the {len(candidates)} safety prompts")
+    if len(refused) < n:
+        logger.warning(
+            "the model refuses %d of %d prompts; using %d samples",
+            len(refused),
+            len(candidates),
+            len(refused),
+        )
+    return refused[:n]

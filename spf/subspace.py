@@ -36,10 +36,12 @@ from spf.models import default_target_modules, unwrap
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "COMPLIANT_OPENING",
     "SafetySubspace",
     "cer_table",
     "estimate_batch_subspace",
     "estimate_safety_subspace",
+    "margin_pair",
     "subspace_overlap",
 ]
 
@@ -194,16 +196,21 @@ def estimate_batch_subspace(
     spectrum_size: int = 64,
     svd: SVDMethod = "auto",
     model_ref: str | None = None,
+    weights: Sequence[float] | None = None,
 ) -> SafetySubspace:
     """Gradient of the mean (over samples) refusal cross-entropy; per-module truncated SVD of rank ``rank``.
 
-    Needs every sample to carry a response (the refusal). The model is put in eval mode (no dropout)
+    Needs every sample to carry a response (the refusal). ``weights`` (one per sample, default all 1)
+    turn the mean into a weighted sum / n: ``[1, -1]`` on (prompt, refusal) and (prompt, compliance)
+    gives the gradient of the margin CE(refusal) − CE(compliance) (see :func:`margin_pair`). The model is put in eval mode (no dropout)
     for the pass and restored afterwards; parameter ``.grad`` fields are left untouched.
     """
     if rank < 1:
         raise ValueError(f"rank must be ≥ 1, got {rank}")
     if not samples:
         raise ValueError("no samples to estimate the safety subspace from")
+    if weights is not None and len(weights) != len(samples):
+        raise ValueError(f"weights: expected {len(samples)} values (one per sample), got {len(weights)}")
     t0 = time.perf_counter()
     base = unwrap(model)
     names = list(modules) if modules is not None else default_target_modules(model)
@@ -256,7 +263,10 @@ def estimate_batch_subspace(
                 input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=positions
             )
             losses = kept_position_loss(out.logits, labels[:, positions + 1])
-            loss = losses.mean()
+            if weights is None:
+                loss = losses.mean()
+            else:
+                loss = (losses * torch.tensor(list(weights), dtype=losses.dtype, device=losses.device)).mean()
             ordered = [outputs[n] for n in names]
             grads = torch.autograd.grad(loss, ordered, allow_unused=True)
     finally:
@@ -290,11 +300,28 @@ def estimate_batch_subspace(
         "n_tokens": n_tokens,
         "safety_loss": float(loss.detach()),
         "estimator": "batch",
+        **({"weights": [float(w) for w in weights]} if weights is not None else {}),
         "seconds": round(time.perf_counter() - t0, 4),
     }
     sub = SafetySubspace(bases, energy, spectra, rank, meta)
     logger.debug("estimated safety subspace: %d modules, rank %d, %d tokens", len(bases), rank, n_tokens)
     return sub
+
+
+COMPLIANT_OPENING = "Sure, here is a step-by-step guide:\n\nStep 1:"
+
+
+def margin_pair(
+    sample: ChatSample, compliance: str = COMPLIANT_OPENING
+) -> tuple[list[ChatSample], list[float]]:
+    """Samples and weights whose gradient is that of the margin CE(refusal) − CE(compliant opening).
+
+    Plain CE protects "keep saying this refusal"; the margin protects "prefer refusing to complying" — the
+    compliant side is what a harmful fine-tune pushes up (AdvBench-style "Sure, here is …" targets).
+    """
+    if sample.response is None:
+        raise ValueError("margin_pair needs a sample with its refusal as the response")
+    return [sample, sample.with_response(compliance)], [1.0, -1.0]
 
 
 def _svd_of_outer(d: Tensor, x: Tensor, *, method: SVDMethod = "auto") -> tuple[Tensor, Tensor, Tensor]:

@@ -1,4 +1,5 @@
-"""One training loop for vanilla and SPF fine-tuning, over LoRA (peft) or full fine-tuning.
+"""One training loop for vanilla and SPF fine-tuning, over LoRA (peft) or full fine-tuning, plus the baseline
+defenses of :mod:`spf.baselines` (SafeInstr, SafeGrad-style gradient surgery, Lisa) for comparison.
 
 Metrics go to an injected ``callback(record: dict)`` — no tracking library is imported here; the MLflow
 bridge lives with the pipeline. Everything the loop writes is safetensors or JSON.
@@ -17,11 +18,20 @@ import torch
 from peft import LoraConfig, get_peft_model
 from tqdm.auto import tqdm
 
-from spf.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from spf.config import TrainConfig
+from spf.baselines import (
+    add_proximal_grad,
+    lisa_last_switch,
+    lisa_state,
+    lisa_steps_before,
+    mix_safety_demos,
+    pcgrad_project,
+    safety_batch_indices,
+)
+from spf.checkpoint import latest_checkpoint, load_checkpoint, load_extra_tensors, save_checkpoint
+from spf.config import BASELINE_METHODS, TrainConfig
 from spf.data import ChatSample, collate, encode_sample, load_samples, pad_token_id
 from spf.io import save_json
-from spf.losses import batch_loss, response_loss
+from spf.losses import batch_loss, encode_prefix_batch, prefix_unlikelihood_loss, response_loss
 from spf.models import auto_device, default_target_modules, load_model, unwrap
 from spf.optimizer import SPFOptimizer
 from spf.subspace import SafetySubspace, estimate_batch_subspace, estimate_safety_subspace
@@ -126,6 +136,10 @@ def train(cfg: TrainConfig, callback: Callback | None = None) -> TrainResult:
         torch.set_num_threads(cfg.threads)
     # validate the data before anything is created on disk
     data = load_samples(cfg.data, require_response=True, limit=cfg.limit_data)
+    bl = cfg.baselines
+    baseline_safety: list[ChatSample] = []  # the (harmful prompt, refusal) pairs a baseline trains on/against
+    if cfg.method in BASELINE_METHODS:
+        baseline_safety = load_samples(bl.safety_data, require_response=True)  # type: ignore[arg-type]
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
@@ -133,7 +147,19 @@ def train(cfg: TrainConfig, callback: Callback | None = None) -> TrainResult:
 
     model, tokenizer = _setup_model(cfg, device)
     pad = pad_token_id(tokenizer)
-    encoded = [encode_sample(tokenizer, s, max_length=cfg.max_length) for s in data]
+    train_samples = data
+    safeinstr_added: list[ChatSample] = []
+    if cfg.method == "safeinstr":
+        train_samples, safeinstr_added = mix_safety_demos(
+            data, baseline_safety, bl.safeinstr_fraction, cfg.seed
+        )
+        logger.info("safeinstr: %d safety demos added to %d task samples", len(safeinstr_added), len(data))
+    encoded = [encode_sample(tokenizer, s, max_length=cfg.max_length) for s in train_samples]
+    safety_encoded = (
+        [encode_sample(tokenizer, s, max_length=cfg.max_length) for s in baseline_safety]
+        if cfg.method in ("safegrad", "lisa")
+        else []
+    )
 
     subspace: SafetySubspace | None = None
     safety_samples: list[ChatSample] = []
@@ -144,11 +170,25 @@ def train(cfg: TrainConfig, callback: Callback | None = None) -> TrainResult:
     sample = safety_samples[0] if safety_samples else None
 
     heldout: list[ChatSample] = []
+    heldout_overlap = 0
     if cfg.heldout_safety:
         skip = {s.sha256() for s in safety_samples}  # never evaluate on what the subspace was built from
-        pool = [s for s in load_samples(cfg.heldout_safety, require_response=True) if s.sha256() not in skip]
+        loaded = load_samples(cfg.heldout_safety, require_response=True)
+        pool = [s for s in loaded if s.sha256() not in skip]
+        if baseline_safety:  # nor on what a baseline trains on
+            trained = {s.sha256() for s in baseline_safety}
+            kept = [s for s in pool if s.sha256() not in trained]
+            if len(kept) < len(pool):
+                logger.warning(
+                    "%d held-out safety pairs are also in baselines.safety_data: left out of the held-out loss",
+                    len(pool) - len(kept),
+                )
+            heldout_overlap = len(pool) - len(kept)
+            pool = kept
         heldout = pool[: cfg.heldout_n]
 
+    ul = cfg.unlikelihood
+    ul_prompts = load_samples(ul.data) if ul.data and ul.weight > 0 else []
     # a fixed slice of the training data: a less noisy task loss than the last batch's
     task_eval = data[: cfg.task_eval_n]
 
@@ -158,6 +198,8 @@ def train(cfg: TrainConfig, callback: Callback | None = None) -> TrainResult:
     if cfg.method == "spf":
         assert subspace is not None and safety_samples
         modules = subspace.modules
+        # a margin subspace (refusal vs compliance pair, weights [1, -1]) is re-estimated the same way
+        weights = subspace.metadata.get("weights")
 
         def refresh() -> SafetySubspace:
             return estimate_batch_subspace(
@@ -167,6 +209,7 @@ def train(cfg: TrainConfig, callback: Callback | None = None) -> TrainResult:
                 rank=cfg.spf.rank,
                 modules=modules,
                 max_length=cfg.max_length,
+                weights=weights,
             )
 
         optimizer = SPFOptimizer(
@@ -195,6 +238,21 @@ def train(cfg: TrainConfig, callback: Callback | None = None) -> TrainResult:
             optimizer.set_subspace(saved_sub)
         logger.info("resumed from %s at step %d", ckpt, start_step)
 
+    # Lisa: the proximal anchor is the trainable weights at the last switch between states (at step 0: the
+    # starting weights); a checkpoint taken between two switches carries it.
+    trainable_names = [n for n, p in model.named_parameters() if p.requires_grad]
+    lisa_anchor: list[torch.Tensor] = []
+    if cfg.method == "lisa":
+        saved = load_extra_tensors(ckpt, "lisa_anchor") if ckpt is not None else None
+        if saved is not None:
+            lisa_anchor = [
+                saved[n].to(p.device, p.dtype) for n, p in zip(trainable_names, params, strict=True)
+            ]
+        elif lisa_last_switch(start_step, bl.lisa_align_steps, bl.lisa_task_steps) == start_step:
+            lisa_anchor = [p.detach().clone() for p in params]
+        else:
+            raise ValueError(f"{ckpt}: lisa checkpoint without lisa_anchor.safetensors between two switches")
+
     def emit(record: dict[str, Any]) -> None:
         if callback is not None:
             callback(record)
@@ -217,20 +275,62 @@ def train(cfg: TrainConfig, callback: Callback | None = None) -> TrainResult:
 
     if start_step == 0:
         evaluate(0)
-    stream = _batches(
-        len(encoded), cfg.batch_size, cfg.seed, start=start_step * cfg.batch_size * cfg.grad_accum
+    per_step = cfg.batch_size * cfg.grad_accum
+    task_steps_done, align_steps_done = start_step, 0
+    if cfg.method == "lisa":  # each data stream resumes where its own steps left it
+        align_steps_done, task_steps_done = lisa_steps_before(
+            start_step, bl.lisa_align_steps, bl.lisa_task_steps
+        )
+    stream = _batches(len(encoded), cfg.batch_size, cfg.seed, start=task_steps_done * per_step)
+    align_stream = (
+        _batches(len(safety_encoded), cfg.batch_size, cfg.seed + 7_919, start=align_steps_done * per_step)
+        if cfg.method == "lisa"
+        else None
     )
     model.train()
     bar = tqdm(range(start_step, cfg.steps), desc=f"train[{cfg.method}]", initial=start_step, total=cfg.steps)
     for step in bar:
         t0 = time.perf_counter()
         total = 0.0
+        phase = "task"
+        if cfg.method == "lisa":
+            phase = lisa_state(step, bl.lisa_align_steps, bl.lisa_task_steps)
+            if step > start_step and lisa_last_switch(step, bl.lisa_align_steps, bl.lisa_task_steps) == step:
+                # a switch: the new state is anchored where the last one left the weights
+                lisa_anchor = [p.detach().clone() for p in params]
         for _ in range(cfg.grad_accum):
-            idx, _pos = next(stream)
-            batch = {k: v.to(device) for k, v in collate([encoded[i] for i in idx], pad).items()}
+            if phase == "align":
+                assert align_stream is not None
+                idx, _pos = next(align_stream)
+                rows = [safety_encoded[i] for i in idx]
+            else:
+                idx, _pos = next(stream)
+                rows = [encoded[i] for i in idx]
+            batch = {k: v.to(device) for k, v in collate(rows, pad).items()}
             loss = batch_loss(model, batch) / cfg.grad_accum
             loss.backward()
             total += float(loss.detach())
+        ul_value = None
+        if ul_prompts:
+            # a deterministic, resumable pick of prompts for this step
+            gen = torch.Generator().manual_seed(cfg.seed * 7_919 + step)
+            pick = torch.randint(len(ul_prompts), (ul.batch_size,), generator=gen).tolist()
+            ul_batch = encode_prefix_batch(
+                tokenizer, [ul_prompts[i] for i in pick], ul.prefixes, max_length=cfg.max_length
+            )
+            ul_loss = prefix_unlikelihood_loss(model, {k: v.to(device) for k, v in ul_batch.items()})
+            (ul.weight * ul_loss).backward()
+            ul_value = float(ul_loss.detach())
+        baseline_rec: dict[str, Any] = {}
+        if cfg.method == "safegrad" and step % bl.safegrad_every == 0:
+            baseline_rec = _safegrad_surgery(model, params, safety_encoded, pad, device, cfg, step)
+        elif cfg.method == "lisa":
+            prox = add_proximal_grad(params, lisa_anchor, bl.lisa_rho)
+            baseline_rec = {
+                "lisa/state": phase,
+                "lisa/is_align": float(phase == "align"),
+                "lisa/proximal": prox,
+            }
         if cfg.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         optimizer.step()
@@ -244,8 +344,11 @@ def train(cfg: TrainConfig, callback: Callback | None = None) -> TrainResult:
             "lr": scheduler.get_last_lr()[0],
             "step_seconds": time.perf_counter() - t0,
         }
+        if ul_value is not None:
+            rec["unlikelihood_loss"] = ul_value
         if isinstance(optimizer, SPFOptimizer):
             rec.update(optimizer.last_diagnostics)
+        rec.update(baseline_rec)
         history.append(rec)
         emit({"kind": "train", **rec})
         bar.set_postfix(loss=f"{total:.3f}")
@@ -261,13 +364,28 @@ def train(cfg: TrainConfig, callback: Callback | None = None) -> TrainResult:
                 {"history": history, "evals": evals, "scheduler": scheduler.state_dict()},
                 subspace=optimizer.subspace if isinstance(optimizer, SPFOptimizer) else None,
                 keep_last=cfg.keep_checkpoints,
+                extra_tensors=(
+                    {"lisa_anchor": dict(zip(trainable_names, lisa_anchor, strict=True))}
+                    if cfg.method == "lisa"
+                    else None
+                ),
             )
     bar.close()
     evaluate(cfg.steps)
     model.eval()
 
     _save_model(model, tokenizer, out, cfg)
-    metrics = _summarise(cfg, history, evals)
+    metrics = _summarise(
+        cfg,
+        history,
+        evals,
+        baseline={
+            "n_task": len(data),
+            "n_safety": len(baseline_safety),
+            "safeinstr_added": len(safeinstr_added),
+            "heldout_overlap_removed": heldout_overlap,
+        },
+    )
     save_json(metrics, out / "metrics.json")
     return TrainResult(out=out, metrics=metrics)
 
@@ -282,13 +400,17 @@ def _save_model(model, tokenizer, out: Path, cfg: TrainConfig) -> None:
     save_json(cfg.to_dict(), out / "train_config.json")
 
 
-def _summarise(cfg: TrainConfig, history: list[dict], evals: list[dict]) -> dict[str, Any]:
+def _summarise(
+    cfg: TrainConfig, history: list[dict], evals: list[dict], baseline: dict[str, Any] | None = None
+) -> dict[str, Any]:
     times = [h["step_seconds"] for h in history[1:]] or [h["step_seconds"] for h in history]
+    # Lisa's alignment steps train on the safety data: the final (task) loss is the last task step's
+    task_steps = [h for h in history if h.get("lisa/state", "task") == "task"]
     summary: dict[str, Any] = {
         "method": cfg.method,
         "finetune": cfg.finetune,
         "steps": cfg.steps,
-        "final_loss": history[-1]["loss"] if history else None,
+        "final_loss": task_steps[-1]["loss"] if task_steps else None,
         "mean_step_seconds": sum(times) / len(times) if times else None,
     }
     for key in ("safety_loss_sample", "safety_loss_heldout", "task_loss"):
@@ -304,4 +426,67 @@ def _summarise(cfg: TrainConfig, history: list[dict], evals: list[dict]) -> dict
             "refresh_every": cfg.spf.refresh_every,
             "rank": cfg.spf.rank,
         }
+    if cfg.method in BASELINE_METHODS:
+        summary.update(_summarise_baseline(cfg, history, baseline or {}))
     return {"summary": summary, "steps": history, "evals": evals}
+
+
+def _summarise_baseline(cfg: TrainConfig, history: list[dict], info: dict[str, Any]) -> dict[str, Any]:
+    """Flat numbers (the pipeline and MLflow keep scalars) plus the settings under ``baselines``."""
+    b = cfg.baselines
+    settings: dict[str, Any] = {"safety_data": b.safety_data, "n_safety": info.get("n_safety")}
+    out: dict[str, Any] = {"heldout_overlap_removed": info.get("heldout_overlap_removed", 0)}
+    if cfg.method == "safeinstr":
+        settings["safeinstr_fraction"] = b.safeinstr_fraction
+        out["safeinstr_added"] = info.get("safeinstr_added")
+        out["safeinstr_n_task"] = info.get("n_task")
+    elif cfg.method == "safegrad":
+        settings.update(
+            safegrad_batch=b.safegrad_batch, safegrad_every=b.safegrad_every, safegrad_scope=b.safegrad_scope
+        )
+        checks = [h for h in history if "safegrad/cos" in h]
+        out["safegrad_checks"] = len(checks)
+        out["safegrad_projected_steps"] = sum(h["safegrad/projected"] > 0 for h in checks)
+        if checks:
+            out["safegrad_mean_cos"] = sum(h["safegrad/cos"] for h in checks) / len(checks)
+            out["safegrad_mean_seconds"] = sum(h["safegrad/seconds"] for h in checks) / len(checks)
+            out["safegrad_safety_loss_start"] = checks[0]["safegrad/safety_loss"]
+            out["safegrad_safety_loss_end"] = checks[-1]["safegrad/safety_loss"]
+    else:
+        settings.update(
+            lisa_align_steps=b.lisa_align_steps, lisa_task_steps=b.lisa_task_steps, lisa_rho=b.lisa_rho
+        )
+        out["lisa_align_steps_run"] = sum(h.get("lisa/state") == "align" for h in history)
+        out["lisa_task_steps_run"] = sum(h.get("lisa/state") == "task" for h in history)
+        if history:
+            out["lisa_mean_proximal"] = sum(h.get("lisa/proximal", 0.0) for h in history) / len(history)
+    return {**out, "baselines": settings}
+
+
+def _safegrad_surgery(
+    model, params: list[torch.Tensor], safety_encoded: list, pad: int, device, cfg: TrainConfig, step: int
+) -> dict[str, Any]:
+    """SafeGrad-style step: the safety gradient g_s on a deterministic batch, then PCGrad on the accumulated
+    task gradient in ``.grad`` (before clipping). One extra forward + backward; ``.grad`` is not touched by the
+    safety backward (``torch.autograd.grad``)."""
+    t0 = time.perf_counter()
+    b = cfg.baselines
+    pick = safety_batch_indices(len(safety_encoded), b.safegrad_batch, cfg.seed, step)
+    batch = {k: v.to(device) for k, v in collate([safety_encoded[i] for i in pick], pad).items()}
+    s_loss = batch_loss(model, batch)
+    s_grads = torch.autograd.grad(s_loss, params, allow_unused=True)
+    s_grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, s_grads, strict=True)]
+    for p in params:
+        if p.grad is None:  # a parameter the task batch did not reach: its gradient is 0
+            p.grad = torch.zeros_like(p)
+    diag = pcgrad_project([p.grad for p in params], s_grads, b.safegrad_scope)  # type: ignore[misc]
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return {
+        "safegrad/safety_loss": float(s_loss.detach()),
+        "safegrad/cos": diag["cos"],
+        "safegrad/cos_after": diag["cos_after"],
+        "safegrad/projected": diag["projected"],
+        "safegrad/removed_frac": diag["removed_frac"],
+        "safegrad/seconds": time.perf_counter() - t0,
+    }
