@@ -32,10 +32,22 @@ def _tiny(tmp_path: Path, shared: Path, **over) -> Path:
         "data_n": 16,
         "heldout_harmful": 6,
         "subspace": {"own_response": False, "rank": 2},
-        "train": {"steps": 2, "batch_size": 2, "lora": {"r": 2, "alpha": 4.0}, "eval_every": 1, "heldout_n": 2,
-                  "task_eval_n": 2, "max_length": 64, "resume": False},  # fmt: skip
-        "eval": {"suites": ["harmful", "utility"], "limits": {"harmful": 2, "utility": 4}, "max_new_tokens": 4,
-                 "batch_size": 4},  # fmt: skip
+        "train": {
+            "steps": 2,
+            "batch_size": 2,
+            "lora": {"r": 2, "alpha": 4.0},
+            "eval_every": 1,
+            "heldout_n": 2,
+            "task_eval_n": 2,
+            "max_length": 64,
+            "resume": False,
+        },
+        "eval": {
+            "suites": ["harmful", "utility"],
+            "limits": {"harmful": 2, "utility": 4},
+            "max_new_tokens": 4,
+            "batch_size": 4,
+        },
         "methods": {"vanilla": {"method": "vanilla"}, "spf": {"method": "spf", "spf": {"rank": 2}}},
         "scenarios": {"sst2": {"kind": "sst2"}},
         "ablations": [{"name": "rank1", "base": "spf@sst2", "train": {"spf": {"rank": 1}}}],
@@ -65,7 +77,12 @@ def test_ablation_merges_overrides_and_keeps_the_rest(tmp_path, shared_data):
 def test_subspace_key_depends_on_every_field():
     a = SubspaceSpec()
     assert a.key() == SubspaceSpec().key()
-    assert len({a.key(), SubspaceSpec(loss="margin").key(), SubspaceSpec(n=8).key(), SubspaceSpec(index=3).key()}) == 4
+    assert (
+        len(
+            {a.key(), SubspaceSpec(loss="margin").key(), SubspaceSpec(n=8).key(), SubspaceSpec(index=3).key()}
+        )
+        == 4
+    )
 
 
 @pytest.mark.parametrize(
@@ -75,7 +92,10 @@ def test_subspace_key_depends_on_every_field():
         ({"eval": {"suites": ["harmful", "nope"]}}, "eval.suites[1]"),
         ({"matrix": {"methods": ["spf", "lora-only"]}}, "matrix.methods[1]"),
         ({"ablations": [{"name": "x", "base": "spf@nowhere"}]}, "ablations[0].base"),
-        ({"ablations": [{"name": "x", "base": "spf@sst2", "subspace": {"ranks": 3}}]}, "ablations[0].subspace"),
+        (
+            {"ablations": [{"name": "x", "base": "spf@sst2", "subspace": {"ranks": 3}}]},
+            "ablations[0].subspace",
+        ),
         ({"methods": {"vanilla": {"method": "vanila"}, "spf": {"method": "spf"}}}, "cell vanilla@sst2"),
         ({"scenarios": {"sst2": {"kind": "sst2", "p": 2.0}}}, "scenarios.sst2.p"),
     ],

@@ -70,9 +70,9 @@ def test_training_with_unlikelihood_makes_the_refusal_opening_less_likely(tmp_pa
 
 
 def test_unlikelihood_settings_are_validated():
-    with pytest.raises(ValueError, match="unlikelihood.weight"):
+    with pytest.raises(ValueError, match=r"unlikelihood\.weight"):
         TrainConfig(model="m", data="d", out="o", method="vanilla", unlikelihood={"weight": -1})
-    with pytest.raises(ValueError, match="unlikelihood.prefixes"):
+    with pytest.raises(ValueError, match=r"unlikelihood\.prefixes"):
         TrainConfig(model="m", data="d", out="o", method="vanilla", unlikelihood={"prefixes": [""]})
 
 
