@@ -25,7 +25,13 @@ CONFIGS = {
     "vanilla": {"method": "vanilla"},
     "spf-T1": {"method": "spf", "refresh_every": 1},
     "spf-T10": {"method": "spf", "refresh_every": 10},
+    "spf-T50": {"method": "spf", "refresh_every": 50},
     "spf-never": {"method": "spf", "refresh_every": 0},
+    # baselines (issue #5): SafeGrad pays a safety-batch forward+backward every step; Lisa's proximal term is
+    # cheap but its alignment steps are training steps on other data; SafeInstr only changes the data
+    "safegrad": {"method": "safegrad"},
+    "lisa": {"method": "lisa"},
+    "safeinstr": {"method": "safeinstr"},
 }
 
 
@@ -47,6 +53,9 @@ def child(args: argparse.Namespace) -> None:
         task_eval_n=1,
         resume=False,
         spf={"subspace": args.subspace, "rank": 8, "refresh_every": conf.get("refresh_every", 1)},
+        baselines={"safety_data": str(ROOT / "spf" / "data" / "align_refusals.jsonl")}
+        if conf["method"] in ("safegrad", "lisa", "safeinstr")
+        else {},
     )
     res = train(cfg)
     steps = res.metrics["steps"][1:]  # the first step pays one-off allocation costs
@@ -67,7 +76,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--configs", nargs="*", default=list(CONFIGS))
+    p.add_argument("--configs", nargs="*", default=["vanilla", "spf-T1", "spf-T10", "spf-never", "safegrad"])
     p.add_argument("--config", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
     p.add_argument("--subspace", help=argparse.SUPPRESS)

@@ -28,7 +28,7 @@ from prefect.transactions import transaction
 from pydantic import Field
 
 from spf.params import PipelineParams, load_params
-from tasks.mlflow_tasks import finish_run_task, gate_task, register_task, track_run_task
+from tasks.mlflow_tasks import finish_run_task, gate_task, preflight_task, register_task, track_run_task
 from tasks.stages import dvc_version_task, run_stage_task, write_params_task
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -96,11 +96,28 @@ def _report(params: dict[str, Any], metrics: dict[str, Any], decision: dict[str,
     return "\n".join(lines)
 
 
+def register_and_gate(
+    params: dict[str, Any], run: dict[str, Any], metrics: dict[str, Any]
+) -> tuple[str, dict[str, Any], str]:
+    """Register the tracked model, gate it, publish the report, close the MLflow run — one transaction:
+    if anything after the promotion fails, the gate task's rollback hook puts `champion` back where it
+    was. MLflow down here fails at registration, before the gate: nothing half-registered or promoted."""
+    with transaction() as txn:
+        txn.set("params", params)
+        version = register_task(params, run, metrics)
+        decision = gate_task(params, run, version)
+        txn.set("decision", decision)
+        markdown = _report(params, metrics, decision, run)
+        create_markdown_artifact(markdown=markdown, key="spf-gate", description="SPF promotion gate")
+        finish_run_task(params, run, decision)
+    return version, decision, markdown
+
+
 @flow(name="spf-pipeline", log_prints=True, validate_parameters=True)
 def spf_pipeline(
     base_model: str | None = None,
     scenario: Literal["sst2", "agnews", "gsm8k", "harmful-mix", "identity-shift", "sentiment"] | None = None,
-    method: Literal["spf", "vanilla"] | None = None,
+    method: Literal["spf", "vanilla", "safeinstr", "safegrad", "lisa"] | None = None,
     rank: int | None = Field(default=None, ge=1, description="k, safety directions per module"),
     steps: int | None = Field(default=None, ge=1, description="fine-tuning optimizer steps"),
     lr: float | None = Field(default=None, gt=0),
@@ -135,6 +152,7 @@ def spf_pipeline(
     p = build_params(params_file, form, overrides)  # fails here, before any work, on bad parameters
     params = p.to_dict()
     log.info("effective parameters: %s", json.dumps(params))
+    preflight_task(params)  # MLflow unreachable: fail now, not after training (docs/operations.md)
 
     # The run's effective parameters go to params.yaml so dvc.lock records them; the team's file is put
     # back afterwards, so a one-off override (a UI run with method=vanilla) never leaks into the next
@@ -179,17 +197,7 @@ def spf_pipeline(
         }
         if "aborted" in results["finetune"]:
             metrics["aborted"] = results["finetune"]["aborted"]
-
-        # Registration + gate + report are one transaction: if anything after the promotion fails, the
-        # gate task's rollback hook puts `champion` back where it was.
-        with transaction() as txn:
-            txn.set("params", params)
-            version = register_task(params, run, metrics)
-            decision = gate_task(params, run, version)
-            txn.set("decision", decision)
-            markdown = _report(params, metrics, decision, run)
-            create_markdown_artifact(markdown=markdown, key="spf-gate", description="SPF promotion gate")
-            finish_run_task(params, run, decision)
+        version, decision, markdown = register_and_gate(params, run, metrics)
 
     finally:
         # Put the team's file back only when this run overrode its values; a file that merely left some

@@ -827,8 +827,11 @@ def plot_analysis(analysis: dict[str, Any], folder: str | Path) -> list[str]:
 
     # (II) cosine distribution and per-layer fraction negative
     fig, ax = plt.subplots(figsize=(7, 4))
+    every = [v for task in tasks for v in cos["tasks"][task]["values"]]
+    lo, hi = min([*every, 0.0]), max([*every, 0.0])
+    bins = [lo + (hi - lo) * i / 40 for i in range(41)] if hi > lo else 10
     for task in tasks:
-        ax.hist(cos["tasks"][task]["values"], bins=30, alpha=0.5, label=task, color=colors[task])
+        ax.hist(cos["tasks"][task]["values"], bins=bins, alpha=0.45, label=task, color=colors[task])
     ax.axvline(0, color="black", lw=1)
     ax.set(title="cos(g_safety, g_utility), all chosen modules flattened", xlabel="cosine", ylabel="samples")
     ax.legend()
@@ -1010,6 +1013,9 @@ def write_analysis(analysis: dict[str, Any], out: str | Path) -> Path:
         raise FileExistsError(f"{out} exists and is not a folder")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    umask = os.umask(0o022)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp's 0700 would otherwise become the result folder's mode
     try:
         analysis["figures"] = plot_analysis(analysis, tmp)
         save_json(analysis, tmp / "analysis.json")
