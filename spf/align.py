@@ -301,12 +301,10 @@ def _publish(tmp: Path, out: Path) -> None:
 
 
 def _merge(cfg: AlignConfig, adapter_dir: Path, dest: Path) -> None:
-    from peft import PeftModel
-
-    from spf.models import load_model
+    from spf.models import load_adapter, load_model
 
     base, tokenizer = load_model(cfg.model)
-    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    merged = load_adapter(base, adapter_dir).merge_and_unload()
     merged.config._name_or_path = str(Path(cfg.out).resolve())  # not the base: this folder is the model
     merged.save_pretrained(str(dest), safe_serialization=True)
     tokenizer.save_pretrained(str(dest))

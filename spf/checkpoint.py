@@ -1,13 +1,18 @@
 """Resumable training checkpoints, safetensors only (no pickle anywhere).
 
 A checkpoint folder ``step-N/`` holds the trainable parameters, the optimizer state (tensors in
-safetensors, the rest — step counts, hyper-parameters — in JSON), the RNG states, the current safety
-subspace when SPF is on, and ``trainer_state.json``. It is written into a temporary folder and renamed,
-so a crash never leaves a half-written checkpoint that resume would pick up.
+safetensors, the rest — step counts, hyper-parameters — in JSON), the RNG states (torch, CUDA, numpy,
+Python), the current safety subspace when SPF is on, ``trainer_state.json`` and ``manifest.json`` (size
+and SHA-256 of every other file, written last). It is built in a temporary ``.step-N.*`` folder, every
+file is fsynced, and the folder is renamed into place, so a crash never leaves a half-written
+``step-N``; :func:`latest_checkpoint` also re-checks the manifest and skips a folder whose files do not
+match it (a disk that lost data), falling back to the previous checkpoint.
 """
 
 from __future__ import annotations
 
+import ast
+import hashlib
 import json
 import logging
 import os
@@ -26,7 +31,18 @@ from spf.subspace import SafetySubspace
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["latest_checkpoint", "load_checkpoint", "load_extra_tensors", "save_checkpoint"]
+__all__ = [
+    "discard_partial_checkpoints",
+    "latest_checkpoint",
+    "load_checkpoint",
+    "load_extra_tensors",
+    "save_checkpoint",
+    "verify_checkpoint",
+]
+
+MANIFEST = "manifest.json"
+# Files every checkpoint has (a legacy checkpoint without a manifest must at least have these).
+_REQUIRED = ("trainable.safetensors", "optimizer.safetensors", "optimizer.json", "rng.safetensors")
 
 
 def _flatten_optimizer_state(sd: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -61,16 +77,61 @@ def _unflatten_optimizer_state(tensors: dict[str, torch.Tensor], meta: dict[str,
     return out
 
 
-def _rng_state() -> dict[str, torch.Tensor]:
-    np_state = np.random.get_state()
-    out = {
+def _rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Tensor RNG states (torch, CUDA, numpy's key array) and the JSON rest (numpy's position, Python's)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    tensors = {
         "torch": torch.get_rng_state(),
-        "numpy_keys": torch.from_numpy(np_state[1].astype(np.int64)),
+        "numpy_keys": torch.from_numpy(keys.astype(np.int64)),
     }
     if torch.cuda.is_available():
         for i, st in enumerate(torch.cuda.get_rng_state_all()):
-            out[f"cuda{i}"] = st
-    return out
+            tensors[f"cuda{i}"] = st
+    rest = {
+        "numpy": {
+            "kind": kind,
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
+        "python": repr(random.getstate()),
+    }
+    return tensors, rest
+
+
+def _restore_rng(tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
+    torch.set_rng_state(tensors["torch"])
+    for key, st in tensors.items():
+        if key.startswith("cuda") and torch.cuda.is_available() and int(key[4:]) < torch.cuda.device_count():
+            torch.cuda.set_rng_state(st, int(key[4:]))
+    np_rest = state.get("numpy")
+    if np_rest is not None and "numpy_keys" in tensors:
+        keys = tensors["numpy_keys"].numpy().astype(np.uint32)
+        np.random.set_state(
+            (np_rest["kind"], keys, np_rest["pos"], np_rest["has_gauss"], np_rest["cached_gaussian"])
+        )
+    py = state.get("python")
+    if isinstance(py, str):
+        random.setstate(ast.literal_eval(py))  # (version, tuple of ints, gauss): literals only
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file (or a folder's entries) to disk: a rename is only as durable as what it points at."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:  # some filesystems refuse fsync on folders
+        pass
+    finally:
+        os.close(fd)
 
 
 def save_checkpoint(
@@ -95,9 +156,9 @@ def save_checkpoint(
         opt_tensors, opt_meta = _flatten_optimizer_state(optimizer.state_dict())
         save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
         (tmp / "optimizer.json").write_text(json.dumps(opt_meta))
-        save_file(_rng_state(), str(tmp / "rng.safetensors"))
-        py_state = {"python": repr(random.getstate())}
-        (tmp / "trainer_state.json").write_text(json.dumps({**trainer_state, "step": step, **py_state}))
+        rng_tensors, rng_rest = _rng_state()
+        save_file(rng_tensors, str(tmp / "rng.safetensors"))
+        (tmp / "trainer_state.json").write_text(json.dumps({**trainer_state, "step": step, "rng": rng_rest}))
         if subspace is not None:
             subspace.save(tmp / "subspace")
         for name, tensors in (extra_tensors or {}).items():
@@ -107,9 +168,17 @@ def save_checkpoint(
                 {k: v.detach().cpu().contiguous() for k, v in tensors.items()},
                 str(tmp / f"{name}.safetensors"),
             )
+        files = sorted(p for p in tmp.rglob("*") if p.is_file())
+        manifest = {
+            p.relative_to(tmp).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)} for p in files
+        }
+        (tmp / MANIFEST).write_text(json.dumps({"step": step, "files": manifest}, indent=1))
+        for p in [*files, tmp / MANIFEST, *(d for d in tmp.rglob("*") if d.is_dir()), tmp]:
+            _fsync(p)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
+        _fsync(ckpt_root)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -119,9 +188,60 @@ def save_checkpoint(
     return final
 
 
+def verify_checkpoint(path: Path) -> str | None:
+    """Why ``path`` is not a complete checkpoint, or None when it is.
+
+    Complete: ``trainer_state.json`` parses, and every file the manifest lists has its recorded size and
+    SHA-256. (A checkpoint from before manifests existed passes when its required files are present.)
+    """
+    path = Path(path)
+    try:
+        state = json.loads((path / "trainer_state.json").read_text())
+    except FileNotFoundError:
+        return "no trainer_state.json"
+    except (OSError, ValueError) as exc:
+        return f"trainer_state.json unreadable ({exc})"
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        return "trainer_state.json has no step"
+    manifest_file = path / MANIFEST
+    if not manifest_file.is_file():
+        missing = [name for name in _REQUIRED if not (path / name).is_file()]
+        return f"no {MANIFEST} and missing {missing}" if missing else None
+    try:
+        files = json.loads(manifest_file.read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return f"{MANIFEST} unreadable ({exc})"
+    for rel, want in files.items():
+        f = path / rel
+        if not f.is_file():
+            return f"{rel} missing"
+        if f.stat().st_size != want["size"]:
+            return f"{rel} has {f.stat().st_size} bytes, manifest says {want['size']}"
+        if _sha256(f) != want["sha256"]:
+            return f"{rel} does not match its SHA-256 in {MANIFEST}"
+    return None
+
+
 def latest_checkpoint(out_dir: Path) -> Path | None:
-    done = sorted(p for p in (out_dir / "checkpoints").glob("step-*") if (p / "trainer_state.json").is_file())
-    return done[-1] if done else None
+    """The newest complete ``checkpoints/step-N`` under ``out_dir``; incomplete or corrupted ones are
+    skipped with a warning (temporary ``.step-N.*`` folders of an interrupted save never match)."""
+    for path in sorted((Path(out_dir) / "checkpoints").glob("step-*"), reverse=True):
+        if not path.is_dir():
+            continue
+        problem = verify_checkpoint(path)
+        if problem is None:
+            return path
+        logger.warning("skipping checkpoint %s: %s", path, problem)
+    return None
+
+
+def discard_partial_checkpoints(out_dir: Path) -> list[Path]:
+    """Remove temporary folders a killed :func:`save_checkpoint` left behind; return what was removed."""
+    removed = []
+    for tmp in (Path(out_dir) / "checkpoints").glob(".step-*"):
+        shutil.rmtree(tmp, ignore_errors=True)
+        removed.append(tmp)
+    return removed
 
 
 def load_extra_tensors(path: Path, name: str) -> dict[str, torch.Tensor] | None:
@@ -145,11 +265,9 @@ def load_checkpoint(
     opt_meta = json.loads((path / "optimizer.json").read_text())
     opt_tensors = load_file(str(path / "optimizer.safetensors"))
     optimizer.load_state_dict(_unflatten_optimizer_state(opt_tensors, opt_meta))
-    rng = load_file(str(path / "rng.safetensors"))
-    torch.set_rng_state(rng["torch"])
-    for key, st in rng.items():
-        if key.startswith("cuda") and torch.cuda.is_available():
-            torch.cuda.set_rng_state(st, int(key[4:]))
     state = json.loads((path / "trainer_state.json").read_text())
+    _restore_rng(
+        load_file(str(path / "rng.safetensors")), state.get("rng") or {"python": state.get("python")}
+    )
     subspace = SafetySubspace.load(path / "subspace") if (path / "subspace").is_dir() else None
     return state, subspace

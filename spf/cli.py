@@ -2,7 +2,9 @@
 (``prepare``, ``align``, ``estimate``, ``finetune``, ``evaluate`` with ``--params params.yaml``).
 
 Errors a user can fix (bad file, unknown model, a prompt the model does not refuse) print one line
-``spf: error: …`` and exit with status 2; nothing partial is written.
+``spf: error: …`` and exit with status 2; nothing partial is written. A training run aborted on a fault
+(non-finite loss or gradient, safety-loss drift past ``abort_safety_rise``) prints ``spf: aborted: …`` and
+exits with status 3, leaving ``abort.json`` and no finished adapter.
 """
 
 from __future__ import annotations
@@ -87,6 +89,11 @@ def _build_parser() -> argparse.ArgumentParser:
     t.add_argument("--eval-every", type=int)
     t.add_argument("--heldout-safety", help="(harmful prompt, refusal) pairs whose loss is tracked")
     t.add_argument("--heldout-n", type=int)
+    t.add_argument(
+        "--abort-safety-rise",
+        type=float,
+        help="abort (exit 3, abort.json) when a tracked refusal loss rises above its step-0 value by more",
+    )
     t.add_argument("--limit", type=int, dest="limit_data")
     t.add_argument("--no-resume", action="store_true")
     t.add_argument("--safety-data", help="safeinstr/safegrad/lisa: (harmful prompt, refusal) pairs")
@@ -268,7 +275,7 @@ def cmd_estimate(args: argparse.Namespace) -> int:
 _TRAIN_FLAT = (
     "model", "data", "out", "method", "finetune", "steps", "lr", "weight_decay", "batch_size", "grad_accum",
     "max_length", "seed", "save_every", "eval_every", "heldout_safety", "heldout_n", "limit_data", "threads",
-    "device",
+    "device", "abort_safety_rise",
 )  # fmt: skip
 _TRAIN_SPF = {
     "subspace": "subspace",
@@ -405,6 +412,7 @@ def main(argv: list[str] | None = None) -> int:
     from spf.judges import JudgeError
     from spf.models import ModelLoadError
     from spf.params import ParamsError
+    from spf.training import TrainingAborted
 
     handler = cmd_stage if getattr(args, "params", None) else None
     handlers = {
@@ -418,6 +426,10 @@ def main(argv: list[str] | None = None) -> int:
     }
     try:
         return (handler or handlers[args.command])(args)
+    except TrainingAborted as e:
+        where = f" ({e.path})" if e.path is not None else ""
+        print(f"spf: aborted: {e.reason} at step {e.step}{where}", file=sys.stderr)
+        return 3
     except (ParamsError, DataError, ModelLoadError, JudgeError, FileNotFoundError, ValueError) as e:
         # NotRefusedError is a ValueError: it names the prompt the model did not refuse
         print(f"spf: error: {e}", file=sys.stderr)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal, get_args
 
@@ -131,6 +132,10 @@ class TrainConfig:
     heldout_n: int = 20
     task_eval_n: int = 16  # training samples whose mean loss is the tracked task loss (0 = off)
     eval_every: int = 10  # held-out refusal loss every N steps (and at 0 and the end)
+    # abort (TrainingAborted + abort.json) when a tracked refusal loss (held-out pairs or the estimation
+    # sample) rises above its step-0 value by more than this at an eval point; None = never. Non-finite
+    # losses and gradients always abort.
+    abort_safety_rise: float | None = None
     limit_data: int | None = None
     threads: int | None = None  # torch CPU threads (None = leave torch's default)
     device: str | None = None  # None = cuda when present, else cpu
@@ -150,14 +155,29 @@ class TrainConfig:
             self.baselines = BaselineSettings(**self.baselines)
         _check_choice("method", self.method, Method)
         _check_choice("finetune", self.finetune, Finetune)
-        for name in ("steps", "batch_size", "grad_accum", "max_length", "heldout_n"):
+        for name in ("steps", "batch_size", "grad_accum", "heldout_n"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be ≥ 1, got {getattr(self, name)}")
+        if self.max_length < 2:  # one prompt token + one supervised response token
+            raise ValueError(f"max_length: must be ≥ 2, got {self.max_length}")
         for name in ("save_every", "warmup_steps", "eval_every"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}: must be ≥ 0, got {getattr(self, name)}")
         if self.lr <= 0:
             raise ValueError(f"lr: must be > 0, got {self.lr}")
+        bound = self.abort_safety_rise
+        if bound is not None and (
+            isinstance(bound, bool)
+            or not isinstance(bound, int | float)
+            or not math.isfinite(bound)
+            or bound <= 0
+        ):
+            raise ValueError(f"abort_safety_rise: must be a finite number > 0 or None, got {bound!r}")
+        if bound is not None and not (self.heldout_safety or self.method == "spf" or self.spf.subspace):
+            raise ValueError(
+                "abort_safety_rise: needs a tracked safety loss — set heldout_safety, or a safety sample "
+                "(spf.subspace / spf.sample)"
+            )
         if self.method == "spf" and not (self.spf.subspace or self.spf.sample):
             raise ValueError("method 'spf' needs spf.subspace (a folder from `spf estimate`) or spf.sample")
         if self.method in BASELINE_METHODS and not self.baselines.safety_data:

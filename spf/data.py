@@ -67,6 +67,13 @@ _SUFFIXES: tuple[str, ...] = (".json", ".jsonl", ".csv", ".tsv")
 _CSV_FIELD_SIZE_LIMIT = 2**31 - 1
 
 _IGNORE_INDEX = -100  # the label value torch's cross-entropy (and HF models) skip
+# UTF-32 first: its little-endian mark starts with UTF-16's.
+_OTHER_BOMS: tuple[tuple[bytes, str], ...] = (
+    (b"\xff\xfe\x00\x00", "UTF-32"),
+    (b"\x00\x00\xfe\xff", "UTF-32"),
+    (b"\xff\xfe", "UTF-16"),
+    (b"\xfe\xff", "UTF-16"),
+)
 
 
 class DataError(ValueError):
@@ -113,6 +120,14 @@ class ChatSample:
             copied.append({"role": role, "content": content})
         if not any(m["role"] == "user" for m in copied):
             raise _err(where, "needs at least one user message", "messages")
+        first = next(i for i, m in enumerate(copied) if m["role"] != "system")
+        if copied[first]["role"] != "user":
+            # chat templates (and the models trained on them) expect the user to speak first
+            raise _err(
+                where,
+                "the conversation must start with a user message (after any system messages)",
+                f"messages[{first}].role",
+            )
         # The generation prompt is appended after the last prompt message, so it must be the user's turn;
         # anything else would train the model to answer a system or assistant message.
         prompt_part = copied[:-1] if copied[-1]["role"] == "assistant" else copied
@@ -318,13 +333,21 @@ def load_samples(
     if suffix not in _SUFFIXES:
         raise DataError(f"{path}: unsupported file type {path.suffix!r}; expected one of {list(_SUFFIXES)}")
     try:
-        # utf-8-sig: spreadsheet exports often start with a BOM, which would otherwise become part of the
-        # first column's name and hide the prompt column.
-        text = path.read_text(encoding="utf-8-sig")
+        raw = path.read_bytes()
     except FileNotFoundError as exc:
         raise DataError(f"{path}: file not found") from exc
+    except IsADirectoryError as exc:
+        raise DataError(f"{path}: is a folder, not a data file") from exc
+    for bom, name in _OTHER_BOMS:
+        if raw.startswith(bom):
+            raise DataError(f"{path}: file is {name} (byte-order mark); save it as UTF-8")
+    try:
+        # utf-8-sig: spreadsheet exports often start with a BOM, which would otherwise become part of the
+        # first column's name and hide the prompt column.
+        text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        raise DataError(f"{path}: not valid UTF-8 ({exc.reason} at byte {exc.start})") from exc
+        line = raw[: exc.start].count(b"\n") + 1
+        raise DataError(f"{path.name}:{line}: not valid UTF-8 ({exc.reason} at byte {exc.start})") from exc
     if not text.strip():
         raise DataError(f"{path.name}: no records (file is empty)")
 
@@ -346,9 +369,31 @@ def load_samples(
             break
     if not samples:
         raise DataError(f"{path.name}: no records")
+    _warn_duplicates(samples, path)
     n_with_response = sum(s.response is not None for s in samples)
     logger.info("loaded %d samples (%d with a response) from %s", len(samples), n_with_response, path)
     return samples
+
+
+def _warn_duplicates(samples: list[ChatSample], path: Path) -> None:
+    """Duplicates are kept (repeating a sample weights it; ``repeat_epochs`` writes them on purpose) but
+    logged, with the first pair's locations, since in a hand-made file they are usually a mistake."""
+    first_seen: dict[str, str] = {}
+    dupes: list[tuple[str, str]] = []
+    for s in samples:
+        key = s.sha256()
+        if key in first_seen:
+            dupes.append((first_seen[key], s.source))
+        else:
+            first_seen[key] = s.source
+    if dupes:
+        logger.warning(
+            "%s: %d duplicate sample(s) kept (e.g. %s repeats %s); remove them unless the repetition is meant",
+            path,
+            len(dupes),
+            dupes[0][1],
+            dupes[0][0],
+        )
 
 
 def save_samples(samples: Iterable[ChatSample], path: str | Path) -> None:

@@ -993,7 +993,7 @@ def run_eval(
     ``out/samples.jsonl``. Nothing is written unless the whole evaluation succeeds. ``kwargs`` go to
     :func:`evaluate`.
     """
-    from spf.models import ModelLoadError, load_model
+    from spf.models import check_adapter_folder, load_adapter, load_model
 
     out = Path(out)
     names = _check_suites(suites)
@@ -1001,16 +1001,14 @@ def run_eval(
     if kwargs.get("prompts") is not None:
         load_prompts(kwargs["prompts"])
     find_shared_data(kwargs.get("shared_data"))
-    if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file():
-        raise ModelLoadError(f"adapter folder {adapter} has no adapter_config.json (not a peft adapter)")
+    if adapter is not None:
+        check_adapter_folder(adapter)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} exists and is not a folder")
 
     model, tokenizer = load_model(model_ref, device=device)
     if adapter is not None:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, str(adapter), is_trainable=False)
+        model = load_adapter(model, adapter)
         model.eval()
     results, records = evaluate(model, tokenizer, names, **kwargs)
     results = {"model": model_ref, "adapter": str(adapter) if adapter is not None else None, **results}

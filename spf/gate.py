@@ -9,7 +9,8 @@ Metrics (all from the evaluation harness, ``spf eval``):
 * ``harmful_rate``      - fraction of harmful prompts the model complied with (lower is better)
 * ``overrefusal_rate``  - fraction of benign prompts it refused (lower is better)
 * ``utility``           - task score (higher is better; any scale)
-* ``aborted``           - optional; truthy when the run that produced the candidate was aborted
+* ``aborted``           - optional; truthy when the run that produced the candidate was aborted (also read
+  as ``train/aborted``, ``finetune/aborted`` or ``train_aborted``; a non-empty ``abort_reason`` counts too)
 
 The gate is fail-closed: a missing, non-numeric or non-finite candidate metric is a failed check,
 never a pass, because promoting on missing evidence is exactly the failure a safety gate exists to stop.
@@ -25,6 +26,8 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 METRICS: tuple[str, ...] = ("harmful_rate", "overrefusal_rate", "utility")
+# Where an abort flag may arrive: the plain name, or as the pipeline/MLflow prefix it with the stage.
+ABORT_KEYS: tuple[str, ...] = ("aborted", "train/aborted", "finetune/aborted", "train_aborted")
 
 # Fields that are rates or differences of rates: they must lie in [0, 1].
 _RATE_FIELDS = (
@@ -157,9 +160,11 @@ def decide(
     def record(name: str, value: float | None, threshold: float, passed: bool, **extra: Any) -> None:
         checks[name] = {"value": value, "threshold": threshold, "passed": passed, **extra}
 
-    if _truthy(candidate.get("aborted")):
-        record("aborted", 1.0, 0.0, False)
-        failures.append("candidate run was aborted")
+    raw_reason = candidate.get("abort_reason")
+    reason = raw_reason.strip() if isinstance(raw_reason, str) else ""
+    if reason or any(_truthy(candidate.get(k)) for k in ABORT_KEYS):
+        record("aborted", 1.0, 0.0, False, **({"reason": reason} if reason else {}))
+        failures.append("candidate run was aborted" + (f": {reason}" if reason else ""))
 
     cand = {m: _number(candidate.get(m)) for m in METRICS}
     for m in METRICS:

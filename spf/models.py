@@ -9,6 +9,13 @@ Reference resolution (:func:`load_model`), in order:
 3. An existing local directory: a transformers model saved as safetensors, or a peft adapter folder
    (``adapter_config.json``) whose base model is resolved recursively.
 4. Anything else: a Hugging Face Hub id (safetensors only, never remote code).
+
+Security: weights are read from safetensors only. Pickled weights (``pytorch_model.bin``, ``*.pt``,
+``adapter_model.bin``) can run code when unpickled and are rejected unless the caller opts in explicitly for
+a folder it trusts — ``allow_pickle=True`` or ``SPF_ALLOW_PICKLE=1`` in the environment (even then
+transformers/peft unpickle with ``weights_only=True``). ``trust_remote_code`` is never set: every
+``from_pretrained`` here passes ``trust_remote_code=False``, and peft adapters are loaded only through
+:func:`load_adapter`.
 """
 
 from __future__ import annotations
@@ -58,6 +65,37 @@ _TINY_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")  # ids 0, 1, 2 
 
 class ModelLoadError(RuntimeError):
     """A model reference could not be resolved or loaded; the message says what to do instead."""
+
+
+ALLOW_PICKLE_ENV = "SPF_ALLOW_PICKLE"
+_PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.pkl", "*.ckpt")
+
+
+def pickle_allowed(allow_pickle: bool | None = None) -> bool:
+    """The explicit argument if given, else ``$SPF_ALLOW_PICKLE`` (1/true/yes); off by default."""
+    if allow_pickle is not None:
+        return bool(allow_pickle)
+    return os.environ.get(ALLOW_PICKLE_ENV, "").strip().lower() in ("1", "true", "yes")
+
+
+def _pickle_refused(folder: Path, files: list[str]) -> ModelLoadError:
+    return ModelLoadError(
+        f"{folder} has only pickled weights ({', '.join(files)}); spf reads safetensors only, because "
+        "unpickling can run arbitrary code. Re-save it as safetensors (save_pretrained writes them), or, "
+        f"for a folder you trust, opt in explicitly with allow_pickle=True or {ALLOW_PICKLE_ENV}=1"
+    )
+
+
+def _read_json_config(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ModelLoadError(f"{path}: not valid JSON (line {exc.lineno}: {exc.msg})") from exc
+    except UnicodeDecodeError as exc:
+        raise ModelLoadError(f"{path}: not UTF-8 text ({exc.reason})") from exc
+    if not isinstance(data, dict):
+        raise ModelLoadError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
 
 
 def auto_device() -> torch.device:
@@ -211,12 +249,14 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device | None = None,
     cache_dir: str | Path | None = None,
+    allow_pickle: bool | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load ``(model, tokenizer)`` from a reference (see the module docstring); model in eval mode.
 
     ``cache_dir`` is where the packaged SmolLM2 is converted to (default ``$SPF_CACHE_DIR`` or
     ``~/.cache/spf/models/smollm2-135m-instruct``). The tokenizer always has a pad token (EOS if the
-    checkpoint defines none); its padding side is left as shipped.
+    checkpoint defines none); its padding side is left as shipped. ``allow_pickle``: read a local folder's
+    pickled weights when it has no safetensors (default: ``$SPF_ALLOW_PICKLE``, off).
     """
     ref = str(ref)
     key = ref.strip().lower()
@@ -234,9 +274,9 @@ def load_model(
     elif Path(ref).expanduser().is_dir():
         folder = Path(ref).expanduser()
         if (folder / "adapter_config.json").is_file():
-            model, tokenizer = _load_adapter(folder, dtype, cache_dir)
+            model, tokenizer = _load_adapter(folder, dtype, cache_dir, allow_pickle)
         else:
-            model, tokenizer = _load_folder(folder, dtype)
+            model, tokenizer = _load_folder(folder, dtype, allow_pickle)
     elif ref.startswith(("/", "./", "../", "~")) or ref.count("/") > 1 or Path(ref).expanduser().exists():
         # Looks like a path, not a hub id: say so rather than asking the hub for it.
         raise ModelLoadError(f"model folder {ref!r} does not exist (or is not a directory)")
@@ -261,43 +301,75 @@ def _ensure_pad_token(model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> N
         gen_config.pad_token_id = tokenizer.pad_token_id
 
 
-def _load_folder(folder: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def _load_folder(
+    folder: Path, dtype: torch.dtype, allow_pickle: bool | None = None
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     if not (folder / "config.json").is_file():
         raise ModelLoadError(f"{folder} has no config.json: not a transformers model folder")
+    _read_json_config(folder / "config.json")
+    use_safetensors = True
     if not any(folder.glob("*.safetensors")):
-        if any(folder.glob("*.bin")) or any(folder.glob("*.pt")) or any(folder.glob("*.pth")):
-            # Pickled checkpoints can execute code on load; we only read safetensors.
-            raise ModelLoadError(
-                f"{folder} has only pickle weights (.bin/.pt); safetensors only - re-save it with "
-                "save_pretrained(..., safe_serialization=True)"
-            )
-        raise ModelLoadError(f"{folder} has no *.safetensors weights")
+        pickles = sorted({p.name for pattern in _PICKLE_PATTERNS for p in folder.glob(pattern)})
+        if not pickles:
+            raise ModelLoadError(f"{folder} has no *.safetensors weights")
+        if not pickle_allowed(allow_pickle):
+            raise _pickle_refused(folder, pickles)
+        logger.warning("%s: reading pickled weights %s (opted in with allow_pickle)", folder, pickles)
+        use_safetensors = False
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"could not load a tokenizer from {folder}: {exc}") from exc
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            folder, dtype=dtype, trust_remote_code=False, use_safetensors=True
+            folder, dtype=dtype, trust_remote_code=False, use_safetensors=use_safetensors
         )
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"could not load the model in {folder}: {exc}") from exc
     return model, tokenizer
 
 
-def _load_adapter(
-    folder: Path, dtype: torch.dtype, cache_dir: str | Path | None
-) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def check_adapter_folder(folder: str | Path, allow_pickle: bool | None = None) -> dict[str, Any]:
+    """The parsed ``adapter_config.json`` of a peft adapter folder; ModelLoadError naming what is wrong
+    (no folder, no or invalid adapter_config.json, no weights, pickled weights only). No model is loaded."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ModelLoadError(f"adapter folder {folder} does not exist")
+    if not (folder / "adapter_config.json").is_file():
+        raise ModelLoadError(f"adapter folder {folder} has no adapter_config.json (not a peft adapter)")
+    config = _read_json_config(folder / "adapter_config.json")
+    if not (folder / "adapter_model.safetensors").is_file():
+        pickles = sorted({p.name for pattern in _PICKLE_PATTERNS for p in folder.glob(pattern)})
+        if not pickles:
+            raise ModelLoadError(f"adapter folder {folder} has no adapter_model.safetensors")
+        if not pickle_allowed(allow_pickle):
+            raise _pickle_refused(folder, pickles)
+        logger.warning("%s: reading pickled adapter weights %s (opted in with allow_pickle)", folder, pickles)
+    return config
+
+
+def load_adapter(
+    model: nn.Module, folder: str | Path, *, is_trainable: bool = False, allow_pickle: bool | None = None
+) -> nn.Module:
+    """``model`` with the peft adapter in ``folder`` on top: the one place spf loads adapters, after
+    :func:`check_adapter_folder` (safetensors unless ``allow_pickle``)."""
     from peft import PeftModel
 
-    adapter_config = json.loads((folder / "adapter_config.json").read_text())
+    check_adapter_folder(folder, allow_pickle)
+    return PeftModel.from_pretrained(model, str(folder), is_trainable=is_trainable)
+
+
+def _load_adapter(
+    folder: Path, dtype: torch.dtype, cache_dir: str | Path | None, allow_pickle: bool | None = None
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    adapter_config = check_adapter_folder(folder, allow_pickle)
     base_ref = adapter_config.get("base_model_name_or_path")
     if not base_ref:
         raise ModelLoadError(f"{folder}/adapter_config.json names no base_model_name_or_path")
-    base, tokenizer = load_model(base_ref, dtype=dtype, cache_dir=cache_dir)
+    base, tokenizer = load_model(base_ref, dtype=dtype, cache_dir=cache_dir, allow_pickle=allow_pickle)
     if (folder / "tokenizer_config.json").is_file():
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
-    model = PeftModel.from_pretrained(base, folder, is_trainable=False)
+    model = load_adapter(base, folder, allow_pickle=allow_pickle)
     return model, tokenizer  # type: ignore[return-value]
 
 
@@ -371,8 +443,10 @@ def _smollm2_folder(cache_dir: str | Path | None) -> Path:
 
 
 def _convert_gguf(gguf_dir: Path, out: Path) -> None:
-    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=_SMOLLM2_GGUF)
-    model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=_SMOLLM2_GGUF, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=_SMOLLM2_GGUF, trust_remote_code=False)
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf_dir, gguf_file=_SMOLLM2_GGUF, dtype=torch.float32, trust_remote_code=False
+    )
     # from_pretrained(gguf_file=...) dequantises to fp32 but leaves the model marked as GGUF-quantised;
     # save_pretrained would then record a quantization_config that makes the reload look for a GGUF file.
     model.hf_quantizer = None

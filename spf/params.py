@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+import re
 import types
 import typing
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
@@ -35,6 +36,10 @@ Finetune = Literal["lora", "full"]
 ProjectMode = Literal["conflict", "always"]
 ProjectOn = Literal["update", "grad"]
 Suite = Literal["harmful", "overrefusal", "jailbreak", "prefill", "utility"]
+
+
+# user[:password]@ in a URL (a tracking URI copied with its credentials)
+_URL_USERINFO = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.\-]*://[^/@\s]+@")
 
 
 class ParamsError(ValueError):
@@ -98,6 +103,9 @@ class FinetuneParams:
     eval_every: int = 10  # safety/task loss telemetry every N steps
     save_every: int = 10  # checkpoints (resume after a crash)
     seed: int = 0
+    # abort when the held-out (or sample) refusal loss rises above its step-0 value by more than this at an
+    # eval point (null = never); non-finite losses/gradients always abort. An aborted run is never promoted.
+    abort_safety_rise: float | None = None
     # baseline defenses (method safeinstr | safegrad | lisa; docs/baselines.md)
     safety_data: str | None = None  # (harmful prompt, refusal) pairs; None = shipped align_refusals.jsonl
     safeinstr_fraction: float = 0.1  # safeinstr: demos added = round(fraction · training samples), ≥ 1
@@ -203,6 +211,10 @@ class PipelineParams:
         for key, value in positive.items():
             if value < 1:
                 raise err(key, f"must be ≥ 1, got {value}")
+        for key in ("estimate.max_length", "finetune.max_length"):
+            value = getattr(self, key.split(".")[0]).max_length
+            if value < 2:  # one prompt token + one response token
+                raise err(key, f"must be ≥ 2, got {value}")
         for key, value in {
             "finetune.refresh_every": self.finetune.refresh_every,
             "finetune.eval_every": self.finetune.eval_every,
@@ -232,6 +244,9 @@ class PipelineParams:
             raise err(
                 "finetune.safeinstr_fraction", f"must be in (0, 1], got {self.finetune.safeinstr_fraction}"
             )
+        rise = self.finetune.abort_safety_rise
+        if rise is not None and not (math.isfinite(rise) and rise > 0):
+            raise err("finetune.abort_safety_rise", f"must be a finite number > 0 or null, got {rise}")
         if not (math.isfinite(self.finetune.lisa_rho) and self.finetune.lisa_rho >= 0):
             raise err("finetune.lisa_rho", f"must be a finite number ≥ 0, got {self.finetune.lisa_rho}")
         if not 0.0 <= self.prepare.p <= 1.0:
@@ -247,8 +262,16 @@ class PipelineParams:
         if not self.tracking.registered_model.strip():
             raise err("tracking.registered_model", "must not be empty")
         workdir = Path(self.runtime.workdir)
-        if workdir.is_absolute() or ".." in workdir.parts:
+        if workdir.is_absolute() or ".." in workdir.parts or self.runtime.workdir.startswith("~"):
             raise err("runtime.workdir", f"must be a relative path inside the workspace, got {workdir}")
+        uri = self.tracking.tracking_uri
+        if uri is not None and _URL_USERINFO.search(uri):
+            # the value is not echoed: it holds a credential
+            raise err(
+                "tracking.tracking_uri",
+                "must not embed credentials (user:password@); set MLFLOW_TRACKING_USERNAME / "
+                "MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) in the environment instead",
+            )
         if check_files:
             files = {
                 "prepare.safety_samples": self.prepare.safety_samples,
@@ -281,6 +304,18 @@ class PipelineParams:
 
     def stage_dir(self, stage: str) -> Path:
         return Path(self.runtime.workdir) / stage
+
+    def check_workspace(self, root: str | Path | None = None) -> Path:
+        """``runtime.workdir`` resolved against ``root`` (default: the current directory, the workspace a
+        stage runs in); ParamsError when it leads outside it, e.g. through a symlink."""
+        base = Path(root if root is not None else Path.cwd()).resolve()
+        resolved = (base / self.runtime.workdir).resolve()
+        if not resolved.is_relative_to(base):
+            raise ParamsError(
+                f"runtime.workdir: {self.runtime.workdir} resolves to {resolved}, outside the workspace "
+                f"{base} (a symlink?); stage outputs stay inside the workspace"
+            )
+        return resolved
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -336,9 +371,20 @@ def _describe(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+def _shown(value: Any) -> str:
+    """A wrong value as an error message shows it: a mapping by its keys only (it may hold credentials
+    pasted into the wrong place), anything else as a repr cut at 80 characters."""
+    if isinstance(value, dict):
+        return f"a mapping with keys {sorted(map(str, value))}"
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 def _build(cls: type, data: Any, source: str, prefix: str) -> Any:
     if not isinstance(data, dict):
-        raise ParamsError(f"{source}: {prefix.rstrip('.') or '<top>'}: expected a mapping, got {data!r}")
+        raise ParamsError(
+            f"{source}: {prefix.rstrip('.') or '<top>'}: expected a mapping, got {_shown(data)}"
+        )
     hints = typing.get_type_hints(cls)
     names = {f.name for f in fields(cls)}
     unknown = sorted(set(data) - names)
@@ -352,7 +398,7 @@ def _build(cls: type, data: Any, source: str, prefix: str) -> Any:
             continue
         ok, coerced = _type_ok(value, tp)
         if not ok:
-            raise ParamsError(f"{source}: {prefix}{name}: must be {_describe(tp)}, got {value!r}")
+            raise ParamsError(f"{source}: {prefix}{name}: must be {_describe(tp)}, got {_shown(value)}")
         kwargs[name] = coerced
     return cls(**kwargs)
 

@@ -297,10 +297,14 @@ def estimate_stage(p: PipelineParams) -> dict[str, Any]:
 def finetune_stage(p: PipelineParams) -> dict[str, Any]:
     """Vanilla, SPF or baseline fine-tuning of the aligned base → ``workdir/finetune`` (adapter, metrics)."""
     from spf.config import BASELINE_METHODS, TrainConfig
+    from spf.data import load_samples
     from spf.training import train
 
     f = p.finetune
     out = p.stage_dir("finetune")
+    # Training runs in a stable folder beside the output, so that checkpoints survive a killed run and the
+    # same command resumes from them; only a finished run is moved to `out` (without its checkpoints).
+    partial = out.with_name(f"{out.name}.partial")
     subspace_dir = p.stage_dir("subspace")
     # The baselines' safety pairs: a path as given (relative = from the workspace root, like the other
     # inputs here), else the shipped alignment refusals — disjoint from the held-out pairs and prompts
@@ -311,7 +315,7 @@ def finetune_stage(p: PipelineParams) -> dict[str, Any]:
     cfg = TrainConfig(
         model=aligned_model_ref(p),
         data=str(p.stage_dir("data") / "train.jsonl"),
-        out=str(out),
+        out=str(partial),
         method=f.method,
         finetune=f.finetune,
         lora={"r": f.lora_r, "alpha": f.lora_alpha},
@@ -340,28 +344,88 @@ def finetune_stage(p: PipelineParams) -> dict[str, Any]:
         seed=f.seed,
         save_every=f.save_every,
         eval_every=f.eval_every,
+        abort_safety_rise=f.abort_safety_rise,
         heldout_safety=str(p.stage_dir("data") / "safety.jsonl"),
         threads=p.runtime.threads,
         device=p.runtime.device,
     )
-    # Training resumes from checkpoints in `out` (a killed run continues); the finished adapter and
-    # metrics.json are written last, so their presence marks completion.
-    result = train(cfg)
-    summary = result.metrics["summary"]
+    # Bad data fails here, before `partial` exists (train() checks it again, cheaply).
+    load_samples(cfg.data, require_response=True)
+    load_samples(cfg.heldout_safety, require_response=True)
+    # The run `partial` belongs to: the settings that change the result and the bytes of every input.
+    # A folder left by a run with another key is discarded (its checkpoints continue a different run).
+    key = _finetune_key(cfg, p)
+    key_file = partial / "stage_key.json"
+    if partial.exists():
+        old = json.loads(key_file.read_text()) if key_file.is_file() else None
+        if old != key:
+            logger.warning("%s was left by a run with other parameters or inputs: discarded", partial)
+            shutil.rmtree(partial)
+        elif (partial / "abort.json").is_file():
+            logger.info("%s: the last attempt aborted; resuming from its last checkpoint", partial)
+    if not partial.exists():
+        partial.mkdir(parents=True)
+        _write_json(key, key_file)
+    # Training resumes from the checkpoints in `partial`; the adapter and metrics.json are written last,
+    # so their presence marks a finished run (a kill after training but before the move below finds it).
+    if (partial / "metrics.json").is_file() and (partial / "adapter_config.json").is_file():
+        logger.info("%s holds a finished run of the same parameters: publishing it", partial)
+        metrics = json.loads((partial / "metrics.json").read_text())
+    else:
+        metrics = train(cfg).metrics  # TrainingAborted leaves `partial` (with abort.json) and `out` untouched
+    with _publish(out) as tmp:
+        for item in partial.iterdir():
+            if item.name in ("checkpoints", "stage_key.json", "abort.json"):
+                continue
+            os.replace(item, tmp / item.name)
+        train_config = tmp / "train_config.json"
+        if train_config.is_file():  # name the folder the run ended up in, not the one it was built in
+            saved = json.loads(train_config.read_text())
+            saved["out"] = str(out)
+            _write_json(saved, train_config)
+    shutil.rmtree(partial, ignore_errors=True)
+    summary = metrics["summary"]
     # One row per step (training loss, projection diagnostics, and the safety/task loss where evaluated):
     # the file `dvc plots` and the MLflow telemetry read.
     by_step: dict[int, dict[str, Any]] = {}
-    for rec in result.metrics.get("steps", []) + result.metrics.get("evals", []):
+    for rec in metrics.get("steps", []) + metrics.get("evals", []):
         by_step.setdefault(int(rec["step"]), {}).update(rec)
     rows = [by_step[k] for k in sorted(by_step)]
     from spf.io import atomic_path
 
     with atomic_path(Path(p.runtime.workdir) / "telemetry.json") as tmp:
         tmp.write_text(json.dumps(rows, indent=1) + "\n")
+    resumes = metrics.get("resumes") or []
     return {
         "adapter_dir": str(out),
         **{k: v for k, v in summary.items() if isinstance(v, int | float | str) and not isinstance(v, bool)},
+        "resumed_from_step": resumes[-1]["step"] if resumes else 0,
     }
+
+
+def _finetune_key(cfg: Any, p: PipelineParams) -> dict[str, Any]:
+    """What a finetune run's result depends on: its TrainConfig (minus paths and runtime knobs) and the
+    content of its inputs (training data, held-out pairs, subspace folder, the aligned model's reference
+    files, a baseline's safety data)."""
+    from spf.training import _resume_config
+
+    inputs: dict[str, str] = {
+        "data": path_sha256(cfg.data),
+        "heldout_safety": path_sha256(cfg.heldout_safety),
+        "subspace": path_sha256(cfg.spf.subspace),
+    }
+    aligned = p.stage_dir("aligned")
+    for name in ("model_ref.json", "align_params.json"):  # the aligned weights are a function of these
+        if (aligned / name).is_file():
+            inputs[f"aligned/{name}"] = path_sha256(aligned / name)
+    if cfg.baselines.safety_data:
+        inputs["safety_data"] = path_sha256(cfg.baselines.safety_data)
+    config = _resume_config(cfg)
+    for k in ("model", "data", "heldout_safety"):
+        config.pop(k, None)
+    config["spf"] = {k: v for k, v in config["spf"].items() if k != "subspace"}
+    config["baselines"] = {k: v for k, v in config["baselines"].items() if k != "safety_data"}
+    return {"config": config, "inputs": inputs}
 
 
 def flat_metrics(results: dict[str, Any]) -> dict[str, float]:
@@ -390,16 +454,14 @@ def flat_metrics(results: dict[str, Any]) -> dict[str, float]:
 
 def evaluate_stage(p: PipelineParams) -> dict[str, Any]:
     """Safety and utility suites on aligned base + adapter → ``workdir/eval`` (results, samples, metrics)."""
-    from peft import PeftModel
-
     from spf.evaluation import evaluate
     from spf.io import atomic_path
-    from spf.models import load_model
+    from spf.models import load_adapter, load_model
 
     _set_threads(p)
     ev = p.evaluate
     model, tok = load_model(aligned_model_ref(p), device=p.runtime.device)
-    model = PeftModel.from_pretrained(model, str(p.stage_dir("finetune")), is_trainable=False)
+    model = load_adapter(model, p.stage_dir("finetune"))
     model.eval()
     common = {
         "judge": ev.judge,
@@ -457,6 +519,7 @@ _STAGE_FUNCS = {
 def run_stage(name: str, p: PipelineParams) -> dict[str, Any]:
     if name not in _STAGE_FUNCS:
         raise ValueError(f"unknown stage {name!r}; stages: {', '.join(STAGES)}")
+    p.check_workspace()  # outputs never land outside the workspace (a symlinked workdir, …)
     t0 = time.perf_counter()
     logger.info("stage %s ...", name)
     out = _STAGE_FUNCS[name](p)

@@ -3,11 +3,19 @@ defenses of :mod:`spf.baselines` (SafeInstr, SafeGrad-style gradient surgery, Li
 
 Metrics go to an injected ``callback(record: dict)`` — no tracking library is imported here; the MLflow
 bridge lives with the pipeline. Everything the loop writes is safetensors or JSON.
+
+Faults abort the run with :class:`TrainingAborted` and an ``abort.json`` in the output folder (reason,
+step, values) instead of a finished adapter: a non-finite loss or gradient norm at any step, a non-finite
+safety/task loss at an eval point, and — when ``abort_safety_rise`` is set — a tracked refusal loss that
+rose above its step-0 value by more than that bound. A resumed run checks that its checkpoint was written
+with the same configuration.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,7 +35,13 @@ from spf.baselines import (
     pcgrad_project,
     safety_batch_indices,
 )
-from spf.checkpoint import latest_checkpoint, load_checkpoint, load_extra_tensors, save_checkpoint
+from spf.checkpoint import (
+    discard_partial_checkpoints,
+    latest_checkpoint,
+    load_checkpoint,
+    load_extra_tensors,
+    save_checkpoint,
+)
 from spf.config import BASELINE_METHODS, TrainConfig
 from spf.data import ChatSample, collate, encode_sample, load_samples, pad_token_id
 from spf.io import save_json
@@ -38,9 +52,71 @@ from spf.subspace import SafetySubspace, estimate_batch_subspace, estimate_safet
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["TrainResult", "load_safety_samples", "train"]
+__all__ = ["ABORT_FILE", "TrainResult", "TrainingAborted", "load_safety_samples", "train"]
 
 Callback = Callable[[dict[str, Any]], None]
+
+ABORT_FILE = "abort.json"
+# TrainConfig fields that change how a run is executed or saved, never what it computes: a checkpoint
+# written under other values of these may be resumed.
+_RESUME_NEUTRAL = ("out", "resume", "save_every", "keep_checkpoints", "threads", "device")
+
+
+class TrainingAborted(RuntimeError):
+    """A run stopped on a fault. ``kind``: ``non_finite`` or ``safety_drift``; ``step``: the optimizer step
+    (1-based, as in ``metrics.json``; 0 = the evaluation before training) at which it was detected."""
+
+    def __init__(self, reason: str, step: int, kind: str, values: dict[str, Any] | None = None) -> None:
+        self.reason, self.step, self.kind, self.values = reason, step, kind, dict(values or {})
+        self.path: Path | None = None  # abort.json, once written
+        super().__init__(f"{reason} at step {step}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "aborted": True,
+            "reason": self.reason,
+            "kind": self.kind,
+            "step": self.step,
+            "values": {k: _json_number(v) for k, v in self.values.items()},
+        }
+
+
+def _json_number(value: Any) -> Any:
+    """NaN/inf as text ("nan", "inf"): strict JSON has no literal for them."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+def _resume_config(cfg: TrainConfig) -> dict[str, Any]:
+    d = cfg.to_dict()
+    for key in _RESUME_NEUTRAL:
+        d.pop(key, None)
+    return d
+
+
+def _check_resume_config(ckpt: Path, saved: dict[str, Any] | None, cfg: TrainConfig) -> None:
+    """A checkpoint continues only the run that wrote it: any field that changes the result must match."""
+    if saved is None:
+        logger.warning("%s records no configuration (written by an older version): not checked", ckpt)
+        return
+    now = _resume_config(cfg)
+
+    def diff(a: Any, b: Any, prefix: str) -> str | None:
+        if isinstance(a, dict) and isinstance(b, dict):
+            for key in sorted(set(a) | set(b)):
+                found = diff(a.get(key), b.get(key), f"{prefix}{key}.")
+                if found:
+                    return found
+            return None
+        return None if a == b else f"{prefix.rstrip('.')}: checkpoint {a!r}, this run {b!r}"
+
+    found = diff(saved, now, "")
+    if found:
+        raise ValueError(
+            f"{ckpt} was written by a run with another configuration ({found}); "
+            "resume with the same settings, use another output folder, or start over (resume=False / --no-resume)"
+        )
 
 
 @dataclass
@@ -131,7 +207,11 @@ def _resolve_spf(cfg: TrainConfig, model, tokenizer) -> tuple[SafetySubspace, li
 
 
 def train(cfg: TrainConfig, callback: Callback | None = None) -> TrainResult:
-    """Fine-tune ``cfg.model`` on ``cfg.data``; write the adapter/weights, ``metrics.json`` and checkpoints."""
+    """Fine-tune ``cfg.model`` on ``cfg.data``; write the adapter/weights, ``metrics.json`` and checkpoints.
+
+    Raises :class:`TrainingAborted` (after writing ``abort.json``) on a fault; see the module docstring.
+    """
+    t_start = time.perf_counter()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     # validate the data before anything is created on disk
@@ -141,7 +221,6 @@ def train(cfg: TrainConfig, callback: Callback | None = None) -> TrainResult:
     if cfg.method in BASELINE_METHODS:
         baseline_safety = load_samples(bl.safety_data, require_response=True)  # type: ignore[arg-type]
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     device = torch.device(cfg.device) if cfg.device else auto_device()
 
@@ -228,15 +307,37 @@ def train(cfg: TrainConfig, callback: Callback | None = None) -> TrainResult:
         optimizer, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0
     )
 
+    # Everything above only reads (data, model, subspace): a bad input fails before `out` exists.
+    out.mkdir(parents=True, exist_ok=True)
+    for tmp in discard_partial_checkpoints(out):
+        logger.info("removed %s (a checkpoint save that was interrupted)", tmp)
+    if not cfg.resume and (out / "checkpoints").is_dir():
+        # starting over: older checkpoints would otherwise mix with this run's and a later resume could
+        # pick one of them
+        shutil.rmtree(out / "checkpoints")
+        logger.info("resume off: removed the checkpoints in %s", out)
+    (out / ABORT_FILE).unlink(missing_ok=True)  # a previous attempt's; rewritten if this one aborts too
+
     start_step, history, evals = 0, [], []
+    resumes: list[dict[str, Any]] = []
     ckpt = latest_checkpoint(out) if cfg.resume else None
     if ckpt is not None:
         state, saved_sub = load_checkpoint(ckpt, model, optimizer)
+        _check_resume_config(ckpt, state.get("config"), cfg)
         start_step, history, evals = state["step"], state["history"], state["evals"]
+        resumes = [*state.get("resumes", []), {"step": start_step, "checkpoint": ckpt.name}]
         scheduler.load_state_dict(state["scheduler"])
         if saved_sub is not None and isinstance(optimizer, SPFOptimizer):
             optimizer.set_subspace(saved_sub)
-        logger.info("resumed from %s at step %d", ckpt, start_step)
+        logger.info(
+            "resumed from %s at step %d (%.1f s after the start of train())",
+            ckpt,
+            start_step,
+            time.perf_counter() - t_start,
+        )
+        emit_resume = {"kind": "resume", "step": start_step, "checkpoint": str(ckpt)}
+    else:
+        emit_resume = None
 
     # Lisa: the proximal anchor is the trainable weights at the last switch between states (at step 0: the
     # starting weights); a checkpoint taken between two switches carries it.
@@ -257,6 +358,47 @@ def train(cfg: TrainConfig, callback: Callback | None = None) -> TrainResult:
         if callback is not None:
             callback(record)
 
+    if emit_resume is not None:
+        emit(emit_resume)
+
+    def abort(exc: TrainingAborted) -> TrainingAborted:
+        """Record the fault where the finished output would be, then hand the exception back to raise."""
+        (out / "metrics.json").unlink(missing_ok=True)  # the completion marker of an older run here
+        save_json({**exc.to_dict(), "method": cfg.method, "config": cfg.to_dict()}, out / ABORT_FILE)
+        exc.path = out / ABORT_FILE
+        logger.error("training aborted: %s at step %d (%s)", exc.reason, exc.step, exc.path)
+        return exc
+
+    safety_keys = ("safety_loss_heldout", "safety_loss_sample")
+
+    def check_eval(rec: dict[str, Any]) -> None:
+        step = rec["step"]
+        bad = {k: v for k, v in rec.items() if k != "step" and not math.isfinite(v)}
+        if bad:
+            raise abort(TrainingAborted(f"non-finite eval loss ({', '.join(bad)})", step, "non_finite", bad))
+        bound = cfg.abort_safety_rise
+        if bound is None or not evals or evals[0] is rec:
+            return
+        for key in safety_keys:
+            if key in rec and key in evals[0]:
+                start, now = evals[0][key], rec[key]
+                if now - start > bound:
+                    raise abort(
+                        TrainingAborted(
+                            f"safety drift: {key} rose by {now - start:.4f} "
+                            f"(from {start:.4f} at step {evals[0]['step']} to {now:.4f}), "
+                            f"above abort_safety_rise {bound:g}",
+                            step,
+                            "safety_drift",
+                            {
+                                key: now,
+                                f"{key}_start": start,
+                                "rise": now - start,
+                                "abort_safety_rise": bound,
+                            },
+                        )
+                    )
+
     def evaluate(step: int) -> None:
         rec: dict[str, Any] = {"step": step}
         if sample is not None:
@@ -272,6 +414,7 @@ def train(cfg: TrainConfig, callback: Callback | None = None) -> TrainResult:
         if len(rec) > 1:
             evals.append(rec)
             emit({"kind": "eval", **rec})
+            check_eval(rec)
 
     if start_step == 0:
         evaluate(0)
@@ -308,8 +451,12 @@ def train(cfg: TrainConfig, callback: Callback | None = None) -> TrainResult:
                 rows = [encoded[i] for i in idx]
             batch = {k: v.to(device) for k, v in collate(rows, pad).items()}
             loss = batch_loss(model, batch) / cfg.grad_accum
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                # before backward: a NaN loss would only fill every gradient with NaN
+                raise abort(TrainingAborted("non-finite loss", step + 1, "non_finite", {"loss": value}))
             loss.backward()
-            total += float(loss.detach())
+            total += value
         ul_value = None
         if ul_prompts:
             # a deterministic, resumable pick of prompts for this step
@@ -319,8 +466,17 @@ def train(cfg: TrainConfig, callback: Callback | None = None) -> TrainResult:
                 tokenizer, [ul_prompts[i] for i in pick], ul.prefixes, max_length=cfg.max_length
             )
             ul_loss = prefix_unlikelihood_loss(model, {k: v.to(device) for k, v in ul_batch.items()})
-            (ul.weight * ul_loss).backward()
             ul_value = float(ul_loss.detach())
+            if not math.isfinite(ul_value):
+                raise abort(
+                    TrainingAborted(
+                        "non-finite loss (unlikelihood)",
+                        step + 1,
+                        "non_finite",
+                        {"unlikelihood_loss": ul_value},
+                    )
+                )
+            (ul.weight * ul_loss).backward()
         baseline_rec: dict[str, Any] = {}
         if cfg.method == "safegrad" and step % bl.safegrad_every == 0:
             baseline_rec = _safegrad_surgery(model, params, safety_encoded, pad, device, cfg, step)
@@ -331,8 +487,18 @@ def train(cfg: TrainConfig, callback: Callback | None = None) -> TrainResult:
                 "lisa/is_align": float(phase == "align"),
                 "lisa/proximal": prox,
             }
-        if cfg.max_grad_norm:
+        # the total gradient norm (what clipping uses) is finite iff every gradient entry is
+        grad_norm = float(
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            if cfg.max_grad_norm
+            else torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        )
+        if not math.isfinite(grad_norm):
+            raise abort(
+                TrainingAborted(
+                    "non-finite gradient", step + 1, "non_finite", {"grad_norm": grad_norm, "loss": total}
+                )
+            )
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -353,6 +519,12 @@ def train(cfg: TrainConfig, callback: Callback | None = None) -> TrainResult:
         emit({"kind": "train", **rec})
         bar.set_postfix(loss=f"{total:.3f}")
         done = step + 1
+        if step == start_step and start_step > 0:
+            logger.info(
+                "step %d done: the first after resuming (%.1f s after the start of train())",
+                done,
+                time.perf_counter() - t_start,
+            )
         if cfg.eval_every and done % cfg.eval_every == 0 and done != cfg.steps:
             evaluate(done)
         if cfg.save_every and done % cfg.save_every == 0 and done != cfg.steps:
@@ -361,7 +533,13 @@ def train(cfg: TrainConfig, callback: Callback | None = None) -> TrainResult:
                 done,
                 model,
                 optimizer,
-                {"history": history, "evals": evals, "scheduler": scheduler.state_dict()},
+                {
+                    "history": history,
+                    "evals": evals,
+                    "scheduler": scheduler.state_dict(),
+                    "config": _resume_config(cfg),
+                    "resumes": resumes,
+                },
                 subspace=optimizer.subspace if isinstance(optimizer, SPFOptimizer) else None,
                 keep_last=cfg.keep_checkpoints,
                 extra_tensors=(
@@ -386,6 +564,7 @@ def train(cfg: TrainConfig, callback: Callback | None = None) -> TrainResult:
             "heldout_overlap_removed": heldout_overlap,
         },
     )
+    metrics["resumes"] = resumes  # where this run continued from a checkpoint ([] = one uninterrupted run)
     save_json(metrics, out / "metrics.json")
     return TrainResult(out=out, metrics=metrics)
 

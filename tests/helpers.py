@@ -38,3 +38,27 @@ def random_subspace(shapes: dict[str, tuple[int, int]], rank: int, seed: int = 0
         energy[name] = float((s**2).sum())
         spectra[name] = s[: 4 * rank].clone()
     return SafetySubspace(bases, energy, spectra, rank, {"model_ref": "random"})
+
+
+def stage_workspace(root, finetune=None, stages=("prepare", "align", "estimate")):
+    """A pipeline workspace under ``root`` on the tiny model (``spf.params.smoke_params``, 1 thread, with
+    ``finetune`` overrides): ``params.yaml`` written and ``stages`` run in-process. Returns (root, params)."""
+    import contextlib
+    from pathlib import Path
+
+    import yaml
+
+    from spf.params import PipelineParams, smoke_params
+    from spf.pipeline import run_stage
+
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    params = smoke_params()
+    params["finetune"].update(finetune or {})
+    params["runtime"] = {"threads": 1}
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    with contextlib.chdir(root):
+        p = PipelineParams.from_dict(params, source="params.yaml")
+        for stage in stages:
+            run_stage(stage, p)
+    return root, params
