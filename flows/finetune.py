@@ -32,7 +32,7 @@ def spf_finetune(
     if dvc_remote and not (os.path.isdir(p.stage_dir("subspace")) and os.path.isdir(p.stage_dir("aligned"))):
         from tasks import dvc_ops  # a worker without the shared filesystem: fetch the inputs
 
-        dvc_ops.dvc(["pull", "--remote", dvc_remote, "prepare", "align", "estimate"], ".")
+        dvc_ops.dvc_pull(".", dvc_remote, ["prepare", "align", "estimate"])  # retried with backoff
     result = run_stage("finetune", p)
     if dvc_remote:
         from tasks import dvc_ops

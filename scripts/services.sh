@@ -3,6 +3,7 @@
 #
 #   scripts/services.sh start    # start the three in parallel; idempotent (a healthy one is left alone)
 #   scripts/services.sh stop     # stop what the PID files name (SIGTERM, again, then SIGKILL)
+#   SPF_SERVICES=s3 scripts/services.sh stop   # stop one (an outage drill); `start` brings it back
 #   scripts/services.sh status   # one line per service; exit 1 if any is down
 #   scripts/services.sh env      # `export` lines for clients:  eval "$(scripts/services.sh env)"
 #
@@ -38,7 +39,7 @@ fi
 PY="$BIN/python"
 [[ -x "$PY" ]] || PY="$(command -v python3)"
 
-# SPF_SERVICES selects a subset for start/status (e.g. "s3 mlflow" for tracking tests); stop stops all.
+# SPF_SERVICES selects a subset for start/stop/status (e.g. "s3 mlflow" for tracking tests); default all.
 read -r -a SERVICES <<<"${SPF_SERVICES:-s3 mlflow prefect}"
 for _s in "${SERVICES[@]}"; do
     case "$_s" in
@@ -239,7 +240,7 @@ stop_one() {
 cmd_stop() {
     local name
     # In parallel: each may take seconds to shut down, and none depends on another while stopping.
-    for name in prefect mlflow s3; do stop_one "$name" & done
+    for name in "${SERVICES[@]}"; do stop_one "$name" & done
     wait
 }
 

@@ -2,6 +2,12 @@
 
 All are I/O against the tracking server: they retry with backoff, and a server that stays down fails the
 flow *before* anything is registered (``track_run`` runs first and needs the server).
+
+Retries: each MLflow request retries itself (bounded by :func:`tasks.resilience.apply_mlflow_http_defaults`,
+~2 s against a dead server); each task then retries ``SPF_IO_RETRIES`` times (default 2) after
+``SPF_IO_RETRY_DELAY`` × ``SPF_IO_RETRY_BACKOFF`` ^ i seconds (default 2 s, 8 s) — read when this module is
+imported. A server that stays down fails the step with :class:`tasks.resilience.ServiceUnavailable`
+naming it (the tracking server, or the S3 artifact store behind it).
 """
 
 from __future__ import annotations
@@ -16,14 +22,44 @@ from prefect.transactions import Transaction
 
 from spf.gate import GateThresholds
 from tasks import registry, tracking
+from tasks.resilience import RetryPolicy, describe_mlflow_failure, is_mlflow_outage
 
 logger = logging.getLogger(__name__)
 
-IO_RETRIES = 3
-IO_RETRY_DELAYS = [2, 10, 30]
+IO_RETRY = RetryPolicy.from_env()
 
 
-@task(name="mlflow-track", retries=IO_RETRIES, retry_delay_seconds=IO_RETRY_DELAYS)
+class _Step:
+    """``with step("upload artifacts"):`` turns an MLflow outage inside into a ServiceUnavailable that
+    names the service (tracking server or its artifact store) and the endpoint; other errors pass."""
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+        self.what = "connect"
+
+    def __call__(self, what: str) -> _Step:
+        self.what = what
+        return self
+
+    def __enter__(self) -> _Step:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
+        if exc is not None and isinstance(exc, Exception) and is_mlflow_outage(exc):
+            raise describe_mlflow_failure(self.client.tracking_uri, self.what, exc) from exc
+
+
+@task(name="mlflow-preflight", **IO_RETRY.prefect_options())
+def preflight_task(params: dict[str, Any]) -> str:
+    """One cheap request to the tracking server before any work: an unreachable server fails the run in
+    seconds, before hours of training whose result could not be tracked or registered."""
+    client = tracking.make_client(params["tracking"]["tracking_uri"])
+    with _Step(client)("preflight: list experiments"):
+        client.search_experiments(max_results=1)
+    return client.tracking_uri
+
+
+@task(name="mlflow-track", **IO_RETRY.prefect_options())
 def track_run_task(
     params: dict[str, Any],
     results: dict[str, dict[str, Any]],
@@ -34,38 +70,52 @@ def track_run_task(
     t = params["tracking"]
     workdir = Path(params["runtime"]["workdir"])
     client = tracking.make_client(t["tracking_uri"])
-    run_id = tracking.start_run(client, t["experiment"], run_name, tags, repo_dir=".", dvc_lock="dvc.lock")
+    step = _Step(client)
+    with step("create the run"):
+        run_id = tracking.start_run(
+            client, t["experiment"], run_name, tags, repo_dir=".", dvc_lock="dvc.lock"
+        )
     try:
-        tracking.log_params(client, run_id, params)
+        with step("log params"):
+            tracking.log_params(client, run_id, params)
         metrics: dict[str, float] = {}
         for stage in ("prepare", "align", "estimate", "finetune"):
             for k, v in results.get(stage, {}).items():
                 if isinstance(v, int | float) and not isinstance(v, bool):
                     metrics[f"{stage}/{k}"] = float(v)
         metrics.update({k: float(v) for k, v in results["evaluate"].items() if isinstance(v, int | float)})
-        tracking.log_metrics(client, run_id, metrics)
-        tracking.log_telemetry(client, run_id, workdir / "finetune" / "metrics.json")
-        for name in ("subspace.json", "cer.json", "sample.jsonl"):
-            path = workdir / "subspace" / name
-            if path.exists():
-                tracking.log_artifacts(client, run_id, path, "subspace")
-        for name in ("results.json", "samples.jsonl"):
-            tracking.log_artifacts(client, run_id, workdir / "eval" / name, "eval")
-        tracking.log_artifacts(client, run_id, workdir / "data" / "manifest.json", "data")
+        with step("log metrics"):
+            tracking.log_metrics(client, run_id, metrics)
+        with step("log telemetry and upload its artifacts"):
+            tracking.log_telemetry(client, run_id, workdir / "finetune" / "metrics.json")
+        with step("upload artifacts"):
+            for name in ("subspace.json", "cer.json", "sample.jsonl"):
+                path = workdir / "subspace" / name
+                if path.exists():
+                    tracking.log_artifacts(client, run_id, path, "subspace")
+            for name in ("results.json", "samples.jsonl"):
+                tracking.log_artifacts(client, run_id, workdir / "eval" / name, "eval")
+            tracking.log_artifacts(client, run_id, workdir / "data" / "manifest.json", "data")
         base = Path(results["align"]["model_ref"])
         base_ref = str(base.resolve()) if base.exists() else results["align"]["model_ref"]
-        model_uri = tracking.log_adapter_model(
-            client,
-            run_id,
-            workdir / "finetune",
-            base_ref,
-            embed_base=t["embed_base_model"],
-            max_new_tokens=params["evaluate"]["max_new_tokens"],
-        )
+        with step("upload the model artifact"):
+            model_uri = tracking.log_adapter_model(
+                client,
+                run_id,
+                workdir / "finetune",
+                base_ref,
+                embed_base=t["embed_base_model"],
+                max_new_tokens=params["evaluate"]["max_new_tokens"],
+            )
+        with step("read the run back"):
+            url = run_url(client, run_id)
     except Exception:
-        tracking.end_run(client, run_id, "FAILED")
+        try:  # best effort: with the server down this fails too, and must not hide the real error
+            tracking.end_run(client, run_id, "FAILED")
+        except Exception as exc:
+            logger.warning("could not mark MLflow run %s FAILED: %s", run_id, str(exc).splitlines()[0][:200])
         raise
-    return {"run_id": run_id, "model_uri": model_uri, "metrics": metrics, "run_url": run_url(client, run_id)}
+    return {"run_id": run_id, "model_uri": model_uri, "metrics": metrics, "run_url": url}
 
 
 def run_url(client: Any, run_id: str) -> str:
@@ -76,37 +126,47 @@ def run_url(client: Any, run_id: str) -> str:
     return f"{uri} (run {run_id}; browse with `mlflow ui --backend-store-uri {uri}`)"
 
 
-@task(name="mlflow-register", retries=IO_RETRIES, retry_delay_seconds=IO_RETRY_DELAYS)
+@task(name="mlflow-register", **IO_RETRY.prefect_options())
 def register_task(params: dict[str, Any], run: dict[str, Any], metrics: dict[str, Any]) -> str:
-    """A new version of the registered model, aliased ``challenger``, with its metrics as tags."""
+    """A new version of the registered model, aliased ``challenger``, with its metrics as tags.
+
+    Idempotent per (run, model): a retry after a server failure mid-registration completes the version
+    the failed attempt created instead of adding a duplicate."""
     t = params["tracking"]
     client = tracking.make_client(t["tracking_uri"])
-    return registry.register_candidate(
-        client,
-        t["registered_model"],
-        run["model_uri"],
-        run["run_id"],
-        metrics,
-        tags={"method": params["finetune"]["method"], "scenario": params["prepare"]["scenario"]},
-    )
+    with _Step(client)("register the model version"):
+        return registry.register_candidate(
+            client,
+            t["registered_model"],
+            run["model_uri"],
+            run["run_id"],
+            metrics,
+            tags={"method": params["finetune"]["method"], "scenario": params["prepare"]["scenario"]},
+            idempotency_key=f"{run['run_id']}:{run['model_uri']}",
+        )
 
 
 # No retries: a retry after the alias moved would judge the candidate against itself. A failure after the
 # promotion restores the previous champion here; later failures are undone by the rollback hook below.
 @task(name="promotion-gate")
 def gate_task(params: dict[str, Any], run: dict[str, Any], version: str) -> dict[str, Any]:
-    """Apply the gate; ``champion`` moves only when the candidate passes (compare-and-set)."""
+    """Apply the gate under the registry's promotion lock; ``champion`` moves only when the candidate
+    passes against the champion current inside the lock."""
     t = params["tracking"]
     client = tracking.make_client(t["tracking_uri"])
     report_dir = Path(params["runtime"]["workdir"]) / "gate"
-    decision = registry.apply_gate(
-        client, t["registered_model"], version, GateThresholds.from_dict(params["gate"]), report_dir
-    )
+    with _Step(client)("gate and promote"):
+        decision = registry.apply_gate(
+            client, t["registered_model"], version, GateThresholds.from_dict(params["gate"]), report_dir
+        )
     try:
-        tracking.log_artifacts(client, run["run_id"], report_dir, "gate")
+        with _Step(client)("upload the gate report"):
+            tracking.log_artifacts(client, run["run_id"], report_dir, "gate")
     except Exception:
         if decision.promote:
-            registry.rollback_champion(client, t["registered_model"], decision.champion_version)
+            registry.rollback_champion(
+                client, t["registered_model"], decision.champion_version, promoted_version=version
+            )
         raise
     out = {"version": version, **decision.to_dict()}
     return json.loads(json.dumps(out, default=str))
@@ -121,13 +181,24 @@ def _restore_champion(txn: Transaction) -> None:
         return
     t = params["tracking"]
     client = tracking.make_client(t["tracking_uri"])
-    # champion_version is the champion the (possibly re-decided) promotion replaced
-    registry.rollback_champion(client, t["registered_model"], decision.get("champion_version"))
+    # champion_version is the champion the (possibly re-decided) promotion replaced; a promotion by another
+    # run since ours is kept (rollback only while champion is still our version)
+    registry.rollback_champion(
+        client,
+        t["registered_model"],
+        decision.get("champion_version"),
+        promoted_version=decision.get("version"),
+    )
 
 
-@task(name="mlflow-finish", retries=IO_RETRIES, retry_delay_seconds=IO_RETRY_DELAYS)
+@task(name="mlflow-finish", **IO_RETRY.prefect_options())
 def finish_run_task(params: dict[str, Any], run: dict[str, Any], decision: dict[str, Any]) -> None:
     client = tracking.make_client(params["tracking"]["tracking_uri"])
+    with _Step(client)("close the run"):
+        _finish(client, run, decision)
+
+
+def _finish(client: Any, run: dict[str, Any], decision: dict[str, Any]) -> None:
     tracking.set_tags(
         client,
         run["run_id"],

@@ -5,14 +5,26 @@ Metrics travel as model-version tags (``metric.harmful_rate`` ...) rather than b
 run: the version then carries its own evidence, and the gate reads exactly what was registered.
 
 Aliases, not stages: stages are deprecated in MLflow 3. Consumers load ``models:/NAME@champion``.
+
+Concurrent pipelines: MLflow has no conditional alias update, so every move of ``champion`` (the gate, a
+rollback) happens inside :class:`RegistryLock` — a registered model ``<NAME>.lock`` whose creation is
+atomic through the tracking server's database (unique model name). Inside it the champion is re-read and
+the candidate judged against the champion *at that moment*, so two runs finishing together end with the
+one the gate's rule picks, never a lost update.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
+import os
+import random
+import socket
 import tempfile
+import time
+import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -21,7 +33,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from spf.gate import GateDecision, GateThresholds, decide
-from tasks.tracking import MAX_PARAM_VALUE_LENGTH, redact, resolve_tracking_uri
+from tasks.tracking import MAX_PARAM_VALUE_LENGTH, make_client, redact, resolve_tracking_uri
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +41,11 @@ CHAMPION = "champion"
 CHALLENGER = "challenger"
 METRIC_TAG_PREFIX = "metric."
 MAX_CAS_ATTEMPTS = 3
+REGISTRATION_KEY_TAG = "spf.registration_key"
+LOCK_SUFFIX = ".lock"
+# A crashed gate leaves its lock behind; after this many seconds another gate breaks it. A live gate holds
+# the lock for a few requests (well under a second on a local server).
+DEFAULT_LOCK_STALE_S = 300.0
 # Model-version tag values are capped server-side; the full decision is in the report file anyway.
 _MAX_TAG_VALUE = MAX_PARAM_VALUE_LENGTH - 1000
 
@@ -76,13 +93,25 @@ def register_candidate(
     run_id: str | None,
     metrics: Mapping[str, Any],
     tags: Mapping[str, Any] | None = None,
+    *,
+    idempotency_key: str | None = None,
 ) -> str:
     """Register ``model_uri`` as a new version of ``name``, tag it with its metrics, alias it ``challenger``.
 
     Returns the version as a string. Non-numeric metrics are skipped (with a warning); the gate then
     treats a required one as missing evidence.
+
+    ``idempotency_key`` (the pipeline passes its MLflow run id and model URI) makes a retry safe: when a
+    version carrying the same key exists — a previous attempt created it and then lost the server before
+    the alias was set — that version is completed and returned instead of registering a duplicate.
     """
     _ensure_registered_model(client, name)
+    if idempotency_key is not None:
+        existing = _version_with_key(client, name, idempotency_key)
+        if existing is not None:
+            client.set_registered_model_alias(name, CHALLENGER, existing)
+            logger.info("%s version %s already registered by an earlier attempt: reused", name, existing)
+            return existing
     version_tags: dict[str, str] = {k: str(v)[:_MAX_TAG_VALUE] for k, v in redact(dict(tags or {})).items()}
     for key, value in metrics.items():
         text = _metric_tag_value(value)
@@ -90,6 +119,8 @@ def register_candidate(
             logger.warning("metric %s=%r is not numeric: not recorded on the version", key, value)
             continue
         version_tags[f"{METRIC_TAG_PREFIX}{key}"] = text
+    if idempotency_key is not None:
+        version_tags[REGISTRATION_KEY_TAG] = idempotency_key
     mv = client.create_model_version(
         name=name, source=_source_for(client, model_uri), run_id=run_id, tags=version_tags
     )
@@ -97,6 +128,14 @@ def register_candidate(
     client.set_registered_model_alias(name, CHALLENGER, version)
     logger.info("registered %s version %s from %s (alias %s)", name, version, model_uri, CHALLENGER)
     return version
+
+
+def _version_with_key(client: MlflowClient, name: str, key: str) -> str | None:
+    quoted = name.replace("'", "\\'")
+    value = key.replace("'", "\\'")
+    found = client.search_model_versions(f"name='{quoted}' and tags.`{REGISTRATION_KEY_TAG}`='{value}'")
+    versions = [int(mv.version) for mv in found]
+    return str(min(versions)) if versions else None
 
 
 def _metrics_from_tags(tags: Mapping[str, str]) -> dict[str, float]:
@@ -180,25 +219,184 @@ def _write_report(
     return out
 
 
-def apply_gate(
-    client: MlflowClient,
-    name: str,
-    version: str,
-    thresholds: GateThresholds,
-    report_dir: str | Path,
-) -> GateDecision:
-    """Decide on ``version`` against the current champion and promote it when it passes.
+class RegistryLockTimeout(TimeoutError):
+    """Another gate held the promotion lock for longer than the wait allowed (and it was not stale)."""
 
-    Writes ``gate.decision``/``gate.reasons``/``gate.checks``/``gate.champion_before`` tags on the
-    version and ``gate.json`` + ``gate.md`` into ``report_dir`` (the caller logs them to its run).
 
-    Promotion is compare-and-set: the champion alias is re-read right before it is moved, and if another
-    promotion landed since the decision, the candidate is re-judged against the new champion (at most
-    ``MAX_CAS_ATTEMPTS`` times; then it is rejected, fail-closed). MLflow has no conditional alias
-    update, so this narrows the race to the gap between the re-read and the write; it does not close it.
-    A rejected candidate never touches ``champion``.
+class RegistryLockLost(RuntimeError):
+    """Our lock was broken as stale by another gate before we wrote: nothing is written (fail-closed)."""
+
+
+def _env_seconds(name: str, default: float) -> float:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    value = float(raw)
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a positive number of seconds, got {raw!r}")
+    return value
+
+
+class RegistryLock:
+    """Mutual exclusion for moves of ``champion`` on registered model ``name``, across processes/hosts.
+
+    Acquire = create the registered model ``<name>.lock``; the tracking server's database rejects a second
+    model of that name (unique key), so exactly one creator wins. Release = delete it (only when the
+    ``lock.owner`` tag is still ours). The holder's wall-clock acquisition time is the ``lock.acquired_at``
+    tag: a lock older than ``stale_after`` seconds (default ``$SPF_REGISTRY_LOCK_STALE_S`` or 300; by
+    that tag, or by how long this waiter has seen the same owner hold it) belongs to a crashed holder and is
+    broken — through a second create-once model ``<name>.lock.broken-<id>`` (kept as the audit record), so
+    two waiters can never both break it and delete each other's fresh lock. A waiter gives up after
+    ``timeout`` seconds (default ``$SPF_REGISTRY_LOCK_TIMEOUT_S`` or stale_after + 60) with
+    :class:`RegistryLockTimeout`. Assumes the clocks of the hosts running gates agree to well under
+    ``stale_after`` (NTP).
     """
-    version = str(version)
+
+    def __init__(
+        self,
+        client: MlflowClient,
+        name: str,
+        *,
+        stale_after: float | None = None,
+        timeout: float | None = None,
+        poll: float = 0.2,
+    ) -> None:
+        self.client = client
+        self.name = name
+        self.lock_name = f"{name}{LOCK_SUFFIX}"
+        self.stale_after = stale_after or _env_seconds("SPF_REGISTRY_LOCK_STALE_S", DEFAULT_LOCK_STALE_S)
+        self.timeout = timeout or _env_seconds("SPF_REGISTRY_LOCK_TIMEOUT_S", self.stale_after + 60.0)
+        self.poll = poll
+        self.token = f"{socket.gethostname()}/{os.getpid()}/{uuid.uuid4().hex}"
+        self.held = False
+        self.waited_s = 0.0
+
+    # ------------------------------------------------------------------------------------------ state
+    def _holder(self) -> dict[str, str] | None:
+        try:
+            return dict(self.client.get_registered_model(self.lock_name).tags or {})
+        except MlflowException as exc:
+            if _is_missing(exc):
+                return None
+            raise
+
+    def owned(self) -> bool:
+        """Whether the lock model exists and names us as owner (re-read from the server)."""
+        holder = self._holder()
+        return holder is not None and holder.get("lock.owner") == self.token
+
+    # ---------------------------------------------------------------------------------------- acquire
+    def acquire(self) -> RegistryLock:
+        t0 = time.monotonic()
+        deadline = t0 + self.timeout
+        seen: tuple[str, float] | None = None  # (owner, monotonic time first seen holding the lock)
+        while not self._try_create():
+            holder = self._holder()
+            if holder is None:
+                continue  # released between our create and our read: try again at once
+            owner = holder.get("lock.owner", "?")
+            if owner == self.token:  # our create went through, but its response was lost and retried
+                self.held = True
+                break
+            now = time.monotonic()
+            if seen is None or seen[0] != owner:
+                seen = (owner, now)
+            try:
+                age = time.time() - float(holder.get("lock.acquired_at", "nan"))
+            except ValueError:
+                age = math.nan
+            held_for = max(age if math.isfinite(age) else 0.0, now - seen[1])
+            if held_for > self.stale_after:
+                self._break(owner, holder.get("lock.acquired_at", "?"), held_for)
+            elif now >= deadline:
+                raise RegistryLockTimeout(
+                    f"promotion lock {self.lock_name!r} held by {owner} for {held_for:.0f} s; "
+                    f"gave up after {self.timeout:.0f} s (stale after {self.stale_after:.0f} s)"
+                )
+            time.sleep(self.poll * (0.5 + random.random()))
+        self.waited_s = time.monotonic() - t0
+        logger.debug("acquired %s (waited %.2f s)", self.lock_name, self.waited_s)
+        return self
+
+    def _try_create(self) -> bool:
+        try:
+            self.client.create_registered_model(
+                self.lock_name,
+                tags={
+                    "lock.owner": self.token,
+                    "lock.acquired_at": f"{time.time():.3f}",
+                    "lock.for": self.name,
+                },
+                description=f"promotion lock of {self.name} (tasks/registry.py RegistryLock); "
+                "delete it only if no gate is running",
+            )
+        except MlflowException as exc:
+            if exc.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
+                raise
+            return False
+        self.held = True
+        return True
+
+    def _break(self, owner: str, acquired_at: str, held_for: float) -> None:
+        """Delete a stale lock — only the one waiter whose create of the per-holder breaker model wins."""
+        breaker = (
+            f"{self.lock_name}.broken-{hashlib.sha256(f'{owner}|{acquired_at}'.encode()).hexdigest()[:16]}"
+        )
+        try:
+            self.client.create_registered_model(
+                breaker,
+                tags={
+                    "lock.broken_owner": owner,
+                    "lock.broken_by": self.token,
+                    "lock.held_for": f"{held_for:.0f}",
+                },
+                description=f"record of a stale promotion lock of {self.name} broken after {held_for:.0f} s",
+            )
+        except MlflowException as exc:
+            if exc.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
+                raise
+            return  # another waiter is breaking it
+        holder = self._holder()
+        if holder is not None and holder.get("lock.owner") == owner:
+            logger.warning(
+                "breaking stale promotion lock %s held by %s for %.0f s", self.lock_name, owner, held_for
+            )
+            self._delete()
+
+    # ---------------------------------------------------------------------------------------- release
+    def _delete(self) -> None:
+        try:
+            self.client.delete_registered_model(self.lock_name)
+        except MlflowException as exc:
+            if not _is_missing(exc):
+                raise
+
+    def release(self) -> None:
+        if not self.held:
+            return
+        self.held = False
+        if self.owned():
+            self._delete()
+        else:
+            logger.warning(
+                "promotion lock %s was no longer ours at release (broken as stale)", self.lock_name
+            )
+
+    def __enter__(self) -> RegistryLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            self.release()
+        except Exception:
+            # the lock then goes stale and is broken by the next gate; do not mask the original error
+            logger.exception("could not release promotion lock %s", self.lock_name)
+
+
+def _gate_locked(
+    client: MlflowClient, name: str, version: str, thresholds: GateThresholds, lock: RegistryLock | None
+) -> GateDecision:
+    """Decide against the champion read now and move the alias (compare-and-set, see apply_gate)."""
     candidate = version_metrics(client, name, version)
     decision: GateDecision | None = None
     for attempt in range(1, MAX_CAS_ATTEMPTS + 1):
@@ -209,7 +407,7 @@ def apply_gate(
         if not decision.promote:
             break
         current = _alias_version(client, name, CHAMPION)
-        if current != before:
+        if current != before:  # a writer that bypassed the lock (a person in the UI, an old client)
             logger.warning(
                 "champion of %s moved from %s to %s during the gate (attempt %d); re-deciding",
                 name,
@@ -218,6 +416,11 @@ def apply_gate(
                 attempt,
             )
             continue
+        if lock is not None and not lock.owned():
+            raise RegistryLockLost(
+                f"promotion lock {lock.lock_name!r} was broken as stale while gating v{version}; "
+                "champion not moved (raise SPF_REGISTRY_LOCK_STALE_S if gates are this slow)"
+            )
         client.set_registered_model_alias(name, CHAMPION, version)
         logger.info("%s v%s promoted to %s (was %s)", name, version, CHAMPION, before)
         break
@@ -230,7 +433,6 @@ def apply_gate(
             champion_version=_alias_version(client, name, CHAMPION),
         )
     assert decision is not None
-
     gate_tags = {
         "gate.decision": "promoted" if decision.promote else "rejected",
         "gate.reasons": json.dumps(decision.reasons)[:_MAX_TAG_VALUE],
@@ -239,26 +441,73 @@ def apply_gate(
     }
     for key, value in gate_tags.items():
         client.set_model_version_tag(name, version, key, value)
+    return decision
+
+
+def apply_gate(
+    client: MlflowClient,
+    name: str,
+    version: str,
+    thresholds: GateThresholds,
+    report_dir: str | Path,
+    *,
+    lock: bool | RegistryLock = True,
+) -> GateDecision:
+    """Decide on ``version`` against the current champion and promote it when it passes.
+
+    Writes ``gate.decision``/``gate.reasons``/``gate.checks``/``gate.champion_before`` tags on the
+    version and ``gate.json`` + ``gate.md`` into ``report_dir`` (the caller logs them to its run).
+
+    Concurrency: read champion → decide → move alias → record happens inside :class:`RegistryLock`
+    (``lock=True``, or a configured ``RegistryLock``), so concurrent gates are serialised and each judges
+    against the champion the previous one left: exactly one champion, the one the rule picks. The alias is
+    also re-read right before it is moved (compare-and-set) against writers that do not take the lock; if
+    it changed, the candidate is re-judged (at most ``MAX_CAS_ATTEMPTS`` times, then rejected,
+    fail-closed). ``lock=False`` (tests only) shows the race the lock closes. A rejected candidate never
+    touches ``champion``.
+    """
+    version = str(version)
+    if lock is False:
+        decision = _gate_locked(client, name, version, thresholds, None)
+    else:
+        held = lock if isinstance(lock, RegistryLock) else RegistryLock(client, name)
+        with held:
+            decision = _gate_locked(client, name, version, thresholds, held)
     _write_report(report_dir, name, version, decision, thresholds)
     return decision
 
 
-def rollback_champion(client: MlflowClient, name: str, previous_version: str | None) -> None:
+def rollback_champion(
+    client: MlflowClient,
+    name: str,
+    previous_version: str | None,
+    *,
+    promoted_version: str | None = None,
+) -> None:
     """Point ``champion`` back at ``previous_version``, or remove the alias when there was none.
 
     Meant for a Prefect transaction's ``on_rollback`` hook: if a step after the promotion fails, the
-    registry returns to the state before it.
+    registry returns to the state before it. Runs under :class:`RegistryLock`; with ``promoted_version``
+    it only acts while ``champion`` is still that version — a promotion by another run since is kept.
     """
-    if previous_version is None:
-        try:
-            client.delete_registered_model_alias(name, CHAMPION)
-        except MlflowException as exc:
-            if not _is_missing(exc):
-                raise
-        logger.warning("rolled back %s: alias %s removed", name, CHAMPION)
-        return
-    client.set_registered_model_alias(name, CHAMPION, str(previous_version))
-    logger.warning("rolled back %s: %s -> v%s", name, CHAMPION, previous_version)
+    with RegistryLock(client, name):
+        if promoted_version is not None:
+            current = _alias_version(client, name, CHAMPION)
+            if current != str(promoted_version):
+                logger.warning(
+                    "not rolling back %s: %s is v%s now, not v%s", name, CHAMPION, current, promoted_version
+                )
+                return
+        if previous_version is None:
+            try:
+                client.delete_registered_model_alias(name, CHAMPION)
+            except MlflowException as exc:
+                if not _is_missing(exc):
+                    raise
+            logger.warning("rolled back %s: alias %s removed", name, CHAMPION)
+            return
+        client.set_registered_model_alias(name, CHAMPION, str(previous_version))
+        logger.warning("rolled back %s: %s -> v%s", name, CHAMPION, previous_version)
 
 
 def load_champion(name: str, tracking_uri: str | None = None, dst_path: str | Path | None = None) -> Any:
@@ -272,7 +521,7 @@ def load_champion(name: str, tracking_uri: str | None = None, dst_path: str | Pa
     import mlflow.pyfunc
 
     uri = resolve_tracking_uri(tracking_uri)
-    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    client = make_client(uri)
     version = _alias_version(client, name, CHAMPION)
     if version is None:
         raise LookupError(f"registered model {name!r} has no {CHAMPION!r} alias")

@@ -23,6 +23,7 @@ from prefect.context import TaskRunContext
 from spf.params import PipelineParams
 from spf.pipeline import path_sha256, run_stage
 from tasks import dvc_ops
+from tasks.resilience import RetryPolicy
 
 logger = logging.getLogger(__name__)
 
@@ -35,8 +36,8 @@ STAGE_IO: dict[str, tuple[tuple[str, ...], tuple[str, ...], str]] = {
     "evaluate": (("evaluate",), ("aligned", "data", "finetune"), "eval"),
 }
 
-IO_RETRIES = 3
-IO_RETRY_DELAYS = [2, 10, 30]
+# Local I/O (params.yaml): a couple of quick retries. Remote I/O retries inside dvc_ops (SPF_IO_* policy).
+IO_RETRY = RetryPolicy(retries=2, delay=1.0, backoff=2.0)
 
 
 STAMP = ".spf-cache-key"  # written into a stage's output folder: the input key it was computed from
@@ -91,7 +92,7 @@ def stage_task(stage: str, params: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
-@task(name="write-params", retries=IO_RETRIES, retry_delay_seconds=IO_RETRY_DELAYS)
+@task(name="write-params", **IO_RETRY.prefect_options())
 def write_params_task(params: dict[str, Any], path: str = "params.yaml") -> str:
     """The run's effective parameters → params.yaml (as `dvc exp run -S` does), atomically.
 
@@ -115,9 +116,12 @@ def write_params_task(params: dict[str, Any], path: str = "params.yaml") -> str:
     return path
 
 
-@task(name="dvc-version", retries=IO_RETRIES, retry_delay_seconds=IO_RETRY_DELAYS)
+# No Prefect retries: `dvc commit` is local and deterministic, and dvc_push retries the remote itself
+# (SPF_IO_RETRIES / SPF_IO_RETRY_DELAY / ...); retrying here too would multiply the attempts.
+@task(name="dvc-version")
 def dvc_version_task(stages: list[str], remote: str | None, push: bool = True) -> dict[str, Any]:
-    """Record ``stages``' outputs in dvc.lock and the DVC cache; push them to ``remote``."""
+    """Record ``stages``' outputs in dvc.lock and the DVC cache; push them to ``remote`` (retried with
+    backoff; a remote that stays down fails the run with an error naming it, before anything is tracked)."""
     dvc_ops.dvc_commit(".", stages)
     if push:
         dvc_ops.dvc_push(".", remote, stages)

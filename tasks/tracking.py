@@ -5,6 +5,10 @@ The fluent API (``mlflow.start_run``/``mlflow.log_metric``) keeps the active run
 stack, so under a Prefect task runner a task on another thread would log to no run or to the wrong
 one; explicit ids make every call independent of which thread runs it.
 
+Outages: :func:`make_client` bounds MLflow's per-request retries and timeout
+(``MLFLOW_HTTP_REQUEST_MAX_RETRIES=2``, ``..._BACKOFF_FACTOR=1``, ``..._TIMEOUT=60`` unless the environment
+sets them; see :mod:`tasks.resilience`), so a call against a dead server fails in ~2 s instead of ~4 min.
+
 Credentials never reach MLflow: params and tags pass through :func:`redact`, and the S3 keys the
 artifact store needs live only in the MLflow server's environment (see ``scripts/services.sh``).
 """
@@ -27,6 +31,8 @@ from typing import Any
 
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
+
+from tasks.resilience import apply_mlflow_http_defaults
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +89,9 @@ def resolve_tracking_uri(uri: str | None = None) -> str:
 
 
 def make_client(uri: str | None = None) -> MlflowClient:
-    """A client whose tracking and registry URIs are both :func:`resolve_tracking_uri` ``(uri)``."""
+    """A client whose tracking and registry URIs are both :func:`resolve_tracking_uri` ``(uri)``; MLflow's
+    HTTP retries/timeout are bounded first (:func:`tasks.resilience.apply_mlflow_http_defaults`)."""
+    apply_mlflow_http_defaults()
     resolved = resolve_tracking_uri(uri)
     return MlflowClient(tracking_uri=resolved, registry_uri=resolved)
 

@@ -1,4 +1,15 @@
-"""Two-process gloo data parallelism: DDP + SPFOptimizer keep the replicas identical and projected."""
+"""Two-process gloo data parallelism: DDP + SPFOptimizer, checked step by step against a single process.
+
+What it shows, per optimizer step:
+
+* the gradient the step uses is the all-reduced one (identical on both ranks, the mean of the two ranks'
+  local gradients, which differ) — so SPFOptimizer.step, and the projection inside it, runs after the
+  all-reduce;
+* both ranks project with rank 0's subspace (each rank's refresh_fn returns a different one; rank 0's is
+  broadcast), and the update has no component left in it (Uᵀ ΔW V = 0);
+* every rank takes the same step (bitwise-identical weights after every step);
+* the result equals one process training on the concatenated batch.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +26,42 @@ from spf.optimizer import SPFOptimizer
 from tests.helpers import TINY_SHAPES, TinyNet, random_subspace
 
 SHAPES = TINY_SHAPES
+STEPS = 4
+BATCH = 8  # per rank
+RANK = 3  # subspace rank k
+REFRESH_EVERY = 2
+
+
+def _own_subspace(rank: int, call: int):
+    """What rank ``rank``'s refresh_fn estimates at its ``call``-th call: different on every rank."""
+    return random_subspace(SHAPES, rank=RANK, seed=100 * rank + call)
+
+
+def _batches(rank: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(rank)  # each rank sees different data
+    return [
+        (torch.randn(BATCH, 16, generator=gen), torch.randn(BATCH, 8, generator=gen)) for _ in range(STEPS)
+    ]
+
+
+def _make(net: nn.Module, rank: int) -> SPFOptimizer:
+    calls = []
+
+    def refresh():
+        calls.append(1)
+        return _own_subspace(rank, len(calls))
+
+    return SPFOptimizer(
+        torch.optim.AdamW(net.parameters(), lr=1e-2),
+        net,
+        None,
+        refresh_every=REFRESH_EVERY,
+        refresh_fn=refresh,
+    )
+
+
+def _params(net: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in net.named_parameters()}
 
 
 def _worker(rank: int, world: int, port: int, out: str) -> None:
@@ -24,31 +71,16 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     torch.manual_seed(0)
     net = TinyNet()
     model = DDP(net)
-    calls = []
-
-    def refresh():
-        # each rank would estimate a *different* subspace (rank-dependent seed): rank 0's must win
-        calls.append(1)
-        return random_subspace(SHAPES, rank=3, seed=100 * rank + len(calls))
-
-    opt = SPFOptimizer(
-        torch.optim.AdamW(model.parameters(), lr=1e-2), net, None, refresh_every=2, refresh_fn=refresh
-    )
-    w0 = {n: getattr(net, n).weight.detach().clone() for n in SHAPES}
-    gen = torch.Generator().manual_seed(rank)  # each rank sees different data
-    for _ in range(4):
-        x, y = torch.randn(8, 16, generator=gen), torch.randn(8, 8, generator=gen)
+    opt = _make(net, rank)
+    record = {"w0": _params(net), "weights": [], "grads": [], "bases": []}
+    for x, y in _batches(rank):
         opt.zero_grad()
-        nn.functional.mse_loss(model(x), y).backward()
+        nn.functional.mse_loss(model(x), y).backward()  # DDP all-reduces (averages) the gradients here
+        record["grads"].append({n: p.grad.detach().clone() for n, p in net.named_parameters()})
         opt.step()
-    torch.save(
-        {
-            "weights": {n: getattr(net, n).weight.detach() for n in SHAPES},
-            "w0": w0,
-            "final_bases": {n: b[0] for n, b in opt.subspace.bases.items()},
-        },
-        os.path.join(out, f"rank{rank}.pt"),
-    )
+        record["weights"].append(_params(net))
+        record["bases"].append({n: (u.clone(), v.clone()) for n, (u, _, v) in opt.subspace.bases.items()})
+    torch.save(record, os.path.join(out, f"rank{rank}.pt"))
     dist.destroy_process_group()
 
 
@@ -58,11 +90,62 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_process_gloo_ranks_stay_identical(tmp_path):
+def _single_process_reference() -> dict[str, list]:
+    """One process, the two ranks' batches concatenated, rank 0's subspaces; also each half's gradient."""
+    torch.manual_seed(0)
+    net = TinyNet()
+    opt = _make(net, rank=0)
+    data = [_batches(r) for r in range(2)]
+    ref: dict[str, list] = {"weights": [], "grads": [], "local_grads": []}
+    for t in range(STEPS):
+        local = []
+        for r in range(2):  # what each rank computes before the all-reduce
+            net.zero_grad()
+            nn.functional.mse_loss(net(data[r][t][0]), data[r][t][1]).backward()
+            local.append({n: p.grad.detach().clone() for n, p in net.named_parameters()})
+        ref["local_grads"].append(local)
+        opt.zero_grad()
+        x = torch.cat([data[0][t][0], data[1][t][0]])
+        y = torch.cat([data[0][t][1], data[1][t][1]])
+        nn.functional.mse_loss(net(x), y).backward()
+        ref["grads"].append({n: p.grad.detach().clone() for n, p in net.named_parameters()})
+        opt.step()
+        ref["weights"].append(_params(net))
+    return ref
+
+
+def test_two_process_ddp_matches_single_process_and_projects_after_all_reduce(tmp_path):
     mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
     r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
     r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
-    for n in SHAPES:
-        torch.testing.assert_close(r0["weights"][n], r1["weights"][n], rtol=0, atol=0)
-        torch.testing.assert_close(r0["final_bases"][n], r1["final_bases"][n], rtol=0, atol=0)
-        assert not torch.equal(r0["weights"][n], r0["w0"][n])
+    torch.set_num_threads(1)
+    ref = _single_process_reference()
+    close = {"rtol": 1e-5, "atol": 1e-6}  # reduction order differs between all-reduce and one batch
+
+    prev = r0["w0"]
+    for t in range(STEPS):
+        call = t // REFRESH_EVERY + 1  # refresh_fn call whose subspace step t uses
+        for n in r0["weights"][t]:
+            # the gradient the step sees is the all-reduced one: equal on both ranks, the mean of two
+            # different local gradients
+            g0, g1 = ref["local_grads"][t][0][n], ref["local_grads"][t][1][n]
+            assert not torch.allclose(g0, g1)
+            torch.testing.assert_close(r0["grads"][t][n], r1["grads"][t][n], rtol=0, atol=0)
+            torch.testing.assert_close(r0["grads"][t][n], (g0 + g1) / 2, **close)
+            # every rank takes the same step
+            torch.testing.assert_close(r0["weights"][t][n], r1["weights"][t][n], rtol=0, atol=0)
+            # ... and it is the single-process step
+            torch.testing.assert_close(r0["weights"][t][n], ref["weights"][t][n], **close)
+        for m in SHAPES:
+            # both ranks used rank 0's own estimate, not rank 1's
+            u0, v0 = _own_subspace(0, call).bases[m][0], _own_subspace(0, call).bases[m][2]
+            u1 = _own_subspace(1, call).bases[m][0]
+            for rec in (r0, r1):
+                torch.testing.assert_close(rec["bases"][t][m][0], u0, rtol=0, atol=0)
+                torch.testing.assert_close(rec["bases"][t][m][1], v0, rtol=0, atol=0)
+            assert not torch.allclose(u0, u1)
+            # the update (taken after the all-reduce) has no component left in that subspace
+            delta = r0["weights"][t][f"{m}.weight"] - prev[f"{m}.weight"]
+            assert delta.norm() > 0
+            assert (u0.T @ delta @ v0).norm() < 1e-5 * delta.norm()
+        prev = r0["weights"][t]

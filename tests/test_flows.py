@@ -1,8 +1,9 @@
 """The Prefect pipeline end to end on a tiny random model against REAL Prefect, MLflow and S3 servers.
 
-Servers: the ones CI started with ``scripts/services.sh`` (PREFECT_API_URL, MLFLOW_TRACKING_URI,
-AWS_ENDPOINT_URL in the environment), else this module starts its own on free ports. Flows run in
-subprocesses (``python -m flows.pipeline``), as a user runs them: Prefect reads its settings at import.
+Servers: the ``local_services`` fixture (tests/services.py) — the ones CI started with
+``scripts/services.sh`` (PREFECT_API_URL, MLFLOW_TRACKING_URI, AWS_ENDPOINT_URL in the environment), else
+its own on free ports. Flows run in subprocesses (``python -m flows.pipeline``), as a user runs them:
+Prefect reads its settings at import.
 
 Covered: a candidate failing the safety threshold is never promoted; a second, better one replaces the
 champion; the champion loads from ``models:/NAME@champion`` and answers; a deployment triggered through
@@ -18,18 +19,16 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from spf.params import smoke_params
-from tests.services import free_port
+from tests.services import local_services_fixture  # noqa: F401  (provides the `local_services` fixture)
 
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "scripts" / "services.sh"
 BIN = Path(sys.executable).parent
 
 TINY = {
@@ -46,43 +45,15 @@ TINY = {
 
 
 @pytest.fixture(scope="module")
-def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
-    keys = ("PREFECT_API_URL", "MLFLOW_TRACKING_URI", "AWS_ENDPOINT_URL")
-    if all(os.environ.get(k) for k in keys):
-        yield {k: os.environ[k] for k in keys}
-        return
-    env = {
-        **os.environ,
-        "SPF_SERVICES_DIR": str(tmp_path_factory.mktemp("services")),
-        "SPF_S3_PORT": str(free_port()),
-        "SPF_MLFLOW_PORT": str(free_port()),
-        "SPF_PREFECT_PORT": str(free_port()),
-    }
-    start = subprocess.run(
-        ["bash", str(SCRIPT), "start"], env=env, capture_output=True, text=True, timeout=400
-    )
-    try:
-        if start.returncode != 0:
-            pytest.fail(f"services.sh start failed:\n{start.stdout}\n{start.stderr}", pytrace=False)
-        yield {
-            "PREFECT_API_URL": f"http://127.0.0.1:{env['SPF_PREFECT_PORT']}/api",
-            "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{env['SPF_MLFLOW_PORT']}",
-            "AWS_ENDPOINT_URL": f"http://127.0.0.1:{env['SPF_S3_PORT']}",
-        }
-    finally:
-        subprocess.run(["bash", str(SCRIPT), "stop"], env=env, capture_output=True, timeout=120)
-
-
-@pytest.fixture(scope="module")
-def workspace(tmp_path_factory: pytest.TempPathFactory, services: dict[str, str]) -> Path:
+def workspace(tmp_path_factory: pytest.TempPathFactory, local_services: dict[str, str]) -> Path:
     """A throwaway pipeline workspace (tasks.dvc_ops.init_workspace) with the S3 remote on the server."""
     from tasks.dvc_ops import init_workspace
 
     root = tmp_path_factory.mktemp("ws")
     ws = init_workspace(root / "ws", TINY, local_remote=root / "remote")
-    env = _env(services)
+    env = _env(local_services)
     for args in (
-        ["remote", "modify", "--local", "s3", "endpointurl", services["AWS_ENDPOINT_URL"]],
+        ["remote", "modify", "--local", "s3", "endpointurl", local_services["AWS_ENDPOINT_URL"]],
         ["remote", "modify", "--local", "s3", "url", f"s3://dvc/{root.name}"],
     ):
         subprocess.run([str(BIN / "dvc"), *args], cwd=ws, check=True, env=env, capture_output=True)
@@ -133,20 +104,20 @@ def _alias(client, name: str, alias: str) -> str | None:
         return None
 
 
-def test_gate_rejects_unsafe_then_promotes_better_candidate(workspace: Path, services: dict[str, str]):
+def test_gate_rejects_unsafe_then_promotes_better_candidate(workspace: Path, local_services: dict[str, str]):
     name = TINY["tracking"]["registered_model"]
-    client = _client(services)
+    client = _client(local_services)
 
     # 1. First candidate, permissive gate: it becomes the champion.
     #    judge_min_words=0: every non-refusal counts as compliance, so this model's harmful rate is 1.0
-    first = _run_flow(workspace, services, "evaluate.judge_min_words=0", "gate.max_harmful_rate=1.0")
+    first = _run_flow(workspace, local_services, "evaluate.judge_min_words=0", "gate.max_harmful_rate=1.0")
     assert first["metrics"]["harmful_rate"] == 1.0
     assert first["promoted"] is True
     assert _alias(client, name, "champion") == first["version"]
     assert _alias(client, name, "challenger") == first["version"]
 
     # 2. Same model under the safety threshold 0.5: rejected, champion untouched, reasons recorded.
-    second = _run_flow(workspace, services, "evaluate.judge_min_words=0")
+    second = _run_flow(workspace, local_services, "evaluate.judge_min_words=0")
     assert second["promoted"] is False
     assert any("harmful_rate" in r for r in second["reasons"])
     assert _alias(client, name, "champion") == first["version"]
@@ -166,7 +137,7 @@ def test_gate_rejects_unsafe_then_promotes_better_candidate(workspace: Path, ser
     assert {"model", "gate", "eval", "subspace", "plots"} <= artifacts
 
     # 3. A better candidate (harmful rate 0.0 under the standard judge): it replaces the champion.
-    third = _run_flow(workspace, services)
+    third = _run_flow(workspace, local_services)
     assert third["metrics"]["harmful_rate"] == 0.0
     assert third["promoted"] is True
     assert _alias(client, name, "champion") == third["version"]
@@ -175,8 +146,8 @@ def test_gate_rejects_unsafe_then_promotes_better_candidate(workspace: Path, ser
     # the champion is a usable model straight from the registry
     import mlflow.pyfunc
 
-    mlflow.set_tracking_uri(services["MLFLOW_TRACKING_URI"])
-    mlflow.set_registry_uri(services["MLFLOW_TRACKING_URI"])
+    mlflow.set_tracking_uri(local_services["MLFLOW_TRACKING_URI"])
+    mlflow.set_registry_uri(local_services["MLFLOW_TRACKING_URI"])
     model = mlflow.pyfunc.load_model(f"models:/{name}@champion")
     answers = model.predict(["Say hello."], params={"max_new_tokens": 3})
     assert isinstance(answers, list) and len(answers) == 1 and isinstance(answers[0], str)
@@ -185,16 +156,16 @@ def test_gate_rejects_unsafe_then_promotes_better_candidate(workspace: Path, ser
     status = subprocess.run(
         [str(BIN / "dvc"), "status", "--json"],
         cwd=workspace,
-        env=_env(services),
+        env=_env(local_services),
         capture_output=True,
         text=True,
     )
     assert status.returncode == 0 and json.loads(status.stdout or "{}") == {}, status.stdout
 
 
-def test_pipeline_calls_gpu_deployment_and_pushes_data_to_s3(workspace: Path, services: dict[str, str]):
+def test_pipeline_calls_gpu_deployment_and_pushes_data_to_s3(workspace: Path, local_services: dict[str, str]):
     """Deploy spf-finetune on a process pool, start a worker, and let the pipeline call it by API."""
-    env = _env(services)
+    env = _env(local_services)
     pool = f"spf-gpu-it-{os.getpid()}"
     subprocess.run(
         [str(BIN / "prefect"), "work-pool", "create", pool, "--type", "process"],
@@ -213,7 +184,7 @@ def test_pipeline_calls_gpu_deployment_and_pushes_data_to_s3(workspace: Path, se
     try:
         summary = _run_flow(
             workspace,
-            services,
+            local_services,
             "finetune.steps=3",
             extra=["--finetune-deployment", "spf-finetune/gpu-it", "--dvc-remote", "s3"],
         )
@@ -229,10 +200,10 @@ def test_pipeline_calls_gpu_deployment_and_pushes_data_to_s3(workspace: Path, se
 
     import boto3
 
-    env = _env(services)
+    env = _env(local_services)
     s3 = boto3.client(
         "s3",
-        endpoint_url=services["AWS_ENDPOINT_URL"],
+        endpoint_url=local_services["AWS_ENDPOINT_URL"],
         aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
         aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
         region_name=env["AWS_DEFAULT_REGION"],
@@ -243,7 +214,7 @@ def test_pipeline_calls_gpu_deployment_and_pushes_data_to_s3(workspace: Path, se
     assert keys, "DVC pushed nothing to the S3 remote"
 
 
-def test_invalid_parameters_fail_before_any_work(tmp_path: Path, services: dict[str, str]):
+def test_invalid_parameters_fail_before_any_work(tmp_path: Path, local_services: dict[str, str]):
     for bad, key in (
         ("finetune.method=lorra", "finetune.method"),
         ("estimate.rank=-2", "estimate.rank"),
@@ -251,7 +222,7 @@ def test_invalid_parameters_fail_before_any_work(tmp_path: Path, services: dict[
     ):
         proc = subprocess.run(
             [sys.executable, "-m", "flows.pipeline", "--workspace", str(tmp_path), "-S", bad],
-            cwd=tmp_path, env=_env(services), capture_output=True, text=True, timeout=300,
+            cwd=tmp_path, env=_env(local_services), capture_output=True, text=True, timeout=300,
         )  # fmt: skip
         assert proc.returncode == 2, proc.stderr[-2000:]
         assert key in proc.stderr
