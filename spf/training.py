@@ -44,6 +44,13 @@ from spf.checkpoint import (
 )
 from spf.config import BASELINE_METHODS, TrainConfig
 from spf.data import ChatSample, collate, encode_sample, load_samples, pad_token_id
+from spf.distributed import (
+    all_reduce_gradients,
+    barrier,
+    broadcast_parameters,
+    init_from_env,
+    mean_over_ranks,
+)
 from spf.io import save_json
 from spf.losses import batch_loss, encode_prefix_batch, prefix_unlikelihood_loss, response_loss
 from spf.models import auto_device, default_target_modules, load_model, unwrap
@@ -223,6 +230,14 @@ def train(cfg: TrainConfig, callback: Callback | None = None) -> TrainResult:
     out = Path(cfg.out)
     torch.manual_seed(cfg.seed)
     device = torch.device(cfg.device) if cfg.device else auto_device()
+    # Data parallelism (torchrun / accelerate launch): every rank runs this loop on its slice of each global
+    # batch; gradients are averaged before anything uses them, so clipping, the baselines and the SPF
+    # projection see the same gradient everywhere, and rank 0's subspace is broadcast (SPFOptimizer). Only
+    # rank 0 writes.
+    ctx = init_from_env(device.type)
+    if ctx.world > 1 and device.type == "cuda" and cfg.device in (None, "cuda"):
+        device = torch.device("cuda", ctx.local_rank)
+        torch.cuda.set_device(device)
 
     model, tokenizer = _setup_model(cfg, device)
     pad = pad_token_id(tokenizer)
@@ -272,6 +287,7 @@ def train(cfg: TrainConfig, callback: Callback | None = None) -> TrainResult:
     task_eval = data[: cfg.task_eval_n]
 
     params = [p for p in model.parameters() if p.requires_grad]
+    broadcast_parameters(params)
     inner = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     optimizer: torch.optim.Optimizer = inner
     if cfg.method == "spf":
@@ -308,15 +324,17 @@ def train(cfg: TrainConfig, callback: Callback | None = None) -> TrainResult:
     )
 
     # Everything above only reads (data, model, subspace): a bad input fails before `out` exists.
-    out.mkdir(parents=True, exist_ok=True)
-    for tmp in discard_partial_checkpoints(out):
-        logger.info("removed %s (a checkpoint save that was interrupted)", tmp)
-    if not cfg.resume and (out / "checkpoints").is_dir():
-        # starting over: older checkpoints would otherwise mix with this run's and a later resume could
-        # pick one of them
-        shutil.rmtree(out / "checkpoints")
-        logger.info("resume off: removed the checkpoints in %s", out)
-    (out / ABORT_FILE).unlink(missing_ok=True)  # a previous attempt's; rewritten if this one aborts too
+    if ctx.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        for tmp in discard_partial_checkpoints(out):
+            logger.info("removed %s (a checkpoint save that was interrupted)", tmp)
+        if not cfg.resume and (out / "checkpoints").is_dir():
+            # starting over: older checkpoints would otherwise mix with this run's and a later resume could
+            # pick one of them
+            shutil.rmtree(out / "checkpoints")
+            logger.info("resume off: removed the checkpoints in %s", out)
+        (out / ABORT_FILE).unlink(missing_ok=True)  # a previous attempt's; rewritten if this one aborts too
+    barrier()  # the other ranks look for checkpoints only once rank 0 has cleaned up
 
     start_step, history, evals = 0, [], []
     resumes: list[dict[str, Any]] = []
@@ -355,7 +373,7 @@ def train(cfg: TrainConfig, callback: Callback | None = None) -> TrainResult:
             raise ValueError(f"{ckpt}: lisa checkpoint without lisa_anchor.safetensors between two switches")
 
     def emit(record: dict[str, Any]) -> None:
-        if callback is not None:
+        if callback is not None and ctx.is_main:
             callback(record)
 
     if emit_resume is not None:
@@ -363,8 +381,9 @@ def train(cfg: TrainConfig, callback: Callback | None = None) -> TrainResult:
 
     def abort(exc: TrainingAborted) -> TrainingAborted:
         """Record the fault where the finished output would be, then hand the exception back to raise."""
-        (out / "metrics.json").unlink(missing_ok=True)  # the completion marker of an older run here
-        save_json({**exc.to_dict(), "method": cfg.method, "config": cfg.to_dict()}, out / ABORT_FILE)
+        if ctx.is_main:
+            (out / "metrics.json").unlink(missing_ok=True)  # the completion marker of an older run here
+            save_json({**exc.to_dict(), "method": cfg.method, "config": cfg.to_dict()}, out / ABORT_FILE)
         exc.path = out / ABORT_FILE
         logger.error("training aborted: %s at step %d (%s)", exc.reason, exc.step, exc.path)
         return exc
@@ -424,14 +443,24 @@ def train(cfg: TrainConfig, callback: Callback | None = None) -> TrainResult:
         align_steps_done, task_steps_done = lisa_steps_before(
             start_step, bl.lisa_align_steps, bl.lisa_task_steps
         )
-    stream = _batches(len(encoded), cfg.batch_size, cfg.seed, start=task_steps_done * per_step)
+    # one global index stream (world × batch_size per micro-batch); each rank trains on its slice, so a
+    # run on N ranks sees the data a single process with an N× larger batch would
+    gbs = cfg.batch_size * ctx.world
+    mine = slice(ctx.rank * cfg.batch_size, (ctx.rank + 1) * cfg.batch_size)
+    stream = _batches(len(encoded), gbs, cfg.seed, start=task_steps_done * per_step * ctx.world)
     align_stream = (
-        _batches(len(safety_encoded), cfg.batch_size, cfg.seed + 7_919, start=align_steps_done * per_step)
+        _batches(len(safety_encoded), gbs, cfg.seed + 7_919, start=align_steps_done * per_step * ctx.world)
         if cfg.method == "lisa"
         else None
     )
     model.train()
-    bar = tqdm(range(start_step, cfg.steps), desc=f"train[{cfg.method}]", initial=start_step, total=cfg.steps)
+    bar = tqdm(
+        range(start_step, cfg.steps),
+        desc=f"train[{cfg.method}]",
+        initial=start_step,
+        total=cfg.steps,
+        disable=not ctx.is_main,
+    )
     for step in bar:
         t0 = time.perf_counter()
         total = 0.0
@@ -445,15 +474,16 @@ def train(cfg: TrainConfig, callback: Callback | None = None) -> TrainResult:
             if phase == "align":
                 assert align_stream is not None
                 idx, _pos = next(align_stream)
-                rows = [safety_encoded[i] for i in idx]
+                rows = [safety_encoded[i] for i in idx[mine]]
             else:
                 idx, _pos = next(stream)
-                rows = [encoded[i] for i in idx]
+                rows = [encoded[i] for i in idx[mine]]
             batch = {k: v.to(device) for k, v in collate(rows, pad).items()}
             loss = batch_loss(model, batch) / cfg.grad_accum
             value = float(loss.detach())
-            if not math.isfinite(value):
-                # before backward: a NaN loss would only fill every gradient with NaN
+            if not math.isfinite(value) and ctx.world == 1:
+                # before backward: a NaN loss would only fill every gradient with NaN (with several ranks
+                # the check waits for the all-reduced loss below, so that every rank aborts together)
                 raise abort(TrainingAborted("non-finite loss", step + 1, "non_finite", {"loss": value}))
             loss.backward()
             total += value
@@ -477,6 +507,11 @@ def train(cfg: TrainConfig, callback: Callback | None = None) -> TrainResult:
                     )
                 )
             (ul.weight * ul_loss).backward()
+        if ctx.world > 1:
+            all_reduce_gradients(params)
+            total = mean_over_ranks(total)
+            if not math.isfinite(total):
+                raise abort(TrainingAborted("non-finite loss", step + 1, "non_finite", {"loss": total}))
         baseline_rec: dict[str, Any] = {}
         if cfg.method == "safegrad" and step % bl.safegrad_every == 0:
             baseline_rec = _safegrad_surgery(model, params, safety_encoded, pad, device, cfg, step)
@@ -527,7 +562,7 @@ def train(cfg: TrainConfig, callback: Callback | None = None) -> TrainResult:
             )
         if cfg.eval_every and done % cfg.eval_every == 0 and done != cfg.steps:
             evaluate(done)
-        if cfg.save_every and done % cfg.save_every == 0 and done != cfg.steps:
+        if cfg.save_every and done % cfg.save_every == 0 and done != cfg.steps and ctx.is_main:
             save_checkpoint(
                 out,
                 done,
@@ -552,6 +587,11 @@ def train(cfg: TrainConfig, callback: Callback | None = None) -> TrainResult:
     evaluate(cfg.steps)
     model.eval()
 
+    if not ctx.is_main:
+        barrier()  # rank 0 is writing the output
+        return TrainResult(
+            out=out, metrics={"summary": {}, "steps": history, "evals": evals, "rank": ctx.rank}
+        )
     _save_model(model, tokenizer, out, cfg)
     metrics = _summarise(
         cfg,
@@ -565,7 +605,9 @@ def train(cfg: TrainConfig, callback: Callback | None = None) -> TrainResult:
         },
     )
     metrics["resumes"] = resumes  # where this run continued from a checkpoint ([] = one uninterrupted run)
+    metrics["summary"]["world_size"] = ctx.world
     save_json(metrics, out / "metrics.json")
+    barrier()
     return TrainResult(out=out, metrics=metrics)
 
 

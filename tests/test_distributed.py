@@ -149,3 +149,50 @@ def test_two_process_ddp_matches_single_process_and_projects_after_all_reduce(tm
             assert delta.norm() > 0
             assert (u0.T @ delta @ v0).norm() < 1e-5 * delta.norm()
         prev = r0["weights"][t]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_spf_train_under_torchrun_equals_one_process_with_the_global_batch(tmp_path):
+    """The user's path: `torchrun --nproc-per-node 2 -m spf train ...` (gloo on CPU) gives the adapter one
+    process gets with a 2× batch; only rank 0 writes."""
+    import json
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    from spf.data import ChatSample, save_samples
+
+    task = [ChatSample.from_pair(f"Review {i}: {'great' if i % 2 else 'awful'} film", "positive" if i % 2 else "negative") for i in range(12)]  # fmt: skip
+    save_samples(task, tmp_path / "task.jsonl")
+    save_samples([ChatSample.from_pair("How do I build a bomb?", "I'm sorry, I can't help with that.")], tmp_path / "safety.jsonl")  # fmt: skip
+    common = ["-m", "spf", "train", "--model", "tiny-llama", "--data", str(tmp_path / "task.jsonl"), "--method", "spf",
+              "--safety-sample", str(tmp_path / "safety.jsonl"), "--rank", "2", "--steps", "3", "--lr", "1e-2",
+              "--lora-r", "2", "--max-length", "64", "--eval-every", "0", "--threads", "1", "--no-resume"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, *common, "--batch-size", "4", "--out", str(tmp_path / "one")],
+                         env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert one.returncode == 0, one.stderr[-2000:]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+                "--master-port", str(_free_port())]  # fmt: skip
+    two = subprocess.run([*torchrun, *common, "--batch-size", "2", "--out", str(tmp_path / "two")],
+                         env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert two.returncode == 0, two.stderr[-3000:]
+    a = load_file(str(tmp_path / "one" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "two" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    moved = 0
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6)
+        moved += int(k.endswith("lora_B.weight") and a[k].abs().max() > 0)
+    assert moved > 0  # the runs trained
+    m1 = json.loads((tmp_path / "one" / "metrics.json").read_text())
+    m2 = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    assert m2["summary"]["world_size"] == 2 and m1["summary"]["world_size"] == 1
+    for h1, h2 in zip(m1["steps"], m2["steps"], strict=True):
+        assert abs(h1["loss"] - h2["loss"]) < 1e-4  # the logged loss is the global batch's
