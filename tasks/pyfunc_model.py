@@ -58,10 +58,10 @@ class SPFAdapterModel(mlflow.pyfunc.PythonModel):
 
     def load_context(self, context: Any) -> None:
         # Imported here so that importing this module (e.g. to log a model) does not load torch/peft.
-        from peft import PeftModel
         from transformers import AutoTokenizer
 
         import spf
+        from spf.models import load_adapter
 
         config = dict(context.model_config or {})
         base_ref = context.artifacts.get("base") or config.get("base_model")
@@ -73,7 +73,7 @@ class SPFAdapterModel(mlflow.pyfunc.PythonModel):
         # An adapter saved with its tokenizer (e.g. after adding tokens) wins over the base's.
         if (Path(adapter_dir) / "tokenizer_config.json").is_file():
             tokenizer = AutoTokenizer.from_pretrained(adapter_dir, trust_remote_code=False)
-        self.model = PeftModel.from_pretrained(base, adapter_dir, is_trainable=False)
+        self.model = load_adapter(base, adapter_dir)  # safetensors only, like every spf load
         self.model.eval()
         self.tokenizer = tokenizer
         self.max_new_tokens = int(config.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS))

@@ -106,10 +106,9 @@ def _receiver(call: ast.Call) -> str:
     return ast.unparse(func.value)
 
 
-# PeftModel.from_pretrained outside spf/models.py. tasks/ belongs to the tracking layer: its pyfunc model
-# (MLflow's serving wrapper) loads the adapter that the pipeline logged; it should call
-# spf.models.load_adapter too — listed here so that any *new* direct call fails this test.
-PEFT_LOADERS_OUTSIDE_SPF = {"tasks/pyfunc_model.py"}
+# PeftModel.from_pretrained outside spf/models.py: none — the MLflow pyfunc wrapper (tasks/pyfunc_model.py)
+# calls spf.models.load_adapter too, so any direct call fails this test.
+PEFT_LOADERS_OUTSIDE_SPF: set[str] = set()
 
 
 def test_trust_remote_code_is_never_true_and_adapters_go_through_the_one_loader() -> None:
