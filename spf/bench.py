@@ -38,7 +38,16 @@ from spf.io import atomic_path, save_json
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["BenchConfig", "Cell", "cells", "load_bench_config", "main_bench", "render_report", "run_bench"]
+__all__ = [
+    "BenchConfig",
+    "Cell",
+    "cells",
+    "load_bench_config",
+    "main_bench",
+    "render_report",
+    "run_bench",
+    "select_cells",
+]
 
 SUITES = ("harmful", "jailbreak", "prefill", "overrefusal", "utility")
 ScenarioKind = Literal["sst2", "agnews", "gsm8k", "harmful-mix", "identity-shift"]
@@ -491,11 +500,24 @@ def _run_child(cfg_path: str, cell: Cell, log_dir: Path) -> tuple[str, int]:
     return cell.id, rc
 
 
+def select_cells(cfg: BenchConfig, only: list[str] | None = None) -> list[Cell]:
+    """All cells, or those matching ``only`` (ids or id prefixes) in the order ``only`` names them."""
+    todo = cells(cfg)
+    if not only:
+        return todo
+
+    def rank(c: Cell) -> int:
+        return next((i for i, o in enumerate(only) if c.id == o or c.id.startswith(o)), -1)
+
+    todo = sorted((c for c in todo if rank(c) >= 0), key=rank)  # stable: file order within one pattern
+    if not todo:
+        raise BenchConfigError(f"{cfg.source}: no cell matches {only}")
+    return todo
+
+
 def run_bench(cfg: BenchConfig, *, only: list[str] | None = None, lanes: int | None = None) -> dict[str, int]:
     """Prepare, then run the pending cells (each in its own process) in ``lanes`` parallel lanes."""
-    todo = [c for c in cells(cfg) if not only or c.id in only or any(c.id.startswith(o) for o in only)]
-    if only and not todo:
-        raise BenchConfigError(f"{cfg.source}: no cell matches {only}")
+    todo = select_cells(cfg, only)
     manifest = prepare_data(cfg)
     for spec in {c.subspace.key(): c.subspace for c in todo if c.subspace is not None}.values():
         prepare_subspace(cfg, spec)

@@ -14,6 +14,7 @@ from spf.bench import (
     cells,
     load_bench_config,
     run_bench,
+    select_cells,
     write_report,
 )
 from spf.cli import main as spf_main
@@ -72,6 +73,14 @@ def test_ablation_merges_overrides_and_keeps_the_rest(tmp_path, shared_data):
     assert abl.train == {"method": "spf", "spf": {"rank": 1}}
     base = next(c for c in cells(cfg) if c.id == "spf@sst2")
     assert base.train == {"method": "spf", "spf": {"rank": 2}}  # the base cell is not mutated
+
+
+def test_only_selects_cells_in_the_order_given():
+    cfg = load_bench_config(ROOT / "bench" / "cpu.yaml")
+    ids = [c.id for c in select_cells(cfg, ["ablation:margin", "spf@"])]
+    assert ids == ["ablation:margin", "spf@sst2", "spf@mix10", "spf@mix20", "spf@aoa", "spf@deep"]
+    with pytest.raises(BenchConfigError, match="no cell matches"):
+        select_cells(cfg, ["nothing"])
 
 
 def test_subspace_key_depends_on_every_field():
