@@ -3,7 +3,7 @@
     python experiments/align_data.py --out runs/align_data_v4
     spf align --out runs/aligned_v4 --refusals runs/align_data_v4/refusals.jsonl --n-refusals 100 \
       --benign spf/data/align_benign.jsonl runs/align_data_v4/benign_public.jsonl \
-      --steps 150 --lr 5e-4 --max-new-tokens 64 --threads 1
+      --steps 150 --lr 5e-4 --max-new-tokens 64 --unlikelihood-weight 0.1 --threads 1   # sixth base
 
 * refusals: our 58 written pairs + 100 keyword-judged refusals of safety_only_instructions.json
   (`spf data refusals --n 100 --seed 0`, reproduced exactly); `--n-refusals 100` then keeps a seeded 100.

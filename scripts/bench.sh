@@ -3,7 +3,7 @@
 # SmolLM2, then docs/results.md regenerated from the cells' JSON.
 #   bash scripts/bench.sh [bench/cpu.yaml] [extra `spf bench run` flags, e.g. --only spf@ vanilla@ --lanes 1]
 # Makes the aligned base first when the benchmark's `aligned` folder is missing (the recipe of
-# docs/results/headline.md, "Fourth attempt"). Resumable: rerun to continue; finished cells are kept.
+# docs/results/headline.md, "Sixth attempt"). Resumable: rerun to continue; finished cells are kept.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$PWD/.venv/bin:$PATH" HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
@@ -15,7 +15,7 @@ if [[ "$aligned" == runs/* && ! -f "$aligned/model.safetensors" ]]; then
   python experiments/align_data.py --out runs/align_data
   python -m spf align --out "$aligned" --refusals runs/align_data/refusals.jsonl --n-refusals 100 \
     --benign spf/data/align_benign.jsonl runs/align_data/benign_public.jsonl --steps 150 --lr 5e-4 \
-    --max-new-tokens 64 --threads 1
+    --max-new-tokens 64 --unlikelihood-weight 0.1 --threads 1
 fi
 start=$(date +%s)
 python -m spf bench run "$config" "$@" || echo "some cells failed: see the bench's logs/ folder; rerun to retry them"

@@ -29,7 +29,7 @@ else
     python experiments/align_data.py --out runs/gpu/align_data
     python -m spf align --out runs/gpu/aligned --refusals runs/gpu/align_data/refusals.jsonl --n-refusals 100 \
       --benign spf/data/align_benign.jsonl runs/gpu/align_data/benign_public.jsonl --steps 150 --lr 5e-4 \
-      --max-new-tokens 64 --device cuda
+      --max-new-tokens 64 --unlikelihood-weight 0.1 --device cuda
   fi
 fi
 echo "setup: $(( $(date +%s) - start )) s"
