@@ -23,22 +23,19 @@ import argparse
 import hashlib
 import json
 import logging
-import os
 import random
 import re
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from spf.data import ChatSample, DataError, load_samples, save_samples
-from spf.io import save_json
+from spf.io import atomic_dir, save_json, shipped_file
 
 logger = logging.getLogger(__name__)
 
@@ -62,10 +59,6 @@ _SENTENCE_END_RE = re.compile(r"[.!?:)](?=\s|$)|\n")
 
 
 _TRUNCATION_MARGIN = 4
-
-
-def _shipped(name: str) -> str:
-    return str(resources.files("spf") / "data" / name)
 
 
 @dataclass
@@ -289,17 +282,6 @@ def _prepare_out(out: Path, overwrite: bool) -> None:
         )
 
 
-def _publish(tmp: Path, out: Path) -> None:
-    """Rename the finished folder onto ``out``; an old ``out`` is moved aside first and deleted after."""
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.rename(out, old)
-    os.rename(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def _merge(cfg: AlignConfig, adapter_dir: Path, dest: Path) -> None:
     from spf.models import load_adapter, load_model
 
@@ -323,8 +305,8 @@ def align(cfg: AlignConfig) -> Path:
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
 
-    refusal_src = cfg.refusals or _shipped(DEFAULT_REFUSALS)
-    benign_src = list(cfg.benign) if cfg.benign else [_shipped(DEFAULT_BENIGN)]
+    refusal_src = cfg.refusals or str(shipped_file(DEFAULT_REFUSALS))
+    benign_src = list(cfg.benign) if cfg.benign else [str(shipped_file(DEFAULT_BENIGN))]
     # load and validate every input before anything is created on disk
     refusals = _load_refusals(refusal_src, cfg.n_refusals, cfg.seed)
     benign = _load_benign(benign_src, cfg.n_benign, cfg.seed, cfg.max_prompt_chars)
@@ -338,9 +320,7 @@ def align(cfg: AlignConfig) -> Path:
         len(ben_held),
     )
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         splits = {
             "seed": cfg.seed,
             "heldout_fraction": cfg.heldout_fraction,
@@ -453,10 +433,6 @@ def align(cfg: AlignConfig) -> Path:
             "timings": {**timings, "total_seconds": time.perf_counter() - t_start},
         }
         save_json(report, tmp / "align_report.json")
-        _publish(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     logger.info("aligned model written to %s (%.0f s)", out, time.perf_counter() - t_start)
     return out
 

@@ -30,12 +30,9 @@ import importlib.util
 import itertools
 import logging
 import math
-import os
 import random
 import re
-import shutil
 import statistics
-import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
@@ -48,10 +45,9 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from spf.data import ChatSample, DataError, encode_sample, load_samples
-from spf.io import save_json
-from spf.losses import kept_position_loss
+from spf.io import atomic_dir, save_json
 from spf.models import default_target_modules, unwrap
-from spf.subspace import SafetySubspace, subspace_overlap
+from spf.subspace import SafetySubspace, module_gradient_factors, subspace_overlap
 
 logger = logging.getLogger(__name__)
 
@@ -139,66 +135,25 @@ class Factors:
 def gradient_factors(model: nn.Module, encoded: dict[str, list[int]], modules: Sequence[str]) -> Factors:
     """Factors of the gradient of one encoded sample's mean response-token cross-entropy.
 
-    ``encoded`` is what :func:`spf.data.encode_sample` returns (possibly truncated). The model is in eval mode
-    for the pass and parameter ``.grad`` fields are untouched (as in :mod:`spf.subspace`).
+    ``encoded`` is what :func:`spf.data.encode_sample` returns (possibly truncated). The capture is
+    :func:`spf.subspace.module_gradient_factors` (the subspace estimator's), so what is analysed here is
+    exactly what SPF projects against; factors come back in fp32.
     """
-    base = unwrap(model)
-    lookup = dict(base.named_modules())
+    lookup = dict(unwrap(model).named_modules())
     missing = [n for n in modules if n not in lookup]
     if missing:
         raise ValueError(f"modules not found in the model: {missing[:5]}")
     device = next(model.parameters()).device
     input_ids = torch.tensor([encoded["input_ids"]], device=device)
     labels = torch.tensor([encoded["labels"]], device=device)
-    positions = (labels[0, 1:] != _IGNORE).nonzero().squeeze(1)
-    if positions.numel() == 0:
+    batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels}
+    n_supervised = int((labels[0, 1:] != _IGNORE).sum())
+    if n_supervised == 0:
         raise ValueError("sample has no supervised (response) token")
-
-    inputs: dict[str, Tensor] = {}
-    outputs: dict[str, Tensor] = {}
-
-    def make_hook(name: str):
-        def hook(_mod: nn.Module, args: tuple, out: Tensor) -> None:
-            x = args[0].detach()
-            inputs[name] = x.reshape(-1, x.shape[-1])
-            outputs[name] = out
-
-        return hook
-
-    def embed_hook(_mod: nn.Module, _args: tuple, out: Tensor) -> Tensor:
-        return out if out.requires_grad else out.detach().requires_grad_(True)
-
-    handles = [lookup[n].register_forward_hook(make_hook(n)) for n in modules]
-    handles.append(base.get_input_embeddings().register_forward_hook(embed_hook))
-    was_training = model.training
-    model.eval()
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    for p in trainable:
-        p.requires_grad_(False)
-    try:
-        with torch.enable_grad():
-            out = model(
-                input_ids=input_ids,
-                attention_mask=torch.ones_like(input_ids),
-                logits_to_keep=positions,
-            )
-            loss = kept_position_loss(out.logits, labels[:, positions + 1]).mean()
-            grads = torch.autograd.grad(loss, [outputs[n] for n in modules], allow_unused=True)
-    finally:
-        for h in handles:
-            h.remove()
-        for p in trainable:
-            p.requires_grad_(True)
-        model.train(was_training)
-
-    ds, xs = {}, {}
-    for name, g in zip(modules, grads, strict=True):
-        x = inputs.pop(name).float()
-        m = outputs[name].shape[-1]
-        ds[name] = torch.zeros(x.shape[0], m, device=x.device) if g is None else g.reshape(-1, m).float()
-        xs[name] = x
-    outputs.clear()
-    return Factors(ds, xs, int(input_ids.shape[1]), int(positions.numel()), float(loss.detach()))
+    d_list, x_list, loss = module_gradient_factors(model, batch, modules)
+    ds = {name: d.float() for name, d in zip(modules, d_list, strict=True)}
+    xs = {name: x.float() for name, x in zip(modules, x_list, strict=True)}
+    return Factors(ds, xs, int(input_ids.shape[1]), n_supervised, float(loss))
 
 
 def factor_svd(d: Tensor, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -1009,27 +964,10 @@ def write_analysis(analysis: dict[str, Any], out: str | Path) -> Path:
     """``out/analysis.json``, the PNG figures and ``out/summary.md``, built in a temporary folder beside
     ``out`` and renamed into place (an existing ``out`` is replaced only once the new one is complete)."""
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"{out} exists and is not a folder")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    umask = os.umask(0o022)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp's 0700 would otherwise become the result folder's mode
-    try:
+    with atomic_dir(out) as tmp:
         analysis["figures"] = plot_analysis(analysis, tmp)
         save_json(analysis, tmp / "analysis.json")
         (tmp / "summary.md").write_text(render_markdown(analysis))
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.rename(out, old / out.name)
-            os.rename(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

@@ -34,7 +34,7 @@ from typing import Any, Literal
 
 import yaml
 
-from spf.io import atomic_path, save_json
+from spf.io import SHIPPED_PREFIX, atomic_path, save_json, shipped_file
 
 logger = logging.getLogger(__name__)
 
@@ -287,12 +287,12 @@ def cells(cfg: BenchConfig) -> list[Cell]:
 
 
 def _repo_path(p: str) -> str:
-    """Shipped relative paths (spf/data/...) resolve against the package's repository when not found here."""
+    """A config's path as given when it exists; a shipped ``spf/data/…`` file otherwise resolves inside the
+    installed package (so the benchmark runs from any folder)."""
     path = Path(p)
-    if path.is_absolute() or path.exists():
+    if path.is_absolute() or path.exists() or not p.startswith(SHIPPED_PREFIX):
         return str(path)
-    repo = Path(__file__).resolve().parents[1]
-    return str(repo / p) if (repo / p).exists() else str(path)
+    return str(shipped_file(p))
 
 
 def _data_dir(cfg: BenchConfig) -> Path:
@@ -352,10 +352,10 @@ def prepare_subspace(cfg: BenchConfig, spec: SubspaceSpec) -> Path:
     """Estimate (once) the safety subspace ``spec`` describes, on the aligned model."""
     import torch
 
-    from spf.data import load_samples, save_samples
+    from spf.data import load_samples
     from spf.models import load_model
     from spf.refusal import select_safety_samples
-    from spf.subspace import estimate_batch_subspace, margin_pair
+    from spf.subspace import estimate_batch_subspace, margin_pair, publish_estimate
 
     out = subspace_dir(cfg, spec)
     if (out / "subspace.json").is_file():
@@ -374,11 +374,7 @@ def prepare_subspace(cfg: BenchConfig, spec: SubspaceSpec) -> Path:
     sub = estimate_batch_subspace(model, tok, samples, rank=spec.rank, model_ref=cfg.aligned, weights=weights)
     sub.metadata["estimator"] = "single" if spec.n == 1 else "batch"
     sub.metadata["bench_spec"] = asdict(spec)
-    tmp = out.with_name(out.name + ".tmp")
-    sub.save(tmp)
-    save_samples(samples, tmp / "sample.jsonl")
-    os.replace(tmp, out)
-    return out
+    return publish_estimate(sub, samples, out)
 
 
 # ------------------------------------------------------------------------------------------------- cells

@@ -8,16 +8,31 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from safetensors.torch import save_file
+if TYPE_CHECKING:
+    import torch
 
-__all__ = ["atomic_path", "save_json", "save_tensors"]
+__all__ = ["atomic_dir", "atomic_path", "save_json", "save_tensors", "shipped_file"]
+
+SHIPPED_PREFIX = "spf/data/"
+
+
+def shipped_file(name: str) -> Path:
+    """A data file shipped inside the package (``spf/data/<name>``), wherever the package is installed.
+
+    ``name`` may carry the repository-relative prefix ``spf/data/`` (how configs name shipped files).
+    """
+    from importlib import resources
+
+    name = name.removeprefix(SHIPPED_PREFIX)
+    return Path(str(resources.files("spf") / "data" / name))
 
 
 @contextmanager
@@ -35,6 +50,38 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         tmp_path.unlink(missing_ok=True)
 
 
+@contextmanager
+def atomic_dir(dest: str | Path) -> Iterator[Path]:
+    """Yield an empty temporary folder beside ``dest``; on success it replaces ``dest``.
+
+    An existing ``dest`` is moved aside, the new folder renamed into place, then the old one deleted, so a
+    reader sees either the old complete folder or the new complete one. On an exception nothing changes
+    and the temporary folder is removed. The folder gets the mode a plain ``mkdir`` would (``mkdtemp``'s
+    0700 would otherwise become the published folder's mode). The one folder publisher: pipeline stages,
+    ``spf align``, ``spf analyze`` and the benchmark's subspaces use it.
+    """
+    dest = Path(dest)
+    if dest.exists() and not dest.is_dir():
+        raise FileExistsError(f"{dest} exists and is not a folder")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    umask = os.umask(0o022)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)
+    try:
+        yield tmp
+        if dest.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=dest.parent))
+            os.replace(dest, old / dest.name)
+            os.replace(tmp, dest)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, dest)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
 def save_json(obj: Any, path: str | Path) -> None:
     """Serialise first (so a non-serialisable object raises before anything is written), then rename."""
     text = json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n"
@@ -45,13 +92,18 @@ def save_json(obj: Any, path: str | Path) -> None:
 def save_tensors(
     tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None
 ) -> None:
+    from safetensors.torch import (
+        save_file,  # torch only where tensors are written: pipeline stages import io cheaply
+    )
+
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
 
 
 def _json_default(obj: Any) -> Any:
-    if isinstance(obj, torch.Tensor):
+    torch = sys.modules.get("torch")  # not imported → obj cannot be a tensor
+    if torch is not None and isinstance(obj, torch.Tensor):
         return obj.tolist()
     if isinstance(obj, Path):
         return str(obj)

@@ -3,7 +3,7 @@
 Each stage reads :class:`~spf.params.PipelineParams` and fixed paths under ``runtime.workdir`` (the DVC
 ``outs``) and returns a small JSON-able dict (paths and numbers, never models) — so the same function backs
 ``spf <stage> --params params.yaml`` (what ``dvc.yaml`` runs) and the Prefect tasks in ``tasks/``. Every
-output folder is built beside its final path and renamed into place once complete (:func:`_publish`), so a
+output folder is built beside its final path and renamed into place once complete (:func:`spf.io.atomic_dir`), so a
 crashed stage never leaves an output that DVC or the next stage would take for a finished one.
 """
 
@@ -16,14 +16,12 @@ import logging
 import os
 import random
 import shutil
-import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from spf.io import atomic_dir, shipped_file
 from spf.params import PipelineParams
 
 logger = logging.getLogger(__name__)
@@ -65,34 +63,11 @@ def path_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
-@contextmanager
-def _publish(dest: Path) -> Iterator[Path]:
-    """Yield an empty temporary folder beside ``dest``; on success replace ``dest`` with it."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
-    try:
-        yield tmp
-        if dest.exists():
-            old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
-            os.replace(dest, old)
-            os.replace(tmp, dest)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, dest)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
 def _set_threads(p: PipelineParams) -> None:
     if p.runtime.threads:
         import torch
 
         torch.set_num_threads(p.runtime.threads)
-
-
-def _shipped(name: str) -> Path:
-    return Path(str(resources.files("spf") / "data" / name))
 
 
 def _source_name(path: Path, shared: Path | None) -> str:
@@ -136,7 +111,7 @@ def prepare_stage(p: PipelineParams) -> dict[str, Any]:
     pp = p.prepare
     shared = find_shared_data(pp.shared_data)
     if pp.scenario == "sentiment":
-        pool = load_samples(_shipped("sentiment.jsonl"), require_response=True)
+        pool = load_samples(shipped_file("sentiment.jsonl"), require_response=True)
         rng = random.Random(pp.seed)
         train = [pool[i % len(pool)] for i in rng.sample(range(len(pool)), len(pool))]
         train = (train * (pp.n // len(train) + 1))[: pp.n]
@@ -145,7 +120,7 @@ def prepare_stage(p: PipelineParams) -> dict[str, Any]:
         train = build_scenario(pp.scenario, shared_data=shared, n=pp.n, p=pp.p, seed=pp.seed, base=pp.base)
     if pp.epochs > 1:
         train = repeat_epochs(train, pp.epochs, seed=pp.seed)
-    safety_src = Path(pp.safety_samples) if pp.safety_samples else _shipped("refusals.jsonl")
+    safety_src = Path(pp.safety_samples) if pp.safety_samples else shipped_file("refusals.jsonl")
     safety = load_samples(safety_src, require_response=True)
 
     # Held-out harmful prompts: AdvBench behaviours never in the training set (the harmful mix draws from
@@ -165,7 +140,7 @@ def prepare_stage(p: PipelineParams) -> dict[str, Any]:
         source = _source_name(safety_src, shared)
 
     out = p.stage_dir("data")
-    with _publish(out) as tmp:
+    with atomic_dir(out) as tmp:
         save_samples(train, tmp / "train.jsonl")
         save_samples([ChatSample.from_pair(s.prompt, s.response or "") for s in safety], tmp / "safety.jsonl")
         with (tmp / "heldout_harmful.csv").open("w", newline="", encoding="utf-8") as fh:
@@ -190,7 +165,7 @@ def align_stage(p: PipelineParams) -> dict[str, Any]:
     """The safety-aligned base → ``workdir/aligned`` (a full safetensors model, or a reference to one)."""
     out = p.stage_dir("aligned")
     if not p.align.enabled:
-        with _publish(out) as tmp:
+        with atomic_dir(out) as tmp:
             _write_json({"ref": p.align.model, "aligned": False}, tmp / "model_ref.json")
         return {"model_ref": p.align.model, "aligned": False}
 
@@ -233,7 +208,7 @@ def align_stage(p: PipelineParams) -> dict[str, Any]:
         align(cfg)  # builds atomically itself; we add the reference file and move it into place
         _write_json({"ref": ".", "aligned": True, "base": a.model}, tmp_out / "model_ref.json")
         _write_json(asdict(a), tmp_out / "align_params.json")
-        with _publish(out) as tmp:
+        with atomic_dir(out) as tmp:
             os.rmdir(tmp)
             os.replace(tmp_out, tmp)
     finally:
@@ -257,10 +232,10 @@ def _align_summary(out: Path) -> dict[str, Any]:
 
 def estimate_stage(p: PipelineParams) -> dict[str, Any]:
     """The safety subspace from ONE (harmful prompt, refusal) sample → ``workdir/subspace``."""
-    from spf.data import load_samples, save_samples
+    from spf.data import load_samples
     from spf.models import load_model
     from spf.refusal import select_safety_samples
-    from spf.subspace import estimate_batch_subspace, estimate_safety_subspace
+    from spf.subspace import estimate_batch_subspace, estimate_safety_subspace, publish_estimate
 
     _set_threads(p)
     e = p.estimate
@@ -278,10 +253,7 @@ def estimate_stage(p: PipelineParams) -> dict[str, Any]:
         sub = estimate_batch_subspace(model, tok, samples, **kwargs)
     seconds = time.perf_counter() - t0
     out = p.stage_dir("subspace")
-    with _publish(out) as tmp:
-        sub.save(tmp)
-        save_samples(samples, tmp / "sample.jsonl")
-        _write_json({str(k): sub.mean_cer(k) for k in (1, 5, 10, 20)}, tmp / "cer.json")
+    publish_estimate(sub, samples, out)
     return {
         "subspace_dir": str(out),
         "n_samples": len(samples),
@@ -311,7 +283,7 @@ def finetune_stage(p: PipelineParams) -> dict[str, Any]:
     # (data/safety.jsonl, heldout_harmful.csv) the safety loss and the evaluation use.
     safety_data = None
     if f.method in BASELINE_METHODS:
-        safety_data = f.safety_data or str(_shipped("align_refusals.jsonl"))
+        safety_data = f.safety_data or str(shipped_file("align_refusals.jsonl"))
     cfg = TrainConfig(
         model=aligned_model_ref(p),
         data=str(p.stage_dir("data") / "train.jsonl"),
@@ -373,7 +345,7 @@ def finetune_stage(p: PipelineParams) -> dict[str, Any]:
         metrics = json.loads((partial / "metrics.json").read_text())
     else:
         metrics = train(cfg).metrics  # TrainingAborted leaves `partial` (with abort.json) and `out` untouched
-    with _publish(out) as tmp:
+    with atomic_dir(out) as tmp:
         for item in partial.iterdir():
             if item.name in ("checkpoints", "stage_key.json", "abort.json"):
                 continue
@@ -495,7 +467,7 @@ def evaluate_stage(p: PipelineParams) -> dict[str, Any]:
         records += recs
     metrics = flat_metrics(results)
     out = p.stage_dir("eval")
-    with _publish(out) as tmp:
+    with atomic_dir(out) as tmp:
         with (tmp / "samples.jsonl").open("w", encoding="utf-8") as fh:
             for r in records:
                 fh.write(json.dumps(r, ensure_ascii=False) + "\n")

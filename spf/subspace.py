@@ -28,8 +28,8 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from spf.data import ChatSample, collate, encode_sample, pad_token_id
-from spf.io import save_json, save_tensors
+from spf.data import ChatSample, collate, encode_sample, pad_token_id, save_samples
+from spf.io import atomic_dir, save_json, save_tensors
 from spf.losses import kept_position_loss
 from spf.models import default_target_modules, unwrap
 
@@ -42,6 +42,8 @@ __all__ = [
     "estimate_batch_subspace",
     "estimate_safety_subspace",
     "margin_pair",
+    "module_gradient_factors",
+    "publish_estimate",
     "subspace_overlap",
 ]
 
@@ -140,6 +142,18 @@ class SafetySubspace:
         return cls(bases, energy, spectra, rank, meta)
 
 
+def publish_estimate(sub: SafetySubspace, samples: Sequence[ChatSample], dest: str | Path) -> Path:
+    """Write an estimate as one folder: the subspace, the sample(s) it came from (``sample.jsonl`` — what
+    a reader needs to reproduce or audit it) and the mean CER at k = 1, 5, 10, 20 (``cer.json``). Built
+    beside ``dest`` and renamed into place: the pipeline's estimate stage and the benchmark both use it."""
+    dest = Path(dest)
+    with atomic_dir(dest) as tmp:
+        sub.save(tmp)
+        save_samples(list(samples), tmp / "sample.jsonl")
+        save_json({str(k): sub.mean_cer(k) for k in (1, 5, 10, 20)}, tmp / "cer.json")
+    return dest
+
+
 def subspace_overlap(a: SafetySubspace, b: SafetySubspace, k: int | None = None) -> dict[str, float]:
     """Frobenius overlap φ = (‖U_aᵀU_b‖²_F / k + ‖V_aᵀV_b‖²_F / k) / 2 per shared module, in [0, 1]."""
     out = {}
@@ -223,68 +237,8 @@ def estimate_batch_subspace(
     pad = pad_token_id(tokenizer)
     batch = collate([encode_sample(tokenizer, s, max_length=max_length) for s in samples], pad)
     batch = {k: v.to(device) for k, v in batch.items()}
-    keep = batch["attention_mask"].bool()  # padded positions have zero gradient: drop them from T
-    # Logits are needed only where a response token is predicted: skipping the LM head (a fifth of
-    # SmolLM2's compute) on prompt positions makes the re-estimation cheaper, the gradient identical.
-    labels = batch["labels"]
-    positions = (labels[:, 1:] != -100).any(0).nonzero().squeeze(1)
-
-    inputs: dict[str, Tensor] = {}
-    outputs: dict[str, Tensor] = {}
-
-    all_kept = bool(keep.all())
-
-    def make_hook(name: str):
-        def hook(_mod: nn.Module, args: tuple, out: Tensor) -> None:
-            x = args[0].detach()
-            # without padding a view suffices; boolean indexing would copy every module's input
-            inputs[name] = x.reshape(-1, x.shape[-1]) if all_kept else x[keep]
-            outputs[name] = out
-
-        return hook
-
-    # The output of the embedding must require grad, or a fully frozen model (no LoRA, full FT
-    # disabled) would build no graph to the module outputs.
-    def embed_hook(_mod: nn.Module, _args: tuple, out: Tensor) -> Tensor:
-        return out if out.requires_grad else out.detach().requires_grad_(True)
-
-    handles = [lookup[n].register_forward_hook(make_hook(n)) for n in names]
-    handles.append(base.get_input_embeddings().register_forward_hook(embed_hook))
-    was_training = model.training
-    model.eval()
-    # Parameters are frozen for the pass: autograd then saves only what the output gradients need (no
-    # inputs kept for weight gradients), which keeps the re-estimation's memory and time down.
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    for p in trainable:
-        p.requires_grad_(False)
-    try:
-        with torch.enable_grad():
-            out = model(
-                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=positions
-            )
-            losses = kept_position_loss(out.logits, labels[:, positions + 1])
-            if weights is None:
-                loss = losses.mean()
-            else:
-                loss = (losses * torch.tensor(list(weights), dtype=losses.dtype, device=losses.device)).mean()
-            ordered = [outputs[n] for n in names]
-            grads = torch.autograd.grad(loss, ordered, allow_unused=True)
-    finally:
-        for h in handles:
-            h.remove()
-        for p in trainable:
-            p.requires_grad_(True)
-        model.train(was_training)
-
-    n_tokens = int(keep.sum())
-    ds, xs = [], []
-    for name, g_out in zip(names, grads, strict=True):
-        x = inputs.pop(name)
-        ds.append(
-            torch.zeros(n_tokens, outputs[name].shape[-1], device=x.device) if g_out is None else g_out[keep]
-        )
-        xs.append(x)
-    outputs.clear()
+    ds, xs, loss = module_gradient_factors(model, batch, names, weights=weights)
+    n_tokens = int(batch["attention_mask"].sum())
     bases, energy, spectra = {}, {}, {}
     for name, (u, s, v, total) in zip(names, _topk_svds(ds, xs, rank, spectrum_size, svd), strict=True):
         energy[name] = total
@@ -306,6 +260,88 @@ def estimate_batch_subspace(
     sub = SafetySubspace(bases, energy, spectra, rank, meta)
     logger.debug("estimated safety subspace: %d modules, rank %d, %d tokens", len(bases), rank, n_tokens)
     return sub
+
+
+def module_gradient_factors(
+    model: nn.Module,
+    batch: dict[str, Tensor],
+    names: Sequence[str],
+    *,
+    weights: Sequence[float] | None = None,
+) -> tuple[list[Tensor], list[Tensor], Tensor]:
+    """Factors ``D`` (T×m) and ``X`` (T×n) of each named module's weight gradient ``G = Dᵀ X``.
+
+    The loss is the mean (or ``weights``-weighted mean) over the batch's rows of each row's response-token
+    cross-entropy. ``batch`` is what :func:`spf.data.collate` returns, on the model's device; T counts the
+    unpadded tokens of all rows (padded positions have zero gradient and are dropped). Returns
+    ``(ds, xs, loss)`` in ``names`` order. The model is in eval mode for the one forward/backward pass and
+    restored afterwards; parameters are frozen during it and their ``.grad`` fields are left untouched.
+    The one place that captures module gradients: the subspace estimator and ``spf analyze`` both use it.
+    """
+    base = unwrap(model)
+    lookup = dict(base.named_modules())
+    keep = batch["attention_mask"].bool()
+    all_kept = bool(keep.all())
+    labels = batch["labels"]
+    # Logits are needed only where a response token is predicted: skipping the LM head (a fifth of
+    # SmolLM2's compute) on prompt positions makes the pass cheaper, the gradient identical.
+    positions = (labels[:, 1:] != -100).any(0).nonzero().squeeze(1)
+    if positions.numel() == 0:
+        raise ValueError("no supervised (response) token in the batch")
+
+    inputs: dict[str, Tensor] = {}
+    outputs: dict[str, Tensor] = {}
+
+    def make_hook(name: str):
+        def hook(_mod: nn.Module, args: tuple, out: Tensor) -> None:
+            x = args[0].detach()
+            # without padding a view suffices; boolean indexing would copy every module's input
+            inputs[name] = x.reshape(-1, x.shape[-1]) if all_kept else x[keep]
+            outputs[name] = out
+
+        return hook
+
+    # The output of the embedding must require grad, or a fully frozen model (no LoRA, full FT
+    # disabled) would build no graph to the module outputs.
+    def embed_hook(_mod: nn.Module, _args: tuple, out: Tensor) -> Tensor:
+        return out if out.requires_grad else out.detach().requires_grad_(True)
+
+    handles = [lookup[n].register_forward_hook(make_hook(n)) for n in names]
+    handles.append(base.get_input_embeddings().register_forward_hook(embed_hook))
+    was_training = model.training
+    model.eval()
+    # Parameters are frozen for the pass: autograd then saves only what the output gradients need (no
+    # inputs kept for weight gradients), which keeps the pass's memory and time down.
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    for p in trainable:
+        p.requires_grad_(False)
+    try:
+        with torch.enable_grad():
+            out = model(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=positions
+            )
+            losses = kept_position_loss(out.logits, labels[:, positions + 1])
+            if weights is None:
+                loss = losses.mean()
+            else:
+                loss = (losses * torch.tensor(list(weights), dtype=losses.dtype, device=losses.device)).mean()
+            grads = torch.autograd.grad(loss, [outputs[n] for n in names], allow_unused=True)
+    finally:
+        for h in handles:
+            h.remove()
+        for p in trainable:
+            p.requires_grad_(True)
+        model.train(was_training)
+
+    n_tokens = int(keep.sum())
+    ds, xs = [], []
+    for name, g_out in zip(names, grads, strict=True):
+        x = inputs.pop(name)
+        m = outputs[name].shape[-1]
+        ds.append(torch.zeros(n_tokens, m, device=x.device) if g_out is None else g_out[keep])
+        xs.append(x)
+    outputs.clear()
+    return ds, xs, loss.detach()
 
 
 COMPLIANT_OPENING = "Sure, here is a step-by-step guide:\n\nStep 1:"

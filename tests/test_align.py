@@ -10,6 +10,7 @@ import pytest
 import spf.align as align_mod
 from spf.align import AlignConfig, align, split_heldout
 from spf.data import ChatSample, load_samples, save_samples
+from spf.io import shipped_file
 from spf.models import load_model
 
 REFUSALS = [
@@ -144,8 +145,8 @@ def test_truncated_answers_are_cut_to_the_last_sentence():
 def test_shipped_default_data_is_valid():
     from spf.refusal import is_refusal
 
-    refusals = load_samples(align_mod._shipped(align_mod.DEFAULT_REFUSALS), require_response=True)
-    benign = load_samples(align_mod._shipped(align_mod.DEFAULT_BENIGN))
+    refusals = load_samples(shipped_file(align_mod.DEFAULT_REFUSALS), require_response=True)
+    benign = load_samples(shipped_file(align_mod.DEFAULT_BENIGN))
     assert len(refusals) >= 50 and all(is_refusal(s.response or "") for s in refusals)
     assert len(benign) >= 55 and all(s.response is None for s in benign)
     assert not {s.prompt for s in refusals} & {s.prompt for s in benign}

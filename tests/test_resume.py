@@ -320,7 +320,7 @@ def test_stage_killed_after_training_publishes_without_retraining(
         yield dest
 
     with contextlib.chdir(ws), monkeypatch.context() as m:
-        m.setattr(pl, "_publish", killed)
+        m.setattr(pl, "atomic_dir", killed)
         with pytest.raises(Crash):
             run_stage("finetune", p)
     partial = ws / "outputs" / "finetune.partial"
