@@ -11,7 +11,9 @@ For LoRA (``W = W₀ + s·B·A``, B m×r, A r×n) we never form m×n matrices: B
 ``Uᵀ (B'A' − BA) V = Uᵀ(ΔB A + B ΔA + ΔB ΔA) V = 0`` *exactly* (not only to first order), because every
 term has either ``Uᵀ ΔB = 0`` on the left or ``ΔA V = 0`` on the right.
 
-All functions are pure and work in the dtype of the bases (fp32): callers cast.
+All functions are pure and work in the dtype of the bases (fp32): callers cast. Every function also takes
+a leading batch dimension (``G×m×k`` bases, ``G×m×r`` factors, …) and then returns one value per batch
+entry: the optimizer projects all same-shaped LoRA modules (e.g. the 30 ``q_proj`` of a model) in one call.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ __all__ = [
 
 def project_two_sided(x: Tensor, u: Tensor, v: Tensor) -> Tensor:
     """``P(X) = U Uᵀ X V Vᵀ``: the part of ``X`` inside the two-sided safety subspace."""
-    return u @ ((u.T @ x) @ v) @ v.T
+    return u @ ((u.mT @ x) @ v) @ v.mT
 
 
 def remove_two_sided(x: Tensor, u: Tensor, v: Tensor) -> Tensor:
@@ -45,7 +47,7 @@ def remove_two_sided(x: Tensor, u: Tensor, v: Tensor) -> Tensor:
 
 def project_left(x: Tensor, u: Tensor) -> Tensor:
     """``U Uᵀ X`` (columns of X projected onto span U)."""
-    return u @ (u.T @ x)
+    return u @ (u.mT @ x)
 
 
 def remove_left(x: Tensor, u: Tensor) -> Tensor:
@@ -55,7 +57,7 @@ def remove_left(x: Tensor, u: Tensor) -> Tensor:
 
 def project_right(x: Tensor, v: Tensor) -> Tensor:
     """``X V Vᵀ`` (rows of X projected onto span V)."""
-    return (x @ v) @ v.T
+    return (x @ v) @ v.mT
 
 
 def remove_right(x: Tensor, v: Tensor) -> Tensor:
@@ -65,24 +67,24 @@ def remove_right(x: Tensor, v: Tensor) -> Tensor:
 
 def safety_inner(x: Tensor, u: Tensor, s: Tensor, v: Tensor) -> Tensor:
     """``⟨U diag(S) Vᵀ, X⟩_F = Σ_i S_i · u_iᵀ X v_i`` without forming the m×n gradient."""
-    return ((u.T @ x @ v).diagonal() * s).sum()
+    return ((u.mT @ x @ v).diagonal(dim1=-2, dim2=-1) * s).sum(-1)
 
 
 # A matrix given as a product L @ R (m×q times q×n) with q ≪ m, n — the form every LoRA change takes.
 def factored_inner(left: Tensor, right: Tensor, u: Tensor, s: Tensor, v: Tensor) -> Tensor:
     """``⟨U diag(S) Vᵀ, L R⟩_F`` in O((m+n)·q·k)."""
-    return (((u.T @ left) @ (right @ v)).diagonal() * s).sum()
+    return (((u.mT @ left) @ (right @ v)).diagonal(dim1=-2, dim2=-1) * s).sum(-1)
 
 
 def factored_sq_norm(left: Tensor, right: Tensor) -> Tensor:
     """``‖L R‖_F² = tr((LᵀL)(R Rᵀ))`` in O((m+n)·q²)."""
-    return ((left.T @ left) * (right @ right.T)).sum()
+    return ((left.mT @ left) * (right @ right.mT)).sum((-2, -1))
 
 
 def lora_delta_factors(
     b_old: Tensor, a_old: Tensor, b_new: Tensor, a_new: Tensor, scale: float
 ) -> tuple[Tensor, Tensor]:
     """Factors ``(L, R)`` with ``L @ R = s·(B'A' − BA)``, the exact change of the effective weight."""
-    left = torch.cat([b_new, -b_old], dim=1) * scale
-    right = torch.cat([a_new, a_old], dim=0)
+    left = torch.cat([b_new, -b_old], dim=-1) * scale
+    right = torch.cat([a_new, a_old], dim=-2)
     return left, right

@@ -240,3 +240,93 @@ def test_invalid_options_fail_clearly():
     bad = random_subspace({"nope": (4, 4)}, rank=2)
     with pytest.raises(ValueError, match="nope"):
         SPFOptimizer(inner, model, bad)
+
+
+def _reference_projection(
+    model_before, model_after, sub, mode: str
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per-module reference (the unbatched formulas): for each LoRA module, B_old + (I−UUᵀ)ΔB and
+    A_old + ΔA(I−VVᵀ) when it is projected, else the inner optimizer's values."""
+    from spf.projection import factored_inner, lora_delta_factors, remove_left, remove_right
+
+    before = dict(unwrap(model_before).named_modules())
+    out = {}
+    for name, mod in unwrap(model_after).named_modules():
+        if name not in sub.bases:
+            continue
+        u, s, v = sub.bases[name]
+        a_old, b_old = (
+            before[name].lora_A["default"].weight.detach(),
+            before[name].lora_B["default"].weight.detach(),
+        )
+        a_new, b_new = mod.lora_A["default"].weight.detach(), mod.lora_B["default"].weight.detach()
+        left, right = lora_delta_factors(b_old, a_old, b_new, a_new, float(mod.scaling["default"]))
+        project = mode == "always" or float(factored_inner(left, right, u, s, v)) > 0
+        if project:
+            out[name] = (a_old + remove_right(a_new - a_old, v), b_old + remove_left(b_new - b_old, u))
+        else:
+            out[name] = (a_new.clone(), b_new.clone())
+    return out
+
+
+@pytest.mark.parametrize("mode", ["always", "conflict"])
+def test_batched_lora_groups_equal_the_per_module_formulas(mode):
+    """The optimizer projects same-shaped LoRA modules (every layer's q_proj, …) in one batched call; on a
+    4-layer model (4 groups of 4–8) the result must be the per-module formula's, module by module."""
+    from spf.models import default_target_modules, tiny_llama
+
+    base, _ = tiny_llama(num_layers=4)
+    names = default_target_modules(base)
+    lookup = dict(base.named_modules())
+    sub = random_subspace({n: tuple(lookup[n].weight.shape) for n in names}, rank=3, seed=1)
+    torch.manual_seed(0)
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0))
+    for mod in unwrap(model).modules():
+        if hasattr(mod, "lora_B") and isinstance(mod.lora_B, nn.ModuleDict) and "default" in mod.lora_B:
+            nn.init.normal_(mod.lora_B["default"].weight, std=0.1)
+    reference = copy.deepcopy(model)
+    for p, q in zip(trainable(model), trainable(reference), strict=True):
+        p.grad = torch.randn_like(p)
+        q.grad = p.grad.clone()
+    opt = SPFOptimizer(torch.optim.AdamW(trainable(model), lr=1e-2), model, sub, mode=mode)
+    # same shape, same group: (q, o), (k, v), (gate, up), down — 28 modules in 4 batched calls
+    assert sorted(len(g.targets) for g in opt._groups) == [4, 8, 8, 8]
+    before = copy.deepcopy(reference)
+    torch.optim.AdamW(trainable(reference), lr=1e-2).step()
+    expected = _reference_projection(before, reference, sub, mode)
+    opt.step()
+    got = dict(unwrap(model).named_modules())
+    for name, (a, b) in expected.items():
+        torch.testing.assert_close(got[name].lora_A["default"].weight.detach(), a, rtol=0, atol=1e-6)
+        torch.testing.assert_close(got[name].lora_B["default"].weight.detach(), b, rtol=0, atol=1e-6)
+    d = opt.last_diagnostics
+    if mode == "conflict":  # random gradients: some modules conflict and some do not
+        assert 0.0 < d["spf/projected_frac"] < 1.0
+        assert d["spf/projected_frac"] == d["spf/conflict_frac"]
+    else:
+        assert d["spf/projected_frac"] == 1.0
+        # what is left of the first-order safety effect is fp32 rounding
+        assert abs(d["spf/pred_dloss_after"]) < 1e-5 * max(1.0, abs(d["spf/pred_dloss_before"]))
+
+
+def test_batched_projection_writes_bf16_parameters():
+    """Groups hold fp32 math; parameters in bf16 are written back in their own dtype."""
+    model = make_lora()
+    model.to(torch.bfloat16)
+    sub = random_subspace(SHAPES, rank=3)
+    w0 = {k: v.float() for k, v in effective_weights(model).items()}
+    opt = SPFOptimizer(torch.optim.SGD(trainable(model), lr=1e-1), model, sub, mode="always")
+    x, y = torch.randn(16, 16, dtype=torch.bfloat16), torch.randn(16, 8, dtype=torch.bfloat16)
+    nn.functional.mse_loss(model(x), y).backward()
+    opt.step()
+    assert all(p.dtype == torch.bfloat16 for p in trainable(model))
+    ratios = core_norms_float(model, w0, sub)
+    assert max(ratios.values()) < 0.05, ratios  # bf16 rounding of B and A, not a missed projection
+
+
+def core_norms_float(model, w0, sub) -> dict[str, float]:
+    w1 = {k: v.float() for k, v in effective_weights(model).items()}
+    return {
+        n: float((u.T @ (w1[n] - w0[n]) @ v).norm() / (w1[n] - w0[n]).norm())
+        for n, (u, _, v) in sub.bases.items()
+    }
