@@ -35,6 +35,7 @@ from typing import Any, Literal
 import yaml
 
 from spf.io import SHIPPED_PREFIX, atomic_path, save_json, shipped_file
+from spf.subspace import SubspaceLoss
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +52,6 @@ __all__ = [
 
 SUITES = ("harmful", "jailbreak", "prefill", "overrefusal", "utility")
 ScenarioKind = Literal["sst2", "agnews", "gsm8k", "harmful-mix", "identity-shift"]
-SubspaceLoss = Literal["ce", "margin"]
 
 
 class BenchConfigError(ValueError):
@@ -355,7 +355,7 @@ def prepare_subspace(cfg: BenchConfig, spec: SubspaceSpec) -> Path:
     from spf.data import load_samples
     from spf.models import load_model
     from spf.refusal import select_safety_samples
-    from spf.subspace import estimate_batch_subspace, margin_pair, publish_estimate
+    from spf.subspace import estimate_from_samples, publish_estimate
 
     out = subspace_dir(cfg, spec)
     if (out / "subspace.json").is_file():
@@ -366,15 +366,11 @@ def prepare_subspace(cfg: BenchConfig, spec: SubspaceSpec) -> Path:
     samples = select_safety_samples(
         model, tok, candidates, n=spec.n, own_response=spec.own_response, index=spec.index
     )
-    weights = None
-    if spec.loss == "margin":
-        pairs = [margin_pair(s) for s in samples]
-        samples = [x for p, _ in pairs for x in p]
-        weights = [w for _, ws in pairs for w in ws]
-    sub = estimate_batch_subspace(model, tok, samples, rank=spec.rank, model_ref=cfg.aligned, weights=weights)
-    sub.metadata["estimator"] = "single" if spec.n == 1 else "batch"
+    sub, used = estimate_from_samples(
+        model, tok, samples, rank=spec.rank, loss=spec.loss, model_ref=cfg.aligned
+    )
     sub.metadata["bench_spec"] = asdict(spec)
-    return publish_estimate(sub, samples, out)
+    return publish_estimate(sub, used, out)
 
 
 # ------------------------------------------------------------------------------------------------- cells

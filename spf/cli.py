@@ -50,6 +50,12 @@ def _build_parser() -> argparse.ArgumentParser:
     e.add_argument(
         "--batch", type=int, default=1, help="estimate from the first N refused samples (comparison)"
     )
+    e.add_argument(
+        "--loss",
+        choices=["ce", "margin"],
+        default="ce",
+        help="ce: the refusal's cross-entropy (the paper); margin: CE(refusal) − CE(compliant opening)",
+    )
     e.add_argument("--modules", nargs="*", default=None, help="module names (default: all decoder linears)")
     e.add_argument("--max-length", type=int, default=512)
     e.add_argument("--max-new-tokens", type=int, default=64, help="for generating the model's own answer")
@@ -207,11 +213,10 @@ def _summarise_cer(sub: Any, ks: tuple[int, ...] = (1, 5, 10, 20)) -> str:
 def cmd_estimate(args: argparse.Namespace) -> int:
     import torch
 
-    from spf.data import load_samples, save_samples
-    from spf.io import save_json
+    from spf.data import load_samples
     from spf.models import load_model
     from spf.refusal import select_safety_samples
-    from spf.subspace import estimate_batch_subspace, estimate_safety_subspace
+    from spf.subspace import estimate_from_samples, publish_estimate
 
     missing = [f"--{k}" for k in ("model", "sample", "rank", "out") if getattr(args, k) is None]
     if missing:
@@ -236,30 +241,17 @@ def cmd_estimate(args: argparse.Namespace) -> int:
         index=args.index,
         max_new_tokens=args.max_new_tokens,
     )
-    if len(samples) == 1:
-        sub = estimate_safety_subspace(
-            model,
-            tok,
-            samples[0],
-            rank=args.rank,
-            modules=args.modules,
-            max_length=args.max_length,
-            model_ref=args.model,
-        )
-    else:
-        sub = estimate_batch_subspace(
-            model,
-            tok,
-            samples,
-            rank=args.rank,
-            modules=args.modules,
-            max_length=args.max_length,
-            model_ref=args.model,
-        )
-    out = Path(args.out)
-    sub.save(out)
-    save_samples(samples, out / "sample.jsonl")
-    save_json({str(k): sub.cer(k) for k in (1, 5, 10, 20)}, out / "cer.json")
+    sub, used = estimate_from_samples(
+        model,
+        tok,
+        samples,
+        rank=args.rank,
+        loss=args.loss,
+        modules=args.modules,
+        max_length=args.max_length,
+        model_ref=args.model,
+    )
+    out = publish_estimate(sub, used, args.out)
     print(
         f"sample: {samples[0].prompt[:100]!r} → {samples[0].response[:100]!r}"
         + (f" (+{len(samples) - 1})" if len(samples) > 1 else "")

@@ -82,6 +82,8 @@ class EstimateParams:
     rank: int = 8  # k, singular directions per module
     n_samples: int = 1  # 1 = the single-sample method; >1 = batch estimate (comparison)
     own_response: bool = True  # use the aligned model's own refusal (it must refuse the prompt)
+    # ce = the refusal's cross-entropy (the paper); margin = CE(refusal) − CE(compliant opening)
+    loss: Literal["ce", "margin"] = "ce"
     max_length: int = 512
     max_new_tokens: int = 64
 

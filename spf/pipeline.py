@@ -235,7 +235,7 @@ def estimate_stage(p: PipelineParams) -> dict[str, Any]:
     from spf.data import load_samples
     from spf.models import load_model
     from spf.refusal import select_safety_samples
-    from spf.subspace import estimate_batch_subspace, estimate_safety_subspace, publish_estimate
+    from spf.subspace import estimate_from_samples, publish_estimate
 
     _set_threads(p)
     e = p.estimate
@@ -246,18 +246,17 @@ def estimate_stage(p: PipelineParams) -> dict[str, Any]:
         model, tok, candidates, n=e.n_samples, own_response=e.own_response, max_new_tokens=e.max_new_tokens
     )
     t0 = time.perf_counter()
-    kwargs = {"rank": e.rank, "max_length": e.max_length, "model_ref": model_ref}
-    if len(samples) == 1:
-        sub = estimate_safety_subspace(model, tok, samples[0], **kwargs)
-    else:
-        sub = estimate_batch_subspace(model, tok, samples, **kwargs)
+    sub, used = estimate_from_samples(
+        model, tok, samples, rank=e.rank, loss=e.loss, max_length=e.max_length, model_ref=model_ref
+    )
     seconds = time.perf_counter() - t0
     out = p.stage_dir("subspace")
-    publish_estimate(sub, samples, out)
+    publish_estimate(sub, used, out)
     return {
         "subspace_dir": str(out),
         "n_samples": len(samples),
         "rank": e.rank,
+        "loss": e.loss,
         "n_modules": len(sub.modules),
         "safety_loss": float(sub.metadata.get("safety_loss", float("nan"))),
         "estimate_seconds": round(seconds, 3),

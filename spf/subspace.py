@@ -22,7 +22,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 from safetensors.torch import load_file
@@ -38,8 +38,10 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "COMPLIANT_OPENING",
     "SafetySubspace",
+    "SubspaceLoss",
     "cer_table",
     "estimate_batch_subspace",
+    "estimate_from_samples",
     "estimate_safety_subspace",
     "margin_pair",
     "module_gradient_factors",
@@ -49,6 +51,8 @@ __all__ = [
 
 FORMAT_VERSION = 1
 SVDMethod = Literal["auto", "factored", "dense"]
+# what the subspace protects: ce = the refusal's cross-entropy; margin = CE(refusal) − CE(compliant opening)
+SubspaceLoss = Literal["ce", "margin"]
 
 
 @dataclass
@@ -144,13 +148,15 @@ class SafetySubspace:
 
 def publish_estimate(sub: SafetySubspace, samples: Sequence[ChatSample], dest: str | Path) -> Path:
     """Write an estimate as one folder: the subspace, the sample(s) it came from (``sample.jsonl`` — what
-    a reader needs to reproduce or audit it) and the mean CER at k = 1, 5, 10, 20 (``cer.json``). Built
+    a reader needs to reproduce or audit it) and the CER at k = 1, 5, 10, 20, mean and per module (``cer.json``). Built
     beside ``dest`` and renamed into place: the pipeline's estimate stage and the benchmark both use it."""
     dest = Path(dest)
     with atomic_dir(dest) as tmp:
         sub.save(tmp)
         save_samples(list(samples), tmp / "sample.jsonl")
-        save_json({str(k): sub.mean_cer(k) for k in (1, 5, 10, 20)}, tmp / "cer.json")
+        ks = (1, 5, 10, 20)
+        cer = {"mean": {str(k): sub.mean_cer(k) for k in ks}, "per_module": {str(k): sub.cer(k) for k in ks}}
+        save_json(cer, tmp / "cer.json")
     return dest
 
 
@@ -342,6 +348,45 @@ def module_gradient_factors(
         xs.append(x)
     outputs.clear()
     return ds, xs, loss.detach()
+
+
+def estimate_from_samples(
+    model: nn.Module,
+    tokenizer,
+    samples: Sequence[ChatSample],
+    *,
+    rank: int,
+    loss: SubspaceLoss = "ce",
+    modules: Sequence[str] | None = None,
+    max_length: int = 512,
+    model_ref: str | None = None,
+) -> tuple[SafetySubspace, list[ChatSample]]:
+    """The estimate ``spf estimate``, the pipeline's estimate stage and ``spf bench`` share.
+
+    ``loss="ce"``: the refusal cross-entropy of the sample(s) (one sample = the paper's single-sample
+    method). ``loss="margin"``: each sample becomes the pair of :func:`margin_pair`, weights ``[1, −1]``.
+    Returns the subspace and the samples it was estimated from (what ``sample.jsonl`` must hold: training
+    re-estimates from them, with the weights the subspace's metadata records).
+    """
+    if loss not in get_args(SubspaceLoss):
+        raise ValueError(f"loss must be one of {get_args(SubspaceLoss)}, got {loss!r}")
+    if not samples:
+        raise ValueError("no samples to estimate the safety subspace from")
+    kwargs = {"rank": rank, "modules": modules, "max_length": max_length, "model_ref": model_ref}
+    if loss == "margin":
+        pairs = [margin_pair(s) for s in samples]
+        used = [x for pair, _ in pairs for x in pair]
+        weights = [w for _, ws in pairs for w in ws]
+        sub = estimate_batch_subspace(model, tokenizer, used, weights=weights, **kwargs)
+    elif len(samples) == 1:
+        used = list(samples)
+        sub = estimate_safety_subspace(model, tokenizer, used[0], **kwargs)
+    else:
+        used = list(samples)
+        sub = estimate_batch_subspace(model, tokenizer, used, **kwargs)
+    sub.metadata["estimator"] = "single" if len(samples) == 1 else "batch"
+    sub.metadata["loss"] = loss
+    return sub, used
 
 
 COMPLIANT_OPENING = "Sure, here is a step-by-step guide:\n\nStep 1:"

@@ -40,9 +40,9 @@ def random_subspace(shapes: dict[str, tuple[int, int]], rank: int, seed: int = 0
     return SafetySubspace(bases, energy, spectra, rank, {"model_ref": "random"})
 
 
-def stage_workspace(root, finetune=None, stages=("prepare", "align", "estimate")):
+def stage_workspace(root, finetune=None, stages=("prepare", "align", "estimate"), estimate=None):
     """A pipeline workspace under ``root`` on the tiny model (``spf.params.smoke_params``, 1 thread, with
-    ``finetune`` overrides): ``params.yaml`` written and ``stages`` run in-process. Returns (root, params)."""
+    ``finetune`` / ``estimate`` overrides): ``params.yaml`` written and ``stages`` run in-process. Returns (root, params)."""
     import contextlib
     from pathlib import Path
 
@@ -55,6 +55,7 @@ def stage_workspace(root, finetune=None, stages=("prepare", "align", "estimate")
     root.mkdir(parents=True, exist_ok=True)
     params = smoke_params()
     params["finetune"].update(finetune or {})
+    params["estimate"].update(estimate or {})
     params["runtime"] = {"threads": 1}
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     with contextlib.chdir(root):

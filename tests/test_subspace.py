@@ -109,3 +109,75 @@ def test_bad_arguments():
         estimate_safety_subspace(model, tok, SAMPLE, rank=2, modules=["model.layers.9.mlp.up_proj"])
     with pytest.raises(FileNotFoundError, match="spf estimate"):
         SafetySubspace.load("/nonexistent/folder")
+
+
+def test_margin_estimate_is_the_svd_of_the_margin_gradient(tmp_path):
+    """loss="margin": the subspace of ∇[CE(refusal) − CE(compliant opening)], from the dense reference;
+    what is published (sample.jsonl + weights in the metadata) re-estimates to the same subspace."""
+    from spf.data import load_samples
+    from spf.subspace import COMPLIANT_OPENING, estimate_from_samples, publish_estimate
+
+    model, tok = tiny_llama(seed=1)
+    sub, used = estimate_from_samples(model, tok, [SAMPLE], rank=3, loss="margin")
+    assert [s.response for s in used] == [SAMPLE.response, COMPLIANT_OPENING]
+    assert sub.metadata["weights"] == [1.0, -1.0] and sub.metadata["loss"] == "margin"
+    refusal = dense_grads(model, tok, [SAMPLE])
+    comply = dense_grads(model, tok, [used[1]])
+    for name in sub.modules:
+        g = (refusal[name] - comply[name]) / 2  # the weighted mean over the two rows
+        u_ref, s_ref, _ = torch.linalg.svd(g, full_matrices=False)
+        u, s, _ = sub.bases[name]
+        torch.testing.assert_close(s, s_ref[:3], rtol=2e-3, atol=1e-6)
+        assert projector_gap(u, u_ref[:, :3]) < 3e-2
+    out = publish_estimate(sub, used, tmp_path / "sub")
+    again = estimate_batch_subspace(
+        model,
+        tok,
+        load_samples(out / "sample.jsonl"),
+        rank=3,
+        weights=SafetySubspace.load(out).metadata["weights"],
+    )
+    assert min(subspace_overlap(sub, again).values()) > 0.999
+
+
+def test_estimate_from_samples_rejects_an_unknown_loss():
+    from spf.subspace import estimate_from_samples
+
+    model, tok = tiny_llama(seed=1)
+    with pytest.raises(ValueError, match="loss must be one of"):
+        estimate_from_samples(model, tok, [SAMPLE], rank=3, loss="kl")
+    sub, used = estimate_from_samples(model, tok, [SAMPLE], rank=3)
+    assert used == [SAMPLE] and sub.metadata["estimator"] == "single" and sub.metadata["loss"] == "ce"
+
+
+def test_pipeline_margin_estimate_is_what_finetune_re_estimates(tmp_path):
+    """estimate.loss=margin in params.yaml: the stage publishes the pair and its weights; the finetune stage
+    re-estimates from them every step (refresh_every 1) and keeps the update out of the margin subspace."""
+    import contextlib
+    import json
+
+    from spf.data import load_samples
+    from spf.models import load_model
+    from spf.params import PipelineParams
+    from spf.pipeline import aligned_model_ref, run_stage
+    from tests.helpers import stage_workspace
+
+    ws, params = stage_workspace(
+        tmp_path / "ws", finetune={"steps": 2, "refresh_every": 1}, estimate={"loss": "margin"}
+    )
+    sub_dir = ws / "outputs" / "subspace"
+    used = load_samples(sub_dir / "sample.jsonl")
+    assert len(used) == 2 and used[0].prompt == used[1].prompt
+    assert SafetySubspace.load(sub_dir).metadata["weights"] == [1.0, -1.0]
+    with contextlib.chdir(ws):
+        run_stage("finetune", PipelineParams.from_dict(params))
+    steps = json.loads((ws / "outputs" / "finetune" / "metrics.json").read_text())["steps"]
+    assert [s["spf/refreshed"] for s in steps] == [0.0, 1.0]  # step 0 uses the published subspace
+    # the refresh kept the margin weights: it matches the published subspace, which a plain-CE
+    # re-estimate from the refusal alone does not
+    assert steps[1]["spf/overlap_prev"] > 0.99
+    with contextlib.chdir(ws):
+        model, tok = load_model(aligned_model_ref(PipelineParams.from_dict(params)))
+    ce = estimate_batch_subspace(model, tok, used[:1], rank=params["estimate"]["rank"])
+    assert sum(subspace_overlap(ce, SafetySubspace.load(sub_dir)).values()) / len(ce.modules) < 0.95
+    assert all(abs(s["spf/cos_after"]) < 1e-4 for s in steps)
