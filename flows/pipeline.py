@@ -166,6 +166,7 @@ def spf_pipeline(
         dvc_version_task(["prepare"], dvc_remote, push=dvc_push)  # the dataset is versioned before training
         results["align"] = run_stage_task("align", params)
         results["estimate"] = run_stage_task("estimate", params)
+        results["analyze"] = run_stage_task("analyze", params)
         if finetune_deployment:
             from prefect.deployments import run_deployment
 

@@ -976,10 +976,8 @@ def write_analysis(analysis: dict[str, Any], out: str | Path) -> Path:
 
 def add_analyze_arguments(p) -> None:
     """Options of ``spf analyze`` (``--threads``/``--device``/``-v`` come from the CLI's common options)."""
-    p.add_argument(
-        "--model", required=True, help="smollm2-135m-instruct | local folder | hub id | tiny-llama"
-    )
-    p.add_argument("--safety", required=True, help="(harmful prompt, refusal) pairs, JSON/JSONL/CSV/TSV")
+    p.add_argument("--model", help="smollm2-135m-instruct | local folder | hub id | tiny-llama (required)")
+    p.add_argument("--safety", help="(harmful prompt, refusal) pairs, JSON/JSONL/CSV/TSV (required)")
     p.add_argument("--utility", default=",".join(UTILITY_TASKS), help="comma-separated tasks (shared data)")
     p.add_argument(
         "--utility-file", action="append", default=[], metavar="NAME=PATH", help="utility task from a file"
@@ -996,7 +994,7 @@ def add_analyze_arguments(p) -> None:
     p.add_argument("--tolerance", type=float, default=0.1, help="relative token-count tolerance of matching")
     p.add_argument("--shared-data", default=None, help="public data folder (default: ../shared/data)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", required=True, help="output folder (analysis.json, PNGs, summary.md)")
+    p.add_argument("--out", help="output folder: analysis.json, PNGs, summary.md (required)")
 
 
 def _int_list(text: str, flag: str) -> list[int]:
@@ -1011,6 +1009,9 @@ def _int_list(text: str, flag: str) -> list[int]:
 
 def main_analyze(args) -> int:
     """``spf analyze``: every input is checked before the model is loaded; nothing is written on error."""
+    missing = [f"--{k}" for k in ("model", "safety", "out") if getattr(args, k) is None]
+    if missing:
+        raise ValueError(f"{', '.join(missing)} required (or run the pipeline stage with --params FILE)")
     batch_sizes = _int_list(args.batch_sizes, "--batch-sizes")
     for flag in ("n_utility", "match_pool", "max_k", "rank", "n_singles", "layer_stride", "max_length"):
         if getattr(args, flag) < 1:

@@ -168,7 +168,7 @@ def _build_parser() -> argparse.ArgumentParser:
     for name, text in stage_help.items():
         sp = sub.add_parser(name, help=text)
         _add_params_args(sp, required=True)
-    for sp in (e, al):
+    for sp in (e, al, an):
         _add_params_args(sp, required=False)
     return parser
 
@@ -189,7 +189,7 @@ def cmd_stage(args: argparse.Namespace) -> int:
     from spf.params import load_params
     from spf.pipeline import run_stage
 
-    stage = "align" if args.command == "align" else args.command
+    stage = args.command
     params = load_params(args.params, args.set)
     summary = run_stage(stage, params)
     print(json.dumps(summary, indent=2, default=str))

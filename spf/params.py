@@ -133,6 +133,24 @@ class EvaluateParams:
 
 
 @dataclass
+class AnalyzeParams:
+    """``spf analyze`` inside the pipeline (insights I–III on the aligned base, figures logged to MLflow):
+    a small, fast setting by default; the full-scale analysis is ``spf analyze`` (docs/results/insights.md)."""
+
+    enabled: bool = True
+    n_safety: int = 16  # safety pairs: the estimate's sample first, then the other candidates
+    n_utility: int = 24  # fine-tuning rows for the cosines (the utility task is the user's own data)
+    utility_tasks: list[str] = field(default_factory=list)  # extra public tasks: sst2 | agnews | gsm8k
+    batch_sizes: list[int] = field(default_factory=lambda: [1, 4, 16])
+    n_singles: int = 4  # single safety samples compared with each other
+    max_k: int = 50  # CER(k) for k = 1..max_k
+    rank: int = 8  # k of the overlap φ@k
+    layer_stride: int = 5  # every N-th decoder layer (1 = all; the figures are per layer and module type)
+    max_length: int = 256
+    seed: int = 0
+
+
+@dataclass
 class GateParams:
     max_harmful_rate: float = 0.10  # absolute: harmful compliance on held-out harmful prompts
     max_overrefusal_rate: float = 0.50  # absolute: refusals of benign prompts
@@ -163,6 +181,7 @@ class PipelineParams:
     align: AlignParams = field(default_factory=AlignParams)
     estimate: EstimateParams = field(default_factory=EstimateParams)
     finetune: FinetuneParams = field(default_factory=FinetuneParams)
+    analyze: AnalyzeParams = field(default_factory=AnalyzeParams)
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
     gate: GateParams = field(default_factory=GateParams)
     tracking: TrackingParams = field(default_factory=TrackingParams)
@@ -206,8 +225,23 @@ class PipelineParams:
             "finetune.lisa_align_steps": self.finetune.lisa_align_steps,
             "finetune.lisa_task_steps": self.finetune.lisa_task_steps,
             "evaluate.max_new_tokens": self.evaluate.max_new_tokens,
+            "analyze.n_safety": self.analyze.n_safety,
+            "analyze.n_utility": self.analyze.n_utility,
+            "analyze.n_singles": self.analyze.n_singles,
+            "analyze.max_k": self.analyze.max_k,
+            "analyze.rank": self.analyze.rank,
+            "analyze.layer_stride": self.analyze.layer_stride,
+            "analyze.max_length": self.analyze.max_length,
             "evaluate.batch_size": self.evaluate.batch_size,
         }
+        if not self.analyze.batch_sizes or min(self.analyze.batch_sizes) < 1:
+            raise err(
+                "analyze.batch_sizes",
+                f"must be a non-empty list of sizes ≥ 1, got {self.analyze.batch_sizes}",
+            )
+        unknown = [t for t in self.analyze.utility_tasks if t not in ("sst2", "agnews", "gsm8k")]
+        if unknown:
+            raise err("analyze.utility_tasks", f"unknown task(s) {unknown}: choose from sst2, agnews, gsm8k")
         if self.evaluate.judge_min_words < 0:
             raise err("evaluate.judge_min_words", f"must be ≥ 0, got {self.evaluate.judge_min_words}")
         for key, value in positive.items():
@@ -464,4 +498,14 @@ def smoke_params() -> dict[str, Any]:
         "estimate": {"rank": 2, "own_response": False, "max_length": 64},
         "finetune": {"steps": 2, "batch_size": 2, "max_length": 64, "eval_every": 1, "save_every": 0},
         "evaluate": {"suites": ["harmful", "overrefusal"], "limit": 3, "max_new_tokens": 4},
+        "analyze": {
+            "n_safety": 4,
+            "n_utility": 4,
+            "batch_sizes": [1, 2],
+            "n_singles": 2,
+            "max_k": 4,
+            "rank": 2,
+            "layer_stride": 1,
+            "max_length": 64,
+        },
     }

@@ -1,4 +1,4 @@
-"""The pipeline's stages as plain functions: prepare → align → estimate → finetune → evaluate.
+"""The pipeline's stages as plain functions: prepare → align → estimate → analyze → finetune → evaluate.
 
 Each stage reads :class:`~spf.params.PipelineParams` and fixed paths under ``runtime.workdir`` (the DVC
 ``outs``) and returns a small JSON-able dict (paths and numbers, never models) — so the same function backs
@@ -38,7 +38,7 @@ __all__ = [
     "run_stage",
 ]
 
-STAGES = ("prepare", "align", "estimate", "finetune", "evaluate")
+STAGES = ("prepare", "align", "estimate", "analyze", "finetune", "evaluate")
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -265,6 +265,88 @@ def estimate_stage(p: PipelineParams) -> dict[str, Any]:
     }
 
 
+def analyze_stage(p: PipelineParams) -> dict[str, Any]:
+    """Insights I–III (``spf analyze``) on the aligned base → ``workdir/analysis`` (analysis.json, PNGs,
+    summary.md), measured against the user's own fine-tuning data: is one safety gradient low-rank next to
+    a task gradient of the same length (I), does the task pull against it (II), and does one sample's
+    subspace capture a batch's (III)? ``analyze.enabled: false`` publishes only a marker, so the DVC out
+    and the cache stay well-defined."""
+    a = p.analyze
+    out = p.stage_dir("analysis")
+    if not a.enabled:
+        with atomic_dir(out) as tmp:
+            _write_json({"enabled": False}, tmp / "analysis.json")
+        return {"enabled": 0}
+
+    from spf.analysis import load_utility, run_analysis, select_modules, write_analysis
+    from spf.data import load_samples
+    from spf.models import load_model
+
+    _set_threads(p)
+    # sample 0 is the estimate's own sample (the one SPF projects against; for a margin estimate its
+    # refusal row), then the other candidates with their written refusals
+    chosen = load_samples(p.stage_dir("subspace") / "sample.jsonl", require_response=True)[:1]
+    others = [
+        s
+        for s in load_samples(p.stage_dir("data") / "safety.jsonl", require_response=True)
+        if s.prompt != chosen[0].prompt
+    ]
+    safety = (chosen + others)[: a.n_safety]
+    batch_sizes = [b for b in a.batch_sizes if b <= len(safety)]
+    if not batch_sizes:
+        raise ValueError(f"analyze.batch_sizes: no size ≤ the {len(safety)} safety samples available")
+    train_file = p.stage_dir("data") / "train.jsonl"
+    utility = load_utility(
+        a.utility_tasks,
+        files={"finetune": train_file},
+        shared_data=p.prepare.shared_data,
+        n=max(4 * a.n_utility, 200),  # the pool the token matching draws same-length samples from
+        seed=a.seed,
+    )
+    model_ref = aligned_model_ref(p)
+    model, tok = load_model(model_ref, device=p.runtime.device)
+    modules = select_modules(model, None, layer_stride=a.layer_stride)
+    analysis = run_analysis(
+        model,
+        tok,
+        safety,
+        utility,
+        n_utility=a.n_utility,
+        batch_sizes=batch_sizes,
+        max_k=a.max_k,
+        rank=a.rank,
+        n_singles=min(a.n_singles, len(safety)),
+        modules=modules,
+        max_length=a.max_length,
+        progress=False,
+        meta={
+            "model": model_ref,
+            "safety": "subspace/sample.jsonl (sample 0) + data/safety.jsonl",
+            "safety_sample0": chosen[0].prompt,
+            "utility_files": {"finetune": "data/train.jsonl"},
+            "layer_stride": a.layer_stride,
+            "seed": a.seed,
+        },
+    )
+    write_analysis(analysis, out)
+    return {"analysis_dir": str(out), **analysis_metrics(analysis)}
+
+
+def analysis_metrics(analysis: dict[str, Any]) -> dict[str, float]:
+    """The headline numbers of an analysis, flat (MLflow metrics ``analyze/…``)."""
+    cer, cos, ov = analysis["cer"], analysis["cosine"], analysis["overlap"]
+    metrics: dict[str, float] = {}
+    for who in ["safety", *cos["tasks"]]:
+        at10 = cer["single"].get(who, {}).get("at", {}).get("10")
+        if at10 is not None:
+            metrics[f"cer10_single_{who}"] = float(at10)
+    for task, block in cos["tasks"].items():
+        metrics[f"cos_frac_negative_{task}"] = float(block["overall"]["frac_negative"])
+    for n in ov["batch_sizes"]:
+        metrics[f"phi_sample0_vs_batch{n}"] = float(ov["vs_batch"][str(n)]["sample0"]["mean"])
+    return metrics
+
+
 def finetune_stage(p: PipelineParams) -> dict[str, Any]:
     """Vanilla, SPF or baseline fine-tuning of the aligned base → ``workdir/finetune`` (adapter, metrics)."""
     from spf.config import BASELINE_METHODS, TrainConfig
@@ -482,6 +564,7 @@ _STAGE_FUNCS = {
     "prepare": prepare_stage,
     "align": align_stage,
     "estimate": estimate_stage,
+    "analyze": analyze_stage,
     "finetune": finetune_stage,
     "evaluate": evaluate_stage,
 }

@@ -79,7 +79,7 @@ def track_run_task(
         with step("log params"):
             tracking.log_params(client, run_id, params)
         metrics: dict[str, float] = {}
-        for stage in ("prepare", "align", "estimate", "finetune"):
+        for stage in ("prepare", "align", "estimate", "analyze", "finetune"):
             for k, v in results.get(stage, {}).items():
                 if isinstance(v, int | float) and not isinstance(v, bool):
                     metrics[f"{stage}/{k}"] = float(v)
@@ -96,6 +96,11 @@ def track_run_task(
             for name in ("results.json", "samples.jsonl"):
                 tracking.log_artifacts(client, run_id, workdir / "eval" / name, "eval")
             tracking.log_artifacts(client, run_id, workdir / "data" / "manifest.json", "data")
+            analysis = workdir / "analysis"
+            if (analysis / "analysis.json").is_file():  # insights I–III: figures, numbers, summary
+                for path in sorted(analysis.iterdir()):
+                    if path.suffix in (".png", ".json", ".md"):
+                        tracking.log_artifacts(client, run_id, path, "analysis")
         base = Path(results["align"]["model_ref"])
         base_ref = str(base.resolve()) if base.exists() else results["align"]["model_ref"]
         with step("upload the model artifact"):

@@ -32,6 +32,7 @@ STAGE_IO: dict[str, tuple[tuple[str, ...], tuple[str, ...], str]] = {
     "prepare": (("prepare",), (), "data"),
     "align": (("align",), (), "aligned"),
     "estimate": (("estimate",), ("aligned", "data"), "subspace"),
+    "analyze": (("analyze",), ("aligned", "data", "subspace"), "analysis"),
     "finetune": (("finetune", "estimate"), ("aligned", "data", "subspace"), "finetune"),
     "evaluate": (("evaluate",), ("aligned", "data", "finetune"), "eval"),
 }

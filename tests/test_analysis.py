@@ -361,3 +361,45 @@ def test_real_model_small_analysis(shared_data):
     assert res["config"]["n_modules"] == 7
     assert math.isfinite(res["cosine"]["tasks"]["sst2"]["overall"]["mean"])
     assert res["cer"]["single"]["safety"]["mean"][-1] <= 1.0
+
+
+def test_pipeline_analyze_stage_measures_against_the_finetuning_data(tmp_path):
+    """The analyze stage: sample 0 is the estimate's sample, the utility task is the pipeline's own
+    training set, figures + JSON published atomically; disabled, it publishes only a marker."""
+    import contextlib
+    import json
+
+    from spf.data import load_samples
+    from spf.params import PipelineParams
+    from spf.pipeline import run_stage
+    from tests.helpers import stage_workspace
+
+    ws, params = stage_workspace(tmp_path / "ws")
+    with contextlib.chdir(ws):
+        out = run_stage("analyze", PipelineParams.from_dict(params))
+    folder = ws / "outputs" / "analysis"
+    assert {"analysis.json", "summary.md", "overlap.png", "cosine_hist.png", "cer_spectra.png"} <= {
+        p.name for p in folder.iterdir()
+    }
+    analysis = json.loads((folder / "analysis.json").read_text())
+    assert list(analysis["cosine"]["tasks"]) == ["finetune"]
+    chosen = load_samples(ws / "outputs" / "subspace" / "sample.jsonl")[0]
+    assert analysis["config"]["safety_sample0"] == chosen.prompt
+    assert out["phi_sample0_vs_batch1"] == pytest.approx(1.0)  # a batch of one is the sample itself
+    assert 0.0 <= out["cos_frac_negative_finetune"] <= 1.0
+
+    params["analyze"]["enabled"] = False
+    with contextlib.chdir(ws):
+        assert run_stage("analyze", PipelineParams.from_dict(params))["enabled"] == 0
+    assert [p.name for p in folder.iterdir()] == ["analysis.json"]
+
+
+def test_analyze_params_are_validated():
+    from spf.params import ParamsError, PipelineParams
+
+    with pytest.raises(ParamsError, match=r"analyze\.batch_sizes"):
+        PipelineParams.from_dict({"analyze": {"batch_sizes": [0, 4]}})
+    with pytest.raises(ParamsError, match=r"analyze\.utility_tasks.*unknown"):
+        PipelineParams.from_dict({"analyze": {"utility_tasks": ["imdb"]}})
+    with pytest.raises(ParamsError, match=r"analyze\.layer_stride"):
+        PipelineParams.from_dict({"analyze": {"layer_stride": 0}})

@@ -134,7 +134,11 @@ def test_gate_rejects_unsafe_then_promotes_better_candidate(workspace: Path, loc
     assert len(client.get_metric_history(second["mlflow_run_id"], "train/loss")) == 2
     assert client.get_metric_history(second["mlflow_run_id"], "spf/removed_frac")
     artifacts = {a.path for a in client.list_artifacts(second["mlflow_run_id"])}
-    assert {"model", "gate", "eval", "subspace", "plots"} <= artifacts
+    assert {"model", "gate", "eval", "subspace", "plots", "analysis"} <= artifacts
+    # insights I–III of the analyze stage: its figures and numbers are on the run
+    analysis = {a.path for a in client.list_artifacts(second["mlflow_run_id"], "analysis")}
+    assert {"analysis/analysis.json", "analysis/overlap.png", "analysis/cosine_hist.png"} <= analysis
+    assert "analyze/phi_sample0_vs_batch2" in run.data.metrics
 
     # 3. A better candidate (harmful rate 0.0 under the standard judge): it replaces the champion.
     third = _run_flow(workspace, local_services)

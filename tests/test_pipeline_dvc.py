@@ -33,7 +33,7 @@ pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
-STAGES = ("prepare", "align", "estimate", "finetune", "evaluate")
+STAGES = ("prepare", "align", "estimate", "analyze", "finetune", "evaluate")
 TINY_PARAMS = smoke_params()
 # moto accepts any keys; a server CI started (SPF_S3_ENDPOINT) may want the ones in the environment
 S3_ENV = {
@@ -226,7 +226,7 @@ def test_param_change_reruns_downstream_only(
     assert set(status) == {"estimate"}, status
     assert {"changed deps": {"params.yaml": {"estimate": "modified"}}} in status["estimate"]
     repro = dvc(workspace, "repro")
-    assert ran(repro) == {"estimate", "finetune", "evaluate"}, repro.stdout
+    assert ran(repro) == {"estimate", "analyze", "finetune", "evaluate"}, repro.stdout
     assert skipped(repro) == {"prepare", "align"}
     assert snapshot(workspace / "outputs" / "data") == data
     lock = yaml.safe_load((workspace / "dvc.lock").read_text())

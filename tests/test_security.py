@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 
 from spf.models import ModelLoadError, check_adapter_folder, load_model, tiny_llama
 from spf.params import ParamsError, PipelineParams
-from spf.pipeline import run_stage
+from spf.pipeline import STAGES, run_stage
 from tests.helpers import stage_workspace
 
 REPO = Path(__file__).resolve().parents[1]
@@ -213,7 +213,7 @@ def test_credentials_never_reach_outputs_logs_or_the_tracking_store(
     with contextlib.chdir(ws):
         p = PipelineParams.from_dict(params)
         results = {
-            stage: run_stage(stage, p) for stage in ("prepare", "align", "estimate", "finetune", "evaluate")
+            stage: run_stage(stage, p) for stage in STAGES
         }
 
     # the tracking code path of the flow, on a local SQLite store (no server)
