@@ -18,6 +18,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -77,6 +78,9 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--configs", nargs="*", default=["vanilla", "spf-T1", "spf-T10", "spf-never", "safegrad"])
+    p.add_argument(
+        "--json", default=None, help="also write the results to this JSON file (spf bench report reads it)"
+    )
     p.add_argument("--config", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
     p.add_argument("--subspace", help=argparse.SUPPRESS)
@@ -121,6 +125,35 @@ def main() -> None:
     if refresh:
         r = statistics.median(refresh)
         print(f"one re-estimation: median {r:.3f} s = {r / base_t:.2f} × a vanilla training step")
+    if args.json:
+        sys.path.insert(0, str(ROOT))
+        from spf.io import save_json
+
+        save_json(
+            {
+                "command": "python benchmarks/bench_overhead.py " + " ".join(sys.argv[1:]),
+                "model": args.model,
+                "batch_size": args.batch_size,
+                "steps": args.steps,
+                "rounds": args.rounds,
+                "threads": args.threads,
+                "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+                "configs": {
+                    c: {
+                        **CONFIGS[c],
+                        "median_step_s": med_step(c),
+                        "step_ratio": med_step(c) / base_t,
+                        "peak_rss_mb": peak(c),
+                        "rss_ratio": peak(c) / base_m,
+                        "n_steps": sum(len(res["step_seconds"]) for res in results[c]),
+                    }
+                    for c in args.configs
+                },
+                "refresh_median_s": statistics.median(refresh) if refresh else None,
+            },
+            args.json,
+        )
+        print(f"wrote {args.json}")
 
 
 if __name__ == "__main__":

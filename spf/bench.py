@@ -126,6 +126,8 @@ class BenchConfig:
     heldout_harmful: int = 100  # AdvBench rows never in any training set, for the harmful suites
     safety_demos: str = "spf/data/align_refusals.jsonl"  # SafeInstr/SafeGrad/Lisa safety data
     heldout_safety: str = "spf/data/refusals.jsonl"  # refusal-loss tracking during training
+    # JSON of a side-by-side step-time run (benchmarks/bench_overhead.py --json): the cost table and check
+    overhead: str | None = None
     subspace: SubspaceSpec = field(default_factory=SubspaceSpec)
     train: dict[str, Any] = field(default_factory=dict)  # TrainConfig fields shared by every cell
     eval: EvalSpec = field(default_factory=EvalSpec)
@@ -533,7 +535,10 @@ def collect(cfg: BenchConfig) -> dict[str, Any]:
         path = cfg.work_dir / "cells" / c.dirname / "cell.json"
         if path.is_file():
             found[c.id] = json.loads(path.read_text())
-    return {"name": cfg.name, "config": cfg.source, "aligned": cfg.aligned, "cells": found}
+    data: dict[str, Any] = {"name": cfg.name, "config": cfg.source, "aligned": cfg.aligned, "cells": found}
+    if cfg.overhead and Path(cfg.overhead).is_file():
+        data["overhead"] = json.loads(Path(cfg.overhead).read_text())
+    return data
 
 
 def _fmt(s: dict[str, Any] | None) -> str:
@@ -611,6 +616,16 @@ def acceptance_lines(cfg: BenchConfig, data: dict[str, Any]) -> list[str]:
             f"- ablation `{a.name}` on `{scenario}`: harmful {h:.2f} ({h - base:+.2f} vs the aligned base; "
             f"within 5 points: {'met' if h - base <= 0.05 else 'NOT met'}){util}."
         )
+    cost = data.get("overhead")
+    if cost:
+        ratios = {c: v["step_ratio"] for c, v in cost["configs"].items()}
+        for c, r in ratios.items():
+            if c.startswith("spf-"):
+                out.append(
+                    f"- cost, side by side (one run, `{cost['command']}`): {c} {r:.2f}× vanilla step time "
+                    f"(≤ 1.05×: {'met' if r <= 1.05 else 'NOT met'})"
+                    + (f"; SafeGrad {ratios['safegrad']:.2f}×." if "safegrad" in ratios else ".")
+                )
     for name in cfg.scenarios:
         t = ((got.get(f"spf@{name}") or {}).get("train") or {}).get("mean_step_seconds")
         tv = ((got.get(f"vanilla@{name}") or {}).get("train") or {}).get("mean_step_seconds")
@@ -673,6 +688,30 @@ def render_report(cfg: BenchConfig, data: dict[str, Any], plots: dict[str, str])
                     suites,
                 )
             )
+    cost = data.get("overhead")
+    if cost:
+        lines += [
+            "",
+            "## Cost, side by side",
+            "",
+            f"`{cost['command']}` ({cost['model']}, batch {cost['batch_size']}, {cost['steps']} steps × "
+            f"{cost['rounds']} rounds, {cost['threads']} thread(s), each configuration in its own process, "
+            f"interleaved; finished {cost['finished']}; JSON: `{cfg.overhead}`). Medians over steps 2–{cost['steps']}.",
+            "",
+            "| configuration | median step | × vanilla | peak RSS | × vanilla |",
+            "|---|---|---|---|---|",
+        ]
+        for c, v in cost["configs"].items():
+            lines.append(
+                f"| {c} | {v['median_step_s']:.3f} s | {v['step_ratio']:.2f} | {v['peak_rss_mb']:.0f} MB "
+                f"| {v['rss_ratio']:.2f} |"
+            )
+        if cost.get("refresh_median_s"):
+            lines += [
+                "",
+                f"One re-estimation (the single sample's forward + backward + factorisation): "
+                f"{cost['refresh_median_s']:.3f} s.",
+            ]
     checks = acceptance_lines(cfg, data)
     if checks:
         lines += [

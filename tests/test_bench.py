@@ -154,3 +154,37 @@ def test_tiny_benchmark_end_to_end_resumes_and_reports(tmp_path, shared_data, ca
 
     assert spf_main(["bench", "list", str(path)]) == 0
     assert capsys.readouterr().out.count("done ") == 4
+
+
+def test_report_cost_section_and_check_come_from_the_overhead_json(tmp_path, shared_data):
+    """The side-by-side cost (benchmarks/bench_overhead.py --json) is rendered with a verdict per SPF
+    configuration computed from the ratio — a 1.04× run meets the ≤ 1.05× target, a 1.20× run does not."""
+    from spf.bench import acceptance_lines, collect, render_report
+
+    overhead = {
+        "command": "python benchmarks/bench_overhead.py --json x.json",
+        "model": "m",
+        "batch_size": 8,
+        "steps": 8,
+        "rounds": 2,
+        "threads": 1,
+        "finished": "2026-11-30 21:00:00",
+        "configs": {
+            "vanilla": {"median_step_s": 4.0, "step_ratio": 1.0, "peak_rss_mb": 2700, "rss_ratio": 1.0},
+            "spf-T1": {"median_step_s": 4.8, "step_ratio": 1.2, "peak_rss_mb": 2800, "rss_ratio": 1.04},
+            "spf-T10": {"median_step_s": 4.16, "step_ratio": 1.04, "peak_rss_mb": 2750, "rss_ratio": 1.02},
+            "safegrad": {"median_step_s": 7.0, "step_ratio": 1.75, "peak_rss_mb": 2600, "rss_ratio": 0.96},
+        },
+        "refresh_median_s": 0.85,
+    }
+    (tmp_path / "overhead.json").write_text(json.dumps(overhead))
+    cfg = load_bench_config(_tiny(tmp_path, shared_data, overhead=str(tmp_path / "overhead.json")))
+    data = collect(cfg)
+    checks = "\n".join(acceptance_lines(cfg, data))
+    assert "spf-T10 1.04× vanilla step time (≤ 1.05×: met); SafeGrad 1.75×" in checks
+    assert "spf-T1 1.20× vanilla step time (≤ 1.05×: NOT met)" in checks
+    report = render_report(cfg, data, {})
+    assert "## Cost, side by side" in report and "| spf-T10 | 4.160 s | 1.04 | 2750 MB | 1.02 |" in report
+    # a configured but missing file leaves the section out instead of failing the report
+    cfg2 = load_bench_config(_tiny(tmp_path, shared_data, overhead=str(tmp_path / "missing.json")))
+    assert "Cost, side by side" not in render_report(cfg2, collect(cfg2), {})
