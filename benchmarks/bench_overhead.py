@@ -28,6 +28,9 @@ CONFIGS = {
     "spf-T10": {"method": "spf", "refresh_every": 10},
     "spf-T50": {"method": "spf", "refresh_every": 50},
     "spf-never": {"method": "spf", "refresh_every": 0},
+    # margin subspace (refusal vs compliant opening: two sequences per re-estimation)
+    "spf-margin-T1": {"method": "spf", "refresh_every": 1, "loss": "margin"},
+    "spf-margin-T10": {"method": "spf", "refresh_every": 10, "loss": "margin"},
     # baselines (issue #5): SafeGrad pays a safety-batch forward+backward every step; Lisa's proximal term is
     # cheap but its alignment steps are training steps on other data; SafeInstr only changes the data
     "safegrad": {"method": "safegrad"},
@@ -90,17 +93,19 @@ def main() -> None:
         return
 
     with tempfile.TemporaryDirectory() as tmp:
-        sub = Path(tmp) / "subspace"
-        subprocess.run(
-            [sys.executable, "-m", "spf", "estimate", "--model", args.model, "--sample", args.safety_sample,
-             "--index", "0", "--rank", "8", "--out", str(sub), "--threads", str(args.threads)],
-            check=True, capture_output=True,
-        )  # fmt: skip
+        subs: dict[str, Path] = {}
+        for loss in sorted({CONFIGS[c].get("loss", "ce") for c in args.configs}):
+            subs[loss] = Path(tmp) / f"subspace-{loss}"
+            subprocess.run(
+                [sys.executable, "-m", "spf", "estimate", "--model", args.model, "--sample", args.safety_sample,
+                 "--index", "0", "--rank", "8", "--loss", loss, "--out", str(subs[loss]), "--threads", str(args.threads)],
+                check=True, capture_output=True,
+            )  # fmt: skip
         results: dict[str, list[dict]] = {c: [] for c in args.configs}
         for r in range(args.rounds):
             for c in args.configs:
                 cmd = [sys.executable, __file__, "--config", c, "--out", str(Path(tmp) / f"{c}-{r}"),
-                       "--subspace", str(sub), "--model", args.model, "--data", args.data,
+                       "--subspace", str(subs[CONFIGS[c].get("loss", "ce")]), "--model", args.model, "--data", args.data,
                        "--batch-size", str(args.batch_size), "--steps", str(args.steps), "--threads", str(args.threads)]  # fmt: skip
                 proc = subprocess.run(cmd, check=True, capture_output=True, text=True)
                 line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT "))
@@ -110,16 +115,22 @@ def main() -> None:
     def med_step(c: str) -> float:
         return statistics.median(x for res in results[c] for x in res["step_seconds"])
 
+    def mean_step(c: str) -> float:
+        # the amortised cost: a re-estimation every T steps shows up in the mean, not in the median
+        return statistics.mean(x for res in results[c] for x in res["step_seconds"])
+
     def peak(c: str) -> float:
         return max(res["peak_rss_mb"] for res in results[c])
 
     base_t, base_m = med_step("vanilla"), peak("vanilla")
+    base_mean = mean_step("vanilla")
     print(f"model {args.model}, LoRA r=8 all linears, batch {args.batch_size}, {args.steps} steps × {args.rounds} rounds, "
           f"{args.threads} thread(s)")  # fmt: skip
-    print(f"{'config':<10} {'median step s':>14} {'× vanilla':>10} {'peak RSS MB':>12} {'× vanilla':>10}")
+    print(f"{'config':<15} {'median step s':>14} {'× vanilla':>10} {'mean step s':>12} {'× vanilla':>10} {'peak RSS MB':>12} {'× vanilla':>10}")  # fmt: skip
     for c in args.configs:
         print(
-            f"{c:<10} {med_step(c):>14.3f} {med_step(c) / base_t:>10.2f} {peak(c):>12.0f} {peak(c) / base_m:>10.2f}"
+            f"{c:<15} {med_step(c):>14.3f} {med_step(c) / base_t:>10.2f} {mean_step(c):>12.3f} "
+            f"{mean_step(c) / base_mean:>10.2f} {peak(c):>12.0f} {peak(c) / base_m:>10.2f}"
         )
     refresh = [x for res in results.get("spf-T1", []) for x in res["refresh_seconds"]]
     if refresh:
@@ -143,6 +154,8 @@ def main() -> None:
                         **CONFIGS[c],
                         "median_step_s": med_step(c),
                         "step_ratio": med_step(c) / base_t,
+                        "mean_step_s": mean_step(c),
+                        "mean_ratio": mean_step(c) / base_mean,
                         "peak_rss_mb": peak(c),
                         "rss_ratio": peak(c) / base_m,
                         "n_steps": sum(len(res["step_seconds"]) for res in results[c]),

@@ -184,7 +184,16 @@ def test_report_cost_section_and_check_come_from_the_overhead_json(tmp_path, sha
     assert "spf-T10 1.04× vanilla step time (≤ 1.05×: met); SafeGrad 1.75×" in checks
     assert "spf-T1 1.20× vanilla step time (≤ 1.05×: NOT met)" in checks
     report = render_report(cfg, data, {})
-    assert "## Cost, side by side" in report and "| spf-T10 | 4.160 s | 1.04 | 2750 MB | 1.02 |" in report
+    assert (
+        "## Cost, side by side" in report
+        and "| spf-T10 | 4.160 s | 1.04 | — | — | 2750 MB | 1.02 |" in report
+    )
+    # with the mean (amortised) ratio recorded, the check uses it: a refresh every 10 steps is in the mean
+    overhead["configs"]["spf-T10"].update(mean_step_s=4.4, mean_ratio=1.1)
+    (tmp_path / "overhead.json").write_text(json.dumps(overhead))
+    assert "spf-T10 1.10× vanilla step time (≤ 1.05×: NOT met)" in "\n".join(
+        acceptance_lines(cfg, collect(cfg))
+    )
     # a configured but missing file leaves the section out instead of failing the report
     cfg2 = load_bench_config(_tiny(tmp_path, shared_data, overhead=str(tmp_path / "missing.json")))
     assert "Cost, side by side" not in render_report(cfg2, collect(cfg2), {})

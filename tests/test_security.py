@@ -212,9 +212,7 @@ def test_credentials_never_reach_outputs_logs_or_the_tracking_store(
     ws, params = stage_workspace(tmp_path / "ws", stages=())
     with contextlib.chdir(ws):
         p = PipelineParams.from_dict(params)
-        results = {
-            stage: run_stage(stage, p) for stage in STAGES
-        }
+        results = {stage: run_stage(stage, p) for stage in STAGES}
 
     # the tracking code path of the flow, on a local SQLite store (no server)
     client = tracking.make_client(f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}")
