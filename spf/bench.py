@@ -495,13 +495,18 @@ def _run_child(cfg_path: str, cell: Cell, log_dir: Path) -> tuple[str, int]:
 
 
 def select_cells(cfg: BenchConfig, only: list[str] | None = None) -> list[Cell]:
-    """All cells, or those matching ``only`` (ids or id prefixes) in the order ``only`` names them."""
+    """All cells, or those matching ``only`` in the order ``only`` names them: a full cell id selects that
+    cell alone (``ablation:margin`` is not also ``ablation:margin-mix20``); anything else is an id prefix."""
     todo = cells(cfg)
     if not only:
         return todo
+    ids = {c.id for c in todo}
+
+    def matches(c: Cell, o: str) -> bool:
+        return c.id == o if o in ids else c.id.startswith(o)
 
     def rank(c: Cell) -> int:
-        return next((i for i, o in enumerate(only) if c.id == o or c.id.startswith(o)), -1)
+        return next((i for i, o in enumerate(only) if matches(c, o)), -1)
 
     todo = sorted((c for c in todo if rank(c) >= 0), key=rank)  # stable: file order within one pattern
     if not todo:

@@ -79,6 +79,11 @@ def test_only_selects_cells_in_the_order_given():
     cfg = load_bench_config(ROOT / "bench" / "cpu.yaml")
     ids = [c.id for c in select_cells(cfg, ["ablation:margin", "spf@"])]
     assert ids == ["ablation:margin", "spf@sst2", "spf@mix10", "spf@mix20", "spf@aoa", "spf@deep"]
+    # a full id is that cell alone; a prefix selects every cell it starts
+    assert [c.id for c in select_cells(cfg, ["ablation:margin-"])][:2] == [
+        "ablation:margin-refresh10",
+        "ablation:margin-mix20",
+    ]
     with pytest.raises(BenchConfigError, match="no cell matches"):
         select_cells(cfg, ["nothing"])
 
