@@ -15,7 +15,11 @@ from __future__ import annotations
 
 import os
 import socket
+import time
+from datetime import timedelta
+from pathlib import Path
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -66,7 +70,8 @@ def _params(net: nn.Module) -> dict[str, torch.Tensor]:
 
 def _worker(rank: int, world: int, port: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    # a collective one rank never joins fails after 2 min instead of hanging the suite
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=120))
     torch.set_num_threads(1)
     torch.manual_seed(0)
     net = TinyNet()
@@ -80,8 +85,10 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         opt.step()
         record["weights"].append(_params(net))
         record["bases"].append({n: (u.clone(), v.clone()) for n, (u, _, v) in opt.subspace.bases.items()})
-    torch.save(record, os.path.join(out, f"rank{rank}.pt"))
+    dist.barrier()
     dist.destroy_process_group()
+    # written last: the parent treats the file as "this rank's work is done"
+    torch.save(record, os.path.join(out, f"rank{rank}.pt"))
 
 
 def _free_port() -> int:
@@ -114,8 +121,34 @@ def _single_process_reference() -> dict[str, list]:
     return ref
 
 
+def _spawn_and_wait(fn, args, nprocs: int, out: Path, deadline_s: float = 600.0) -> None:
+    """``mp.spawn`` with a deadline. Each worker writes ``rank{i}.pt`` as its last act; once all files
+    exist, workers still alive after a grace period are stopped — seen once under heavy load: both ranks
+    finished and saved, then rank 0 never returned from gloo's teardown, and ``join=True`` waited forever.
+    A worker that fails or a deadline without results fails the test with what is known."""
+    ctx = mp.start_processes(fn, args=args, nprocs=nprocs, join=False, start_method="spawn")
+    files = [out / f"rank{i}.pt" for i in range(nprocs)]
+    t0 = time.monotonic()
+    try:
+        while not ctx.join(timeout=2):
+            if all(f.is_file() for f in files):
+                grace = time.monotonic() + 30
+                while not ctx.join(timeout=2) and time.monotonic() < grace:
+                    pass
+                break
+            if time.monotonic() - t0 > deadline_s:
+                pytest.fail(
+                    f"workers did not finish in {deadline_s:.0f} s; results: {[f.name for f in files if f.is_file()]}"
+                )
+    finally:
+        for proc in ctx.processes:
+            if proc.is_alive():
+                proc.terminate()
+                proc.join(5)
+
+
 def test_two_process_ddp_matches_single_process_and_projects_after_all_reduce(tmp_path):
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    _spawn_and_wait(_worker, (2, _free_port(), str(tmp_path)), 2, tmp_path)
     r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
     r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
     torch.set_num_threads(1)
