@@ -308,12 +308,12 @@ class SPFOptimizer(torch.optim.Optimizer):
         for g, (a_old, b_old) in zip(self._groups, lora_snap, strict=True):
             a_new = torch.stack([t.a.detach() for t in g.targets]).float()
             b_new = torch.stack([t.b.detach() for t in g.targets]).float()
-            inner = None
-            if need_inner:
-                left, right = lora_delta_factors(b_old, a_old, b_new, a_new, g.scale)
-                inner = factored_inner(left, right, g.u, g.s, g.v)
+            inner, factors = None, None
+            if need_inner:  # always with diagnostics, which reuse the factors in pass 2
+                factors = lora_delta_factors(b_old, a_old, b_new, a_new, g.scale)
+                inner = factored_inner(*factors, g.u, g.s, g.v)
                 inner_parts.append(inner)
-            lora_work.append((a_new, b_new, inner))
+            lora_work.append((a_new, b_new, inner, factors))
         full_work = []
         for t in self._full:
             u, s, v = self._bases[t.name]
@@ -333,7 +333,9 @@ class SPFOptimizer(torch.optim.Optimizer):
         # pass 2: apply
         stats = _Stats()
         offset = 0
-        for g, (a_old, b_old), (a_new, b_new, inner) in zip(self._groups, lora_snap, lora_work, strict=True):
+        for g, (a_old, b_old), (a_new, b_new, inner, factors) in zip(
+            self._groups, lora_snap, lora_work, strict=True
+        ):
             n = len(g.targets)
             mask = decision[offset : offset + n].to(a_new.device)
             offset += n
@@ -344,8 +346,7 @@ class SPFOptimizer(torch.optim.Optimizer):
                 torch._foreach_copy_([g.targets[i].b for i in chosen], [b_proj[i] for i in chosen])
                 torch._foreach_copy_([g.targets[i].a for i in chosen], [a_proj[i] for i in chosen])
             if self.diagnostics:
-                left, right = lora_delta_factors(b_old, a_old, b_new, a_new, g.scale)
-                before_sq = factored_sq_norm(left, right)
+                before_sq = factored_sq_norm(*factors)
                 l2, r2 = lora_delta_factors(b_old, a_old, b_proj, a_proj, g.scale)
                 # removed = s(B'A' − B''A''): factored the same way
                 lr, rr = lora_delta_factors(b_proj, a_proj, b_new, a_new, g.scale)
