@@ -258,6 +258,7 @@ def estimate_batch_subspace(
         "sample_hash": digest,
         "n_samples": len(samples),
         "n_tokens": n_tokens,
+        "n_factor_rows": int(ds[0].shape[0]) if ds else 0,  # < n_tokens when rows share a prefix
         "safety_loss": float(loss.detach()),
         "estimator": "batch",
         **({"weights": [float(w) for w in weights]} if weights is not None else {}),
@@ -274,12 +275,17 @@ def module_gradient_factors(
     names: Sequence[str],
     *,
     weights: Sequence[float] | None = None,
+    merge_prefixes: bool = True,
 ) -> tuple[list[Tensor], list[Tensor], Tensor]:
     """Factors ``D`` (T×m) and ``X`` (T×n) of each named module's weight gradient ``G = Dᵀ X``.
 
     The loss is the mean (or ``weights``-weighted mean) over the batch's rows of each row's response-token
     cross-entropy. ``batch`` is what :func:`spf.data.collate` returns, on the model's device; T counts the
-    unpadded tokens of all rows (padded positions have zero gradient and are dropped). Returns
+    unpadded tokens of all rows (padded positions have zero gradient and are dropped). With
+    ``merge_prefixes`` tokens that share their whole causal prefix with a token of an earlier row (the chat
+    template's system prompt; a margin pair's common prompt) have the same input ``x`` in every module, so
+    their rows of ``D`` are summed into one row — ``G`` is unchanged, T shrinks (a margin pair: ~1/3 fewer
+    rows, and the estimator's T×T eigen-problems cost T³). Returns
     ``(ds, xs, loss)`` in ``names`` order. The model is in eval mode for the one forward/backward pass and
     restored afterwards; parameters are frozen during it and their ``.grad`` fields are left untouched.
     The one place that captures module gradients: the subspace estimator and ``spf analyze`` both use it.
@@ -340,14 +346,61 @@ def module_gradient_factors(
         model.train(was_training)
 
     n_tokens = int(keep.sum())
+    merge = _shared_prefix_rows(batch["input_ids"], keep) if merge_prefixes else None
     ds, xs = [], []
     for name, g_out in zip(names, grads, strict=True):
         x = inputs.pop(name)
         m = outputs[name].shape[-1]
-        ds.append(torch.zeros(n_tokens, m, device=x.device) if g_out is None else g_out[keep])
+        d = torch.zeros(n_tokens, m, device=x.device, dtype=x.dtype) if g_out is None else g_out[keep]
+        if merge is not None:
+            rows, owner = merge
+            d = torch.zeros(rows.numel(), m, device=d.device, dtype=d.dtype).index_add_(0, owner, d)
+            x = x[rows]
+        ds.append(d)
         xs.append(x)
     outputs.clear()
     return ds, xs, loss.detach()
+
+
+def _shared_prefix_rows(input_ids: Tensor, keep: Tensor) -> tuple[Tensor, Tensor] | None:
+    """Which kept tokens to keep as factor rows, and the row each kept token's ``D`` row is summed into.
+
+    Rows are right-padded (:func:`spf.data.collate`) and causal, so a token whose ids up to and including
+    itself equal another row's has the same hidden states — the same ``x`` at every module. Token ``t`` of
+    row ``b`` is mapped to the same position of the earlier row with the longest common prefix (already
+    mapped itself, so chains resolve). Returns ``(rows, owner)`` over the flattened kept tokens (the order
+    of ``x[keep]``), or ``None`` when nothing is shared.
+    """
+    n_rows = input_ids.shape[0]
+    if n_rows < 2:
+        return None
+    ids, kept = input_ids.cpu(), keep.cpu()
+    lengths = kept.sum(1)
+    # only contiguous (right-padded) rows qualify: positions and attention then match token for token
+    contiguous = [bool(kept[b, : int(lengths[b])].all()) for b in range(n_rows)]
+    flat = torch.full(kept.shape, -1, dtype=torch.long)
+    flat[kept] = torch.arange(int(kept.sum()))
+    canon = flat.clone()
+    for b in range(1, n_rows):
+        if not contiguous[b]:
+            continue
+        best_a, best_p = -1, 0
+        for a in range(b):
+            if not contiguous[a]:
+                continue
+            n = int(min(lengths[a], lengths[b]))
+            differ = (ids[a, :n] != ids[b, :n]).nonzero()
+            p = n if differ.numel() == 0 else int(differ[0, 0])
+            if p > best_p:
+                best_a, best_p = a, p
+        if best_p:
+            canon[b, :best_p] = canon[best_a, :best_p]
+    owner_flat = canon[kept]
+    rows, owner = torch.unique(owner_flat, sorted=True, return_inverse=True)
+    if rows.numel() == owner_flat.numel():
+        return None
+    device = input_ids.device
+    return rows.to(device), owner.to(device)
 
 
 def estimate_from_samples(

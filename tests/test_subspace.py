@@ -140,6 +140,46 @@ def test_margin_estimate_is_the_svd_of_the_margin_gradient(tmp_path):
     assert min(subspace_overlap(sub, again).values()) > 0.999
 
 
+def test_shared_prefix_rows_are_merged_without_changing_the_gradient():
+    """Rows sharing a causal prefix (a margin pair; the chat template's system prompt across prompts) keep
+    one factor row per shared token: fewer rows, the same G = DᵀX as the unmerged factors, module by module."""
+    from spf.data import pad_token_id
+    from spf.subspace import margin_pair, module_gradient_factors
+
+    model, tok = tiny_llama(seed=1)
+    names = default_target_modules(model)
+    pair, weights = margin_pair(SAMPLE)
+    third = SAMPLE.with_response("I'm sorry, I can't help with that. Please ask something else.")
+    for samples, w in [(pair, weights), ([SAMPLE, OTHER, third], None)]:
+        enc = [encode_sample(tok, s) for s in samples]
+        batch = collate(enc, pad_token_id(tok))
+        ds0, xs0, loss0 = module_gradient_factors(model, batch, names, weights=w, merge_prefixes=False)
+        ds1, xs1, loss1 = module_gradient_factors(model, batch, names, weights=w)
+        # expected rows: every token, minus each row's longest common prefix with an earlier row
+        ids = [e["input_ids"] for e in enc]
+        shared = 0
+        for b in range(1, len(ids)):
+            best = 0
+            for a in range(b):
+                p = 0
+                while p < min(len(ids[a]), len(ids[b])) and ids[a][p] == ids[b][p]:
+                    p += 1
+                best = max(best, p)
+            shared += best
+        assert shared > 0
+        assert ds1[0].shape[0] == xs1[0].shape[0] == sum(map(len, ids)) - shared
+        assert ds0[0].shape[0] == sum(map(len, ids))
+        torch.testing.assert_close(loss0, loss1)
+        for d0, x0, d1, x1 in zip(ds0, xs0, ds1, xs1, strict=True):
+            torch.testing.assert_close(d1.T @ x1, d0.T @ x0, rtol=1e-4, atol=1e-6)
+    # one row (the single-sample estimate) or rows with nothing in common: factors untouched
+    one = collate([encode_sample(tok, SAMPLE)], pad_token_id(tok))
+    d_a, _, _ = module_gradient_factors(model, one, names)
+    assert d_a[0].shape[0] == len(encode_sample(tok, SAMPLE)["input_ids"])
+    sub = estimate_batch_subspace(model, tok, pair, rank=3, weights=weights)
+    assert sub.metadata["n_factor_rows"] < sub.metadata["n_tokens"]
+
+
 def test_estimate_from_samples_rejects_an_unknown_loss():
     from spf.subspace import estimate_from_samples
 
