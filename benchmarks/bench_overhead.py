@@ -31,6 +31,7 @@ CONFIGS = {
     # margin subspace (refusal vs compliant opening: two sequences per re-estimation)
     "spf-margin-T1": {"method": "spf", "refresh_every": 1, "loss": "margin"},
     "spf-margin-T10": {"method": "spf", "refresh_every": 10, "loss": "margin"},
+    "spf-margin-T20": {"method": "spf", "refresh_every": 20, "loss": "margin"},
     # baselines (issue #5): SafeGrad pays a safety-batch forward+backward every step; Lisa's proximal term is
     # cheap but its alignment steps are training steps on other data; SafeInstr only changes the data
     "safegrad": {"method": "safegrad"},
