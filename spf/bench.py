@@ -470,6 +470,9 @@ def run_cell(cfg: BenchConfig, cell: Cell) -> dict[str, Any]:
             {k: e[k] for k in ("step", "safety_loss_sample", "safety_loss_heldout", "task_loss") if k in e}
             for e in metrics["evals"]
         ]
+        if tcfg.finetune == "full":
+            # full fine-tuning writes a whole model (safetensors + tokenizer), not a peft adapter
+            model, adapter = str(adapter), None
     record["train_seconds"] = time.perf_counter() - t0
     suites: dict[str, Any] = {}
     for suite in cfg.eval.suites:

@@ -51,7 +51,10 @@ def _tiny(tmp_path: Path, shared: Path, **over) -> Path:
         },
         "methods": {"vanilla": {"method": "vanilla"}, "spf": {"method": "spf", "spf": {"rank": 2}}},
         "scenarios": {"sst2": {"kind": "sst2"}},
-        "ablations": [{"name": "rank1", "base": "spf@sst2", "train": {"spf": {"rank": 1}}}],
+        "ablations": [
+            {"name": "rank1", "base": "spf@sst2", "train": {"spf": {"rank": 1}}},
+            {"name": "full", "base": "spf@sst2", "train": {"finetune": "full", "steps": 1}},
+        ],
     }
     cfg.update(over)
     path = tmp_path / "bench.yaml"
@@ -69,7 +72,7 @@ def test_shipped_cpu_benchmark_is_valid():
 
 def test_ablation_merges_overrides_and_keeps_the_rest(tmp_path, shared_data):
     cfg = load_bench_config(_tiny(tmp_path, shared_data))
-    (abl,) = [c for c in cells(cfg) if c.group == "ablation"]
+    abl = next(c for c in cells(cfg) if c.id == "ablation:rank1")
     assert abl.train == {"method": "spf", "spf": {"rank": 1}}
     base = next(c for c in cells(cfg) if c.id == "spf@sst2")
     assert base.train == {"method": "spf", "spf": {"rank": 2}}  # the base cell is not mutated
@@ -82,7 +85,7 @@ def test_only_selects_cells_in_the_order_given():
     # a full id is that cell alone; a prefix selects every cell it starts
     assert [c.id for c in select_cells(cfg, ["ablation:margin-"])][:2] == [
         "ablation:margin-refresh10",
-        "ablation:margin-mix20",
+        "ablation:margin-refresh20",
     ]
     with pytest.raises(BenchConfigError, match="no cell matches"):
         select_cells(cfg, ["nothing"])
@@ -131,7 +134,13 @@ def test_tiny_benchmark_end_to_end_resumes_and_reports(tmp_path, shared_data, ca
     path = _tiny(tmp_path, shared_data)
     cfg = load_bench_config(path)
     codes = run_bench(cfg)
-    assert codes == {"ref:aligned": 0, "vanilla@sst2": 0, "spf@sst2": 0, "ablation:rank1": 0}
+    assert codes == {
+        "ref:aligned": 0,
+        "vanilla@sst2": 0,
+        "spf@sst2": 0,
+        "ablation:rank1": 0,
+        "ablation:full": 0,
+    }
     work = tmp_path / "work"
     spf_cell = json.loads((work / "cells" / "spf__sst2" / "cell.json").read_text())
     assert spf_cell["train"]["method"] == "spf" and spf_cell["train"]["steps"] == 2
@@ -140,6 +149,16 @@ def test_tiny_benchmark_end_to_end_resumes_and_reports(tmp_path, shared_data, ca
     assert spf_cell["train_peak_rss_mb"] > 0
     abl = json.loads((work / "cells" / "ablation--rank1" / "cell.json").read_text())
     assert abl["train_config"]["spf"]["rank"] == 1
+    # full fine-tuning writes a whole model: the cell evaluates that model, not a peft adapter on the base
+    full = json.loads((work / "cells" / "ablation--full" / "cell.json").read_text())
+    assert full["train"]["finetune"] == "full" and full["suites"]["harmful"]["n"] == 2
+    full_eval = json.loads(
+        (work / "cells" / "ablation--full" / "eval" / "harmful" / "results.json").read_text()
+    )
+    assert (
+        full_eval["model"] == str(work / "cells" / "ablation--full" / "adapter")
+        and full_eval["adapter"] is None
+    )
     # the held-out harmful prompts never appear in a training set
     heldout = (work / "data" / "heldout_harmful.csv").read_text()
     trained = {json.loads(line)["messages"][0]["content"] for line in (work / "data" / "sst2.jsonl").open()}
@@ -158,7 +177,7 @@ def test_tiny_benchmark_end_to_end_resumes_and_reports(tmp_path, shared_data, ca
     assert (tmp_path / "docs" / "results" / "bench" / "safety_vs_utility.png").stat().st_size > 1000
 
     assert spf_main(["bench", "list", str(path)]) == 0
-    assert capsys.readouterr().out.count("done ") == 4
+    assert capsys.readouterr().out.count("done ") == 5
 
 
 def test_report_cost_section_and_check_come_from_the_overhead_json(tmp_path, shared_data):
