@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from spf.io import atomic_dir, shipped_file
-from spf.params import PipelineParams
+from spf.params import AlignParams, PipelineParams
 
 logger = logging.getLogger(__name__)
 
@@ -161,6 +161,19 @@ def prepare_stage(p: PipelineParams) -> dict[str, Any]:
     return {"data_dir": str(out), **manifest}
 
 
+def _same_align(params_file: Path, a: AlignParams) -> bool:
+    """Was the folder built from this `align` section? A key added to AlignParams after the folder was
+    built counts as its default — a new option's default keeps the old behaviour, so a 20-min rebuild
+    for it would buy nothing."""
+    from dataclasses import asdict
+
+    try:
+        stored = json.loads(params_file.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(stored, dict) and {**asdict(AlignParams()), **stored} == asdict(a)
+
+
 def align_stage(p: PipelineParams) -> dict[str, Any]:
     """The safety-aligned base → ``workdir/aligned`` (a full safetensors model, or a reference to one)."""
     out = p.stage_dir("aligned")
@@ -177,11 +190,7 @@ def align_stage(p: PipelineParams) -> dict[str, Any]:
     # The aligned base costs many minutes: a complete folder built from the same `align` section is kept
     # (e.g. after a crash later in the pipeline, or when an orchestrator's cache record was lost).
     params_file = out / "align_params.json"
-    if (
-        (out / "model.safetensors").is_file()
-        and params_file.is_file()
-        and json.loads(params_file.read_text()) == asdict(a)
-    ):
+    if (out / "model.safetensors").is_file() and params_file.is_file() and _same_align(params_file, a):
         logger.info("aligned base %s is up to date with the align parameters: kept", out)
         return _align_summary(out)
     tmp_out = out.with_name(f".{out.name}.align-{os.getpid()}")

@@ -47,3 +47,23 @@ def test_cached_output_is_reused_only_while_its_stamp_matches(tmp_path):
     p2["prepare"]["n"] = 7
     _write(data / STAMP, input_key("prepare", p2) + "\n")
     assert not output_matches("prepare", p, key)
+
+
+def test_aligned_folder_is_kept_across_a_new_align_option_at_its_default(tmp_path):
+    """An aligned folder built before an `align` key existed is still the same base while that key is at
+    its default (no 20-min rebuild); a changed value, a changed old key or an unreadable record rebuilds."""
+    import json
+    from dataclasses import asdict
+
+    from spf.params import AlignParams
+    from spf.pipeline import _same_align
+
+    record = tmp_path / "align_params.json"
+    old = asdict(AlignParams())
+    del old["unlikelihood_weight"]  # written before the option existed
+    record.write_text(json.dumps(old))
+    assert _same_align(record, AlignParams())
+    assert not _same_align(record, AlignParams(unlikelihood_weight=0.1))
+    assert not _same_align(record, AlignParams(steps=121))
+    record.write_text("{not json")
+    assert not _same_align(record, AlignParams())
