@@ -95,26 +95,62 @@ def stage_task(stage: str, params: dict[str, Any]) -> dict[str, Any]:
 
 @task(name="write-params", **IO_RETRY.prefect_options())
 def write_params_task(params: dict[str, Any], path: str = "params.yaml") -> str:
-    """The run's effective parameters → params.yaml (as `dvc exp run -S` does), atomically.
+    """The run's effective parameters → params.yaml (as `dvc exp run -S` does); see :func:`write_params`."""
+    return write_params(params, path)
 
-    Left untouched (comments and all) when it already spells out exactly these parameters — every section
-    included: DVC requires each section a stage declares to be present in the file, defaults or not.
+
+def write_params(params: dict[str, Any], path: str | Path = "params.yaml") -> str:
+    """Write the effective parameters to ``path`` atomically, keeping its comments and key order.
+
+    Left untouched when it already spells out exactly these parameters — every section included: DVC
+    requires each section a stage declares to be present in the file, defaults or not. Otherwise only the
+    values that differ are edited in place (ruamel round-trip, which DVC itself depends on), so a run with
+    overrides does not strip the documented file; a missing or unparsable file is written fresh.
     """
+    import io
+
     import yaml
+    from ruamel.yaml import YAML
+    from ruamel.yaml.error import YAMLError as RuamelError
 
     from spf.io import atomic_path
 
+    path = Path(path)
+    rt = YAML()  # round-trip: comments and order survive
+    rt.width = 4096
+    doc = None
     try:
-        if Path(path).exists() and yaml.safe_load(Path(path).read_text()) == params:
-            return path
-    except yaml.YAMLError:
-        pass  # an invalid file is replaced by the valid effective parameters
-    with atomic_path(path) as tmp:
-        tmp.write_text(
+        if path.exists():
+            if yaml.safe_load(path.read_text()) == params:
+                return str(path)
+            doc = rt.load(path.read_text())
+    except (yaml.YAMLError, RuamelError):
+        doc = None  # an invalid file is replaced by the valid effective parameters
+    if isinstance(doc, dict):
+        _update_in_place(doc, params)
+        buf = io.StringIO()
+        rt.dump(doc, buf)
+        text = buf.getvalue()
+    else:
+        text = (
             "# written by the spf-pipeline flow: the effective parameters of its last run\n"
             + yaml.safe_dump(params, sort_keys=False)
         )
-    return path
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+    return str(path)
+
+
+def _update_in_place(doc: dict, new: dict) -> None:
+    """Make ``doc`` (a ruamel CommentedMap) equal ``new``: nested maps edited key by key, so the comments
+    attached to untouched keys — and to edited ones — stay where they are."""
+    for key in [k for k in doc if k not in new]:
+        del doc[key]
+    for key, value in new.items():
+        if isinstance(value, dict) and isinstance(doc.get(key), dict):
+            _update_in_place(doc[key], value)
+        elif key not in doc or doc[key] != value:
+            doc[key] = value
 
 
 # No Prefect retries: `dvc commit` is local and deterministic, and dvc_push retries the remote itself

@@ -67,3 +67,38 @@ def test_aligned_folder_is_kept_across_a_new_align_option_at_its_default(tmp_pat
     assert not _same_align(record, AlignParams(steps=121))
     record.write_text("{not json")
     assert not _same_align(record, AlignParams())
+
+
+def test_effective_params_keep_the_files_comments(tmp_path):
+    """A run with overrides (`-S estimate.rank=16`) edits the values in params.yaml like `dvc exp run -S`,
+    keeping its comments and order; equal parameters leave the file alone; a broken file is rewritten."""
+    import yaml
+
+    from tasks.stages import write_params
+
+    path = tmp_path / "params.yaml"
+    text = (
+        "# every knob\n"
+        "estimate:\n"
+        "  rank: 8          # k per module\n"
+        "  loss: ce         # ce | margin\n"
+        "finetune:\n"
+        "  steps: 40\n"
+        "  old_key: 1\n"
+    )
+    path.write_text(text)
+    same = yaml.safe_load(text)
+    stamp = path.stat().st_mtime_ns
+    write_params(same, path)
+    assert path.read_text() == text and path.stat().st_mtime_ns == stamp
+
+    effective = {"estimate": {"rank": 16, "loss": "ce"}, "finetune": {"steps": 40, "lr": 0.0005}}
+    write_params(effective, path)
+    out = path.read_text()
+    assert yaml.safe_load(out) == effective
+    assert "# every knob" in out and "# k per module" in out and "# ce | margin" in out
+    assert out.index("estimate:") < out.index("finetune:")
+
+    path.write_text("estimate: [unclosed\n")
+    write_params(effective, path)
+    assert yaml.safe_load(path.read_text()) == effective
