@@ -741,6 +741,8 @@ def render_report(cfg: BenchConfig, data: dict[str, Any], plots: dict[str, str])
         "- the methods and their papers: [baselines.md](baselines.md)",
         "- insights I–III (`spf analyze`): [results/insights.md](results/insights.md)",
         "- SPF and SafeGrad cost measured side by side: [results/overhead.md](results/overhead.md)",
+        "- the SPF settings measured through the pipeline itself (SST-2, 40 steps; where the margin subspace "
+        "did not protect and the shipped params.yaml comes from): [pipeline.md](pipeline.md#measured)",
     ]
     missing = [c.id for c in cells(cfg) if c.id not in got]
     if missing:
