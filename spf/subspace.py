@@ -378,9 +378,9 @@ def _shared_prefix_rows(input_ids: Tensor, keep: Tensor) -> tuple[Tensor, Tensor
     lengths = kept.sum(1)
     # only contiguous (right-padded) rows qualify: positions and attention then match token for token
     contiguous = [bool(kept[b, : int(lengths[b])].all()) for b in range(n_rows)]
-    flat = torch.full(kept.shape, -1, dtype=torch.long)
-    flat[kept] = torch.arange(int(kept.sum()))
-    canon = flat.clone()
+    # each kept token's index in x[keep]; shared tokens are then pointed at their owner's
+    canon = torch.full(kept.shape, -1, dtype=torch.long)
+    canon[kept] = torch.arange(int(kept.sum()))
     for b in range(1, n_rows):
         if not contiguous[b]:
             continue
