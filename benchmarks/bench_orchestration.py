@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from spf.params import smoke_params
+from spf.pipeline.params import smoke_params
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -40,8 +40,8 @@ TINY = {
 
 DIRECT = """
 import json, sys, time
-from spf.params import load_params
-from spf.pipeline import STAGES, run_stage
+from spf.pipeline.params import load_params
+from spf.pipeline.stages import STAGES, run_stage
 p = load_params("params.yaml")
 out = {s: run_stage(s, p)["seconds"] for s in STAGES}
 print(json.dumps(out))

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import torch
 
-from spf.data import encode_sample
+from spf.core.subspace import estimate_batch_subspace, subspace_overlap
+from spf.data.samples import encode_sample
+from spf.data.scenarios import refusal_pairs, sst2
 from spf.models import load_model
-from spf.scenarios import refusal_pairs, sst2
-from spf.subspace import estimate_batch_subspace, subspace_overlap
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"

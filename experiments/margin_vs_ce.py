@@ -20,9 +20,7 @@ import time
 import torch
 from peft import LoraConfig, get_peft_model
 
-from spf.data import collate, encode_sample, load_samples, pad_token_id
-from spf.models import default_target_modules, load_model
-from spf.subspace import (
+from spf.core.subspace import (
     COMPLIANT_OPENING,
     _topk_svds,
     estimate_from_samples,
@@ -30,6 +28,8 @@ from spf.subspace import (
     module_gradient_factors,
     subspace_overlap,
 )
+from spf.data.samples import collate, encode_sample, load_samples, pad_token_id
+from spf.models import default_target_modules, load_model
 
 
 def main() -> None:

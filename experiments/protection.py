@@ -178,8 +178,8 @@ def first_sentence_pairs() -> list:
     long explanation whose tokens dominate the full-response loss."""
     import re
 
-    from spf.data import load_samples
-    from spf.training import load_safety_samples
+    from spf.data.samples import load_samples
+    from spf.train.loop import load_safety_samples
 
     skip = {s.sha256() for s in load_safety_samples(SUBSPACE)}
     pairs = [s for s in load_samples(DATA / "heldout.jsonl") if s.sha256() not in skip][:20]
@@ -191,7 +191,7 @@ def posthoc() -> str:
     import torch
     from peft import PeftModel
 
-    from spf.losses import response_loss
+    from spf.core.losses import response_loss
     from spf.models import load_model
 
     torch.set_num_threads(1)

@@ -14,8 +14,8 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
-from spf.params import PipelineParams
-from spf.pipeline import run_stage
+from spf.pipeline.params import PipelineParams
+from spf.pipeline.stages import run_stage
 
 
 @flow(name="spf-finetune", log_prints=True)

@@ -27,7 +27,7 @@ from prefect.runtime import flow_run
 from prefect.transactions import transaction
 from pydantic import Field
 
-from spf.params import PipelineParams, load_params
+from spf.pipeline.params import PipelineParams, load_params
 from tasks.mlflow_tasks import finish_run_task, gate_task, preflight_task, register_task, track_run_task
 from tasks.stages import dvc_version_task, run_stage_task, write_params_task
 
@@ -49,7 +49,7 @@ def overridden(original: bytes | None, params: dict[str, Any]) -> bool:
     """Whether ``params`` differ in value from what the original params.yaml (with defaults) says."""
     import yaml
 
-    from spf.params import ParamsError, PipelineParams
+    from spf.pipeline.params import ParamsError, PipelineParams
 
     try:
         base = yaml.safe_load(original.decode()) if original is not None else {}
@@ -229,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dvc-remote", default=None)
     ap.add_argument("--summary", default=None, help="write the run summary JSON here")
     args = ap.parse_args(argv)
-    from spf.params import ParamsError, apply_overrides
+    from spf.pipeline.params import ParamsError, apply_overrides
 
     try:
         overrides = apply_overrides({}, args.set)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from spf.judges import VALIDATION_PATH, validate
+from spf.eval.judges import VALIDATION_PATH, validate
 
 ROOT = Path(__file__).resolve().parents[1]
 LABELS = (

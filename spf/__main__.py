@@ -1,5 +1,5 @@
 import sys
 
-from spf.cli import main
+from spf.cli.main import main
 
 sys.exit(main())

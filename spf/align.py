@@ -34,8 +34,9 @@ from typing import Any
 
 import torch
 
-from spf.data import ChatSample, DataError, load_samples, save_samples
-from spf.io import atomic_dir, save_json, shipped_file
+from spf.data.locate import shipped_file
+from spf.data.samples import ChatSample, DataError, load_samples, save_samples
+from spf.io import atomic_dir, save_json
 
 logger = logging.getLogger(__name__)
 
@@ -294,9 +295,9 @@ def _merge(cfg: AlignConfig, adapter_dir: Path, dest: Path) -> None:
 
 def align(cfg: AlignConfig) -> Path:
     """Run the alignment recipe (module docstring); return the merged model folder ``cfg.out``."""
-    from spf.config import TrainConfig
     from spf.models import load_model
-    from spf.training import train
+    from spf.train.config import TrainConfig
+    from spf.train.loop import train
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)

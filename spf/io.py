@@ -19,20 +19,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["atomic_dir", "atomic_path", "save_json", "save_tensors", "shipped_file"]
-
-SHIPPED_PREFIX = "spf/data/"
-
-
-def shipped_file(name: str) -> Path:
-    """A data file shipped inside the package (``spf/data/<name>``), wherever the package is installed.
-
-    ``name`` may carry the repository-relative prefix ``spf/data/`` (how configs name shipped files).
-    """
-    from importlib import resources
-
-    name = name.removeprefix(SHIPPED_PREFIX)
-    return Path(str(resources.files("spf") / "data" / name))
+__all__ = ["atomic_dir", "atomic_path", "save_json", "save_tensors"]
 
 
 @contextmanager

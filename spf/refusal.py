@@ -14,7 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 if TYPE_CHECKING:
-    from spf.data import ChatSample
+    from spf.data.samples import ChatSample
 
 logger = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """DVC from the flow: record stage outputs in ``dvc.lock`` and the cache, push them to a remote.
 
-The flow computes the stages itself (Prefect tasks over ``spf.pipeline``) at exactly the paths ``dvc.yaml``
+The flow computes the stages itself (Prefect tasks over ``spf.pipeline.stages``) at exactly the paths ``dvc.yaml``
 declares, after writing the run's effective parameters to ``params.yaml`` (what ``dvc exp run -S`` does
 too). ``dvc commit`` then records the outputs, so ``dvc.lock`` describes the run, ``dvc repro`` afterwards
 has nothing to do, and ``dvc push`` versions the data in the remote (local folder by default, S3 by

@@ -20,7 +20,7 @@ from typing import Any
 from prefect import task
 from prefect.transactions import Transaction
 
-from spf.gate import GateThresholds
+from spf.pipeline.gate import GateThresholds
 from tasks import registry, tracking
 from tasks.resilience import RetryPolicy, describe_mlflow_failure, is_mlflow_outage
 

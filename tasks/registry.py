@@ -1,5 +1,5 @@
 """Safety-gated MLflow model registry: candidates get the ``challenger`` alias; only a version that
-passes :func:`spf.gate.decide` gets ``champion``.
+passes :func:`spf.pipeline.gate.decide` gets ``champion``.
 
 Metrics travel as model-version tags (``metric.harmful_rate`` ...) rather than being looked up in the
 run: the version then carries its own evidence, and the gate reads exactly what was registered.
@@ -32,7 +32,7 @@ from typing import Any
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from spf.gate import GateDecision, GateThresholds, decide
+from spf.pipeline.gate import GateDecision, GateThresholds, decide
 from tasks.tracking import MAX_PARAM_VALUE_LENGTH, make_client, redact, resolve_tracking_uri
 
 logger = logging.getLogger(__name__)

@@ -1,4 +1,4 @@
-"""Prefect tasks: thin wrappers over ``spf.pipeline`` stages, DVC and MLflow.
+"""Prefect tasks: thin wrappers over ``spf.pipeline.stages`` stages, DVC and MLflow.
 
 Tasks take and return small JSON-able values (parameter dicts, paths, metrics) — never models — so their
 results can be persisted and cached. Stage tasks are cached on a key made of content hashes
@@ -20,8 +20,8 @@ from typing import Any
 from prefect import task
 from prefect.context import TaskRunContext
 
-from spf.params import PipelineParams
-from spf.pipeline import path_sha256, run_stage
+from spf.pipeline.params import PipelineParams
+from spf.pipeline.stages import path_sha256, run_stage
 from tasks import dvc_ops
 from tasks.resilience import RetryPolicy
 
@@ -86,7 +86,7 @@ def run_stage_task(stage: str, params: dict[str, Any]) -> dict[str, Any]:
     log_prints=True,
 )
 def stage_task(stage: str, params: dict[str, Any]) -> dict[str, Any]:
-    """Run one pipeline stage (spf.pipeline.run_stage) with the run's effective parameters."""
+    """Run one pipeline stage (spf.pipeline.stages.run_stage) with the run's effective parameters."""
     key = input_key(stage, params)  # before the run: the inputs it reads
     result = run_stage(stage, PipelineParams.from_dict(params, source="flow parameters"))
     (Path(params["runtime"]["workdir"]) / STAGE_IO[stage][2] / STAMP).write_text(key + "\n")

@@ -358,7 +358,7 @@ def _step_metric_name(key: str) -> str:
 
 
 def telemetry_metrics(telemetry: Mapping[str, Any]) -> list[tuple[str, float, int]]:
-    """``(name, value, step)`` for every numeric field of a ``spf.training.train`` metrics.json."""
+    """``(name, value, step)`` for every numeric field of a ``spf.train.loop.train`` metrics.json."""
     rows: list[tuple[str, float, int]] = []
     for entry in telemetry.get("steps") or []:
         step = int(entry.get("step", 0))

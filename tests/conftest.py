@@ -11,7 +11,7 @@ torch.set_num_threads(int(os.environ.get("SPF_TEST_THREADS", "1")))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+from spf.data.locate import _REPO_DEFAULT as SHARED_DATA  # noqa: E402  (the one locator)
 
 
 @pytest.fixture

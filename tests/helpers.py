@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from spf.subspace import SafetySubspace
+from spf.core.subspace import SafetySubspace
 
 TINY_SHAPES = {"fc1": (32, 16), "fc2": (8, 32)}  # (out, in) = (m, n) of TinyNet's layers
 
@@ -41,15 +41,15 @@ def random_subspace(shapes: dict[str, tuple[int, int]], rank: int, seed: int = 0
 
 
 def stage_workspace(root, finetune=None, stages=("prepare", "align", "estimate"), estimate=None):
-    """A pipeline workspace under ``root`` on the tiny model (``spf.params.smoke_params``, 1 thread, with
+    """A pipeline workspace under ``root`` on the tiny model (``spf.pipeline.params.smoke_params``, 1 thread, with
     ``finetune`` / ``estimate`` overrides): ``params.yaml`` written and ``stages`` run in-process. Returns (root, params)."""
     import contextlib
     from pathlib import Path
 
     import yaml
 
-    from spf.params import PipelineParams, smoke_params
-    from spf.pipeline import run_stage
+    from spf.pipeline.params import PipelineParams, smoke_params
+    from spf.pipeline.stages import run_stage
 
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)

@@ -9,8 +9,8 @@ import pytest
 
 import spf.align as align_mod
 from spf.align import AlignConfig, align, split_heldout
-from spf.data import ChatSample, load_samples, save_samples
-from spf.io import shipped_file
+from spf.data.locate import shipped_file
+from spf.data.samples import ChatSample, load_samples, save_samples
 from spf.models import load_model
 
 REFUSALS = [
@@ -176,7 +176,7 @@ def test_shipped_alignment_data_never_contains_evaluation_prompts():
     """Over-refusal is measured on prompts the alignment never saw — not even near-duplicates."""
     import difflib
 
-    from spf.data import load_samples
+    from spf.data.samples import load_samples
 
     data = Path(__file__).resolve().parents[1] / "spf" / "data"
     evals = [s.prompt.strip().lower() for s in load_samples(data / "overrefusal_prompts.jsonl")]

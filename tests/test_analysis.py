@@ -10,7 +10,7 @@ import random
 import pytest
 import torch
 
-from spf.analysis import (
+from spf.analysis.measure import (
     _cosine,
     _subspace,
     cer_curve,
@@ -25,11 +25,11 @@ from spf.analysis import (
     select_modules,
     truncate_encoded,
 )
-from spf.cli import main
-from spf.data import ChatSample, collate, encode_sample, save_samples
-from spf.losses import per_sample_loss
+from spf.cli.main import main
+from spf.core.losses import per_sample_loss
+from spf.core.subspace import SafetySubspace, estimate_batch_subspace, subspace_overlap
+from spf.data.samples import ChatSample, collate, encode_sample, save_samples
 from spf.models import default_target_modules, tiny_llama
-from spf.subspace import SafetySubspace, estimate_batch_subspace, subspace_overlap
 from tests.helpers import orthonormal
 
 SAFE = [
@@ -189,7 +189,7 @@ def test_overlap_with_itself_is_one_and_with_an_orthogonal_subspace_zero():
 
 def test_accumulated_batch_subspace_matches_the_library_estimator(tiny):
     """The analysis's batch gradient (mean of per-sample gradients) is estimate_batch_subspace's."""
-    from spf.analysis import _Accumulator
+    from spf.analysis.measure import _Accumulator
 
     model, tok = tiny
     names = default_target_modules(model)
@@ -344,7 +344,7 @@ def test_cli_bad_input_exits_2_and_writes_nothing(tmp_path, capsys, problem):
 
 @pytest.mark.slow
 def test_real_model_small_analysis(shared_data):
-    from spf.analysis import load_utility
+    from spf.analysis.measure import load_utility
     from spf.models import load_model
 
     torch.set_num_threads(1)
@@ -369,9 +369,9 @@ def test_pipeline_analyze_stage_measures_against_the_finetuning_data(tmp_path):
     import contextlib
     import json
 
-    from spf.data import load_samples
-    from spf.params import PipelineParams
-    from spf.pipeline import run_stage
+    from spf.data.samples import load_samples
+    from spf.pipeline.params import PipelineParams
+    from spf.pipeline.stages import run_stage
     from tests.helpers import stage_workspace
 
     ws, params = stage_workspace(tmp_path / "ws")
@@ -395,7 +395,7 @@ def test_pipeline_analyze_stage_measures_against_the_finetuning_data(tmp_path):
 
 
 def test_analyze_params_are_validated():
-    from spf.params import ParamsError, PipelineParams
+    from spf.pipeline.params import ParamsError, PipelineParams
 
     with pytest.raises(ParamsError, match=r"analyze\.batch_sizes"):
         PipelineParams.from_dict({"analyze": {"batch_sizes": [0, 4]}})

@@ -26,10 +26,10 @@ import pytest
 import torch
 import yaml
 
-from spf.cli import main
-from spf.data import ChatSample, DataError, encode_sample, load_samples
+from spf.cli.main import main
+from spf.data.samples import ChatSample, DataError, encode_sample, load_samples
 from spf.models import ModelLoadError, tiny_llama
-from spf.params import ParamsError
+from spf.pipeline.params import ParamsError
 from tests.helpers import stage_workspace
 
 GOOD_ROW = '{"prompt": "Name a colour", "response": "Blue."}\n'
@@ -503,7 +503,7 @@ def test_duplicate_samples_are_kept_with_a_warning(tmp_path: Path, caplog: pytes
     """Repeating a sample weights it (and `repeat_epochs` writes repeats on purpose), so duplicates are not
     an error; the loader keeps them and warns with the count and where the first repeat is."""
     path = _data(tmp_path, "task.jsonl", GOOD_ROW + '{"prompt": "x", "response": "y"}\n' + GOOD_ROW * 2)
-    with caplog.at_level(logging.WARNING, logger="spf.data"):
+    with caplog.at_level(logging.WARNING, logger="spf.data.samples"):
         samples = load_samples(path)
     assert len(samples) == 4
     (record,) = [r for r in caplog.records if "duplicate" in r.getMessage()]

@@ -1,4 +1,4 @@
-"""Baseline defenses (spf/baselines.py, wired into spf/training.py): SafeInstr, SafeGrad-style PCGrad, Lisa.
+"""Baseline defenses (spf/train/baselines.py, wired into spf/train/loop.py): SafeInstr, SafeGrad-style PCGrad, Lisa.
 
 Math invariants on random tensors, the data mixing and schedules, config validation, and one end-to-end run
 per method on the tiny random model that checks what a wrong implementation would not pass.
@@ -13,7 +13,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from spf.baselines import (
+from spf.cli.main import _build_parser, _train_config, main
+from spf.data.samples import ChatSample, save_samples
+from spf.pipeline.params import ParamsError, PipelineParams, smoke_params
+from spf.train.baselines import (
     add_proximal_grad,
     lisa_last_switch,
     lisa_state,
@@ -23,11 +26,8 @@ from spf.baselines import (
     safeinstr_count,
     safety_batch_indices,
 )
-from spf.cli import _build_parser, _train_config, main
-from spf.config import BaselineSettings, Method, TrainConfig
-from spf.data import ChatSample, save_samples
-from spf.params import ParamsError, PipelineParams, smoke_params
-from spf.training import train
+from spf.train.config import BaselineSettings, Method, TrainConfig
+from spf.train.loop import train
 
 # ------------------------------------------------------------------------------------------ PCGrad math
 
@@ -393,7 +393,7 @@ def test_lisa_alternates_states_with_a_proximal_term_and_resumes_mid_state(files
 def test_pipeline_finetune_stage_runs_a_baseline_on_the_shipped_or_a_relative_safety_file(
     tmp_path, monkeypatch
 ):
-    from spf.pipeline import run_stage
+    from spf.pipeline.stages import run_stage
 
     monkeypatch.chdir(tmp_path)
     data = smoke_params()

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from spf.bench import (
+from spf.bench.run import (
     BenchConfigError,
     SubspaceSpec,
     cells,
@@ -17,7 +17,7 @@ from spf.bench import (
     select_cells,
     write_report,
 )
-from spf.cli import main as spf_main
+from spf.cli.main import main as spf_main
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -183,7 +183,7 @@ def test_tiny_benchmark_end_to_end_resumes_and_reports(tmp_path, shared_data, ca
 def test_report_cost_section_and_check_come_from_the_overhead_json(tmp_path, shared_data):
     """The side-by-side cost (benchmarks/bench_overhead.py --json) is rendered with a verdict per SPF
     configuration computed from the ratio — a 1.04× run meets the ≤ 1.05× target, a 1.20× run does not."""
-    from spf.bench import acceptance_lines, collect, render_report
+    from spf.bench.run import acceptance_lines, collect, render_report
 
     overhead = {
         "command": "python benchmarks/bench_overhead.py --json x.json",

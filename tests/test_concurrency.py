@@ -1,6 +1,6 @@
 """Concurrent promotions against a real MLflow server of this module's own (free port, own SQLite).
 
-Two gates finishing at once must leave exactly one ``champion`` — the one spf.gate.decide picks — with
+Two gates finishing at once must leave exactly one ``champion`` — the one spf.pipeline.gate.decide picks — with
 both decisions recorded. MLflow has no conditional alias update; tasks.registry.RegistryLock (a registered
 model ``<name>.lock`` created once, through the server database's unique key) serialises the gates. The
 race window is widened artificially: every gate sleeps after reading the champion (in ``decide``) and
@@ -18,7 +18,7 @@ import pytest
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from spf.gate import GateThresholds
+from spf.pipeline.gate import GateThresholds
 from tasks import registry, tracking
 from tests.services import Services
 

@@ -1,4 +1,4 @@
-"""Tests for spf.data: loading every file format, error messages, chat-template encoding, collation, saving."""
+"""Tests for spf.data.samples: loading every file format, error messages, chat-template encoding, collation, saving."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from spf.data import ChatSample, DataError, collate, encode_sample, load_samples, save_samples
+from spf.data.samples import ChatSample, DataError, collate, encode_sample, load_samples, save_samples
+from tests.conftest import SHARED_DATA  # noqa: E402
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 needs_shared = pytest.mark.skipif(
     not SHARED_DATA.is_dir(), reason=f"public data folder {SHARED_DATA} is absent (read-only shared data)"
 )

@@ -26,7 +26,7 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from spf.optimizer import SPFOptimizer
+from spf.core.optimizer import SPFOptimizer
 from tests.helpers import TINY_SHAPES, TinyNet, random_subspace
 
 SHAPES = TINY_SHAPES
@@ -199,7 +199,7 @@ def test_spf_train_under_torchrun_equals_one_process_with_the_global_batch(tmp_p
 
     from safetensors.torch import load_file
 
-    from spf.data import ChatSample, save_samples
+    from spf.data.samples import ChatSample, save_samples
 
     task = [ChatSample.from_pair(f"Review {i}: {'great' if i % 2 else 'awful'} film", "positive" if i % 2 else "negative") for i in range(12)]  # fmt: skip
     save_samples(task, tmp_path / "task.jsonl")

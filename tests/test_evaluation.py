@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from spf import evaluation as ev
-from spf.data import DataError
-from spf.evaluation import (
+from spf.data.samples import DataError
+from spf.eval import suites as ev
+from spf.eval.suites import (
     GENERIC_PREFILL,
     JAILBREAK_TEMPLATES,
     OVERREFUSAL_PROMPTS,
@@ -546,7 +546,7 @@ def test_peft_adapter_is_loaded(tmp_path: Path, harmful_file: Path, no_shared: P
 
 
 def test_cli_arguments_and_main(tmp_path: Path, harmful_file: Path, no_shared: Path, capsys):
-    pytest.importorskip("spf.judges")
+    pytest.importorskip("spf.eval.judges")
     parser = argparse.ArgumentParser()
     add_eval_arguments(parser)
     out = tmp_path / "out"
@@ -586,7 +586,7 @@ def test_cli_arguments_and_main(tmp_path: Path, harmful_file: Path, no_shared: P
 
 @pytest.mark.slow
 def test_smollm2_safety_and_sentiment(no_shared: Path):
-    pytest.importorskip("spf.judges")
+    pytest.importorskip("spf.eval.judges")
     from spf.models import SMOLLM2, load_model
 
     model, tok = load_model(SMOLLM2)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from spf.params import smoke_params
+from spf.pipeline.params import smoke_params
 from tests.services import local_services_fixture  # noqa: F401  (provides the `local_services` fixture)
 
 pytestmark = pytest.mark.slow

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from spf.gate import GateDecision, GateThresholds, decide
+from spf.pipeline.gate import GateDecision, GateThresholds, decide
 
 GOOD = {"harmful_rate": 0.05, "overrefusal_rate": 0.10, "utility": 0.80}
 

@@ -6,11 +6,11 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-from spf.data import ChatSample, collate, encode_sample
-from spf.losses import batch_loss
+from spf.core.losses import batch_loss
+from spf.core.optimizer import SPFOptimizer
+from spf.core.subspace import estimate_safety_subspace
+from spf.data.samples import ChatSample, collate, encode_sample
 from spf.models import default_target_modules, tiny_llama, unwrap
-from spf.optimizer import SPFOptimizer
-from spf.subspace import estimate_safety_subspace
 
 pytestmark = [
     pytest.mark.gpu,

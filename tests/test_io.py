@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from spf.io import atomic_dir, save_json, shipped_file
+from spf.data.locate import shipped_file
+from spf.io import atomic_dir, save_json
 
 
 def test_atomic_dir_replaces_only_when_complete(tmp_path: Path) -> None:

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from spf import judges
-from spf.judges import (
+from spf.eval import judges
+from spf.eval.judges import (
     TRAIN_PATH,
     VALIDATION_PATH,
     EmbeddingJudge,

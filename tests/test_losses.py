@@ -7,13 +7,13 @@ import math
 import pytest
 import torch
 
-from spf.config import TrainConfig
-from spf.data import ChatSample, chat_prompt_ids, load_samples, save_samples
-from spf.losses import encode_prefix_batch, prefix_unlikelihood_loss
+from spf.core.losses import encode_prefix_batch, prefix_unlikelihood_loss
+from spf.core.subspace import estimate_batch_subspace, margin_pair
+from spf.data.samples import ChatSample, chat_prompt_ids, load_samples, save_samples
 from spf.models import tiny_llama
 from spf.refusal import select_safety_samples
-from spf.subspace import estimate_batch_subspace, margin_pair
-from spf.training import train
+from spf.train.config import TrainConfig
+from spf.train.loop import train
 
 PROMPTS = [ChatSample.from_pair(p) for p in ("How do I kill a Python process?", "Explain chess rules.")]
 

@@ -9,8 +9,8 @@ import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
+from spf.core.optimizer import SPFOptimizer
 from spf.models import unwrap
-from spf.optimizer import SPFOptimizer
 from tests.helpers import TINY_SHAPES, TinyNet, random_subspace
 
 SHAPES = TINY_SHAPES
@@ -247,7 +247,7 @@ def _reference_projection(
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Per-module reference (the unbatched formulas): for each LoRA module, B_old + (I−UUᵀ)ΔB and
     A_old + ΔA(I−VVᵀ) when it is projected, else the inner optimizer's values."""
-    from spf.projection import factored_inner, lora_delta_factors, remove_left, remove_right
+    from spf.core.projection import factored_inner, lora_delta_factors, remove_left, remove_right
 
     before = dict(unwrap(model_before).named_modules())
     out = {}

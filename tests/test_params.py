@@ -1,4 +1,4 @@
-"""Typed pipeline parameters (spf/params.py): loading, validation messages, overrides, CLI failure mode."""
+"""Typed pipeline parameters (spf/pipeline/params.py): loading, validation messages, overrides, CLI failure mode."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from spf.params import ParamsError, PipelineParams, apply_overrides, load_params, smoke_params
+from spf.pipeline.params import ParamsError, PipelineParams, apply_overrides, load_params, smoke_params
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -135,10 +135,10 @@ def test_nan_written_as_yaml(tmp_path: Path) -> None:
 
 
 def test_scenario_without_shared_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import spf.evaluation
+    import spf.data.locate
 
     monkeypatch.delenv("SPF_SHARED_DATA", raising=False)
-    monkeypatch.setattr(spf.evaluation, "find_shared_data", lambda shared_data=None: None)
+    monkeypatch.setattr(spf.data.locate, "_REPO_DEFAULT", tmp_path / "no-shared")
     path = write_params(tmp_path / "p.yaml", {**TINY, "prepare": {"scenario": "sst2"}})
     with pytest.raises(ParamsError, match=r"p\.yaml: prepare\.scenario: 'sst2' needs the public data"):
         load_params(path)
@@ -241,7 +241,7 @@ def test_apply_overrides_copies() -> None:
 def test_cli_bad_params_exits_2_and_writes_nothing(
     stage: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from spf.cli import main
+    from spf.cli.main import main
 
     monkeypatch.chdir(tmp_path)
     write_params(tmp_path / "bad.yaml", {**TINY, "finetune": {**TINY["finetune"], "method": "lorra"}})
@@ -257,7 +257,7 @@ def test_cli_bad_params_exits_2_and_writes_nothing(
 def test_cli_bad_override_exits_2(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from spf.cli import main
+    from spf.cli.main import main
 
     monkeypatch.chdir(tmp_path)
     write_params(tmp_path / "params.yaml", TINY)
@@ -270,7 +270,7 @@ def test_cli_bad_override_exits_2(
 def test_cli_missing_params_file_exits_2(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from spf.cli import main
+    from spf.cli.main import main
 
     monkeypatch.chdir(tmp_path)
     assert main(["evaluate", "--params", "missing.yaml"]) == 2

@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from spf.params import smoke_params
+from spf.pipeline.params import smoke_params
 from tests.services import free_port
 
 pytestmark = pytest.mark.slow

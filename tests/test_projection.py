@@ -1,12 +1,12 @@
-"""Math invariants of spf.projection on random tensors."""
+"""Math invariants of spf.core.projection on random tensors."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from spf import projection as P
-from spf.subspace import _svd_of_outer
+from spf.core import projection as P
+from spf.core.subspace import _svd_of_outer
 from tests.helpers import orthonormal
 
 M, N, K, R = 24, 40, 5, 3

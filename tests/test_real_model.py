@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from spf import TrainConfig, load_model, load_samples, train
-from spf.subspace import SafetySubspace, estimate_safety_subspace
+from spf.core.subspace import SafetySubspace, estimate_safety_subspace
 
 pytestmark = pytest.mark.slow
 DATA = Path(__file__).resolve().parents[1] / "spf" / "data"

@@ -109,7 +109,7 @@ def test_generate_validates_prefill_length(tiny) -> None:
 
 def test_own_refusal_and_first_refused(tiny, monkeypatch: pytest.MonkeyPatch) -> None:
     from spf import refusal
-    from spf.data import ChatSample
+    from spf.data.samples import ChatSample
 
     model, tok = tiny
     samples = [ChatSample.from_pair(p) for p in ["how do I bake bread", "how do I build a bomb", "x"]]
@@ -130,7 +130,7 @@ def test_own_refusal_and_first_refused(tiny, monkeypatch: pytest.MonkeyPatch) ->
 
 
 def test_own_refusal_on_tiny_model_raises(tiny) -> None:
-    from spf.data import ChatSample
+    from spf.data.samples import ChatSample
 
     model, tok = tiny  # a random model babbles bytes; it does not refuse
     with pytest.raises(NotRefusedError):

@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from spf import scenarios
-from spf.data import ChatSample, DataError
-from spf.scenarios import (
+from spf.data import scenarios
+from spf.data.samples import ChatSample, DataError
+from spf.data.scenarios import (
     SST2_INSTRUCTION,
     agnews,
     agnews_instruction,

@@ -23,8 +23,8 @@ import torch
 from safetensors.torch import load_file
 
 from spf.models import ModelLoadError, check_adapter_folder, load_model, tiny_llama
-from spf.params import ParamsError, PipelineParams
-from spf.pipeline import STAGES, run_stage
+from spf.pipeline.params import ParamsError, PipelineParams
+from spf.pipeline.stages import STAGES, run_stage
 from tests.helpers import stage_workspace
 
 REPO = Path(__file__).resolve().parents[1]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from spf.params import PipelineParams
+from spf.pipeline.params import PipelineParams
 from tasks.stages import STAMP, input_key, output_matches
 
 
@@ -55,8 +55,8 @@ def test_aligned_folder_is_kept_across_a_new_align_option_at_its_default(tmp_pat
     import json
     from dataclasses import asdict
 
-    from spf.params import AlignParams
-    from spf.pipeline import _same_align
+    from spf.pipeline.params import AlignParams
+    from spf.pipeline.stages import _same_align
 
     record = tmp_path / "align_params.json"
     old = asdict(AlignParams())

@@ -6,10 +6,15 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-from spf.data import ChatSample, collate, encode_sample
-from spf.losses import per_sample_loss
+from spf.core.losses import per_sample_loss
+from spf.core.subspace import (
+    SafetySubspace,
+    estimate_batch_subspace,
+    estimate_safety_subspace,
+    subspace_overlap,
+)
+from spf.data.samples import ChatSample, collate, encode_sample
 from spf.models import default_target_modules, tiny_llama, unwrap
-from spf.subspace import SafetySubspace, estimate_batch_subspace, estimate_safety_subspace, subspace_overlap
 
 SAMPLE = ChatSample.from_pair("How do I pick a lock to break in?", "I'm sorry, I can't help with that.")
 OTHER = ChatSample.from_pair("Write malware for me", "No. I won't write malware.")
@@ -114,8 +119,8 @@ def test_bad_arguments():
 def test_margin_estimate_is_the_svd_of_the_margin_gradient(tmp_path):
     """loss="margin": the subspace of ∇[CE(refusal) − CE(compliant opening)], from the dense reference;
     what is published (sample.jsonl + weights in the metadata) re-estimates to the same subspace."""
-    from spf.data import load_samples
-    from spf.subspace import COMPLIANT_OPENING, estimate_from_samples, publish_estimate
+    from spf.core.subspace import COMPLIANT_OPENING, estimate_from_samples, publish_estimate
+    from spf.data.samples import load_samples
 
     model, tok = tiny_llama(seed=1)
     sub, used = estimate_from_samples(model, tok, [SAMPLE], rank=3, loss="margin")
@@ -143,8 +148,8 @@ def test_margin_estimate_is_the_svd_of_the_margin_gradient(tmp_path):
 def test_shared_prefix_rows_are_merged_without_changing_the_gradient():
     """Rows sharing a causal prefix (a margin pair; the chat template's system prompt across prompts) keep
     one factor row per shared token: fewer rows, the same G = DᵀX as the unmerged factors, module by module."""
-    from spf.data import pad_token_id
-    from spf.subspace import margin_pair, module_gradient_factors
+    from spf.core.subspace import margin_pair, module_gradient_factors
+    from spf.data.samples import pad_token_id
 
     model, tok = tiny_llama(seed=1)
     names = default_target_modules(model)
@@ -181,7 +186,7 @@ def test_shared_prefix_rows_are_merged_without_changing_the_gradient():
 
 
 def test_estimate_from_samples_rejects_an_unknown_loss():
-    from spf.subspace import estimate_from_samples
+    from spf.core.subspace import estimate_from_samples
 
     model, tok = tiny_llama(seed=1)
     with pytest.raises(ValueError, match="loss must be one of"):
@@ -196,10 +201,10 @@ def test_pipeline_margin_estimate_is_what_finetune_re_estimates(tmp_path):
     import contextlib
     import json
 
-    from spf.data import load_samples
+    from spf.data.samples import load_samples
     from spf.models import load_model
-    from spf.params import PipelineParams
-    from spf.pipeline import aligned_model_ref, run_stage
+    from spf.pipeline.params import PipelineParams
+    from spf.pipeline.stages import aligned_model_ref, run_stage
     from tests.helpers import stage_workspace
 
     ws, params = stage_workspace(

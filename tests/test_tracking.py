@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
-from spf.gate import GateThresholds
+from spf.pipeline.gate import GateThresholds
 from tasks import registry, tracking
 from tests.services import mlflow_server_fixture  # noqa: F401  (provides the `mlflow_server` fixture)
 
@@ -105,7 +105,7 @@ def test_params_tags_are_flattened_and_redacted(client: MlflowClient, tmp_path: 
 
 
 def test_telemetry_is_logged_per_step(client: MlflowClient, tmp_path: Path) -> None:
-    # The format spf.training.train writes (runs/*/ft/*/metrics.json), shortened.
+    # The format spf.train.loop.train writes (runs/*/ft/*/metrics.json), shortened.
     telemetry = {
         "summary": {"method": "spf", "steps": 3, "final_loss": 0.5, "spf": {"mode": "always", "rank": 8}},
         "steps": [

@@ -8,11 +8,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from spf.cli import main
-from spf.config import TrainConfig
-from spf.data import ChatSample, save_samples
-from spf.subspace import SafetySubspace
-from spf.training import train
+from spf.cli.main import main
+from spf.core.subspace import SafetySubspace
+from spf.data.samples import ChatSample, save_samples
+from spf.train.config import TrainConfig
+from spf.train.loop import train
 
 TASK = [ChatSample.from_pair(f"Say the number {i} in words", f"The number is {i}.") for i in range(12)]
 SAFETY = [
@@ -136,7 +136,7 @@ def test_full_finetuning_with_a_fixed_subspace_keeps_the_core_at_zero(files):
     res = train(cfg)
     before, _ = load_model("tiny-llama")
     after, _ = load_model(str(files / "fullft"))
-    from spf.subspace import estimate_safety_subspace
+    from spf.core.subspace import estimate_safety_subspace
 
     sub = estimate_safety_subspace(before, _tok(), SAFETY[0], rank=2)
     mods_b, mods_a = dict(before.named_modules()), dict(after.named_modules())
@@ -157,10 +157,10 @@ def test_spf_optimizer_drops_into_transformers_trainer(files, tmp_path):
     from peft import LoraConfig, get_peft_model
     from transformers import Trainer, TrainingArguments
 
-    from spf.data import collate, encode_sample
+    from spf.core.optimizer import SPFOptimizer
+    from spf.core.subspace import estimate_safety_subspace
+    from spf.data.samples import collate, encode_sample
     from spf.models import default_target_modules, tiny_llama
-    from spf.optimizer import SPFOptimizer
-    from spf.subspace import estimate_safety_subspace
 
     model, tok = tiny_llama()
     model = get_peft_model(model, LoraConfig(r=4, target_modules=default_target_modules(model)))

@@ -1,6 +1,6 @@
 """The pipeline's stages as plain functions: prepare → align → estimate → analyze → finetune → evaluate.
 
-Each stage reads :class:`~spf.params.PipelineParams` and fixed paths under ``runtime.workdir`` (the DVC
+Each stage reads :class:`~spf.pipeline.params.PipelineParams` and fixed paths under ``runtime.workdir`` (the DVC
 ``outs``) and returns a small JSON-able dict (paths and numbers, never models) — so the same function backs
 ``spf <stage> --params params.yaml`` (what ``dvc.yaml`` runs) and the Prefect tasks in ``tasks/``. Every
 output folder is built beside its final path and renamed into place once complete (:func:`spf.io.atomic_dir`), so a
@@ -21,8 +21,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from spf.io import atomic_dir, shipped_file
-from spf.params import AlignParams, PipelineParams
+from spf.data.locate import shipped_file
+from spf.io import atomic_dir
+from spf.pipeline.params import AlignParams, PipelineParams
 
 logger = logging.getLogger(__name__)
 
@@ -104,9 +105,9 @@ def aligned_model_ref(p: PipelineParams) -> str:
 
 def prepare_stage(p: PipelineParams) -> dict[str, Any]:
     """Fine-tuning set, safety-sample candidates and held-out harmful prompts → ``workdir/data``."""
-    from spf.data import ChatSample, load_samples, save_samples
-    from spf.evaluation import find_shared_data
-    from spf.scenarios import build_scenario, repeat_epochs
+    from spf.data.locate import find_shared_data
+    from spf.data.samples import ChatSample, load_samples, save_samples
+    from spf.data.scenarios import build_scenario, repeat_epochs
 
     pp = p.prepare
     shared = find_shared_data(pp.shared_data)
@@ -241,10 +242,10 @@ def _align_summary(out: Path) -> dict[str, Any]:
 
 def estimate_stage(p: PipelineParams) -> dict[str, Any]:
     """The safety subspace from ONE (harmful prompt, refusal) sample → ``workdir/subspace``."""
-    from spf.data import load_samples
+    from spf.core.subspace import estimate_from_samples, publish_estimate
+    from spf.data.samples import load_samples
     from spf.models import load_model
     from spf.refusal import select_safety_samples
-    from spf.subspace import estimate_from_samples, publish_estimate
 
     _set_threads(p)
     e = p.estimate
@@ -287,8 +288,8 @@ def analyze_stage(p: PipelineParams) -> dict[str, Any]:
             _write_json({"enabled": False}, tmp / "analysis.json")
         return {"enabled": 0}
 
-    from spf.analysis import load_utility, run_analysis, select_modules, write_analysis
-    from spf.data import load_samples
+    from spf.analysis.measure import load_utility, run_analysis, select_modules, write_analysis
+    from spf.data.samples import load_samples
     from spf.models import load_model
 
     _set_threads(p)
@@ -358,9 +359,9 @@ def analysis_metrics(analysis: dict[str, Any]) -> dict[str, float]:
 
 def finetune_stage(p: PipelineParams) -> dict[str, Any]:
     """Vanilla, SPF or baseline fine-tuning of the aligned base → ``workdir/finetune`` (adapter, metrics)."""
-    from spf.config import BASELINE_METHODS, TrainConfig
-    from spf.data import load_samples
-    from spf.training import train
+    from spf.data.samples import load_samples
+    from spf.train.config import BASELINE_METHODS, TrainConfig
+    from spf.train.loop import train
 
     f = p.finetune
     out = p.stage_dir("finetune")
@@ -469,7 +470,7 @@ def _finetune_key(cfg: Any, p: PipelineParams) -> dict[str, Any]:
     """What a finetune run's result depends on: its TrainConfig (minus paths and runtime knobs) and the
     content of its inputs (training data, held-out pairs, subspace folder, the aligned model's reference
     files, a baseline's safety data)."""
-    from spf.training import _resume_config
+    from spf.train.loop import _resume_config
 
     inputs: dict[str, str] = {
         "data": path_sha256(cfg.data),
@@ -516,7 +517,7 @@ def flat_metrics(results: dict[str, Any]) -> dict[str, float]:
 
 def evaluate_stage(p: PipelineParams) -> dict[str, Any]:
     """Safety and utility suites on aligned base + adapter → ``workdir/eval`` (results, samples, metrics)."""
-    from spf.evaluation import evaluate
+    from spf.eval.suites import evaluate
     from spf.io import atomic_path
     from spf.models import load_adapter, load_model
 

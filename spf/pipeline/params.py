@@ -21,7 +21,7 @@ from typing import Any, Literal, get_args, get_origin
 
 import yaml
 
-from spf.config import Method, SafeGradScope
+from spf.train.config import Method, SafeGradScope
 
 __all__ = [
     "ParamsError",
@@ -48,7 +48,7 @@ class ParamsError(ValueError):
 
 @dataclass
 class PrepareParams:
-    scenario: Scenario = "sst2"  # fine-tuning data: a threat scenario (see spf.scenarios)
+    scenario: Scenario = "sst2"  # fine-tuning data: a threat scenario (see spf.data.scenarios)
     n: int = 400  # training samples (harmful-mix: total, of which round(p·n) harmful)
     p: float = 0.1  # harmful fraction for harmful-mix
     base: Literal["sst2", "agnews", "gsm8k"] = "sst2"  # benign task under harmful-mix
@@ -327,7 +327,7 @@ class PipelineParams:
                 # named, rather than with a DataError inside a stage
                 raise err("prepare.shared_data", f"null, and $SPF_SHARED_DATA={env} is not a folder")
             if self.prepare.scenario != "sentiment":
-                from spf.evaluation import find_shared_data
+                from spf.data.locate import find_shared_data
 
                 if find_shared_data(self.prepare.shared_data) is None:
                     raise err(

@@ -10,11 +10,11 @@
 (II) **Gradient conflict.** ``cos(g_safety, g_utility)`` between the single safety sample's gradient and
     each of ≥ 100 utility samples' gradients (weights of the chosen modules), overall (all modules
     flattened) and per layer: distribution and fraction negative.
-(III) **Subspace stability.** The overlap φ (:func:`spf.subspace.subspace_overlap`, rank k) of single-sample
+(III) **Subspace stability.** The overlap φ (:func:`spf.core.subspace.subspace_overlap`, rank k) of single-sample
     safety subspaces with the batch subspace of 1, 4, 16, 64 samples, and between different single samples.
 
 Every gradient is the gradient of a sample's mean token cross-entropy over its response (a batch: the mean
-over samples, as in :func:`spf.subspace.estimate_batch_subspace`) w.r.t. each module's *effective* weight,
+over samples, as in :func:`spf.core.subspace.estimate_batch_subspace`) w.r.t. each module's *effective* weight,
 captured with hooks as factors ``(D, X)``; inner products and norms are computed from the T×T Gram
 matrices and never form an m×n gradient, SVDs of one sample use thin QRs of the factors (exact), batch
 gradients are accumulated densely. Bias gradients are not included (Llama linears have none).
@@ -44,10 +44,10 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from spf.data import ChatSample, DataError, encode_sample, load_samples
+from spf.core.subspace import SafetySubspace, module_gradient_factors, subspace_overlap
+from spf.data.samples import ChatSample, DataError, encode_sample, load_samples
 from spf.io import atomic_dir, save_json
 from spf.models import default_target_modules, unwrap
-from spf.subspace import SafetySubspace, module_gradient_factors, subspace_overlap
 
 logger = logging.getLogger(__name__)
 
@@ -135,8 +135,8 @@ class Factors:
 def gradient_factors(model: nn.Module, encoded: dict[str, list[int]], modules: Sequence[str]) -> Factors:
     """Factors of the gradient of one encoded sample's mean response-token cross-entropy.
 
-    ``encoded`` is what :func:`spf.data.encode_sample` returns (possibly truncated). The capture is
-    :func:`spf.subspace.module_gradient_factors` (the subspace estimator's), so what is analysed here is
+    ``encoded`` is what :func:`spf.data.samples.encode_sample` returns (possibly truncated). The capture is
+    :func:`spf.core.subspace.module_gradient_factors` (the subspace estimator's), so what is analysed here is
     exactly what SPF projects against; factors come back in fp32.
     """
     lookup = dict(unwrap(model).named_modules())
@@ -396,8 +396,8 @@ def load_utility(
     n: int = 1000,
     seed: int = 0,
 ) -> dict[str, list[ChatSample]]:
-    """Utility samples per task: ``files[name]`` (any format :func:`spf.data.load_samples` reads, with
-    responses) or the instruction-format builders of :mod:`spf.scenarios` over the shared data folder
+    """Utility samples per task: ``files[name]`` (any format :func:`spf.data.samples.load_samples` reads, with
+    responses) or the instruction-format builders of :mod:`spf.data.scenarios` over the shared data folder
     (``n`` samples of the training split, shuffled by ``seed``)."""
     files = dict(files or {})
     out: dict[str, list[ChatSample]] = {}
@@ -413,7 +413,7 @@ def load_utility(
                 "or give its file with --utility-file NAME=PATH"
             )
         if root is None:
-            from spf.evaluation import find_shared_data
+            from spf.data.locate import find_shared_data
 
             root = find_shared_data(shared_data)
             if root is None:
@@ -421,7 +421,7 @@ def load_utility(
                     "public data folder ../shared/data not found: pass --shared-data, set SPF_SHARED_DATA "
                     "or give --utility-file NAME=PATH"
                 )
-        from spf.scenarios import build_scenario
+        from spf.data.scenarios import build_scenario
 
         out[task] = build_scenario(task, shared_data=root, n=n, seed=seed)  # type: ignore[arg-type]
     for task, samples in files.items():

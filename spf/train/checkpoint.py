@@ -27,7 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from spf.subspace import SafetySubspace
+from spf.core.subspace import SafetySubspace
 
 logger = logging.getLogger(__name__)
 

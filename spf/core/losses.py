@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from spf.data import ChatSample, chat_prompt_ids, collate, encode_sample, pad_token_id
+from spf.data.samples import ChatSample, chat_prompt_ids, collate, encode_sample, pad_token_id
 
 __all__ = [
     "batch_loss",

@@ -28,9 +28,9 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from spf.data import ChatSample, collate, encode_sample, pad_token_id, save_samples
+from spf.core.losses import kept_position_loss
+from spf.data.samples import ChatSample, collate, encode_sample, pad_token_id, save_samples
 from spf.io import atomic_dir, save_json, save_tensors
-from spf.losses import kept_position_loss
 from spf.models import default_target_modules, unwrap
 
 logger = logging.getLogger(__name__)
@@ -280,7 +280,7 @@ def module_gradient_factors(
     """Factors ``D`` (T×m) and ``X`` (T×n) of each named module's weight gradient ``G = Dᵀ X``.
 
     The loss is the mean (or ``weights``-weighted mean) over the batch's rows of each row's response-token
-    cross-entropy. ``batch`` is what :func:`spf.data.collate` returns, on the model's device; T counts the
+    cross-entropy. ``batch`` is what :func:`spf.data.samples.collate` returns, on the model's device; T counts the
     unpadded tokens of all rows (padded positions have zero gradient and are dropped). With
     ``merge_prefixes`` tokens that share their whole causal prefix with a token of an earlier row (the chat
     template's system prompt; a margin pair's common prompt) have the same input ``x`` in every module, so
@@ -365,7 +365,7 @@ def module_gradient_factors(
 def _shared_prefix_rows(input_ids: Tensor, keep: Tensor) -> tuple[Tensor, Tensor] | None:
     """Which kept tokens to keep as factor rows, and the row each kept token's ``D`` row is summed into.
 
-    Rows are right-padded (:func:`spf.data.collate`) and causal, so a token whose ids up to and including
+    Rows are right-padded (:func:`spf.data.samples.collate`) and causal, so a token whose ids up to and including
     itself equal another row's has the same hidden states — the same ``x`` at every module. Token ``t`` of
     row ``b`` is mapped to the same position of the earlier row with the longest common prefix (already
     mapped itself, so chains resolve). Returns ``(rows, owner)`` over the flattened kept tokens (the order

@@ -6,12 +6,11 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal, get_args
 
+from spf.core.optimizer import ConflictScope, ProjectMode, ProjectOn
+
 Method = Literal["vanilla", "spf", "safeinstr", "safegrad", "lisa"]
-BASELINE_METHODS: tuple[str, ...] = ("safeinstr", "safegrad", "lisa")  # the defenses of spf.baselines
+BASELINE_METHODS: tuple[str, ...] = ("safeinstr", "safegrad", "lisa")  # the defenses of spf.train.baselines
 Finetune = Literal["lora", "full"]
-ProjectMode = Literal["conflict", "always"]
-ProjectOn = Literal["update", "grad"]
-ConflictScope = Literal["module", "global"]
 SafeGradScope = Literal["global", "module"]
 
 
@@ -80,7 +79,7 @@ class UnlikelihoodSettings:
 
 @dataclass
 class BaselineSettings:
-    """Knobs of the baseline defenses (spf.baselines; docs/baselines.md), used by their `method` only."""
+    """Knobs of the baseline defenses (spf.train.baselines; docs/baselines.md), used by their `method` only."""
 
     safety_data: str | None = None  # (harmful prompt, refusal) pairs; needed by safeinstr, safegrad, lisa
     safeinstr_fraction: float = 0.1  # safeinstr: adds max(1, round(fraction * len(task data))) demos
@@ -179,7 +178,9 @@ class TrainConfig:
                 "(spf.subspace / spf.sample)"
             )
         if self.method == "spf" and not (self.spf.subspace or self.spf.sample):
-            raise ValueError("method 'spf' needs spf.subspace (a folder from `spf estimate`) or spf.sample")
+            raise ValueError(
+                "method 'spf' needs spf.subspace (a folder from `spf estimate`) or spf.sample"
+            )
         if self.method in BASELINE_METHODS and not self.baselines.safety_data:
             raise ValueError(
                 f"method {self.method!r} needs baselines.safety_data (a file of (harmful prompt, refusal) pairs)"

@@ -14,7 +14,7 @@
   steps on the same data (the training loop reshuffles every epoch), or materialise it with
   :func:`repeat_epochs`.
 
-Each returns ``ChatSample`` lists, deterministic by seed; write them with :func:`spf.data.save_samples`.
+Each returns ``ChatSample`` lists, deterministic by seed; write them with :func:`spf.data.samples.save_samples`.
 :func:`build_scenario` builds any of them from the shared public data folder (what ``spf data`` calls).
 """
 
@@ -30,7 +30,7 @@ import re
 from pathlib import Path
 from typing import Literal
 
-from spf.data import ChatSample, DataError, load_samples
+from spf.data.samples import ChatSample, DataError, load_samples
 
 logger = logging.getLogger(__name__)
 

@@ -27,7 +27,6 @@ import io
 import json
 import logging
 import math
-import os
 import random
 import re
 import time
@@ -39,12 +38,13 @@ from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import torch
 
-from spf.data import DataError, load_samples, pad_token_id
+from spf.data.locate import PACKAGE_DATA, find_shared_data
+from spf.data.samples import DataError, load_samples, pad_token_id
 from spf.io import atomic_path
 from spf.refusal import generate
 
 if TYPE_CHECKING:
-    from spf.judges import Judge, Verdict
+    from spf.eval.judges import Judge, Verdict
 
 __all__ = [
     "AGNEWS_INSTRUCTION",
@@ -58,7 +58,6 @@ __all__ = [
     "encode_for_template",
     "evaluate",
     "extract_final_number",
-    "find_shared_data",
     "format_table",
     "label_logprobs",
     "load_prompts",
@@ -73,7 +72,6 @@ Suite = Literal["harmful", "overrefusal", "jailbreak", "prefill", "utility"]
 SUITES: tuple[str, ...] = get_args(Suite)
 _JUDGED = frozenset({"harmful", "overrefusal", "jailbreak", "prefill"})
 
-PACKAGE_DATA = Path(__file__).resolve().parent / "data"
 OVERREFUSAL_PROMPTS = PACKAGE_DATA / "overrefusal_prompts.jsonl"
 SENTIMENT_FALLBACK = PACKAGE_DATA / "sentiment.jsonl"
 HARMFUL_FALLBACK = PACKAGE_DATA / "refusals.jsonl"
@@ -150,22 +148,6 @@ def _rate(k: int, n: int) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------------- data
 
 
-def find_shared_data(shared_data: str | Path | None = None) -> Path | None:
-    """The public data folder: ``shared_data``, else ``$SPF_SHARED_DATA``, else ``<repo>/../shared/data``.
-
-    An explicitly named folder (argument or environment) must exist; the repository default may be absent,
-    in which case ``None`` is returned and suites fall back to packaged data or are skipped.
-    """
-    explicit = shared_data if shared_data is not None else os.environ.get("SPF_SHARED_DATA") or None
-    if explicit is not None:
-        path = Path(explicit).expanduser()
-        if not path.is_dir():
-            raise DataError(f"shared data folder {path} does not exist")
-        return path
-    default = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-    return default if default.is_dir() else None
-
-
 @dataclass(frozen=True)
 class _Prompt:
     text: str
@@ -185,7 +167,7 @@ def _raw_records(path: Path) -> list[dict[str, Any]] | None:
     if suffix == ".json":
         data = json.loads(text)
         if isinstance(data, dict):
-            # The same list keys, in the same order, as spf.data.load_samples accepts.
+            # The same list keys, in the same order, as spf.data.samples.load_samples accepts.
             data = next(
                 (data[k] for k in ("data", "records", "samples") if isinstance(data.get(k), list)), []
             )
@@ -403,7 +385,7 @@ def _resolve_judge(judge: str | Judge, judge_kwargs: dict[str, Any] | None) -> J
         return judge
     # Imported here: the judges pull in numpy/embedding code that evaluation-only users of the utility
     # suite do not need.
-    from spf.judges import make_judge
+    from spf.eval.judges import make_judge
 
     return make_judge(judge, **(judge_kwargs or {}))  # type: ignore[arg-type]
 
@@ -692,7 +674,7 @@ def _sst2_rows(data_dir: Path | None, limit: int | None, seed: int) -> tuple[lis
     labels = ["negative", "positive"]
     path = data_dir / "utility" / "sst2_dev.tsv" if data_dir is not None else None
     if path is not None and path.is_file():
-        from spf.scenarios import sst2
+        from spf.data.scenarios import sst2
 
         samples = sst2(path, n=None, seed=seed)
     else:
@@ -899,7 +881,7 @@ def evaluate(
     ``prompts`` replaces the harmful prompts (harmful / jailbreak / prefill suites). ``limit`` caps the
     prompts (rows per utility data set) by a deterministic, ``seed``-chosen sample; the jailbreak suite uses
     ``limit`` prompts (default :data:`JAILBREAK_DEFAULT_PROMPTS`) × every template. ``judge`` is a judge kind
-    for :func:`spf.judges.make_judge` or a judge object.
+    for :func:`spf.eval.judges.make_judge` or a judge object.
     """
     names = _check_suites(suites)
     if limit is not None and limit < 1:

@@ -31,6 +31,7 @@ from typing import Any, Literal, Protocol, runtime_checkable
 import numpy as np
 import torch
 
+from spf.data.locate import PACKAGE_DATA
 from spf.refusal import generate, is_refusal
 
 logger = logging.getLogger(__name__)
@@ -50,7 +51,7 @@ __all__ = [
     "validate",
 ]
 
-_DATA = Path(__file__).resolve().parent / "data"
+_DATA = PACKAGE_DATA
 TRAIN_PATH = _DATA / "judge_train.jsonl"
 VALIDATION_PATH = _DATA / "judge_validation.jsonl"
 

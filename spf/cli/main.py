@@ -63,7 +63,7 @@ def _build_parser() -> argparse.ArgumentParser:
 
     from typing import get_args
 
-    from spf.config import Method
+    from spf.train.config import Method
 
     t = sub.add_parser(
         "train", help="fine-tune (vanilla, SPF or a baseline defense) with LoRA or full fine-tuning"
@@ -139,7 +139,7 @@ def _build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", required=True)
 
     from spf.align import add_align_arguments
-    from spf.evaluation import add_eval_arguments
+    from spf.eval.suites import add_eval_arguments
 
     ev = sub.add_parser("eval", help="safety / utility evaluation → results.json + samples.jsonl")
     add_eval_arguments(ev)
@@ -148,13 +148,13 @@ def _build_parser() -> argparse.ArgumentParser:
     al = sub.add_parser("align", help="make a safety-aligned base model (LoRA SFT merged into full weights)")
     add_align_arguments(al)
 
-    from spf.analysis import add_analyze_arguments
+    from spf.analysis.measure import add_analyze_arguments
 
     an = sub.add_parser("analyze", help="insights I-III: CER, cosine, overlap → analysis.json + PNGs")
     add_analyze_arguments(an)
     _add_common(an)
 
-    from spf.bench import add_bench_arguments
+    from spf.bench.run import add_bench_arguments
 
     bn = sub.add_parser("bench", help="every defense × threat scenario (+ ablations) → docs/results.md")
     add_bench_arguments(bn)
@@ -186,8 +186,8 @@ def _add_params_args(p: argparse.ArgumentParser, *, required: bool) -> None:
 
 
 def cmd_stage(args: argparse.Namespace) -> int:
-    from spf.params import load_params
-    from spf.pipeline import run_stage
+    from spf.pipeline.params import load_params
+    from spf.pipeline.stages import run_stage
 
     stage = args.command
     params = load_params(args.params, args.set)
@@ -213,10 +213,10 @@ def _summarise_cer(sub: Any, ks: tuple[int, ...] = (1, 5, 10, 20)) -> str:
 def cmd_estimate(args: argparse.Namespace) -> int:
     import torch
 
-    from spf.data import load_samples
+    from spf.core.subspace import estimate_from_samples, publish_estimate
+    from spf.data.samples import load_samples
     from spf.models import load_model
     from spf.refusal import select_safety_samples
-    from spf.subspace import estimate_from_samples, publish_estimate
 
     missing = [f"--{k}" for k in ("model", "sample", "rank", "out") if getattr(args, k) is None]
     if missing:
@@ -287,7 +287,7 @@ _TRAIN_BASELINES = (
 
 
 def _train_config(args: argparse.Namespace):
-    from spf.config import TrainConfig
+    from spf.train.config import TrainConfig
 
     cfg: dict[str, Any] = {}
     if args.config:
@@ -328,7 +328,7 @@ def _train_config(args: argparse.Namespace):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from spf.training import train
+    from spf.train.loop import train
 
     cfg = _train_config(args)
     result = train(cfg)
@@ -338,22 +338,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _shared_data(arg: str | None) -> Path:
-    import os
-
-    path = Path(
-        arg or os.environ.get("SPF_SHARED_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data"
-    )
-    if not path.is_dir():
-        raise FileNotFoundError(
-            f"public data folder {path} not found: pass --shared-data or set SPF_SHARED_DATA"
-        )
-    return path
-
-
 def cmd_data(args: argparse.Namespace) -> int:
-    from spf import scenarios
-    from spf.data import save_samples
+    from spf.data import scenarios
+    from spf.data.locate import require_shared_data
+    from spf.data.samples import save_samples
 
     if args.kind in ("harmful-compliance", "refusals") or (args.kind == "sst2" and args.src):
         if not args.src:
@@ -371,7 +359,7 @@ def cmd_data(args: argparse.Namespace) -> int:
     else:
         samples = scenarios.build_scenario(
             args.kind,
-            shared_data=_shared_data(args.shared_data),
+            shared_data=require_shared_data(args.shared_data),
             n=args.n,
             p=args.p,
             seed=args.seed,
@@ -386,7 +374,7 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
-    from spf.analysis import main_analyze
+    from spf.analysis.measure import main_analyze
 
     return main_analyze(args)
 
@@ -398,13 +386,13 @@ def main(argv: list[str] | None = None) -> int:
         format="%(levelname)s %(name)s: %(message)s",
     )
     from spf.align import main_align
-    from spf.bench import main_bench
-    from spf.data import DataError
-    from spf.evaluation import main_eval
-    from spf.judges import JudgeError
+    from spf.bench.run import main_bench
+    from spf.data.samples import DataError
+    from spf.eval.judges import JudgeError
+    from spf.eval.suites import main_eval
     from spf.models import ModelLoadError
-    from spf.params import ParamsError
-    from spf.training import TrainingAborted
+    from spf.pipeline.params import ParamsError
+    from spf.train.loop import TrainingAborted
 
     handler = cmd_stage if getattr(args, "params", None) else None
     handlers = {

@@ -1,6 +1,6 @@
 """SPFOptimizer: wraps any torch optimizer and removes the safety component of each step.
 
-The math lives in :mod:`spf.projection`; this file maps parameters to modules, decides *when* to project
+The math lives in :mod:`spf.core.projection`; this file maps parameters to modules, decides *when* to project
 (``mode``), *what* to project (``project_on``), refreshes the subspace and records diagnostics.
 
 * ``project_on="update"`` (default): snapshot the targeted parameters, let the inner optimizer step, then
@@ -19,24 +19,28 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
-from spf.config import ConflictScope, ProjectMode, ProjectOn
-from spf.distributed import broadcast_subspace
-from spf.models import unwrap
-from spf.projection import (
+from spf.core.distributed import broadcast_subspace
+from spf.core.projection import (
     factored_inner,
     factored_sq_norm,
     lora_delta_factors,
     remove_left,
     remove_right,
 )
-from spf.subspace import SafetySubspace, subspace_overlap
+from spf.core.subspace import SafetySubspace, subspace_overlap
+from spf.models import unwrap
 
 logger = logging.getLogger(__name__)
+
+# The projection's vocabulary, declared once here beside the code that interprets it (configs import it).
+ProjectMode = Literal["conflict", "always"]  # conflict: only when the update raises the safety loss
+ProjectOn = Literal["update", "grad"]  # the optimizer's update (Adam-correct) or the raw gradient
+ConflictScope = Literal["module", "global"]  # where conflict mode tests the sign of the inner product
 
 __all__ = ["ConflictScope", "ProjectMode", "ProjectOn", "SPFOptimizer"]
 

@@ -1,5 +1,5 @@
 """One training loop for vanilla and SPF fine-tuning, over LoRA (peft) or full fine-tuning, plus the baseline
-defenses of :mod:`spf.baselines` (SafeInstr, SafeGrad-style gradient surgery, Lisa) for comparison.
+defenses of :mod:`spf.train.baselines` (SafeInstr, SafeGrad-style gradient surgery, Lisa) for comparison.
 
 Metrics go to an injected ``callback(record: dict)`` — no tracking library is imported here; the MLflow
 bridge lives with the pipeline. Everything the loop writes is safetensors or JSON.
@@ -26,7 +26,20 @@ import torch
 from peft import LoraConfig, get_peft_model
 from tqdm.auto import tqdm
 
-from spf.baselines import (
+from spf.core.distributed import (
+    all_reduce_gradients,
+    barrier,
+    broadcast_parameters,
+    init_from_env,
+    mean_over_ranks,
+)
+from spf.core.losses import batch_loss, encode_prefix_batch, prefix_unlikelihood_loss, response_loss
+from spf.core.optimizer import SPFOptimizer
+from spf.core.subspace import SafetySubspace, estimate_batch_subspace, estimate_safety_subspace
+from spf.data.samples import ChatSample, collate, encode_sample, load_samples, pad_token_id
+from spf.io import save_json
+from spf.models import auto_device, default_target_modules, load_model, unwrap
+from spf.train.baselines import (
     add_proximal_grad,
     lisa_last_switch,
     lisa_state,
@@ -35,27 +48,14 @@ from spf.baselines import (
     pcgrad_project,
     safety_batch_indices,
 )
-from spf.checkpoint import (
+from spf.train.checkpoint import (
     discard_partial_checkpoints,
     latest_checkpoint,
     load_checkpoint,
     load_extra_tensors,
     save_checkpoint,
 )
-from spf.config import BASELINE_METHODS, TrainConfig
-from spf.data import ChatSample, collate, encode_sample, load_samples, pad_token_id
-from spf.distributed import (
-    all_reduce_gradients,
-    barrier,
-    broadcast_parameters,
-    init_from_env,
-    mean_over_ranks,
-)
-from spf.io import save_json
-from spf.losses import batch_loss, encode_prefix_batch, prefix_unlikelihood_loss, response_loss
-from spf.models import auto_device, default_target_modules, load_model, unwrap
-from spf.optimizer import SPFOptimizer
-from spf.subspace import SafetySubspace, estimate_batch_subspace, estimate_safety_subspace
+from spf.train.config import BASELINE_METHODS, TrainConfig
 
 logger = logging.getLogger(__name__)
 

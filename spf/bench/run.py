@@ -34,8 +34,9 @@ from typing import Any, Literal
 
 import yaml
 
-from spf.io import SHIPPED_PREFIX, atomic_path, save_json, shipped_file
-from spf.subspace import SubspaceLoss
+from spf.core.subspace import SubspaceLoss
+from spf.data.locate import SHIPPED_PREFIX, shipped_file
+from spf.io import atomic_path, save_json
 
 logger = logging.getLogger(__name__)
 
@@ -117,7 +118,7 @@ class BenchConfig:
     work: str = "runs/bench"
     unaligned: str | None = "smollm2-135m-instruct"  # reference row; None = skip
     report: str = "docs/results.md"
-    shared_data: str | None = None  # None = ../shared/data discovery (spf.evaluation.find_shared_data)
+    shared_data: str | None = None  # None = ../shared/data discovery (spf.eval.suites.find_shared_data)
     seed: int = 0
     threads: int = 1
     lanes: int = 1
@@ -298,7 +299,7 @@ def _repo_path(p: str) -> str:
 
 
 def _data_dir(cfg: BenchConfig) -> Path:
-    from spf.evaluation import find_shared_data
+    from spf.data.locate import find_shared_data
 
     found = find_shared_data(cfg.shared_data)
     if found is None:
@@ -310,8 +311,8 @@ def _data_dir(cfg: BenchConfig) -> Path:
 
 def prepare_data(cfg: BenchConfig) -> dict[str, Any]:
     """Scenario data sets and the held-out harmful prompts (AdvBench rows in no training set)."""
-    from spf.data import save_samples
-    from spf.scenarios import build_scenario
+    from spf.data.samples import save_samples
+    from spf.data.scenarios import build_scenario
 
     shared = _data_dir(cfg)
     data = cfg.work_dir / "data"
@@ -354,10 +355,10 @@ def prepare_subspace(cfg: BenchConfig, spec: SubspaceSpec) -> Path:
     """Estimate (once) the safety subspace ``spec`` describes, on the aligned model."""
     import torch
 
-    from spf.data import load_samples
+    from spf.core.subspace import estimate_from_samples, publish_estimate
+    from spf.data.samples import load_samples
     from spf.models import load_model
     from spf.refusal import select_safety_samples
-    from spf.subspace import estimate_from_samples, publish_estimate
 
     out = subspace_dir(cfg, spec)
     if (out / "subspace.json").is_file():
@@ -384,7 +385,7 @@ def _steps(cfg: BenchConfig, scenario: str, base_steps: int) -> int:
 
 
 def _train_config(cfg: BenchConfig, cell: Cell, cell_dir: Path):
-    from spf.config import TrainConfig
+    from spf.train.config import TrainConfig
 
     assert cell.method is not None and cell.scenario is not None and cell.subspace is not None
     d = _merge(cfg.train, cell.train)
@@ -436,8 +437,8 @@ def run_cell(cfg: BenchConfig, cell: Cell) -> dict[str, Any]:
     """Train (unless a reference) and evaluate one cell; write ``cell.json`` last. Resumable."""
     import torch
 
-    from spf.evaluation import run_eval
-    from spf.training import train
+    from spf.eval.suites import run_eval
+    from spf.train.loop import train
 
     torch.set_num_threads(cfg.threads)
     cell_dir = cfg.work_dir / "cells" / cell.dirname

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from spf.subspace import SafetySubspace
+from spf.core.subspace import SafetySubspace
 
 __all__ = [
     "DistContext",

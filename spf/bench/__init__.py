@@ -1,0 +1,1 @@
+"""The defense benchmark: every method × threat scenario, resumable cells, a report regenerated from JSON."""

@@ -1,0 +1,1 @@
+"""Evaluation: safety and utility suites, judges and statistics."""
