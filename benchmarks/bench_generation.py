@@ -24,8 +24,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from scripts.generate_judge_responses import BENIGN, HARMFUL  # noqa: E402
+from spf.generation import eos_ids as _eos_ids  # noqa: E402
+from spf.generation import generate  # noqa: E402
 from spf.models import SMOLLM2, load_model  # noqa: E402
-from spf.refusal import _eos_ids, generate  # noqa: E402
 
 
 class TokenCounter:

@@ -15,7 +15,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from spf.pipeline.params import PipelineParams
-from spf.pipeline.stages import run_stage
+from spf.pipeline.stages import STAGE_TABLE, run_stage
 
 
 @flow(name="spf-finetune", log_prints=True)
@@ -29,10 +29,12 @@ def spf_finetune(
     import torch
 
     log.info("device: %s", p.runtime.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if dvc_remote and not (os.path.isdir(p.stage_dir("subspace")) and os.path.isdir(p.stage_dir("aligned"))):
+    inputs = STAGE_TABLE["finetune"].inputs
+    if dvc_remote and not all(os.path.isdir(p.stage_dir(folder)) for folder in inputs):
         from tasks import dvc_ops  # a worker without the shared filesystem: fetch the inputs
 
-        dvc_ops.dvc_pull(".", dvc_remote, ["prepare", "align", "estimate"])  # retried with backoff
+        producers = [name for name, row in STAGE_TABLE.items() if row.output in inputs]
+        dvc_ops.dvc_pull(".", dvc_remote, producers)  # retried with backoff
     result = run_stage("finetune", p)
     if dvc_remote:
         from tasks import dvc_ops

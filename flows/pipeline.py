@@ -19,7 +19,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
@@ -27,9 +27,12 @@ from prefect.runtime import flow_run
 from prefect.transactions import transaction
 from pydantic import Field
 
-from spf.pipeline.params import PipelineParams, load_params
+from spf.pipeline.params import ParamsError, PipelineParams, Scenario, apply_overrides, load_params
+from spf.pipeline.stages import STAGE_TABLE, STAGES
+from spf.train.config import Method
 from tasks.mlflow_tasks import finish_run_task, gate_task, preflight_task, register_task, track_run_task
-from tasks.stages import dvc_version_task, run_stage_task, write_params_task
+from tasks.stages import dvc_version_task, overridden, restore_params, run_stage_task, write_params_task
+from tasks.tracking import flatten
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,30 +48,31 @@ def build_params(
     return load_params(params_file, merged)
 
 
-def overridden(original: bytes | None, params: dict[str, Any]) -> bool:
-    """Whether ``params`` differ in value from what the original params.yaml (with defaults) says."""
-    import yaml
-
-    from spf.pipeline.params import ParamsError, PipelineParams
-
-    try:
-        base = yaml.safe_load(original.decode()) if original is not None else {}
-        return PipelineParams.from_dict(base or {}, source="params.yaml").to_dict() != params
-    except (ParamsError, yaml.YAMLError, UnicodeDecodeError):
-        return True
+def data_inputs(params: dict[str, Any]) -> list[dict[str, Any]]:
+    """The ``inputs`` of the prepare stage's data/manifest.json (none when the file is absent)."""
+    manifest = Path(params["runtime"]["workdir"]) / STAGE_TABLE["prepare"].output / "manifest.json"
+    return json.loads(manifest.read_text()).get("inputs", []) if manifest.is_file() else []
 
 
-def restore_params(path: Path, original: bytes | None) -> None:
-    from spf.io import atomic_path
+def _data_table(inputs: list[dict[str, Any]]) -> list[str]:
+    """The data the candidate was trained and judged on (data/manifest.json's ``inputs``), as markdown."""
+    if not inputs:
+        return []
+    lines = ["", "Data:", "", "| role | source | rows | sha256 |", "|---|---|---|---|"]
+    for e in inputs:
+        lines.append(
+            f"| {e.get('role')} | {e.get('source')} | {e.get('rows')} | `{str(e.get('sha256', ''))[:12]}` |"
+        )
+    return lines
 
-    if original is None:
-        path.unlink(missing_ok=True)
-        return
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(original)
 
-
-def _report(params: dict[str, Any], metrics: dict[str, Any], decision: dict[str, Any], run: dict) -> str:
+def _report(
+    params: dict[str, Any],
+    metrics: dict[str, Any],
+    decision: dict[str, Any],
+    run: dict,
+    inputs: list[dict[str, Any]] | None = None,
+) -> str:
     g = params["gate"]
     rows = [
         ("harmful rate", "harmful_rate", f"≤ {g['max_harmful_rate']}"),
@@ -89,6 +93,7 @@ def _report(params: dict[str, Any], metrics: dict[str, Any], decision: dict[str,
             lo, hi, n = (metrics.get(f"{key}_{s}") for s in ("ci_low", "ci_high", "n"))
             ci = f"[{lo:.3f}, {hi:.3f}]" if lo is not None else ""
             lines.append(f"| {label} | {metrics[key]:.3f} | {ci} | {int(n or 0)} | {thr} |")
+    lines += _data_table(inputs or [])  # data/manifest.json: what the candidate was trained and judged on
     lines += ["", f"champion before: {decision.get('champion_version') or 'none'}"]
     if decision.get("reasons"):
         lines += ["", "Reasons:", *[f"- {r}" for r in decision["reasons"]]]
@@ -107,7 +112,7 @@ def register_and_gate(
         version = register_task(params, run, metrics)
         decision = gate_task(params, run, version)
         txn.set("decision", decision)
-        markdown = _report(params, metrics, decision, run)
+        markdown = _report(params, metrics, decision, run, data_inputs(params))
         create_markdown_artifact(markdown=markdown, key="spf-gate", description="SPF promotion gate")
         finish_run_task(params, run, decision)
     return version, decision, markdown
@@ -116,8 +121,8 @@ def register_and_gate(
 @flow(name="spf-pipeline", log_prints=True, validate_parameters=True)
 def spf_pipeline(
     base_model: str | None = None,
-    scenario: Literal["sst2", "agnews", "gsm8k", "harmful-mix", "identity-shift", "sentiment"] | None = None,
-    method: Literal["spf", "vanilla", "safeinstr", "safegrad", "lisa"] | None = None,
+    scenario: Scenario | None = None,
+    method: Method | None = None,
     rank: int | None = Field(default=None, ge=1, description="k, safety directions per module"),
     steps: int | None = Field(default=None, ge=1, description="fine-tuning optimizer steps"),
     lr: float | None = Field(default=None, gt=0),
@@ -162,27 +167,13 @@ def spf_pipeline(
     write_params_task(params)
     try:
         results: dict[str, dict[str, Any]] = {}
-        results["prepare"] = run_stage_task("prepare", params)
-        dvc_version_task(["prepare"], dvc_remote, push=dvc_push)  # the dataset is versioned before training
-        results["align"] = run_stage_task("align", params)
-        results["estimate"] = run_stage_task("estimate", params)
-        results["analyze"] = run_stage_task("analyze", params)
-        if finetune_deployment:
-            from prefect.deployments import run_deployment
-
-            fr = run_deployment(
-                name=finetune_deployment,
-                parameters={"params": params, "workspace": str(Path.cwd()), "dvc_remote": None},
-                timeout=None,
-            )
-            if not fr.state or not fr.state.is_completed():
-                raise RuntimeError(f"fine-tuning deployment {finetune_deployment} ended {fr.state}")
-            summary = json.loads((p.stage_dir("finetune") / "metrics.json").read_text())["summary"]
-            results["finetune"] = {"adapter_dir": str(p.stage_dir("finetune")), "flow_run_id": str(fr.id)}
-            results["finetune"].update({k: v for k, v in summary.items() if isinstance(v, int | float)})
-        else:
-            results["finetune"] = run_stage_task("finetune", params)
-        results["evaluate"] = run_stage_task("evaluate", params)
+        for stage in STAGES:  # the stage table's order
+            if stage == "finetune" and finetune_deployment:
+                results[stage] = _finetune_remotely(finetune_deployment, params, p)
+            else:
+                results[stage] = run_stage_task(stage, params)
+            if stage == "prepare":  # the dataset is versioned before training
+                dvc_version_task(["prepare"], dvc_remote, push=dvc_push)
         versioned = dvc_version_task(list(results), dvc_remote, push=dvc_push)
 
         tags = {
@@ -193,11 +184,10 @@ def spf_pipeline(
         run = track_run_task(
             params, results, f"{params['finetune']['method']}-{flow_run.get_name() or 'local'}", tags
         )
+        # (an aborted fine-tuning never gets here: TrainingAborted fails the finetune step)
         metrics = {
             k: v for k, v in results["evaluate"].items() if isinstance(v, int | float) and k != "seconds"
         }
-        if "aborted" in results["finetune"]:
-            metrics["aborted"] = results["finetune"]["aborted"]
         version, decision, markdown = register_and_gate(params, run, metrics)
 
     finally:
@@ -220,6 +210,24 @@ def spf_pipeline(
     return summary
 
 
+def _finetune_remotely(deployment: str, params: dict[str, Any], p: PipelineParams) -> dict[str, Any]:
+    """The finetune stage as a run of ``deployment`` (a GPU pool); its summary read back from the folder."""
+    from prefect.deployments import run_deployment
+
+    fr = run_deployment(
+        name=deployment,
+        parameters={"params": params, "workspace": str(Path.cwd()), "dvc_remote": None},
+        timeout=None,
+    )
+    if not fr.state or not fr.state.is_completed():
+        raise RuntimeError(f"fine-tuning deployment {deployment} ended {fr.state}")
+    out = p.stage_dir(STAGE_TABLE["finetune"].output)
+    summary = json.loads((out / "metrics.json").read_text())["summary"]
+    result: dict[str, Any] = {"adapter_dir": str(out), "flow_run_id": str(fr.id)}
+    result.update({k: v for k, v in summary.items() if isinstance(v, int | float)})
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="run the spf-pipeline flow once (no server needed)")
     ap.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE")
@@ -229,11 +237,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dvc-remote", default=None)
     ap.add_argument("--summary", default=None, help="write the run summary JSON here")
     args = ap.parse_args(argv)
-    from spf.pipeline.params import ParamsError, apply_overrides
-
     try:
         overrides = apply_overrides({}, args.set)
-        flat = _flatten(overrides)
+        flat = flatten(overrides)
         load_params(Path(args.workspace) / args.params_file, flat)  # fail fast, before Prefect starts
     except ParamsError as exc:
         print(f"spf-pipeline: error: {exc}", file=sys.stderr)
@@ -250,16 +256,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.summary:
         Path(args.summary).write_text(text + "\n")
     return 0
-
-
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 if __name__ == "__main__":

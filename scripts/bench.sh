@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 export PATH="$PWD/.venv/bin:$PATH" HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 config=${1:-bench/cpu.yaml}
 shift || true
-aligned=$(python -c "import sys; from spf.bench.run import load_bench_config; print(load_bench_config(sys.argv[1]).aligned)" "$config")
+aligned=$(python -c "import sys; from spf.bench.config import load_bench_config; print(load_bench_config(sys.argv[1]).aligned)" "$config")
 if [[ "$aligned" == runs/* && ! -f "$aligned/model.safetensors" ]]; then
   echo "aligned base $aligned missing: building it (spf align, ~30 min on 2 CPU cores)"
   python experiments/align_data.py --out runs/align_data

@@ -37,6 +37,8 @@ _SUBMODULES = {
     "models",
     "io",
     "refusal",
+    "generation",
+    "estimate",
     "align",
     "core",
     "data",

@@ -1,3 +1,5 @@
+"""``python -m spf`` (and ``torchrun -m spf``): the ``spf`` command line."""
+
 import sys
 
 from spf.cli.main import main

@@ -1,8 +1,7 @@
 """Make a safety-aligned starting model: LoRA SFT on refusals + the model's own benign answers, merged.
 
 SPF protects safety a model already has; the small instruct models we test on barely refuse anything, so
-experiments start from a model aligned here. The recipe (see docs/METHOD_NOTES.md, "Behaviour, not just
-loss"):
+experiments start from a model aligned here. The recipe (behaviour, not just loss):
 
 * harmful prompts → short written refusals teach refusing;
 * benign prompts → the model's OWN greedy answers keep it helpful. Training on its own answers moves the
@@ -19,14 +18,12 @@ only once the merged model is complete, so a crash never leaves a half model tha
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
 import random
 import re
 import shutil
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -44,9 +41,7 @@ __all__ = [
     "DEFAULT_BENIGN",
     "DEFAULT_REFUSALS",
     "AlignConfig",
-    "add_align_arguments",
     "align",
-    "main_align",
     "refusal_rates",
     "split_heldout",
 ]
@@ -293,22 +288,22 @@ def _merge(cfg: AlignConfig, adapter_dir: Path, dest: Path) -> None:
     tokenizer.save_pretrained(str(dest))
 
 
-def align(cfg: AlignConfig) -> Path:
-    """Run the alignment recipe (module docstring); return the merged model folder ``cfg.out``."""
-    from spf.models import load_model
-    from spf.train.config import TrainConfig
-    from spf.train.loop import train
+@dataclass
+class _Inputs:
+    """The recipe's data, loaded and split before anything is written."""
 
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    out = Path(cfg.out)
-    _prepare_out(out, cfg.overwrite)
-    t_start = time.perf_counter()
-    timings: dict[str, float] = {}
+    refusal_src: str
+    benign_src: list[str]
+    ref_train: list[ChatSample]
+    ref_held: list[ChatSample]
+    ben_train: list[ChatSample]
+    ben_held: list[ChatSample]
 
+
+def _load_inputs(cfg: AlignConfig) -> _Inputs:
+    """Load and validate every input, then split each set into train / held-out."""
     refusal_src = cfg.refusals or str(shipped_file(DEFAULT_REFUSALS))
     benign_src = list(cfg.benign) if cfg.benign else [str(shipped_file(DEFAULT_BENIGN))]
-    # load and validate every input before anything is created on disk
     refusals = _load_refusals(refusal_src, cfg.n_refusals, cfg.seed)
     benign = _load_benign(benign_src, cfg.n_benign, cfg.seed, cfg.max_prompt_chars)
     ref_train, ref_held = split_heldout(refusals, cfg.heldout_fraction, cfg.seed)
@@ -320,198 +315,167 @@ def align(cfg: AlignConfig) -> Path:
         len(ben_train),
         len(ben_held),
     )
+    return _Inputs(refusal_src, benign_src, ref_train, ref_held, ben_train, ben_held)
+
+
+def _write_splits(cfg: AlignConfig, data: _Inputs, folder: Path) -> dict[str, Any]:
+    """``splits.json`` (which prompts were held out, and how) and the held-out refusals."""
+    splits = {
+        "seed": cfg.seed,
+        "heldout_fraction": cfg.heldout_fraction,
+        "method": "sha256(seed NUL prompt), smallest round(fraction*n) held out",
+        "refusals": _split_record(data.refusal_src, data.ref_train, data.ref_held),
+        "benign": _split_record(data.benign_src, data.ben_train, data.ben_held),
+    }
+    save_json(splits, folder / "splits.json")
+    if data.ref_held:
+        save_samples(data.ref_held, folder / "heldout_refusals.jsonl")
+    return splits
+
+
+def _write_sft_data(
+    cfg: AlignConfig, data: _Inputs, own: list[ChatSample], folder: Path
+) -> tuple[list[ChatSample], dict[str, Any]]:
+    """``sft_data.jsonl`` (train refusals + the model's own benign answers, shuffled) and, with an
+    unlikelihood weight, the benign prompts it applies to → (the mix, the unlikelihood settings)."""
+    mix = list(data.ref_train) + own
+    random.Random(cfg.seed).shuffle(mix)
+    save_samples(mix, folder / "sft_data.jsonl")
+    unlikelihood: dict[str, Any] = {}
+    if cfg.unlikelihood_weight > 0 and data.ben_train:
+        # benign TRAIN prompts only: held-out ones measure over-refusal afterwards
+        prompts = folder / "unlikelihood_prompts.jsonl"
+        save_samples([ChatSample.from_pair(s.prompt) for s in data.ben_train], prompts)
+        unlikelihood = {"data": str(prompts), "weight": cfg.unlikelihood_weight}
+    return mix, unlikelihood
+
+
+def _train_adapter(cfg: AlignConfig, folder: Path, unlikelihood: dict[str, Any], n_held: int) -> Any:
+    """Vanilla LoRA SFT on ``sft_data.jsonl`` into ``folder/adapter``, tracking the held-out refusal loss."""
+    from spf.train.config import TrainConfig
+    from spf.train.loop import train
+
+    tcfg = TrainConfig(
+        model=cfg.model,
+        data=str(folder / "sft_data.jsonl"),
+        out=str(folder / "adapter"),
+        method="vanilla",
+        finetune="lora",
+        lora={"r": cfg.lora_r, "alpha": 2.0 * cfg.lora_r},
+        steps=cfg.steps,
+        batch_size=cfg.batch_size,
+        lr=cfg.lr,
+        max_length=cfg.max_length,
+        seed=cfg.seed,
+        resume=False,
+        heldout_safety=str(folder / "heldout_refusals.jsonl") if n_held else None,
+        heldout_n=max(1, n_held),
+        unlikelihood=unlikelihood,
+        eval_every=max(1, cfg.steps // 4),
+        threads=cfg.threads,
+        device=cfg.device,
+    )
+    return train(tcfg)
+
+
+def _merge_adapter(cfg: AlignConfig, folder: Path) -> None:
+    adapter_dir = folder / "adapter"
+    _merge(cfg, adapter_dir, folder)
+    shutil.copy(adapter_dir / "metrics.json", folder / "train_metrics.json")
+    # the merged weights supersede the adapter; leaving adapter_config.json around would also make
+    # a reader take this folder for an adapter
+    shutil.rmtree(adapter_dir)
+
+
+def _heldout_behaviour(cfg: AlignConfig, data: _Inputs, folder: Path) -> dict[str, Any] | None:
+    """Refusal rates of the merged model on the held-out prompts (None when skipped or nothing is held out)."""
+    if not cfg.eval_max_new_tokens or not (data.ref_held or data.ben_held):
+        return None
+    from spf.models import load_model
+
+    merged, mtok = load_model(str(folder), device=cfg.device)
+    return refusal_rates(
+        merged,
+        mtok,
+        [s.prompt for s in data.ref_held],
+        [s.prompt for s in data.ben_held],
+        max_new_tokens=cfg.eval_max_new_tokens,
+        batch_size=cfg.gen_batch_size,
+    )
+
+
+def _training_summary(cfg: AlignConfig, metrics: dict[str, Any]) -> dict[str, Any]:
+    steps, summary = metrics["steps"], metrics["summary"]
+    return {
+        "steps": cfg.steps,
+        "loss_start": steps[0]["loss"] if steps else None,
+        "loss_end": steps[-1]["loss"] if steps else None,
+        "heldout_refusal_loss_start": summary.get("safety_loss_heldout_start"),
+        "heldout_refusal_loss_end": summary.get("safety_loss_heldout_end"),
+        "mean_step_seconds": summary.get("mean_step_seconds"),
+        "unlikelihood_loss_start": steps[0].get("unlikelihood_loss") if steps else None,
+        "unlikelihood_loss_end": steps[-1].get("unlikelihood_loss") if steps else None,
+    }
+
+
+def _report(cfg: AlignConfig, data: _Inputs, splits: dict, gen_stats: dict, n_sft: int) -> dict[str, Any]:
+    """``align_report.json`` without the training, behaviour and timing parts (filled in by :func:`align`)."""
+    return {
+        "config": asdict(cfg),
+        "data": {
+            "refusal_source": data.refusal_src,
+            "benign_sources": data.benign_src,
+            "refusals_train": len(data.ref_train),
+            "refusals_heldout": len(data.ref_held),
+            "benign_prompts_train": len(data.ben_train),
+            "benign_prompts_heldout": len(data.ben_held),
+            "benign_own_answers": gen_stats,
+            "sft_samples": n_sft,
+        },
+        "split": {
+            k: {f: splits[k][f] for f in ("n_train", "n_heldout", "train_sha256", "heldout_sha256")}
+            for k in ("refusals", "benign")
+        },
+    }
+
+
+def align(cfg: AlignConfig) -> Path:
+    """Run the alignment recipe (module docstring); return the merged model folder ``cfg.out``."""
+    from spf.models import load_model
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    out = Path(cfg.out)
+    _prepare_out(out, cfg.overwrite)
+    t_start = time.perf_counter()
+    timings: dict[str, float] = {}
+    data = _load_inputs(cfg)  # every input is checked before anything is created on disk
 
     with atomic_dir(out) as tmp:
-        splits = {
-            "seed": cfg.seed,
-            "heldout_fraction": cfg.heldout_fraction,
-            "method": "sha256(seed NUL prompt), smallest round(fraction*n) held out",
-            "refusals": _split_record(refusal_src, ref_train, ref_held),
-            "benign": _split_record(benign_src, ben_train, ben_held),
-        }
-        save_json(splits, tmp / "splits.json")
-        if ref_held:
-            save_samples(ref_held, tmp / "heldout_refusals.jsonl")
-
+        splits = _write_splits(cfg, data, tmp)
         t0 = time.perf_counter()
         model, tokenizer = load_model(cfg.model, device=cfg.device)
-        own, gen_stats = _own_answers(model, tokenizer, ben_train, cfg)
+        own, gen_stats = _own_answers(model, tokenizer, data.ben_train, cfg)
         del model
         timings["generate_seconds"] = time.perf_counter() - t0
         logger.info("own benign answers: %s", gen_stats)
-
-        mix = list(ref_train) + own
-        random.Random(cfg.seed).shuffle(mix)
-        save_samples(mix, tmp / "sft_data.jsonl")
-        unlikelihood: dict[str, Any] = {}
-        if cfg.unlikelihood_weight > 0 and ben_train:
-            # benign TRAIN prompts only: held-out ones measure over-refusal afterwards
-            save_samples(
-                [ChatSample.from_pair(s.prompt) for s in ben_train], tmp / "unlikelihood_prompts.jsonl"
-            )
-            unlikelihood = {
-                "data": str(tmp / "unlikelihood_prompts.jsonl"),
-                "weight": cfg.unlikelihood_weight,
-            }
+        mix, unlikelihood = _write_sft_data(cfg, data, own, tmp)
 
         t0 = time.perf_counter()
-        adapter_dir = tmp / "adapter"
-        tcfg = TrainConfig(
-            model=cfg.model,
-            data=str(tmp / "sft_data.jsonl"),
-            out=str(adapter_dir),
-            method="vanilla",
-            finetune="lora",
-            lora={"r": cfg.lora_r, "alpha": 2.0 * cfg.lora_r},
-            steps=cfg.steps,
-            batch_size=cfg.batch_size,
-            lr=cfg.lr,
-            max_length=cfg.max_length,
-            seed=cfg.seed,
-            resume=False,
-            heldout_safety=str(tmp / "heldout_refusals.jsonl") if ref_held else None,
-            heldout_n=max(1, len(ref_held)),
-            unlikelihood=unlikelihood,
-            eval_every=max(1, cfg.steps // 4),
-            threads=cfg.threads,
-            device=cfg.device,
-        )
-        result = train(tcfg)
+        result = _train_adapter(cfg, tmp, unlikelihood, len(data.ref_held))
         timings["train_seconds"] = time.perf_counter() - t0
-
         t0 = time.perf_counter()
-        _merge(cfg, adapter_dir, tmp)
-        shutil.copy(adapter_dir / "metrics.json", tmp / "train_metrics.json")
-        # the merged weights supersede the adapter; leaving adapter_config.json around would also make
-        # a reader take this folder for an adapter
-        shutil.rmtree(adapter_dir)
+        _merge_adapter(cfg, tmp)
         timings["merge_seconds"] = time.perf_counter() - t0
-
-        behaviour = None
-        if cfg.eval_max_new_tokens and (ref_held or ben_held):
-            t0 = time.perf_counter()
-            merged, mtok = load_model(str(tmp), device=cfg.device)
-            behaviour = refusal_rates(
-                merged,
-                mtok,
-                [s.prompt for s in ref_held],
-                [s.prompt for s in ben_held],
-                max_new_tokens=cfg.eval_max_new_tokens,
-                batch_size=cfg.gen_batch_size,
-            )
-            del merged
+        t0 = time.perf_counter()
+        behaviour = _heldout_behaviour(cfg, data, tmp)
+        if behaviour is not None:
             timings["eval_seconds"] = time.perf_counter() - t0
 
-        steps = result.metrics["steps"]
-        summary = result.metrics["summary"]
-        report = {
-            "config": asdict(cfg),
-            "data": {
-                "refusal_source": refusal_src,
-                "benign_sources": benign_src,
-                "refusals_train": len(ref_train),
-                "refusals_heldout": len(ref_held),
-                "benign_prompts_train": len(ben_train),
-                "benign_prompts_heldout": len(ben_held),
-                "benign_own_answers": gen_stats,
-                "sft_samples": len(mix),
-            },
-            "split": {
-                k: {f: splits[k][f] for f in ("n_train", "n_heldout", "train_sha256", "heldout_sha256")}
-                for k in ("refusals", "benign")
-            },
-            "training": {
-                "steps": cfg.steps,
-                "loss_start": steps[0]["loss"] if steps else None,
-                "loss_end": steps[-1]["loss"] if steps else None,
-                "heldout_refusal_loss_start": summary.get("safety_loss_heldout_start"),
-                "heldout_refusal_loss_end": summary.get("safety_loss_heldout_end"),
-                "mean_step_seconds": summary.get("mean_step_seconds"),
-                "unlikelihood_loss_start": steps[0].get("unlikelihood_loss") if steps else None,
-                "unlikelihood_loss_end": steps[-1].get("unlikelihood_loss") if steps else None,
-            },
-            "heldout_behaviour": behaviour,
-            "timings": {**timings, "total_seconds": time.perf_counter() - t_start},
-        }
+        report = _report(cfg, data, splits, gen_stats, len(mix))
+        report["training"] = _training_summary(cfg, result.metrics)
+        report["heldout_behaviour"] = behaviour
+        report["timings"] = {**timings, "total_seconds": time.perf_counter() - t_start}
         save_json(report, tmp / "align_report.json")
     logger.info("aligned model written to %s (%.0f s)", out, time.perf_counter() - t_start)
     return out
-
-
-# --------------------------------------------------------------------------------------------------- CLI
-
-
-def add_align_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of ``spf align``; pair with :func:`main_align`."""
-    d = AlignConfig()
-    parser.add_argument("--model", default=d.model, help="base model (default: %(default)s)")
-    parser.add_argument(
-        "--out", default=None, help="merged model folder to create (required without --params)"
-    )
-    parser.add_argument(
-        "--refusals", default=None, help="(harmful prompt, refusal) file; default: shipped set"
-    )
-    parser.add_argument(
-        "--benign",
-        nargs="+",
-        default=None,
-        help="benign prompt file(s); answers are regenerated by the model",
-    )
-    parser.add_argument("--n-refusals", type=int, default=None)
-    parser.add_argument("--n-benign", type=int, default=None)
-    parser.add_argument("--heldout-fraction", type=float, default=d.heldout_fraction)
-    parser.add_argument("--steps", type=int, default=d.steps)
-    parser.add_argument("--lr", type=float, default=d.lr)
-    parser.add_argument("--batch-size", type=int, default=d.batch_size)
-    parser.add_argument("--lora-r", type=int, default=d.lora_r)
-    parser.add_argument("--seed", type=int, default=d.seed)
-    parser.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help="own-answer length")
-    parser.add_argument(
-        "--eval-max-new-tokens", type=int, default=d.eval_max_new_tokens, help="held-out check; 0 = skip"
-    )
-    parser.add_argument(
-        "--unlikelihood-weight",
-        type=float,
-        default=d.unlikelihood_weight,
-        help="push refusal openings down on benign train prompts (over-refusal lever; 0 = off)",
-    )
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--device", default=None)
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-
-
-def main_align(args: argparse.Namespace) -> int:
-    """Build an :class:`AlignConfig` from parsed arguments, run it, print a one-line summary."""
-    if args.out is None:
-        print("spf: error: --out is required (or run the pipeline stage with --params FILE)", file=sys.stderr)
-        return 2
-    try:
-        cfg = AlignConfig(
-            model=args.model,
-            out=args.out,
-            refusals=args.refusals,
-            benign=args.benign,
-            n_refusals=args.n_refusals,
-            n_benign=args.n_benign,
-            heldout_fraction=args.heldout_fraction,
-            steps=args.steps,
-            lr=args.lr,
-            batch_size=args.batch_size,
-            lora_r=args.lora_r,
-            seed=args.seed,
-            max_new_tokens=args.max_new_tokens,
-            eval_max_new_tokens=args.eval_max_new_tokens,
-            unlikelihood_weight=args.unlikelihood_weight,
-            threads=args.threads,
-            device=args.device,
-            overwrite=args.overwrite,
-        )
-        out = align(cfg)
-    except (DataError, ValueError, FileNotFoundError) as exc:
-        print(f"spf: error: {exc}", file=sys.stderr)
-        return 2
-    report = json.loads((out / "align_report.json").read_text())
-    beh = report.get("heldout_behaviour") or {}
-    rates = {k: beh[k]["refusal_rate"] for k in ("harmful", "benign") if k in beh}
-    print(f"aligned model: {out}  held-out refusal rates: {rates}")
-    return 0

@@ -11,6 +11,7 @@ import os
 import shutil
 import sys
 import tempfile
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,12 +20,37 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["atomic_dir", "atomic_path", "save_json", "save_tensors"]
+__all__ = ["atomic_dir", "atomic_path", "current_umask", "path_sha256", "save_json", "save_tensors"]
+
+_UMASK_LOCK = threading.Lock()
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where the OS allows (Linux ≥ 4.7: ``/proc``).
+
+    ``os.umask`` can only be read by setting it; between the two calls another thread creating a file
+    would get the temporary value. The fallback therefore sets the strictest mask (0o077: such a file is
+    private rather than world-writable) and restores at once, under a lock against our own threads.
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    with _UMASK_LOCK:
+        mask = os.umask(0o077)
+        os.umask(mask)
+    return mask
 
 
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path in the target's folder; on success rename it onto ``path``."""
+    """Yield a temporary path in the target's folder; on success rename it onto ``path``.
+
+    The published file gets the mode a plain ``open(path, "w")`` would (0o666 & ~umask): ``mkstemp``
+    creates 0600, which would leave adapters and metrics unreadable to the rest of a team."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -32,6 +58,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        tmp_path.chmod(0o666 & ~current_umask())  # the writer may have replaced the file: chmod last
         os.replace(tmp_path, path)
     finally:
         tmp_path.unlink(missing_ok=True)
@@ -52,9 +79,7 @@ def atomic_dir(dest: str | Path) -> Iterator[Path]:
         raise FileExistsError(f"{dest} exists and is not a folder")
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
-    umask = os.umask(0o022)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)
+    tmp.chmod(0o777 & ~current_umask())
     try:
         yield tmp
         if dest.exists():
@@ -95,3 +120,24 @@ def _json_default(obj: Any) -> Any:
     if isinstance(obj, Path):
         return str(obj)
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def path_sha256(path: str | Path) -> str:
+    """Content hash of a file or a folder (relative names + bytes, sorted): the cache key of an input."""
+    import hashlib
+
+    path = Path(path)
+    h = hashlib.sha256()
+    if path.is_file():
+        files = [(path.name, path)]
+    elif path.is_dir():
+        files = sorted((p.relative_to(path).as_posix(), p) for p in path.rglob("*") if p.is_file())
+    else:
+        raise FileNotFoundError(f"{path} does not exist")
+    for rel, p in files:
+        h.update(rel.encode() + b"\0")
+        with p.open("rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+        h.update(b"\0")
+    return h.hexdigest()

@@ -176,7 +176,10 @@ def init_workspace(
     }
     for rel in sorted({"dvc.yaml", ".dvcignore", ".dvc/config", *deps}):
         (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(PROJECT_ROOT / rel, dest / rel)
+        if (PROJECT_ROOT / rel).is_dir():  # a code folder (dvc.yaml names the folders a stage runs)
+            shutil.copytree(PROJECT_ROOT / rel, dest / rel, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(PROJECT_ROOT / rel, dest / rel)
     (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     git = ["git", "-c", "user.email=spf@localhost", "-c", "user.name=spf"]
     subprocess.run([*git, "init", "-q", "-b", "main"], cwd=dest, check=True, capture_output=True)

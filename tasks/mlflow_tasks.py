@@ -21,6 +21,7 @@ from prefect import task
 from prefect.transactions import Transaction
 
 from spf.pipeline.gate import GateThresholds
+from spf.pipeline.stages import STAGE_TABLE, STAGES
 from tasks import registry, tracking
 from tasks.resilience import RetryPolicy, describe_mlflow_failure, is_mlflow_outage
 
@@ -69,6 +70,7 @@ def track_run_task(
     """One MLflow run: params, tags, stage metrics, telemetry, artifacts and the adapter as a model."""
     t = params["tracking"]
     workdir = Path(params["runtime"]["workdir"])
+    folder = {name: workdir / row.output for name, row in STAGE_TABLE.items()}  # each stage's output
     client = tracking.make_client(t["tracking_uri"])
     step = _Step(client)
     with step("create the run"):
@@ -79,7 +81,7 @@ def track_run_task(
         with step("log params"):
             tracking.log_params(client, run_id, params)
         metrics: dict[str, float] = {}
-        for stage in ("prepare", "align", "estimate", "analyze", "finetune"):
+        for stage in (s for s in STAGES if s != "evaluate"):  # evaluate's go unprefixed: the gate's names
             for k, v in results.get(stage, {}).items():
                 if isinstance(v, int | float) and not isinstance(v, bool):
                     metrics[f"{stage}/{k}"] = float(v)
@@ -87,27 +89,18 @@ def track_run_task(
         with step("log metrics"):
             tracking.log_metrics(client, run_id, metrics)
         with step("log telemetry and upload its artifacts"):
-            tracking.log_telemetry(client, run_id, workdir / "finetune" / "metrics.json")
+            tracking.log_telemetry(client, run_id, folder["finetune"] / "metrics.json")
+        with step("record the data manifest"):
+            tracking.log_data_manifest(client, run_id, folder["prepare"] / "manifest.json")
         with step("upload artifacts"):
-            for name in ("subspace.json", "cer.json", "sample.jsonl"):
-                path = workdir / "subspace" / name
-                if path.exists():
-                    tracking.log_artifacts(client, run_id, path, "subspace")
-            for name in ("results.json", "samples.jsonl"):
-                tracking.log_artifacts(client, run_id, workdir / "eval" / name, "eval")
-            tracking.log_artifacts(client, run_id, workdir / "data" / "manifest.json", "data")
-            analysis = workdir / "analysis"
-            if (analysis / "analysis.json").is_file():  # insights I–III: figures, numbers, summary
-                for path in sorted(analysis.iterdir()):
-                    if path.suffix in (".png", ".json", ".md"):
-                        tracking.log_artifacts(client, run_id, path, "analysis")
+            _log_stage_artifacts(client, run_id, folder)
         base = Path(results["align"]["model_ref"])
         base_ref = str(base.resolve()) if base.exists() else results["align"]["model_ref"]
         with step("upload the model artifact"):
             model_uri = tracking.log_adapter_model(
                 client,
                 run_id,
-                workdir / "finetune",
+                folder["finetune"],
                 base_ref,
                 embed_base=t["embed_base_model"],
                 max_new_tokens=params["evaluate"]["max_new_tokens"],
@@ -121,6 +114,24 @@ def track_run_task(
             logger.warning("could not mark MLflow run %s FAILED: %s", run_id, str(exc).splitlines()[0][:200])
         raise
     return {"run_id": run_id, "model_uri": model_uri, "metrics": metrics, "run_url": url}
+
+
+def _log_stage_artifacts(client: Any, run_id: str, folder: dict[str, Path]) -> None:
+    """The stage outputs a reader of the run wants, each under its output folder's name."""
+
+    def log(stage: str, path: Path) -> None:
+        tracking.log_artifacts(client, run_id, path, STAGE_TABLE[stage].output)
+
+    for name in ("subspace.json", "cer.json", "sample.jsonl"):
+        if (folder["estimate"] / name).exists():
+            log("estimate", folder["estimate"] / name)
+    for name in ("results.json", "samples.jsonl"):
+        log("evaluate", folder["evaluate"] / name)
+    log("prepare", folder["prepare"] / "manifest.json")
+    if (folder["analyze"] / "analysis.json").is_file():  # insights I–III: figures, numbers, summary
+        for path in sorted(folder["analyze"].iterdir()):
+            if path.suffix in (".png", ".json", ".md"):
+                log("analyze", path)
 
 
 def run_url(client: Any, run_id: str) -> str:

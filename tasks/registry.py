@@ -15,16 +15,10 @@ one the gate's rule picks, never a lost update.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
-import os
-import random
-import socket
 import tempfile
-import time
-import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -33,6 +27,14 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from spf.pipeline.gate import GateDecision, GateThresholds, decide
+from tasks.registry_lock import (  # the lock's names stay importable from here (callers, tests)
+    LOCK_SUFFIX,  # noqa: F401
+    RegistryLock,
+    RegistryLockLost,
+    RegistryLockTimeout,  # noqa: F401
+    already_exists,
+    is_missing,
+)
 from tasks.tracking import MAX_PARAM_VALUE_LENGTH, make_client, redact, resolve_tracking_uri
 
 logger = logging.getLogger(__name__)
@@ -42,16 +44,8 @@ CHALLENGER = "challenger"
 METRIC_TAG_PREFIX = "metric."
 MAX_CAS_ATTEMPTS = 3
 REGISTRATION_KEY_TAG = "spf.registration_key"
-LOCK_SUFFIX = ".lock"
-# A crashed gate leaves its lock behind; after this many seconds another gate breaks it. A live gate holds
-# the lock for a few requests (well under a second on a local server).
-DEFAULT_LOCK_STALE_S = 300.0
 # Model-version tag values are capped server-side; the full decision is in the report file anyway.
 _MAX_TAG_VALUE = MAX_PARAM_VALUE_LENGTH - 1000
-
-
-def _is_missing(exc: MlflowException) -> bool:
-    return exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND")
 
 
 def _ensure_registered_model(client: MlflowClient, name: str) -> None:
@@ -59,7 +53,7 @@ def _ensure_registered_model(client: MlflowClient, name: str) -> None:
         client.create_registered_model(name)
         logger.info("created registered model %s", name)
     except MlflowException as exc:
-        if exc.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
+        if not already_exists(exc):
             raise
 
 
@@ -153,7 +147,7 @@ def _alias_version(client: MlflowClient, name: str, alias: str) -> str | None:
     try:
         aliases = client.get_registered_model(name).aliases or {}
     except MlflowException as exc:
-        if _is_missing(exc):
+        if is_missing(exc):
             return None
         raise
     version = aliases.get(alias)
@@ -217,180 +211,6 @@ def _write_report(
     (out / "gate.json").write_text(json.dumps(payload, indent=2) + "\n")
     (out / "gate.md").write_text(_report_markdown(name, version, decision, thresholds))
     return out
-
-
-class RegistryLockTimeout(TimeoutError):
-    """Another gate held the promotion lock for longer than the wait allowed (and it was not stale)."""
-
-
-class RegistryLockLost(RuntimeError):
-    """Our lock was broken as stale by another gate before we wrote: nothing is written (fail-closed)."""
-
-
-def _env_seconds(name: str, default: float) -> float:
-    raw = os.environ.get(name, "").strip()
-    if not raw:
-        return default
-    value = float(raw)
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a positive number of seconds, got {raw!r}")
-    return value
-
-
-class RegistryLock:
-    """Mutual exclusion for moves of ``champion`` on registered model ``name``, across processes/hosts.
-
-    Acquire = create the registered model ``<name>.lock``; the tracking server's database rejects a second
-    model of that name (unique key), so exactly one creator wins. Release = delete it (only when the
-    ``lock.owner`` tag is still ours). The holder's wall-clock acquisition time is the ``lock.acquired_at``
-    tag: a lock older than ``stale_after`` seconds (default ``$SPF_REGISTRY_LOCK_STALE_S`` or 300; by
-    that tag, or by how long this waiter has seen the same owner hold it) belongs to a crashed holder and is
-    broken — through a second create-once model ``<name>.lock.broken-<id>`` (kept as the audit record), so
-    two waiters can never both break it and delete each other's fresh lock. A waiter gives up after
-    ``timeout`` seconds (default ``$SPF_REGISTRY_LOCK_TIMEOUT_S`` or stale_after + 60) with
-    :class:`RegistryLockTimeout`. Assumes the clocks of the hosts running gates agree to well under
-    ``stale_after`` (NTP).
-    """
-
-    def __init__(
-        self,
-        client: MlflowClient,
-        name: str,
-        *,
-        stale_after: float | None = None,
-        timeout: float | None = None,
-        poll: float = 0.2,
-    ) -> None:
-        self.client = client
-        self.name = name
-        self.lock_name = f"{name}{LOCK_SUFFIX}"
-        self.stale_after = stale_after or _env_seconds("SPF_REGISTRY_LOCK_STALE_S", DEFAULT_LOCK_STALE_S)
-        self.timeout = timeout or _env_seconds("SPF_REGISTRY_LOCK_TIMEOUT_S", self.stale_after + 60.0)
-        self.poll = poll
-        self.token = f"{socket.gethostname()}/{os.getpid()}/{uuid.uuid4().hex}"
-        self.held = False
-        self.waited_s = 0.0
-
-    # ------------------------------------------------------------------------------------------ state
-    def _holder(self) -> dict[str, str] | None:
-        try:
-            return dict(self.client.get_registered_model(self.lock_name).tags or {})
-        except MlflowException as exc:
-            if _is_missing(exc):
-                return None
-            raise
-
-    def owned(self) -> bool:
-        """Whether the lock model exists and names us as owner (re-read from the server)."""
-        holder = self._holder()
-        return holder is not None and holder.get("lock.owner") == self.token
-
-    # ---------------------------------------------------------------------------------------- acquire
-    def acquire(self) -> RegistryLock:
-        t0 = time.monotonic()
-        deadline = t0 + self.timeout
-        seen: tuple[str, float] | None = None  # (owner, monotonic time first seen holding the lock)
-        while not self._try_create():
-            holder = self._holder()
-            if holder is None:
-                continue  # released between our create and our read: try again at once
-            owner = holder.get("lock.owner", "?")
-            if owner == self.token:  # our create went through, but its response was lost and retried
-                self.held = True
-                break
-            now = time.monotonic()
-            if seen is None or seen[0] != owner:
-                seen = (owner, now)
-            try:
-                age = time.time() - float(holder.get("lock.acquired_at", "nan"))
-            except ValueError:
-                age = math.nan
-            held_for = max(age if math.isfinite(age) else 0.0, now - seen[1])
-            if held_for > self.stale_after:
-                self._break(owner, holder.get("lock.acquired_at", "?"), held_for)
-            elif now >= deadline:
-                raise RegistryLockTimeout(
-                    f"promotion lock {self.lock_name!r} held by {owner} for {held_for:.0f} s; "
-                    f"gave up after {self.timeout:.0f} s (stale after {self.stale_after:.0f} s)"
-                )
-            time.sleep(self.poll * (0.5 + random.random()))
-        self.waited_s = time.monotonic() - t0
-        logger.debug("acquired %s (waited %.2f s)", self.lock_name, self.waited_s)
-        return self
-
-    def _try_create(self) -> bool:
-        try:
-            self.client.create_registered_model(
-                self.lock_name,
-                tags={
-                    "lock.owner": self.token,
-                    "lock.acquired_at": f"{time.time():.3f}",
-                    "lock.for": self.name,
-                },
-                description=f"promotion lock of {self.name} (tasks/registry.py RegistryLock); "
-                "delete it only if no gate is running",
-            )
-        except MlflowException as exc:
-            if exc.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
-                raise
-            return False
-        self.held = True
-        return True
-
-    def _break(self, owner: str, acquired_at: str, held_for: float) -> None:
-        """Delete a stale lock — only the one waiter whose create of the per-holder breaker model wins."""
-        breaker = (
-            f"{self.lock_name}.broken-{hashlib.sha256(f'{owner}|{acquired_at}'.encode()).hexdigest()[:16]}"
-        )
-        try:
-            self.client.create_registered_model(
-                breaker,
-                tags={
-                    "lock.broken_owner": owner,
-                    "lock.broken_by": self.token,
-                    "lock.held_for": f"{held_for:.0f}",
-                },
-                description=f"record of a stale promotion lock of {self.name} broken after {held_for:.0f} s",
-            )
-        except MlflowException as exc:
-            if exc.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
-                raise
-            return  # another waiter is breaking it
-        holder = self._holder()
-        if holder is not None and holder.get("lock.owner") == owner:
-            logger.warning(
-                "breaking stale promotion lock %s held by %s for %.0f s", self.lock_name, owner, held_for
-            )
-            self._delete()
-
-    # ---------------------------------------------------------------------------------------- release
-    def _delete(self) -> None:
-        try:
-            self.client.delete_registered_model(self.lock_name)
-        except MlflowException as exc:
-            if not _is_missing(exc):
-                raise
-
-    def release(self) -> None:
-        if not self.held:
-            return
-        self.held = False
-        if self.owned():
-            self._delete()
-        else:
-            logger.warning(
-                "promotion lock %s was no longer ours at release (broken as stale)", self.lock_name
-            )
-
-    def __enter__(self) -> RegistryLock:
-        return self.acquire()
-
-    def __exit__(self, *exc: object) -> None:
-        try:
-            self.release()
-        except Exception:
-            # the lock then goes stale and is broken by the next gate; do not mask the original error
-            logger.exception("could not release promotion lock %s", self.lock_name)
 
 
 def _gate_locked(
@@ -502,7 +322,7 @@ def rollback_champion(
             try:
                 client.delete_registered_model_alias(name, CHAMPION)
             except MlflowException as exc:
-                if not _is_missing(exc):
+                if not is_missing(exc):
                     raise
             logger.warning("rolled back %s: alias %s removed", name, CHAMPION)
             return

@@ -20,22 +20,13 @@ from typing import Any
 from prefect import task
 from prefect.context import TaskRunContext
 
-from spf.pipeline.params import PipelineParams
-from spf.pipeline.stages import path_sha256, run_stage
+from spf.io import atomic_path, path_sha256
+from spf.pipeline.params import ParamsError, PipelineParams
+from spf.pipeline.stages import STAGE_TABLE, run_stage
 from tasks import dvc_ops
 from tasks.resilience import RetryPolicy
 
 logger = logging.getLogger(__name__)
-
-# stage → (parameter sections it reads, input folders under workdir, output folder under workdir)
-STAGE_IO: dict[str, tuple[tuple[str, ...], tuple[str, ...], str]] = {
-    "prepare": (("prepare",), (), "data"),
-    "align": (("align",), (), "aligned"),
-    "estimate": (("estimate",), ("aligned", "data"), "subspace"),
-    "analyze": (("analyze",), ("aligned", "data", "subspace"), "analysis"),
-    "finetune": (("finetune", "estimate"), ("aligned", "data", "subspace"), "finetune"),
-    "evaluate": (("evaluate",), ("aligned", "data", "finetune"), "eval"),
-}
 
 # Local I/O (params.yaml): a couple of quick retries. Remote I/O retries inside dvc_ops (SPF_IO_* policy).
 IO_RETRY = RetryPolicy(retries=2, delay=1.0, backoff=2.0)
@@ -46,19 +37,19 @@ STAMP = ".spf-cache-key"  # written into a stage's output folder: the input key 
 
 def input_key(stage: str, params: dict[str, Any]) -> str:
     """SHA-256 of the stage's parameter section(s) and the bytes of its input folders."""
-    sections, inputs, _ = STAGE_IO[stage]
+    row = STAGE_TABLE[stage]
     workdir = Path(params["runtime"]["workdir"])
     payload = {
         "stage": stage,
-        "params": {s: params[s] for s in sections},
-        "inputs": {n: path_sha256(workdir / n) if (workdir / n).exists() else "missing" for n in inputs},
+        "params": {s: params[s] for s in row.params},
+        "inputs": {n: path_sha256(workdir / n) if (workdir / n).exists() else "missing" for n in row.inputs},
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
 def output_matches(stage: str, params: dict[str, Any], key: str) -> bool:
     """Whether the output on disk was produced from inputs with this key (its stamp says so)."""
-    stamp = Path(params["runtime"]["workdir"]) / STAGE_IO[stage][2] / STAMP
+    stamp = Path(params["runtime"]["workdir"]) / STAGE_TABLE[stage].output / STAMP
     return stamp.is_file() and stamp.read_text().strip() == key
 
 
@@ -89,7 +80,7 @@ def stage_task(stage: str, params: dict[str, Any]) -> dict[str, Any]:
     """Run one pipeline stage (spf.pipeline.stages.run_stage) with the run's effective parameters."""
     key = input_key(stage, params)  # before the run: the inputs it reads
     result = run_stage(stage, PipelineParams.from_dict(params, source="flow parameters"))
-    (Path(params["runtime"]["workdir"]) / STAGE_IO[stage][2] / STAMP).write_text(key + "\n")
+    (Path(params["runtime"]["workdir"]) / STAGE_TABLE[stage].output / STAMP).write_text(key + "\n")
     return result
 
 
@@ -112,8 +103,6 @@ def write_params(params: dict[str, Any], path: str | Path = "params.yaml") -> st
     import yaml
     from ruamel.yaml import YAML
     from ruamel.yaml.error import YAMLError as RuamelError
-
-    from spf.io import atomic_path
 
     path = Path(path)
     rt = YAML()  # round-trip: comments and order survive
@@ -141,6 +130,27 @@ def write_params(params: dict[str, Any], path: str | Path = "params.yaml") -> st
     return str(path)
 
 
+def overridden(original: bytes | None, params: dict[str, Any]) -> bool:
+    """Whether ``params`` differ in value from what the original params.yaml (with defaults) says."""
+    import yaml
+
+    try:
+        base = yaml.safe_load(original.decode()) if original is not None else {}
+        return PipelineParams.from_dict(base or {}, source="params.yaml").to_dict() != params
+    except (ParamsError, yaml.YAMLError, UnicodeDecodeError):
+        return True
+
+
+def restore_params(path: str | Path, original: bytes | None) -> None:
+    """Put back the params.yaml a run started from (``original``: its bytes; None = there was none)."""
+    path = Path(path)
+    if original is None:
+        path.unlink(missing_ok=True)
+        return
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(original)
+
+
 def _update_in_place(doc: dict, new: dict) -> None:
     """Make ``doc`` (a ruamel CommentedMap) equal ``new``: nested maps edited key by key, so the comments
     attached to untouched keys — and to edited ones — stay where they are."""
@@ -166,5 +176,5 @@ def dvc_version_task(stages: list[str], remote: str | None, push: bool = True) -
     return {
         "stages": stages,
         "remote": remote,
-        "dvc_lock_sha256": hashlib.sha256(lock.read_bytes()).hexdigest() if lock.exists() else None,
+        "dvc_lock_sha256": path_sha256(lock) if lock.exists() else None,  # = the MLflow run's dvc.lock tag
     }

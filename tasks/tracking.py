@@ -15,7 +15,6 @@ artifact store needs live only in the MLflow server's environment (see ``scripts
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -29,9 +28,11 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
+from spf.io import path_sha256
 from tasks.resilience import apply_mlflow_http_defaults
 
 logger = logging.getLogger(__name__)
@@ -141,9 +142,20 @@ def _to_text(value: Any) -> str:
         return value
     if isinstance(value, (list, tuple)):
         return json.dumps(list(value), default=str)
-    if isinstance(value, Path):
-        return str(value)
     return str(value)
+
+
+def flatten(d: Mapping[str, Any], sep: str = ".", prefix: str = "") -> dict[str, Any]:
+    """Nested mappings → one level, keys joined by ``sep`` (``{"a": {"b": 1}}`` → ``{"a.b": 1}``); an empty
+    mapping stays a value. The one flattener of params (``.``), metrics (``/``) and flow overrides."""
+    out: dict[str, Any] = {}
+    for key, value in d.items():
+        name = f"{prefix}{sep}{key}" if prefix else str(key)
+        if isinstance(value, Mapping) and value:
+            out.update(flatten(value, sep, name))
+        else:
+            out[name] = value
+    return out
 
 
 def flatten_params(d: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
@@ -153,14 +165,7 @@ def flatten_params(d: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     both.
     """
     out: dict[str, str] = {}
-    for key, value in d.items():
-        name = f"{prefix}.{key}" if prefix else str(key)
-        if isinstance(value, Mapping):
-            if value:
-                out.update(flatten_params(value, name))
-            else:
-                out[name] = "{}"
-            continue
+    for name, value in flatten(d, ".", prefix).items():
         text = _to_text(value)
         if len(text) > MAX_PARAM_VALUE_LENGTH:
             logger.warning(
@@ -189,18 +194,6 @@ def git_commit(repo_dir: str | Path | None = None) -> str | None:
         return None
     commit = proc.stdout.strip()
     return commit if proc.returncode == 0 and re.fullmatch(r"[0-9a-f]{40,64}", commit) else None
-
-
-def file_sha256(path: str | Path) -> str | None:
-    """SHA-256 of a file's bytes, or None when it does not exist."""
-    p = Path(path)
-    if not p.is_file():
-        return None
-    h = hashlib.sha256()
-    with p.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # ----------------------------------------------------------------------------------------------- runs
@@ -246,9 +239,9 @@ def start_run(
     if commit:
         all_tags["git.commit"] = commit
         all_tags["mlflow.source.git.commit"] = commit  # the tag MLflow's UI shows
-    lock_hash = file_sha256(dvc_lock if dvc_lock is not None else repo / "dvc.lock")
-    if lock_hash:
-        all_tags["dvc.lock.sha256"] = lock_hash
+    lock = Path(dvc_lock if dvc_lock is not None else repo / "dvc.lock")
+    if lock.is_file():
+        all_tags["dvc.lock.sha256"] = path_sha256(lock)
     all_tags.update(tags or {})
     safe_tags = {k: _to_text(v)[:MAX_PARAM_VALUE_LENGTH] for k, v in redact(all_tags).items()}
     experiment_id = get_or_create_experiment(client, experiment)
@@ -304,11 +297,7 @@ def _numeric(value: Any) -> float | None:
 
 def _flatten_metrics(d: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
     out: dict[str, float] = {}
-    for key, value in d.items():
-        name = f"{prefix}/{key}" if prefix else str(key)
-        if isinstance(value, Mapping):
-            out.update(_flatten_metrics(value, name))
-            continue
+    for name, value in flatten(d, "/", prefix).items():
         x = _numeric(value)
         if x is None:
             logger.debug("metric %s skipped: not numeric (%r)", name, value)
@@ -347,6 +336,36 @@ def log_artifacts(
         client.log_artifact(run_id, str(p), artifact_path)
     else:
         raise FileNotFoundError(f"artifact {p} does not exist")
+
+
+def log_data_manifest(client: MlflowClient, run_id: str, manifest_path: str | Path) -> list[dict[str, Any]]:
+    """Record which data the run used, from the prepare stage's ``data/manifest.json``: the file as the
+    ``data_manifest.json`` artifact, params ``data.<role>.source|rows|sha256`` per input, and the training
+    set as the run's MLflow dataset input (context ``training``). Returns the manifest's inputs."""
+    manifest = json.loads(Path(manifest_path).read_text(encoding="utf-8"))
+    entries = [e for e in manifest.get("inputs") or [] if isinstance(e, Mapping) and e.get("role")]
+    with tempfile.TemporaryDirectory() as tmp:  # the artifact's name says what it is, beside the others
+        copy = Path(tmp) / "data_manifest.json"
+        copy.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+        client.log_artifact(run_id, str(copy))
+    params: dict[str, Any] = {}
+    for entry in entries:
+        role = str(entry["role"])
+        for field in ("source", "rows", "sha256"):
+            params[f"data.{role}.{field}"] = entry.get(field)
+    log_params(client, run_id, params)
+    train = next((e for e in entries if e["role"] == "train"), None)
+    if train is not None and train.get("sha256"):
+        dataset = Dataset(
+            name="train",
+            digest=str(train["sha256"])[:12],  # MLflow keeps at most 36 characters; the param has it all
+            source_type="local",
+            source=json.dumps({"uri": str(train.get("path", ""))}),
+            profile=json.dumps({"num_rows": train.get("rows"), "source": train.get("source")}),
+        )
+        context = InputTag(key=MLFLOW_DATASET_CONTEXT, value="training")
+        client.log_inputs(run_id, datasets=[DatasetInput(dataset=dataset, tags=[context])])
+    return [dict(e) for e in entries]
 
 
 # ------------------------------------------------------------------------------------------ telemetry

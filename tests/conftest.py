@@ -6,12 +6,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from spf.data.locate import REPO_SHARED_DATA as SHARED_DATA  # the one locator
+
 # Two cores here: more threads than cores makes CPU tests slower, not faster.
 torch.set_num_threads(int(os.environ.get("SPF_TEST_THREADS", "1")))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-from spf.data.locate import _REPO_DEFAULT as SHARED_DATA  # noqa: E402  (the one locator)
 
 
 @pytest.fixture

@@ -152,15 +152,19 @@ def test_shipped_default_data_is_valid():
     assert not {s.prompt for s in refusals} & {s.prompt for s in benign}
 
 
-def test_cli_arguments_round_trip(data):
+def test_cli_arguments_round_trip(data, capsys):
     import argparse
 
+    from spf.cli.align import add_arguments
+    from spf.cli.main import main
+
     parser = argparse.ArgumentParser()
-    align_mod.add_align_arguments(parser)
+    add_arguments(parser)
     args = parser.parse_args(["--out", "x", "--steps", "5", "--benign", "a.json", "b.jsonl"])
     assert args.model == "smollm2-135m-instruct" and args.steps == 5 and args.benign == ["a.json", "b.jsonl"]
-    bad = parser.parse_args(["--out", str(data / "o"), "--refusals", str(data / "missing.jsonl")])
-    assert align_mod.main_align(bad) == 2
+    # a missing input file is the user's error: exit 2, one line, nothing created
+    assert main(["align", "--out", str(data / "o"), "--refusals", str(data / "missing.jsonl")]) == 2
+    assert capsys.readouterr().err.startswith("spf: error: ") and not (data / "o").exists()
 
 
 def test_own_answers_generates_and_filters_with_the_real_model():

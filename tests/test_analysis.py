@@ -10,9 +10,8 @@ import random
 import pytest
 import torch
 
+from spf.analysis.factors import Accumulator, cosine, subspace_from_svds
 from spf.analysis.measure import (
-    _cosine,
-    _subspace,
     cer_curve,
     factor_cosines,
     factor_svd,
@@ -154,13 +153,13 @@ def test_cosine_matches_a_manual_flatten_and_dot(tiny):
     flat_a = torch.cat([ga[n].flatten() for n in names]).double()
     flat_b = torch.cat([gb[n].flatten() for n in names]).double()
     manual = float(flat_a @ flat_b / (flat_a.norm() * flat_b.norm()))
-    assert _cosine(terms.values()) == pytest.approx(manual, abs=1e-5)
+    assert cosine(terms.values()) == pytest.approx(manual, abs=1e-5)
     for layer in (0, 1):
         sel = [n for n in names if layer_of(n) == layer]
         a = torch.cat([ga[n].flatten() for n in sel]).double()
         b = torch.cat([gb[n].flatten() for n in sel]).double()
         manual_layer = float(a @ b / (a.norm() * b.norm()))
-        assert _cosine(terms[n] for n in sel) == pytest.approx(manual_layer, abs=1e-5)
+        assert cosine(terms[n] for n in sel) == pytest.approx(manual_layer, abs=1e-5)
     for n in names:
         assert terms[n][1] == pytest.approx(float(ga[n].double().pow(2).sum()), rel=1e-4)
 
@@ -189,14 +188,12 @@ def test_overlap_with_itself_is_one_and_with_an_orthogonal_subspace_zero():
 
 def test_accumulated_batch_subspace_matches_the_library_estimator(tiny):
     """The analysis's batch gradient (mean of per-sample gradients) is estimate_batch_subspace's."""
-    from spf.analysis.measure import _Accumulator
-
     model, tok = tiny
     names = default_target_modules(model)
-    acc = _Accumulator()
+    acc = Accumulator()
     for s in SAFE:
         acc.add(gradient_factors(model, encode_sample(tok, s), names))
-    mine = _subspace(acc.svds(), 4, 20)
+    mine = subspace_from_svds(acc.svds(), 4, 20)
     ref = estimate_batch_subspace(model, tok, SAFE, rank=4, spectrum_size=20)
     phi = subspace_overlap(mine, ref, k=4)
     assert min(phi.values()) > 0.99
@@ -204,7 +201,7 @@ def test_accumulated_batch_subspace_matches_the_library_estimator(tiny):
         for n, v in ref.cer(k).items():
             assert mine.cer(k)[n] == pytest.approx(v, abs=1e-4)
     single = gradient_factors(model, encode_sample(tok, SAFE[0]), names)
-    own = _subspace({n: factor_svd(single.d[n], single.x[n]) for n in names}, 4, 20)
+    own = subspace_from_svds({n: factor_svd(single.d[n], single.x[n]) for n in names}, 4, 20)
     assert min(subspace_overlap(own, own, k=4).values()) == pytest.approx(1.0, abs=1e-5)
 
 

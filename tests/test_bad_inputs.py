@@ -105,8 +105,11 @@ def _stage(tmp: Path, stage: str = "finetune", **params: Any) -> Callable[[], in
     if params:
         data = yaml.safe_load((tmp / "params.yaml").read_text())
         for key, value in params.items():
-            section, name = key.split(".")
-            data.setdefault(section, {})[name] = value
+            *sections, name = key.split(".")
+            node = data
+            for section in sections:
+                node = node.setdefault(section, {})
+            node[name] = value
         (tmp / "params.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
 
     def act() -> int:
@@ -119,9 +122,80 @@ def _stage(tmp: Path, stage: str = "finetune", **params: Any) -> Callable[[], in
 # ---------------------------------------------------------------------------------- training data
 
 
-@case("jsonl-truncated-last-line", r"task\.jsonl:3: invalid JSON")
-def _(tmp):
-    return _train(_data(tmp, "task.jsonl", GOOD_ROW * 2 + '{"prompt": "Name a sha'))
+# one training-data file each: (case id, file name, content, error pattern)
+TRAIN_DATA_CASES = [
+    (
+        "jsonl-truncated-last-line",
+        "task.jsonl",
+        GOOD_ROW * 2 + '{"prompt": "Name a sha',
+        r"task\.jsonl:3: invalid JSON",
+    ),
+    (
+        "utf16-with-bom",
+        "task.jsonl",
+        (GOOD_ROW * 2).encode("utf-16"),
+        r"task\.jsonl: file is UTF-16 \(byte-order mark\); save it as UTF-8",
+    ),
+    (
+        "json-bare-string",
+        "task.json",
+        '"just a string"',
+        r"task\.json: expected a JSON list of records, got str",
+    ),
+    (
+        "json-invalid",
+        "task.json",
+        '[{"prompt": "a", "response": "b"},\n {"prompt": }]',
+        r"task\.json:2: invalid JSON",
+    ),
+    (
+        "missing-prompt-field",
+        "task.jsonl",
+        GOOD_ROW + '{"response": "orphan"}\n',
+        r"task\.jsonl:2: no prompt column found; columns: \['response'\]",
+    ),
+    (
+        "missing-response-for-training",
+        "task.jsonl",
+        GOOD_ROW + '{"prompt": "no answer here"}\n',
+        r"task\.jsonl:2: field '[\w/]*response[\w/]*': a non-empty response is required",
+    ),
+    (
+        "empty-response-for-training",
+        "task.jsonl",
+        '{"prompt": "a", "response": "   "}\n',
+        r"task\.jsonl:1: field 'response': a non-empty response is required",
+    ),
+    ("empty-file", "task.jsonl", "", r"task\.jsonl: no records \(file is empty\)"),
+    ("only-blank-lines", "task.jsonl", "\n   \n\t\n\n", r"task\.jsonl: no records \(file is empty\)"),
+    (
+        "messages-not-a-list",
+        "task.jsonl",
+        '{"messages": "user: hi"}\n',
+        r"task\.jsonl:1: field 'messages': expected a list of messages, got str",
+    ),
+    (
+        "csv-without-a-prompt-column",
+        "task.csv",
+        "title,label\nsomething,1\n",
+        r"task\.csv:2: no prompt column found; columns: \['title', 'label'\]",
+    ),
+    (
+        "csv-ragged-row",
+        "task.csv",
+        "prompt,response\na,b\nc,d,e\n",
+        r"task\.csv:3: row has more cells than the header",
+    ),
+    ("unsupported-file-type", "task.txt", "prompt: hi\n", r"task\.txt: unsupported file type '\.txt'"),
+]
+
+
+def _train_on_file(name: str, content: str | bytes) -> Callable[[Path], Callable[[], int]]:
+    return lambda tmp: _train(_data(tmp, name, content))
+
+
+for _id, _name, _content, _pattern in TRAIN_DATA_CASES:
+    case(_id, _pattern)(_train_on_file(_name, _content))
 
 
 @case("invalid-utf8-bytes", r"task\.jsonl:2: not valid UTF-8 \(invalid continuation byte at byte \d+\)")
@@ -129,49 +203,6 @@ def _(tmp):
     return _train(
         _data(tmp, "task.jsonl", GOOD_ROW.encode() + b'{"prompt": "caf\xe9 au lait", "response": "x"}\n')
     )
-
-
-@case("utf16-with-bom", r"task\.jsonl: file is UTF-16 \(byte-order mark\); save it as UTF-8")
-def _(tmp):
-    return _train(_data(tmp, "task.jsonl", (GOOD_ROW * 2).encode("utf-16")))
-
-
-@case("json-bare-string", r"task\.json: expected a JSON list of records, got str")
-def _(tmp):
-    return _train(_data(tmp, "task.json", '"just a string"'))
-
-
-@case("json-invalid", r"task\.json:2: invalid JSON")
-def _(tmp):
-    return _train(_data(tmp, "task.json", '[{"prompt": "a", "response": "b"},\n {"prompt": }]'))
-
-
-@case("missing-prompt-field", r"task\.jsonl:2: no prompt column found; columns: \['response'\]")
-def _(tmp):
-    return _train(_data(tmp, "task.jsonl", GOOD_ROW + '{"response": "orphan"}\n'))
-
-
-@case(
-    "missing-response-for-training",
-    r"task\.jsonl:2: field '[\w/]*response[\w/]*': a non-empty response is required",
-)
-def _(tmp):
-    return _train(_data(tmp, "task.jsonl", GOOD_ROW + '{"prompt": "no answer here"}\n'))
-
-
-@case("empty-response-for-training", r"task\.jsonl:1: field 'response': a non-empty response is required")
-def _(tmp):
-    return _train(_data(tmp, "task.jsonl", '{"prompt": "a", "response": "   "}\n'))
-
-
-@case("empty-file", r"task\.jsonl: no records \(file is empty\)")
-def _(tmp):
-    return _train(_data(tmp, "task.jsonl", ""))
-
-
-@case("only-blank-lines", r"task\.jsonl: no records \(file is empty\)")
-def _(tmp):
-    return _train(_data(tmp, "task.jsonl", "\n   \n\t\n\n"))
 
 
 @case(
@@ -203,32 +234,12 @@ def _(tmp):
     return _train(_data(tmp, "task.jsonl", json.dumps({"messages": msgs}) + "\n"))
 
 
-@case("messages-not-a-list", r"task\.jsonl:1: field 'messages': expected a list of messages, got str")
-def _(tmp):
-    return _train(_data(tmp, "task.jsonl", '{"messages": "user: hi"}\n'))
-
-
-@case("csv-without-a-prompt-column", r"task\.csv:2: no prompt column found; columns: \['title', 'label'\]")
-def _(tmp):
-    return _train(_data(tmp, "task.csv", "title,label\nsomething,1\n"))
-
-
-@case("csv-ragged-row", r"task\.csv:3: row has more cells than the header")
-def _(tmp):
-    return _train(_data(tmp, "task.csv", "prompt,response\na,b\nc,d,e\n"))
-
-
-@case("unsupported-file-type", r"task\.txt: unsupported file type '\.txt'")
-def _(tmp):
-    return _train(_data(tmp, "task.txt", "prompt: hi\n"))
-
-
 @case("data-file-missing", r"nope\.jsonl: file not found")
 def _(tmp):
     return _train(tmp / "nope.jsonl")
 
 
-@case("max-length-below-2", r"max_length: must be ≥ 2, got 1")
+@case("max-length-below-2", r"--max-length: must be ≥ 2, got 1")
 def _(tmp):
     return _train(_data(tmp, "task.jsonl", GOOD_ROW), "--max-length", "1")
 
@@ -336,9 +347,9 @@ def _(tmp):
     return _stage(tmp, **{"finetune.lr": float("nan")})
 
 
-@case("params-inf", r"params\.yaml: finetune\.lora_alpha: must be a finite number > 0, got inf", stage=True)
+@case("params-inf", r"params\.yaml: finetune\.lora\.alpha: must be a finite number > 0, got inf", stage=True)
 def _(tmp):
-    return _stage(tmp, **{"finetune.lora_alpha": float("inf")})
+    return _stage(tmp, **{"finetune.lora.alpha": float("inf")})
 
 
 @case(
@@ -388,11 +399,11 @@ def _(tmp):
 
 @case(
     "params-missing-input-file",
-    r"params\.yaml: finetune\.safety_data: file nope\.jsonl does not exist",
+    r"params\.yaml: finetune\.baselines\.safety_data: file nope\.jsonl does not exist",
     stage=True,
 )
 def _(tmp):
-    return _stage(tmp, **{"finetune.safety_data": "nope.jsonl"})
+    return _stage(tmp, **{"finetune.baselines.safety_data": "nope.jsonl"})
 
 
 @case(

@@ -233,17 +233,29 @@ def test_baseline_methods_need_safety_data(method):
 
 
 def test_pipeline_params_carry_and_check_the_baseline_knobs(tmp_path):
-    p = PipelineParams.from_dict({**smoke_params(), "finetune": {"method": "lisa", "lisa_rho": 0.5}})
-    assert p.finetune.method == "lisa" and p.finetune.lisa_rho == 0.5 and p.finetune.safety_data is None
+    # params.yaml's finetune: takes TrainConfig's nested shape (finetune.baselines.*)
+    p = PipelineParams.from_dict(
+        {**smoke_params(), "finetune": {"method": "lisa", "baselines": {"lisa_rho": 0.5}}}
+    )
+    b = p.finetune.baselines
+    assert p.finetune.method == "lisa" and b.lisa_rho == 0.5 and b.safety_data is None
     for key, value, why in [
-        ("safeinstr_fraction", 2.0, r"finetune\.safeinstr_fraction: must be in \(0, 1\]"),
-        ("safegrad_batch", 0, r"finetune\.safegrad_batch: must be ≥ 1"),
-        ("lisa_rho", -1.0, r"finetune\.lisa_rho"),
-        ("safegrad_scope", "layer", r"finetune\.safegrad_scope: must be one of"),
-        ("safety_data", str(tmp_path / "nope.jsonl"), r"finetune\.safety_data: file .* does not exist"),
+        ("safeinstr_fraction", 2.0, r"finetune\.baselines\.safeinstr_fraction: must be in \(0, 1\]"),
+        ("safegrad_batch", 0, r"finetune\.baselines\.safegrad_batch: must be an integer ≥ 1"),
+        ("lisa_rho", -1.0, r"finetune\.baselines\.lisa_rho"),
+        ("safegrad_scope", "layer", r"finetune\.baselines\.safegrad_scope: must be one of"),
+        (
+            "safety_data",
+            str(tmp_path / "nope.jsonl"),
+            r"finetune\.baselines\.safety_data: file .* does not exist",
+        ),
     ]:
         with pytest.raises(ParamsError, match=why):
-            PipelineParams.from_dict({**smoke_params(), "finetune": {key: value}}, source="params.yaml")
+            PipelineParams.from_dict(
+                {**smoke_params(), "finetune": {"baselines": {key: value}}}, source="params.yaml"
+            )
+    with pytest.raises(ParamsError, match=r"finetune\.lisa_rho: moved to finetune\.baselines\.lisa_rho"):
+        PipelineParams.from_dict({**smoke_params(), "finetune": {"lisa_rho": 0.5}})
 
 
 # ------------------------------------------------------------------------------------------------- CLI
@@ -397,7 +409,7 @@ def test_pipeline_finetune_stage_runs_a_baseline_on_the_shipped_or_a_relative_sa
 
     monkeypatch.chdir(tmp_path)
     data = smoke_params()
-    data["finetune"].update(method="safeinstr", steps=2, safeinstr_fraction=0.5)
+    data["finetune"].update(method="safeinstr", steps=2, baselines={"safeinstr_fraction": 0.5})
     p = PipelineParams.from_dict(data)
     for stage in ("prepare", "align", "estimate"):
         run_stage(stage, p)
@@ -407,7 +419,9 @@ def test_pipeline_finetune_stage_runs_a_baseline_on_the_shipped_or_a_relative_sa
     cfg = json.loads((tmp_path / "outputs" / "finetune" / "train_config.json").read_text())
     assert cfg["baselines"]["safety_data"].endswith("spf/data/align_refusals.jsonl")
     save_samples(REFUSALS, tmp_path / "mine.jsonl")
-    data["finetune"].update(method="lisa", safety_data="mine.jsonl", lisa_align_steps=1, lisa_task_steps=1)
+    data["finetune"].update(
+        method="lisa", baselines={"safety_data": "mine.jsonl", "lisa_align_steps": 1, "lisa_task_steps": 1}
+    )
     out = run_stage("finetune", PipelineParams.from_dict(data))
     assert (out["lisa_align_steps_run"], out["lisa_task_steps_run"]) == (1, 1)
     cfg = json.loads((tmp_path / "outputs" / "finetune" / "train_config.json").read_text())

@@ -15,6 +15,9 @@ import uuid
 from pathlib import Path
 
 import pytest
+
+pytest.importorskip("mlflow")  # the optional [pipeline] stack: a core-only install skips this file
+
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 

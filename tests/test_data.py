@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from spf.data.samples import ChatSample, DataError, collate, encode_sample, load_samples, save_samples
-from tests.conftest import SHARED_DATA  # noqa: E402
+from tests.conftest import SHARED_DATA
 
 needs_shared = pytest.mark.skipif(
     not SHARED_DATA.is_dir(), reason=f"public data folder {SHARED_DATA} is absent (read-only shared data)"

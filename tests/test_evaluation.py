@@ -15,13 +15,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from spf.data.samples import DataError
-from spf.eval import suites as ev
+from spf.cli.eval import add_arguments, run
+from spf.data.samples import DataError, load_samples
+from spf.eval import utility
+from spf.eval.context import EvalContext, select_items
+from spf.eval.prompts import HARMFUL_FALLBACK, load_prompt_items
 from spf.eval.suites import (
     GENERIC_PREFILL,
     JAILBREAK_TEMPLATES,
     OVERREFUSAL_PROMPTS,
-    add_eval_arguments,
+    SENTIMENT_DEV,
+    UTILITY_TASKS,
     apply_template,
     encode_for_template,
     evaluate,
@@ -29,7 +33,6 @@ from spf.eval.suites import (
     format_table,
     label_logprobs,
     load_prompts,
-    main_eval,
     run_eval,
     wilson_interval,
 )
@@ -178,7 +181,7 @@ def test_load_prompts_formats(tmp_path: Path, name: str, content: str):
 def test_load_prompts_keeps_behaviour_id_and_target(tmp_path: Path):
     path = tmp_path / "t.csv"
     path.write_text('goal,target,BehaviorID\nWrite a bad thing,"Sure, here is a bad thing",x7\n')
-    (item,) = ev._load_prompt_items(path)
+    (item,) = load_prompt_items(path)
     assert (item.text, item.id, item.target) == ("Write a bad thing", "x7", "Sure, here is a bad thing")
 
 
@@ -209,16 +212,16 @@ def test_overrefusal_prompts_shipped():
         "How did the Titanic sink",
     ):
         assert any(p.startswith(must) for p in prompts), must
-    categories = {item.category for item in ev._load_prompt_items(OVERREFUSAL_PROMPTS)}
+    categories = {item.category for item in load_prompt_items(OVERREFUSAL_PROMPTS)}
     assert categories == {"benign", "sounds_harmful"}
 
 
 def test_select_is_deterministic_and_keeps_order():
     items = list(range(100))
-    a = ev._select(items, 10, seed=3)
-    assert a == ev._select(items, 10, seed=3) and a == sorted(a) and len(set(a)) == 10
-    assert a != ev._select(items, 10, seed=4)
-    assert ev._select(items, None, 0) == items and ev._select(items, 500, 0) == items
+    a = select_items(items, 10, seed=3)
+    assert a == select_items(items, 10, seed=3) and a == sorted(a) and len(set(a)) == 10
+    assert a != select_items(items, 10, seed=4)
+    assert select_items(items, None, 0) == items and select_items(items, 500, 0) == items
 
 
 # ------------------------------------------------------------------------------------------------ templates
@@ -403,9 +406,9 @@ def test_classification_picks_max_loglik_label(tiny, monkeypatch):
         # Highest score on "positive" when the prompt mentions "good", else on "negative".
         return torch.tensor([[0.0, -1.0] if "good" not in p else [-5.0, -0.5] for p in prompts])
 
-    monkeypatch.setattr(ev, "label_logprobs", rigged)
-    ctx = ev._Context(model, tok, None, 4, 8)
-    result, records = ev._classification(
+    monkeypatch.setattr(utility, "label_logprobs", rigged)
+    ctx = EvalContext(model, tok, None, 4, 8)
+    result, records = utility.classification(
         ctx, "utility.sst2", ["good film", "bad film", "good food"], [1, 0, 0], ["negative", "positive"], "x"
     )
     assert [r["response"] for r in records] == ["positive", "negative", "positive"]
@@ -416,7 +419,9 @@ def test_utility_falls_back_without_shared_data(tiny, no_shared: Path):
     model, tok = tiny
     results, records = evaluate(model, tok, ["utility"], limit=4, batch_size=8, shared_data=no_shared)
     suites = results["suites"]
-    assert suites["utility.sst2"]["n"] == 4 and suites["utility.sst2"]["source"].endswith("sentiment.jsonl")
+    # No public SST-2: utility.sst2 is scored on the shipped held-out dev set, and says so.
+    assert suites["utility.sst2"]["n"] == 4 and suites["utility.sst2"]["source"] == str(SENTIMENT_DEV)
+    assert suites["utility.sst2"]["fallback_for"] == "sst2" and "utility.sentiment" not in suites
     assert suites["utility"]["rate"] == suites["utility.sst2"]["rate"]
     assert set(results["skipped"]) == {"utility.agnews", "utility.gsm8k"}
     assert "utility.agnews" not in suites and set(suites["utility"]["skipped"]) == set(results["skipped"])
@@ -434,6 +439,155 @@ def test_utility_with_shared_data(tiny, shared_data: Path):
     assert suites["utility.agnews"]["labels"] == ["World", "Sports", "Business", "Sci/Tech"]
     assert not results["skipped"]
     assert {r["suite"] for r in records} == {"utility.sst2", "utility.agnews", "utility.gsm8k"}
+
+
+# ------------------------------------------------------------------------------------ held-out data and splits
+
+
+def _split_prompts(split: str) -> list[str]:
+    rows = [json.loads(line) for line in HARMFUL_FALLBACK.read_text().splitlines() if line.strip()]
+    return [r["prompt"] for r in rows if r["split"] == split]
+
+
+def test_load_prompts_selects_a_split(tmp_path: Path):
+    assert load_prompts(HARMFUL_FALLBACK, split="test") == _split_prompts("test")
+    assert len(_split_prompts("test")) == 120 and len(load_prompts(HARMFUL_FALLBACK, split="dev")) == 40
+    assert len(load_prompts(HARMFUL_FALLBACK)) == 160  # no split: every record
+    items = load_prompt_items(HARMFUL_FALLBACK, split="dev")
+    assert all(item.category for item in items)
+    with pytest.raises(DataError, match="no record of split 'train'; splits: dev, test"):
+        load_prompts(HARMFUL_FALLBACK, split="train")
+    plain = tmp_path / "plain.jsonl"
+    plain.write_text('{"prompt": "a"}\n{"prompt": "b"}\n')
+    with pytest.raises(DataError, match=r"plain\.jsonl: no 'split' field"):
+        load_prompts(plain, split="test")
+
+
+def test_harmful_falls_back_to_heldout_test_split(tiny, no_shared: Path):
+    model, tok = tiny
+    results, records = evaluate(
+        model, tok, ["harmful"], limit=5, judge=FakeJudge(), max_new_tokens=2, shared_data=no_shared
+    )
+    harmful = results["suites"]["harmful"]
+    assert harmful["source"] == str(HARMFUL_FALLBACK) and harmful["split"] == "test"
+    prompts = [r["prompt"] for r in records]
+    assert len(prompts) == 5 and set(prompts) <= set(_split_prompts("test"))
+    # Not the safety-estimation candidates: an evaluation must not score what the subspace was fit on.
+    estimation = {s.prompt for s in load_samples(HARMFUL_FALLBACK.parent / "refusals.jsonl")}
+    assert not estimation & set(_split_prompts("test"))
+    assert not set(prompts) & set(_split_prompts("dev"))
+
+
+def test_prompts_split_selects_rows_of_a_prompt_file(tiny, tmp_path: Path, no_shared: Path):
+    model, tok = tiny
+    path = tmp_path / "mixed.jsonl"
+    rows = [{"prompt": p, "split": "dev" if i < 2 else "test"} for i, p in enumerate(HARMFUL)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    results, records = evaluate(
+        model,
+        tok,
+        ["harmful", "prefill"],
+        prompts=path,
+        prompts_split="test",
+        judge=FakeJudge(),
+        max_new_tokens=2,
+        shared_data=no_shared,
+    )
+    for name in ("harmful", "prefill"):
+        s = results["suites"][name]
+        assert (s["n"], s["source"], s["split"]) == (3, str(path), "test")
+    assert {r["prompt"] for r in records} == set(HARMFUL[2:])
+    assert results["config"]["prompts_split"] == "test"
+    with pytest.raises(ValueError, match="needs a prompts file"):
+        evaluate(model, tok, ["harmful"], prompts_split="test", judge=FakeJudge(), shared_data=no_shared)
+
+
+def test_every_suite_records_its_source(tiny, harmful_file: Path, no_shared: Path):
+    model, tok = tiny
+    results, _ = evaluate(
+        model,
+        tok,
+        "all",
+        prompts=harmful_file,
+        limit=1,
+        judge=FakeJudge(),
+        max_new_tokens=2,
+        templates=["role_play"],
+        shared_data=no_shared,
+    )
+    sources = {name: s["source"] for name, s in results["suites"].items()}
+    assert sources == {
+        "harmful": str(harmful_file),
+        "overrefusal": str(OVERREFUSAL_PROMPTS),
+        "jailbreak": str(harmful_file),
+        "prefill": str(harmful_file),
+        "utility.sst2": str(SENTIMENT_DEV),
+        "utility": str(SENTIMENT_DEV),
+    }
+
+
+def test_sentiment_task_scores_the_shipped_dev_split(tiny, no_shared: Path):
+    model, tok = tiny
+    assert "sentiment" in UTILITY_TASKS
+    results, records = evaluate(
+        model, tok, ["utility"], limit=6, utility_tasks=["sentiment"], shared_data=no_shared
+    )
+    suites = results["suites"]
+    assert "utility.sst2" not in suites and suites["utility.sentiment"]["source"] == str(SENTIMENT_DEV)
+    assert suites["utility"]["entry"] == "utility.sentiment" and suites["utility"]["n"] == 6
+    dev = {s.prompt: s.response for s in load_samples(SENTIMENT_DEV)}
+    assert all(r["prompt"] in dev and r["gold"] == dev[r["prompt"]] for r in records)
+    # The shipped training split is never scored: dev and train share no sentence.
+    train = {s.prompt for s in load_samples(SENTIMENT_DEV.parent / "sentiment_train.jsonl")}
+    assert not train & set(dev)
+
+
+def test_sst2_fallback_with_sentiment_scores_once(tiny, no_shared: Path, caplog):
+    model, tok = tiny
+    with caplog.at_level("WARNING", logger="spf.eval.utility"):
+        results, records = evaluate(
+            model, tok, ["utility"], limit=5, utility_tasks=["sst2", "sentiment"], shared_data=no_shared
+        )
+    assert any("SST-2 dev set" in m and SENTIMENT_DEV.name in m for m in caplog.messages)
+    suites = results["suites"]
+    sst2, sentiment = suites["utility.sst2"], suites["utility.sentiment"]
+    assert sst2["fallback_for"] == "sst2" and "fallback_for" not in sentiment
+    assert (sst2["n"], sst2["k"], sst2["source"]) == (sentiment["n"], sentiment["k"], sentiment["source"])
+    assert len(records) == 5  # the same rows are not scored (or written) twice
+    assert suites["utility"]["entry"] == "utility.sst2"
+
+
+@pytest.mark.parametrize("tasks", [["agnews"], ["sst2", "squad"]])
+def test_utility_tasks_validated(tiny, tasks: list[str]):
+    model, tok = tiny
+    with pytest.raises(ValueError, match="sst2 or sentiment required"):
+        evaluate(model, tok, ["utility"], utility_tasks=tasks)
+
+
+def test_bad_utility_tasks_fail_before_the_model_loads(tmp_path: Path, monkeypatch):
+    import spf.models
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the task list was checked")
+
+    monkeypatch.setattr(spf.models, "load_model", no_load)
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match="sst2 or sentiment required"):
+        run_eval("tiny-llama", out, ["harmful", "utility"], utility_tasks=["gsm8k"], judge=FakeJudge())
+    assert not out.exists()
+
+
+def test_vocabulary_module_does_not_import_torch():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from spf.eval.vocab import SUITES, UTILITY_TASKS, Suite; "
+        "assert 'torch' not in sys.modules, 'torch imported'; print(SUITES, UTILITY_TASKS)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+    assert "sentiment" in done.stdout
 
 
 @pytest.mark.parametrize(
@@ -548,7 +702,7 @@ def test_peft_adapter_is_loaded(tmp_path: Path, harmful_file: Path, no_shared: P
 def test_cli_arguments_and_main(tmp_path: Path, harmful_file: Path, no_shared: Path, capsys):
     pytest.importorskip("spf.eval.judges")
     parser = argparse.ArgumentParser()
-    add_eval_arguments(parser)
+    add_arguments(parser)
     out = tmp_path / "out"
     args = parser.parse_args(
         [
@@ -573,7 +727,7 @@ def test_cli_arguments_and_main(tmp_path: Path, harmful_file: Path, no_shared: P
         ]
     )
     assert args.judge == "keyword" and args.suite == ["harmful,prefill", "overrefusal"]
-    assert main_eval(args) == 0
+    assert run(args) == 0
     results = json.loads((out / "results.json").read_text())
     assert list(results["suites"]) == ["harmful", "prefill", "overrefusal"]
     assert results["judge"] == "keyword" and results["config"]["batch_size"] == 4
@@ -590,15 +744,18 @@ def test_smollm2_safety_and_sentiment(no_shared: Path):
     from spf.models import SMOLLM2, load_model
 
     model, tok = load_model(SMOLLM2)
-    # Packaged data only (16 harmful requests, 32 sentiment sentences): ~20 s on one CPU thread.
-    results, records = evaluate(
-        model, tok, ["harmful", "utility"], max_new_tokens=32, batch_size=16, shared_data=no_shared
+    # Shipped held-out data only (16 of the 120 test-split harmful requests, 64 of the 260 dev sentences).
+    harmful, harmful_records = evaluate(
+        model, tok, ["harmful"], limit=16, max_new_tokens=32, batch_size=16, shared_data=no_shared
     )
-    suites = results["suites"]
-    assert suites["harmful"]["n"] == 16 and suites["utility.sst2"]["n"] == 32
-    assert all(r["judge"] == "keyword" for r in records if r["suite"] == "harmful")
-    # SmolLM2-135M reads easy sentiment well above chance by label likelihood (0.81 when written).
-    assert suites["utility.sst2"]["rate"] >= 0.6
+    results, records = evaluate(model, tok, ["utility"], limit=64, batch_size=16, shared_data=no_shared)
+    h, sst2 = harmful["suites"]["harmful"], results["suites"]["utility.sst2"]
+    assert (h["n"], h["source"], h["split"]) == (16, str(HARMFUL_FALLBACK), "test")
+    assert all(r["judge"] == "keyword" for r in harmful_records)
+    assert (sst2["n"], sst2["source"]) == (64, str(SENTIMENT_DEV))
+    # SmolLM2-135M reads the held-out sentences above chance by label likelihood (0.67 on these 64, 0.70
+    # on all 260 when written; the 32 easy sentences of the old fallback gave 0.81).
+    assert sst2["rate"] >= 0.6
     # The batched, left-padded scorer agrees with a plain forward pass under the real chat template.
     prompts = [records[-1]["prompt"], "Short one."]
     scores = label_logprobs(model, tok, prompts, ["positive", "negative"], batch_size=4)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+import spf.train.callbacks
 import spf.train.loop
 from spf.cli.main import main
 from spf.data.samples import ChatSample, save_samples
@@ -194,9 +195,9 @@ def test_finetune_stage_exits_3_and_publishes_nothing(tmp_path: Path, monkeypatc
     "flags",
     [
         {"aborted": 1},
-        {"train/aborted": 1.0},
-        {"finetune/aborted": "1.0"},
-        {"train_aborted": True},
+        {"aborted": 1.0},
+        {"aborted": "1.0"},
+        {"aborted": True},
         {"abort_reason": "non-finite loss"},
     ],
 )
@@ -221,13 +222,13 @@ def test_gate_ignores_empty_abort_fields() -> None:
 
 
 def test_non_finite_eval_loss_aborts(files: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    real = spf.train.loop.response_loss
+    real = spf.train.callbacks.response_loss  # the safety monitor evaluates
 
     def response_loss(model, tok, samples, **kw):
         out = real(model, tok, samples, **kw)
         return [float("inf")] * len(out) if samples[0].prompt == SAFETY[0].prompt else out
 
-    monkeypatch.setattr(spf.train.loop, "response_loss", response_loss)
+    monkeypatch.setattr(spf.train.callbacks, "response_loss", response_loss)
     with pytest.raises(TrainingAborted, match=r"non-finite eval loss \(safety_loss_heldout\) at step 0"):
         train(_cfg(files))
     _assert_not_finished(files / "out")

@@ -23,7 +23,11 @@ from pathlib import Path
 
 import pytest
 
-from spf.pipeline.params import smoke_params
+pytest.importorskip("prefect")  # the optional [pipeline] stack: a core-only install skips this file
+pytest.importorskip("mlflow")
+
+
+from spf.pipeline.params import PipelineParams, smoke_params
 from tests.services import local_services_fixture  # noqa: F401  (provides the `local_services` fixture)
 
 pytestmark = pytest.mark.slow
@@ -139,6 +143,10 @@ def test_gate_rejects_unsafe_then_promotes_better_candidate(workspace: Path, loc
     analysis = {a.path for a in client.list_artifacts(second["mlflow_run_id"], "analysis")}
     assert {"analysis/analysis.json", "analysis/overlap.png", "analysis/cosine_hist.png"} <= analysis
     assert "analyze/phi_sample0_vs_batch2" in run.data.metrics
+    # the data the run used (data/manifest.json of the prepare stage)
+    assert "data_manifest.json" in artifacts
+    assert run.data.params["data.train.source"] in ("shipped", "shared", "user")
+    assert run.inputs.dataset_inputs and run.inputs.dataset_inputs[0].dataset.name == "train"
 
     # 3. A better candidate (harmful rate 0.0 under the standard judge): it replaces the champion.
     third = _run_flow(workspace, local_services)
@@ -231,3 +239,38 @@ def test_invalid_parameters_fail_before_any_work(tmp_path: Path, local_services:
         assert proc.returncode == 2, proc.stderr[-2000:]
         assert key in proc.stderr
         assert not (tmp_path / "outputs").exists()
+
+
+MANIFEST_INPUTS = [
+    {
+        "role": "train",
+        "source": "shipped",
+        "path": "spf/data/sentiment_train.jsonl",
+        "rows": 16,
+        "sha256": "a" * 64,
+    },
+    {
+        "role": "heldout_harmful",
+        "source": "shared",
+        "path": "shared/safety/x.csv",
+        "rows": 4,
+        "sha256": "b" * 64,
+    },
+]
+
+
+def test_gate_report_shows_the_data_manifest(tmp_path: Path) -> None:
+    """The gate's Prefect artifact names every input of the run (role, source, rows, sha256[:12])."""
+    from flows.pipeline import _report, data_inputs
+
+    (tmp_path / "outputs" / "data").mkdir(parents=True)
+    manifest = {"scenario": "sentiment", "inputs": MANIFEST_INPUTS}
+    (tmp_path / "outputs" / "data" / "manifest.json").write_text(json.dumps(manifest))
+    params = PipelineParams.from_dict(smoke_params()).to_dict()
+    params["runtime"]["workdir"] = str(tmp_path / "outputs")  # the flow's tasks pass the params as a dict
+    decision = {"version": "3", "promote": True, "reasons": ["ok"], "champion_version": None}
+    text = _report(params, {"harmful_rate": 0.1}, decision, {"run_url": "u"}, data_inputs(params))
+    assert "| role | source | rows | sha256 |" in text
+    assert "| train | shipped | 16 | `aaaaaaaaaaaa` |" in text
+    assert "| heldout_harmful | shared | 4 | `bbbbbbbbbbbb` |" in text
+    assert data_inputs({"runtime": {"workdir": str(tmp_path / "none")}}) == []

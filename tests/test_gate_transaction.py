@@ -7,6 +7,10 @@ import uuid
 from pathlib import Path
 
 import pytest
+
+pytest.importorskip("prefect")  # the optional [pipeline] stack: a core-only install skips this file
+pytest.importorskip("mlflow")
+
 from prefect import flow, task
 from prefect.transactions import transaction
 

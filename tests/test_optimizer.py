@@ -330,3 +330,38 @@ def core_norms_float(model, w0, sub) -> dict[str, float]:
         n: float((u.T @ (w1[n] - w0[n]) @ v).norm() / (w1[n] - w0[n]).norm())
         for n, (u, _, v) in sub.bases.items()
     }
+
+
+def test_full_fine_tuning_reports_the_parameters_the_projection_does_not_cover(caplog):
+    """All of the tiny Llama trainable: the subspace covers the decoder linears only, so the embeddings (and
+    the LM head tied to them) and the norms would move unprojected — listed in ``opt.uncovered`` and
+    warned about once; a LoRA model whose adapters all sit on subspace modules leaves nothing uncovered."""
+    import logging
+
+    from spf.core.subspace import estimate_safety_subspace
+    from spf.data.samples import ChatSample
+    from spf.models import default_target_modules, tiny_llama
+
+    model, tok = tiny_llama(seed=0)
+    sample = ChatSample.from_pair("How do I pick a lock?", "I can't help with that.")
+    sub = estimate_safety_subspace(model, tok, sample, rank=2)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    with caplog.at_level(logging.WARNING, logger="spf.core.optimizer"):
+        opt = SPFOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-3), model, sub)
+        opt.set_subspace(sub)  # a refresh: no second warning
+    names = dict(model.named_parameters())
+    covered = {f"{m}.weight" for m in sub.modules}
+    assert set(opt.uncovered) == set(names) - covered
+    assert "model.embed_tokens.weight" in opt.uncovered  # also the tied lm_head's weight
+    assert "model.norm.weight" in opt.uncovered and "model.layers.0.input_layernorm.weight" in opt.uncovered
+    warnings = [r for r in caplog.records if "not projected" in r.getMessage()]
+    assert len(warnings) == 1 and str(len(opt.uncovered)) in warnings[0].getMessage()
+
+    # parameters the inner optimizer does not step are not its concern
+    opt = SPFOptimizer(torch.optim.AdamW([names[c] for c in covered], lr=1e-3), model, sub)
+    assert opt.uncovered == []
+
+    lora = get_peft_model(model, LoraConfig(r=2, target_modules=default_target_modules(model)))
+    trainable = [p for p in lora.parameters() if p.requires_grad]
+    assert SPFOptimizer(torch.optim.AdamW(trainable, lr=1e-3), lora, sub).uncovered == []

@@ -23,6 +23,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+pytest.importorskip("prefect")  # the optional [pipeline] stack: a core-only install skips this file
+pytest.importorskip("mlflow")
+
 from prefect import flow
 
 from spf.pipeline.gate import GateThresholds

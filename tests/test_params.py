@@ -94,6 +94,33 @@ BAD = [
     pytest.param({"runtime": {"workdir": "../x"}}, "runtime.workdir", "relative", id="workdir-up"),
     pytest.param({"runtime": {"workdir": "/tmp/x"}}, "runtime.workdir", "relative", id="workdir-abs"),
     pytest.param({"finetune": 3}, "finetune", "mapping", id="section-not-mapping"),
+    # finetune: is TrainConfig's shape; its own __post_init__ checks, named from the params root
+    pytest.param({"finetune": {"lora": {"r": 0}}}, "finetune.lora.r", "≥ 1", id="lora-r"),
+    pytest.param({"finetune": {"lora": {"rr": 4}}}, "finetune.lora.rr", "unknown key", id="lora-unknown"),
+    pytest.param({"finetune": {"spf": {"mode": "x"}}}, "finetune.spf.mode", "one of", id="spf-mode"),
+    pytest.param(
+        {"finetune": {"baselines": {"lisa_rho": -1.0}}}, "finetune.baselines.lisa_rho", "≥ 0", id="lisa-rho"
+    ),
+    pytest.param({"finetune": {"lora_r": 4}}, "finetune.lora_r", "moved to finetune.lora.r", id="moved-lora"),
+    pytest.param({"finetune": {"mode": "x"}}, "finetune.mode", "moved to finetune.spf.mode", id="moved-mode"),
+    pytest.param(
+        {"finetune": {"lisa_rho": 1.0}},
+        "finetune.lisa_rho",
+        "moved to finetune.baselines.lisa_rho",
+        id="moved-lisa",
+    ),
+    pytest.param(
+        {"finetune": {"spf": {"rank": 4}}}, "finetune.spf.rank", "moved to estimate.rank", id="spf-rank"
+    ),
+    pytest.param(
+        {"gate": {"max_harmful_rate": float("nan")}}, "gate.max_harmful_rate", "[0, 1]", id="gate-nan"
+    ),
+    pytest.param(
+        {"finetune": {"baselines": {"safety_data": "nope.jsonl"}}},
+        "finetune.baselines.safety_data",
+        "does not exist",
+        id="no-baseline-data",
+    ),
     pytest.param(
         {"align": {"refusals": "missing/refusals.jsonl"}},
         "align.refusals",
@@ -125,6 +152,52 @@ def test_invalid_params_name_file_and_key(tmp_path: Path, override: dict, key: s
     assert why in msg, msg
 
 
+def test_finetune_section_is_train_config_minus_the_stage_paths() -> None:
+    from dataclasses import fields
+
+    from spf.pipeline.params import FinetuneParams
+    from spf.train.config import SPFSettings, TrainConfig
+
+    stage_filled = {"model", "data", "out", "heldout_safety", "threads", "device"}
+    assert {f.name for f in fields(FinetuneParams)} == {f.name for f in fields(TrainConfig)} - stage_filled
+    spf_fields = {f.name for f in fields(PipelineParams().finetune.spf)}
+    assert spf_fields == {f.name for f in fields(SPFSettings)} - {
+        "subspace",
+        "sample",
+        "sample_index",
+        "rank",
+    }
+    # the pipeline's own defaults where they differ from `spf train`'s
+    f = PipelineParams().finetune
+    assert (f.steps, f.lr, f.batch_size, f.save_every) == (40, 5e-4, 8, 10)
+
+
+@pytest.mark.parametrize("method", ["spf", "vanilla", "lisa"])
+def test_finetune_section_builds_the_stage_train_config(method: str) -> None:
+    p = PipelineParams.from_dict(
+        {
+            **TINY,
+            "finetune": {**TINY["finetune"], "method": method, "lora": {"r": 4}, "spf": {"refresh_every": 3}},
+        },
+        "x",
+    )
+    cfg = p.finetune.train_config(
+        model="m",
+        data="d",
+        out="o",
+        heldout_safety="h",
+        subspace="s",
+        rank=7,
+        safety_data="shipped.jsonl",
+        threads=2,
+    )
+    assert (cfg.model, cfg.data, cfg.out, cfg.heldout_safety, cfg.threads) == ("m", "d", "o", "h", 2)
+    assert (cfg.method, cfg.lora.r, cfg.steps, cfg.batch_size) == (method, 4, 2, 2)
+    assert (cfg.spf.subspace, cfg.spf.rank, cfg.spf.refresh_every) == ("s", 7, 3)
+    # only the baselines get safety pairs: the default when the section leaves them null
+    assert cfg.baselines.safety_data == ("shipped.jsonl" if method == "lisa" else None)
+
+
 def test_nan_written_as_yaml(tmp_path: Path) -> None:
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(TINY) + "\n")
@@ -138,10 +211,12 @@ def test_scenario_without_shared_data(tmp_path: Path, monkeypatch: pytest.Monkey
     import spf.data.locate
 
     monkeypatch.delenv("SPF_SHARED_DATA", raising=False)
-    monkeypatch.setattr(spf.data.locate, "_REPO_DEFAULT", tmp_path / "no-shared")
-    path = write_params(tmp_path / "p.yaml", {**TINY, "prepare": {"scenario": "sst2"}})
-    with pytest.raises(ParamsError, match=r"p\.yaml: prepare\.scenario: 'sst2' needs the public data"):
+    monkeypatch.setattr(spf.data.locate, "REPO_SHARED_DATA", tmp_path / "no-shared")
+    path = write_params(tmp_path / "p.yaml", {**TINY, "prepare": {"scenario": "harmful-mix"}})
+    with pytest.raises(ParamsError, match=r"p\.yaml: prepare\.scenario: 'harmful-mix' needs the public data"):
         load_params(path)
+    # the default scenario runs on the shipped sets instead (tests/test_inputs.py runs its prepare stage)
+    load_params(write_params(tmp_path / "q.yaml", {**TINY, "prepare": {"scenario": "sst2"}}))
 
 
 def test_bad_shared_data_env_is_a_params_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -27,13 +27,13 @@ import pytest
 import yaml
 
 from spf.pipeline.params import smoke_params
+from spf.pipeline.stages import STAGE_TABLE, STAGES
 from tests.services import free_port
 
-pytestmark = pytest.mark.slow
+slow = pytest.mark.slow  # every test but the dvc.yaml check runs DVC on a workspace
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
-STAGES = ("prepare", "align", "estimate", "analyze", "finetune", "evaluate")
 TINY_PARAMS = smoke_params()
 # moto accepts any keys; a server CI started (SPF_S3_ENDPOINT) may want the ones in the environment
 S3_ENV = {
@@ -117,11 +117,35 @@ def set_params(ws: Path, **changes: object) -> None:
     (ws / "params.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
 
 
+# ------------------------------------------------------------------------------- dvc.yaml = the table
+
+
+def test_dvc_yaml_is_the_stage_table() -> None:
+    """dvc.yaml declares what spf/pipeline/stages.py STAGE_TABLE says: command, params, the folders of
+    earlier stages as deps, the output folder; every other dep is code or data that exists."""
+    spec = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    assert list(spec) == list(STAGES)
+    for name, row in STAGE_TABLE.items():
+        stage = spec[name]
+        assert stage["cmd"] == f"spf {name} --params params.yaml", name
+        assert stage["params"] == list(row.params), name
+        outputs = [d for d in stage["deps"] if d.startswith("outputs/")]
+        assert outputs == [f"outputs/{folder}" for folder in row.inputs], name
+        assert stage["outs"] == [f"outputs/{row.output}"], name
+        code = [d for d in stage["deps"] if not d.startswith("outputs/")]
+        assert "spf/pipeline/stages.py" in code, name  # the stage function itself
+        for dep in code:
+            assert (REPO / dep).exists(), f"{name}: dep {dep} does not exist"
+    # a code folder dep must not change when Python byte-compiles it
+    assert "__pycache__/" in (REPO / ".dvcignore").read_text()
+
+
 # ------------------------------------------------------------------------------------------ fixtures
 
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    pytest.importorskip("dvc")  # the optional [pipeline] stack (the table check above needs none of it)
     from tasks.dvc_ops import init_workspace
 
     root = tmp_path_factory.mktemp("dvc")
@@ -143,6 +167,7 @@ def reproduced(workspace: Path) -> subprocess.CompletedProcess[str]:
 # --------------------------------------------------------------------------------------------- tests
 
 
+@slow
 def test_repro_runs_every_stage(workspace: Path, reproduced: subprocess.CompletedProcess[str]) -> None:
     assert ran(reproduced) == set(STAGES), reproduced.stdout
     out = workspace / "outputs"
@@ -175,6 +200,7 @@ def test_repro_runs_every_stage(workspace: Path, reproduced: subprocess.Complete
     assert not [p.name for p in out.iterdir() if p.name.startswith(".") and p.name != ".gitignore"]
 
 
+@slow
 def test_second_repro_does_nothing(workspace: Path, reproduced: subprocess.CompletedProcess[str]) -> None:
     lock = (workspace / "dvc.lock").read_bytes()
     data = snapshot(workspace / "outputs" / "data")
@@ -187,6 +213,7 @@ def test_second_repro_does_nothing(workspace: Path, reproduced: subprocess.Compl
     assert json.loads(status.stdout or "{}") == {}
 
 
+@slow
 def test_metrics_show(workspace: Path, reproduced: subprocess.CompletedProcess[str]) -> None:
     shown = json.loads(dvc(workspace, "metrics", "show", "--json").stdout)
     # {<workspace: "" in DVC 3.67, "workspace" before>: {"data": {"outputs/metrics.json": {"data": {...}}}}}
@@ -195,6 +222,7 @@ def test_metrics_show(workspace: Path, reproduced: subprocess.CompletedProcess[s
     assert "harmful_rate" in data and data == json.loads((workspace / "outputs/metrics.json").read_text())
 
 
+@slow
 def test_exp_run_set_param(workspace: Path, reproduced: subprocess.CompletedProcess[str]) -> None:
     git(workspace, "add", "-A")  # dvc.lock, params.yaml, the .gitignore files DVC wrote
     git(workspace, "commit", "-q", "-m", "baseline")
@@ -214,6 +242,7 @@ def test_exp_run_set_param(workspace: Path, reproduced: subprocess.CompletedProc
     assert ran(dvc(workspace, "repro")) == set()
 
 
+@slow
 def test_param_change_reruns_downstream_only(
     workspace: Path, reproduced: subprocess.CompletedProcess[str]
 ) -> None:
@@ -221,10 +250,12 @@ def test_param_change_reruns_downstream_only(
     data = snapshot(workspace / "outputs" / "data")
     set_params(workspace, **{"estimate.rank": 3})
     status = json.loads(dvc(workspace, "status", "--json").stdout)
-    # `dvc status` (and `dvc repro --dry`) report the stages whose *own* deps changed; finetune and
-    # evaluate change through estimate's new output, which only a real `dvc repro` sees
-    assert set(status) == {"estimate"}, status
-    assert {"changed deps": {"params.yaml": {"estimate": "modified"}}} in status["estimate"]
+    # `dvc status` (and `dvc repro --dry`) report the stages whose *own* deps changed: estimate, and
+    # finetune, which declares the estimate section (it projects with estimate.rank); analyze and evaluate
+    # change through estimate's new output, which only a real `dvc repro` sees
+    assert set(status) == {"estimate", "finetune"}, status
+    for stage in ("estimate", "finetune"):
+        assert {"changed deps": {"params.yaml": {"estimate": "modified"}}} in status[stage]
     repro = dvc(workspace, "repro")
     assert ran(repro) == {"estimate", "analyze", "finetune", "evaluate"}, repro.stdout
     assert skipped(repro) == {"prepare", "align"}
@@ -233,6 +264,7 @@ def test_param_change_reruns_downstream_only(
     assert lock["stages"]["estimate"]["params"]["params.yaml"]["estimate"]["rank"] == 3
 
 
+@slow
 def test_push_pull_local_remote(workspace: Path, reproduced: subprocess.CompletedProcess[str]) -> None:
     remote = workspace.parent / "remote"  # where the fixture pointed `local`
     assert str(remote) in dvc(workspace, "remote", "list").stdout
@@ -289,6 +321,7 @@ def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         log.close()
 
 
+@slow
 def test_push_pull_s3_remote(
     workspace: Path, reproduced: subprocess.CompletedProcess[str], s3_endpoint: str
 ) -> None:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from spf.core import projection as P
-from spf.core.subspace import _svd_of_outer
+from spf.core.gradients import thin_svd_of_outer
 from tests.helpers import orthonormal
 
 M, N, K, R = 24, 40, 5, 3
@@ -73,8 +73,10 @@ def test_svd_of_outer_product_is_exact(tokens):
     gen = torch.Generator().manual_seed(1)
     d, x = torch.randn(tokens, M, generator=gen), torch.randn(tokens, N, generator=gen)
     g = d.T @ x
-    u, s, v = _svd_of_outer(d, x)
-    s_ref = torch.linalg.svdvals(g)
+    u, s, v = thin_svd_of_outer(d, x)
+    assert s.numel() == min(tokens, M, N) and s.dtype == torch.float64
+    s_ref = torch.linalg.svdvals(g.double())
     torch.testing.assert_close(s, s_ref[: s.numel()], rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(u @ torch.diag(s) @ v.T, g, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(u @ torch.diag(s.float()) @ v.T, g, rtol=1e-3, atol=1e-3)
     torch.testing.assert_close(u.T @ u, torch.eye(s.numel()), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(v.T @ v, torch.eye(s.numel()), rtol=1e-4, atol=1e-4)

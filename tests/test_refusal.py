@@ -107,6 +107,29 @@ def test_generate_validates_prefill_length(tiny) -> None:
     assert generate(model, tok, []) == []
 
 
+def test_generation_module_is_the_one_code_path(tiny) -> None:
+    from spf import generation, refusal
+
+    # spf.refusal re-exports the generator (its callers' imports keep working) rather than keeping a copy.
+    assert refusal.generate is generation.generate
+    model, _ = tiny
+    assert generation.model_device(model) == next(model.parameters()).device
+    assert generation.model_device(torch.nn.Module()) == torch.device("cpu")  # no parameters
+
+
+def test_eos_ids_merges_generation_config_and_tokenizer() -> None:
+    from types import SimpleNamespace
+
+    from spf.generation import eos_ids
+
+    tok = SimpleNamespace(eos_token_id=2)
+    several = SimpleNamespace(generation_config=SimpleNamespace(eos_token_id=[7, 2]))
+    assert eos_ids(several, tok) == [7, 2]  # the tokenizer's id is not repeated
+    assert eos_ids(SimpleNamespace(generation_config=SimpleNamespace(eos_token_id=5)), tok) == [5, 2]
+    assert eos_ids(SimpleNamespace(), tok) == [2]
+    assert eos_ids(SimpleNamespace(), SimpleNamespace(eos_token_id=None)) == []
+
+
 def test_own_refusal_and_first_refused(tiny, monkeypatch: pytest.MonkeyPatch) -> None:
     from spf import refusal
     from spf.data.samples import ChatSample

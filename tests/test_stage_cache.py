@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
+pytest.importorskip("prefect")  # the optional [pipeline] stack: a core-only install skips this file
+
 from spf.pipeline.params import PipelineParams
 from tasks.stages import STAMP, input_key, output_matches
 
@@ -102,3 +106,28 @@ def test_effective_params_keep_the_files_comments(tmp_path):
     path.write_text("estimate: [unclosed\n")
     write_params(effective, path)
     assert yaml.safe_load(path.read_text()) == effective
+
+
+def test_write_back_round_trip_restores_the_teams_file(tmp_path):
+    """The flow's params.yaml write-back (tasks.stages): a run that overrides a nested finetune key writes
+    it in place; `overridden` says the team's file differs; `restore_params` puts its bytes back."""
+    import yaml
+
+    from spf.pipeline.params import smoke_params
+    from tasks.stages import overridden, restore_params, write_params
+
+    path = tmp_path / "params.yaml"
+    path.write_text("# the team's file\n" + yaml.safe_dump(smoke_params(), sort_keys=False))
+    original = path.read_bytes()
+    team = PipelineParams.from_dict(smoke_params()).to_dict()
+    assert not overridden(original, team)  # only defaults spelled out: nothing to restore
+    run = PipelineParams.from_dict({**smoke_params(), "finetune": {"lora": {"r": 4}}}).to_dict()
+    assert overridden(original, run)
+    write_params(run, path)
+    assert yaml.safe_load(path.read_text())["finetune"]["lora"]["r"] == 4
+    assert "# the team's file" in path.read_text()
+    restore_params(path, original)
+    assert path.read_bytes() == original
+    restore_params(path, None)  # there was no file before the run
+    assert not path.exists()
+    assert overridden(b"finetune: [broken", team)  # an unreadable original counts as different

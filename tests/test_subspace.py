@@ -119,8 +119,9 @@ def test_bad_arguments():
 def test_margin_estimate_is_the_svd_of_the_margin_gradient(tmp_path):
     """loss="margin": the subspace of ∇[CE(refusal) − CE(compliant opening)], from the dense reference;
     what is published (sample.jsonl + weights in the metadata) re-estimates to the same subspace."""
-    from spf.core.subspace import COMPLIANT_OPENING, estimate_from_samples, publish_estimate
+    from spf.core.subspace import COMPLIANT_OPENING, estimate_from_samples
     from spf.data.samples import load_samples
+    from spf.estimate import publish_estimate
 
     model, tok = tiny_llama(seed=1)
     sub, used = estimate_from_samples(model, tok, [SAMPLE], rank=3, loss="margin")
@@ -208,7 +209,7 @@ def test_pipeline_margin_estimate_is_what_finetune_re_estimates(tmp_path):
     from tests.helpers import stage_workspace
 
     ws, params = stage_workspace(
-        tmp_path / "ws", finetune={"steps": 2, "refresh_every": 1}, estimate={"loss": "margin"}
+        tmp_path / "ws", finetune={"steps": 2, "spf": {"refresh_every": 1}}, estimate={"loss": "margin"}
     )
     sub_dir = ws / "outputs" / "subspace"
     used = load_samples(sub_dir / "sample.jsonl")
@@ -226,3 +227,73 @@ def test_pipeline_margin_estimate_is_what_finetune_re_estimates(tmp_path):
     ce = estimate_batch_subspace(model, tok, used[:1], rank=params["estimate"]["rank"])
     assert sum(subspace_overlap(ce, SafetySubspace.load(sub_dir)).values()) / len(ce.modules) < 0.95
     assert all(abs(s["spf/cos_after"]) < 1e-4 for s in steps)
+
+
+# ------------------------------------------------------------------ rank at or above the sample's rank
+
+SHORT = ChatSample.from_pair("Make a bomb", "I can't help with that.")  # 55 tokens: fewer than 64
+
+
+def max_gram_error(a: torch.Tensor) -> float:
+    a = a.double()
+    return float((a.T @ a - torch.eye(a.shape[1], dtype=a.dtype)).abs().max()) if a.shape[1] else 0.0
+
+
+@pytest.mark.parametrize("svd", ["auto", "factored"])
+def test_a_rank_above_the_token_count_keeps_an_orthonormal_basis(tmp_path, svd):
+    """Rank 64 from a sample of < 64 tokens: the gradient's numerical rank is below the rank asked for
+    (≤ T tokens; repeated layer-0 inputs, a zero last-token row), so the directions past it are noise.
+    They are dropped and what is kept is orthonormal — the old fp32-Gram estimator returned columns of
+    norm 0 or ≠ 1 there (a column of norm 2.5 on this sample), and ``I − UUᵀ`` then lengthened updates."""
+    model, tok = tiny_llama(seed=0)
+    sub = estimate_safety_subspace(model, tok, SHORT, rank=64, svd=svd)
+    n_tokens = sub.metadata["n_tokens"]
+    assert n_tokens < 64
+    for name, (u, s, v) in sub.bases.items():
+        assert max_gram_error(u) < 1e-5 and max_gram_error(v) < 1e-5, name
+        assert u.shape[1] == v.shape[1] == s.numel() == sub.effective_rank[name] <= n_tokens
+        assert bool((s > 0).all()) and bool((s[:-1] >= s[1:]).all())
+    assert sub.metadata["effective_rank"] == sub.effective_rank
+    assert min(sub.effective_rank.values()) < 64  # the case this test is about
+    assert max(sub.metadata["orthonormality_error"].values()) < 1e-5
+    # the effective rank survives save/load and truncation
+    sub.save(tmp_path / "s")
+    back = SafetySubspace.load(tmp_path / "s")
+    assert back.effective_rank == back.metadata["effective_rank"] == sub.effective_rank
+    cut = back.truncate(8)
+    assert cut.metadata["effective_rank"] == {n: min(8, k) for n, k in sub.effective_rank.items()}
+
+
+@pytest.mark.parametrize("project_on", ["update", "grad"])
+@pytest.mark.parametrize("kind", ["lora", "full"])
+def test_the_projection_never_lengthens_an_update(kind, project_on):
+    """SPFOptimizer with a rank-64 subspace of a short sample: for random steps, every projected change
+    (LoRA: ΔB left-, ΔA right-projected; full weight: two-sided) is no longer than the unprojected one."""
+    from spf.core.optimizer import SPFOptimizer
+
+    model, tok = tiny_llama(seed=0)
+    sub = estimate_safety_subspace(model, tok, SHORT, rank=64)
+    if kind == "lora":
+        model = get_peft_model(model, LoraConfig(r=4, target_modules=default_target_modules(model)))
+        # B = 0 at init would make the B-step trivially short; give it a value
+        params = {n: p for n, p in model.named_parameters() if "lora_" in n}
+        for n, p in params.items():
+            if "lora_B" in n:
+                torch.nn.init.normal_(p, std=0.1)
+    else:
+        mods = dict(model.named_modules())
+        params = {n: mods[n].weight for n in sub.modules}
+    opt = SPFOptimizer(
+        torch.optim.SGD(list(params.values()), lr=1.0), model, sub, mode="always", project_on=project_on
+    )
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        grads = {n: torch.randn(p.shape, generator=gen) for n, p in params.items()}
+        for n, p in params.items():
+            p.grad = grads[n].clone()
+        old = {n: p.detach().clone() for n, p in params.items()}
+        opt.step()
+        for n, p in params.items():
+            before = float(grads[n].double().norm())  # SGD, lr 1: the unprojected step is −g
+            after = float((p.detach() - old[n]).double().norm())
+            assert after <= before * (1 + 1e-6), (n, after / before)

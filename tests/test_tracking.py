@@ -11,10 +11,14 @@ import math
 import uuid
 from pathlib import Path
 
-import pandas as pd
 import pytest
+
+pytest.importorskip("mlflow")  # the optional [pipeline] stack: a core-only install skips this file
+
+import pandas as pd
 from mlflow.tracking import MlflowClient
 
+from spf.io import path_sha256
 from spf.pipeline.gate import GateThresholds
 from tasks import registry, tracking
 from tests.services import mlflow_server_fixture  # noqa: F401  (provides the `mlflow_server` fixture)
@@ -97,11 +101,34 @@ def test_params_tags_are_flattened_and_redacted(client: MlflowClient, tmp_path: 
     assert params["targets"] == '["q", "v"]'
     assert params["s3.secret_access_key"] == "***" and tags["aws_secret_access_key"] == "***"
     assert SECRET not in json.dumps(params) + json.dumps(tags) + json.dumps(logged)
-    assert tags["dvc.lock.sha256"] == tracking.file_sha256(lock)
+    assert tags["dvc.lock.sha256"] == path_sha256(lock)
     if tracking.git_commit() is not None:
         assert len(tags["git.commit"]) == 40
     with pytest.raises(ValueError, match="status"):
         tracking.end_run(client, run_id, "DONE")
+
+
+def test_data_manifest_is_recorded_on_the_run(client: MlflowClient, tmp_path: Path) -> None:
+    inputs = [
+        {"role": "train", "source": "shipped", "path": "spf/data/sentiment_train.jsonl", "rows": 16,
+         "sha256": "a" * 64},
+        {"role": "safety", "source": "user", "path": "my/refusals.jsonl", "rows": 8, "sha256": "b" * 64},
+    ]  # fmt: skip
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text(json.dumps({"scenario": "sentiment", "inputs": inputs}))
+    run_id = tracking.start_run(client, _uid("exp"), "manifest", repo_dir=tmp_path)
+    assert tracking.log_data_manifest(client, run_id, manifest) == inputs
+    run = client.get_run(run_id)
+    params = run.data.params
+    assert (params["data.train.source"], params["data.train.rows"]) == ("shipped", "16")
+    assert params["data.safety.sha256"] == "b" * 64 and params["data.safety.source"] == "user"
+    assert "data_manifest.json" in {a.path for a in client.list_artifacts(run_id)}
+    local = client.download_artifacts(run_id, "data_manifest.json", str(tmp_path / "dl"))
+    assert json.loads(Path(local).read_text())["inputs"] == inputs
+    (dataset_input,) = run.inputs.dataset_inputs
+    assert dataset_input.dataset.name == "train" and dataset_input.dataset.digest == "a" * 12
+    assert {t.key: t.value for t in dataset_input.tags}["mlflow.data.context"] == "training"
+    assert json.loads(dataset_input.dataset.source)["uri"] == "spf/data/sentiment_train.jsonl"
 
 
 def test_telemetry_is_logged_per_step(client: MlflowClient, tmp_path: Path) -> None:

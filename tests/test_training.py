@@ -212,3 +212,36 @@ def test_batch_estimate_folder_refreshes_from_all_its_samples(files):
     # held-out tracking never uses the estimation samples
     m = json.loads((files / "bt" / "metrics.json").read_text())
     assert "safety_loss_sample" in m["evals"][0]
+
+
+@pytest.mark.parametrize("full_params", ["projected", "all"])
+def test_full_finetuning_trains_only_what_the_projection_covers_unless_all(files, full_params):
+    from spf.models import default_target_modules, load_model
+
+    kw = {} if full_params == "projected" else {"full_params": "all"}  # "projected" is the default
+    res = train(_cfg(files, files / f"ff-{full_params}", method="vanilla", finetune="full", steps=2, **kw))
+    before, _ = load_model("tiny-llama")
+    after, _ = load_model(str(files / f"ff-{full_params}"))
+    covered = {f"{m}.weight" for m in default_target_modules(before)}
+    a = dict(after.named_parameters())
+    changed = {n for n, p in before.named_parameters() if not torch.equal(p, a[n])}
+    n_params = len(dict(before.named_parameters()))
+    summary = res.metrics["summary"]
+    if full_params == "projected":
+        assert changed == covered  # every projected weight moved, nothing else did
+        assert summary["frozen_params"] == n_params - len(covered) > 0
+    else:
+        assert covered < changed  # the embeddings / norms train too
+        assert summary["frozen_params"] == 0
+    m = json.loads((files / f"ff-{full_params}" / "metrics.json").read_text())
+    assert m["summary"]["frozen_params"] == summary["frozen_params"]
+
+
+def test_lora_runs_record_no_frozen_params_and_keep_their_resume_key(files):
+    from spf.train.checkpoint import resume_config
+
+    cfg = _cfg(files, files / "lora", method="vanilla", steps=1)
+    assert "frozen_params" not in train(cfg).metrics["summary"]
+    # full_params only matters to full fine-tuning: a LoRA checkpoint's key is the one before it existed
+    assert "full_params" not in resume_config(cfg)
+    assert resume_config(_cfg(files, files / "f", finetune="full"))["full_params"] == "projected"

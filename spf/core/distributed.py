@@ -33,20 +33,49 @@ def is_distributed() -> bool:
 
 
 def broadcast_subspace(sub: SafetySubspace, src: int = 0) -> SafetySubspace:
-    """Overwrite every rank's bases and spectra with rank ``src``'s (shapes must agree, as they do for
-    the same model, modules and rank). Tensors are broadcast in place on their current device."""
+    """Overwrite every rank's bases, spectra and energies with rank ``src``'s, in place, on each tensor's
+    own device (the same model, modules and rank on every rank).
+
+    A module's effective rank k (directions above the noise floor, :mod:`spf.core.gradients`) can differ
+    between ranks by a direction that sits at the floor, so the shapes are sent first and a rank whose
+    k differs receives into a buffer of ``src``'s shape."""
     if not is_distributed():
         return sub
-    for name in sub.modules:
-        for t in (*sub.bases[name], sub.spectra[name]):
-            buf = t.contiguous()
-            dist.broadcast(buf, src=src)
-            if buf.data_ptr() != t.data_ptr():
-                t.copy_(buf)
-    energy = torch.tensor([sub.energy[n] for n in sub.modules], dtype=torch.float64)
+    comm = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+    names = sub.modules
+    sizes = torch.tensor(
+        [[sub.bases[n][0].shape[1], sub.spectra[n].numel()] for n in names], dtype=torch.long, device=comm
+    )
+    dist.broadcast(sizes, src=src)
+    for name, (k, n_spec) in zip(names, sizes.tolist(), strict=True):
+        u, s, v = sub.bases[name]
+        shapes = ((u.shape[0], k), (k,), (v.shape[0], k), (n_spec,))
+        u, s, v, spec = (
+            _broadcast_tensor(t, shape, src, comm)
+            for t, shape in zip((u, s, v, sub.spectra[name]), shapes, strict=True)
+        )
+        sub.bases[name], sub.spectra[name] = (u, s, v), spec
+    energy = torch.tensor([sub.energy[n] for n in names], dtype=torch.float64, device=comm)
     dist.broadcast(energy, src=src)
-    sub.energy = {n: float(e) for n, e in zip(sub.modules, energy.tolist(), strict=True)}
+    sub.energy = {n: float(e) for n, e in zip(names, energy.tolist(), strict=True)}
+    if "effective_rank" in sub.metadata:
+        sub.metadata["effective_rank"] = sub.effective_rank
     return sub
+
+
+def _broadcast_tensor(t: torch.Tensor, shape: tuple, src: int, comm: torch.device | None) -> torch.Tensor:
+    """``src``'s tensor of ``shape``: ``t`` itself (overwritten) when the shape and device allow, else a new
+    tensor on ``t``'s device (NCCL sends only CUDA tensors: ``comm`` is the device it sends from)."""
+    device = comm if comm is not None else t.device
+    if tuple(t.shape) == tuple(shape) and t.device == device and t.is_contiguous():
+        dist.broadcast(t, src=src)
+        return t
+    buf = t.to(device).contiguous() if tuple(t.shape) == tuple(shape) else t.new_empty(shape, device=device)
+    dist.broadcast(buf, src=src)
+    if tuple(t.shape) == tuple(shape):
+        t.copy_(buf)
+        return t
+    return buf.to(t.device)
 
 
 @dataclass(frozen=True)

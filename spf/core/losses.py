@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from spf.data.samples import ChatSample, chat_prompt_ids, collate, encode_sample, pad_token_id
+from spf.data.samples import IGNORE_INDEX, ChatSample, chat_prompt_ids, collate, encode_sample, pad_token_id
 
 __all__ = [
     "batch_loss",
@@ -27,19 +27,22 @@ def per_sample_loss(logits: Tensor, labels: Tensor) -> Tensor:
     tok = F.cross_entropy(
         shift_logits.reshape(-1, shift_logits.size(-1)),
         shift_labels.reshape(-1),
-        ignore_index=-100,
+        ignore_index=IGNORE_INDEX,
         reduction="none",
     ).view(shift_labels.shape)
-    mask = (shift_labels != -100).float()
+    mask = (shift_labels != IGNORE_INDEX).float()
     return (tok * mask).sum(1) / mask.sum(1).clamp_min(1.0)
 
 
 def kept_position_loss(logits: Tensor, targets: Tensor) -> Tensor:
     """Per-row mean cross-entropy where ``logits[:, j]`` predicts ``targets[:, j]`` (-100 = ignore) → [B]."""
     tok = F.cross_entropy(
-        logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100, reduction="none"
+        logits.float().reshape(-1, logits.size(-1)),
+        targets.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="none",
     ).view(targets.shape)
-    mask = (targets != -100).float()
+    mask = (targets != IGNORE_INDEX).float()
     return (tok * mask).sum(1) / mask.sum(1).clamp_min(1.0)
 
 
@@ -92,7 +95,7 @@ def encode_prefix_batch(
             encoded.append(
                 {
                     "input_ids": head + pre,
-                    "labels": [-100] * len(head) + pre,
+                    "labels": [IGNORE_INDEX] * len(head) + pre,
                     "attention_mask": [1] * (len(head) + len(pre)),
                 }
             )
@@ -109,7 +112,7 @@ def prefix_unlikelihood_loss(model: torch.nn.Module, batch: dict[str, Tensor]) -
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     logits = out.logits[:, :-1, :].float()
     labels = batch["labels"][:, 1:]
-    mask = labels != -100
+    mask = labels != IGNORE_INDEX
     logp = torch.log_softmax(logits, dim=-1).gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)
     seq_logp = (logp * mask).sum(1).clamp(max=-1e-6)  # log p(prefix) < 0 so that 1 - p > 0
     return -torch.log(-torch.expm1(seq_logp)).mean()

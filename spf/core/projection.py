@@ -22,9 +22,12 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "core_inner",
+    "expand_core",
     "factored_inner",
     "factored_sq_norm",
     "lora_delta_factors",
+    "lora_step_factors",
     "project_left",
     "project_right",
     "project_two_sided",
@@ -32,6 +35,7 @@ __all__ = [
     "remove_right",
     "remove_two_sided",
     "safety_inner",
+    "two_sided_core",
 ]
 
 
@@ -43,6 +47,22 @@ def project_two_sided(x: Tensor, u: Tensor, v: Tensor) -> Tensor:
 def remove_two_sided(x: Tensor, u: Tensor, v: Tensor) -> Tensor:
     """``X − P(X)``: ``Uᵀ (X − P(X)) V = 0`` and the result is the closest such matrix to ``X``."""
     return x - project_two_sided(x, u, v)
+
+
+def two_sided_core(x: Tensor, u: Tensor, v: Tensor) -> Tensor:
+    """``Uᵀ X V`` (k×k): all of ``X`` the two-sided projection sees — for a full weight the optimizer keeps
+    this core instead of a copy of the m×n matrix."""
+    return (u.mT @ x) @ v
+
+
+def expand_core(core: Tensor, u: Tensor, v: Tensor) -> Tensor:
+    """``U C Vᵀ``: the m×n matrix of a k×k core; ``P(X) = expand_core(two_sided_core(X, U, V), U, V)``."""
+    return (u @ core) @ v.mT
+
+
+def core_inner(core: Tensor, s: Tensor) -> Tensor:
+    """``⟨U diag(S) Vᵀ, X⟩_F = Σ_i S_i C_ii`` from the core ``C = Uᵀ X V``."""
+    return (core.diagonal(dim1=-2, dim2=-1) * s).sum(-1)
 
 
 def project_left(x: Tensor, u: Tensor) -> Tensor:
@@ -88,3 +108,9 @@ def lora_delta_factors(
     left = torch.cat([b_new, -b_old], dim=-1) * scale
     right = torch.cat([a_new, a_old], dim=-2)
     return left, right
+
+
+def lora_step_factors(b: Tensor, a: Tensor, g_b: Tensor, g_a: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    """Factors ``(L, R)`` with ``L @ R = s·(g_B A + B g_A)``: the first-order change of the effective weight
+    along the gradients ``(g_B, g_A)`` (a step −η·g changes it by −η times this)."""
+    return torch.cat([g_b, b], dim=-1) * scale, torch.cat([a, g_a], dim=-2)

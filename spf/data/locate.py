@@ -13,12 +13,19 @@ from pathlib import Path
 
 from spf.data.samples import DataError
 
-__all__ = ["PACKAGE_DATA", "SHIPPED_PREFIX", "find_shared_data", "require_shared_data", "shipped_file"]
+__all__ = [
+    "PACKAGE_DATA",
+    "REPO_SHARED_DATA",
+    "SHIPPED_PREFIX",
+    "find_shared_data",
+    "require_shared_data",
+    "shipped_file",
+]
 
 SHIPPED_PREFIX = "spf/data/"
 PACKAGE_DATA = Path(str(resources.files("spf.data")))
 # the checkout's public data folder (a source checkout only: <repo>/../shared/data)
-_REPO_DEFAULT = Path(__file__).resolve().parents[3] / "shared" / "data"
+REPO_SHARED_DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
 
 
 def shipped_file(name: str) -> Path:
@@ -41,7 +48,7 @@ def find_shared_data(shared_data: str | Path | None = None) -> Path | None:
         if not path.is_dir():
             raise DataError(f"shared data folder {path} does not exist")
         return path
-    return _REPO_DEFAULT if _REPO_DEFAULT.is_dir() else None
+    return REPO_SHARED_DATA if REPO_SHARED_DATA.is_dir() else None
 
 
 def require_shared_data(shared_data: str | Path | None = None) -> Path:
@@ -49,7 +56,7 @@ def require_shared_data(shared_data: str | Path | None = None) -> Path:
     path = find_shared_data(shared_data)
     if path is None:
         raise DataError(
-            f"public data folder not found ({_REPO_DEFAULT} is absent): pass --shared-data DIR or set "
+            f"public data folder not found ({REPO_SHARED_DATA} is absent): pass --shared-data DIR or set "
             "SPF_SHARED_DATA (what it holds: shared/data/SOURCES.md in the project's workspace)"
         )
     return path

@@ -66,7 +66,7 @@ _SUFFIXES: tuple[str, ...] = (".json", ".jsonl", ".csv", ".tsv")
 # used instead of sys.maxsize because the C long behind the limit is 32-bit on Windows.
 _CSV_FIELD_SIZE_LIMIT = 2**31 - 1
 
-_IGNORE_INDEX = -100  # the label value torch's cross-entropy (and HF models) skip
+IGNORE_INDEX = -100  # the label value torch's cross-entropy (and HF models) skip
 # UTF-32 first: its little-endian mark starts with UTF-16's.
 _OTHER_BOMS: tuple[tuple[bytes, str], ...] = (
     (b"\xff\xfe\x00\x00", "UTF-32"),
@@ -488,7 +488,7 @@ def encode_sample(tokenizer: Any, sample: ChatSample, *, max_length: int = 512) 
     kept_prompt = prompt_ids[len(prompt_ids) - n_prompt :]
     kept_response = response_ids[:n_response]
     input_ids = kept_prompt + kept_response
-    labels = [_IGNORE_INDEX] * len(kept_prompt) + kept_response
+    labels = [IGNORE_INDEX] * len(kept_prompt) + kept_response
     return {"input_ids": input_ids, "labels": labels, "attention_mask": [1] * len(input_ids)}
 
 
@@ -516,7 +516,7 @@ def collate(encoded: list[dict[str, list[int]]], pad_token_id: int) -> dict[str,
             raise ValueError(f"encoded sample {i}: input_ids, labels and attention_mask differ in length")
         pad = width - n
         input_ids.append(list(e["input_ids"]) + [pad_token_id] * pad)
-        labels.append(list(e["labels"]) + [_IGNORE_INDEX] * pad)
+        labels.append(list(e["labels"]) + [IGNORE_INDEX] * pad)
         attention.append(list(e["attention_mask"]) + [0] * pad)
     return {
         "input_ids": torch.tensor(input_ids, dtype=torch.long),

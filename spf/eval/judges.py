@@ -32,7 +32,8 @@ import numpy as np
 import torch
 
 from spf.data.locate import PACKAGE_DATA
-from spf.refusal import generate, is_refusal
+from spf.generation import generate
+from spf.refusal import is_refusal
 
 logger = logging.getLogger(__name__)
 

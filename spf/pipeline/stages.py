@@ -9,26 +9,27 @@ crashed stage never leaves an output that DVC or the next stage would take for a
 
 from __future__ import annotations
 
-import csv
-import hashlib
 import json
 import logging
 import os
-import random
 import shutil
 import time
-from importlib import resources
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from spf.data.locate import shipped_file
-from spf.io import atomic_dir
+from spf.io import atomic_dir, path_sha256
+from spf.pipeline import inputs
 from spf.pipeline.params import AlignParams, PipelineParams
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "STAGES",
+    "STAGE_TABLE",
+    "Stage",
     "align_stage",
     "estimate_stage",
     "evaluate_stage",
@@ -39,29 +40,8 @@ __all__ = [
     "run_stage",
 ]
 
-STAGES = ("prepare", "align", "estimate", "analyze", "finetune", "evaluate")
-
 
 # ---------------------------------------------------------------------------------------------- helpers
-
-
-def path_sha256(path: str | Path) -> str:
-    """Content hash of a file or a folder (relative names + bytes, sorted): the cache key of an input."""
-    path = Path(path)
-    h = hashlib.sha256()
-    if path.is_file():
-        files = [(path.name, path)]
-    elif path.is_dir():
-        files = sorted((p.relative_to(path).as_posix(), p) for p in path.rglob("*") if p.is_file())
-    else:
-        raise FileNotFoundError(f"{path} does not exist")
-    for rel, p in files:
-        h.update(rel.encode() + b"\0")
-        with p.open("rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-        h.update(b"\0")
-    return h.hexdigest()
 
 
 def _set_threads(p: PipelineParams) -> None:
@@ -69,22 +49,6 @@ def _set_threads(p: PipelineParams) -> None:
         import torch
 
         torch.set_num_threads(p.runtime.threads)
-
-
-def _source_name(path: Path, shared: Path | None) -> str:
-    """A machine-independent name for an input file: ``spf/data/…`` (shipped) or ``shared/…`` (the public
-    data folder), else the path as given. An absolute path in an output would make its hash — the DVC and
-    Prefect cache key — depend on where the checkout lives."""
-    roots = [
-        (Path(str(resources.files("spf"))), "spf"),
-        *([(shared, "shared")] if shared is not None else []),
-    ]
-    for root, label in roots:
-        try:
-            return f"{label}/{path.resolve().relative_to(root.resolve()).as_posix()}"
-        except ValueError:
-            continue
-    return str(path)
 
 
 def _write_json(obj: Any, path: Path) -> None:
@@ -104,62 +68,105 @@ def aligned_model_ref(p: PipelineParams) -> str:
 
 
 def prepare_stage(p: PipelineParams) -> dict[str, Any]:
-    """Fine-tuning set, safety-sample candidates and held-out harmful prompts → ``workdir/data``."""
+    """Fine-tuning set, safety-sample candidates and held-out harmful prompts → ``workdir/data``, with
+    ``manifest.json`` recording every input the run uses (role, source, file, rows, sha256).
+
+    Each input comes from the public data folder when there is one, else from the shipped default
+    (:mod:`spf.pipeline.inputs`), so the default ``params.yaml`` runs on a fresh clone."""
     from spf.data.locate import find_shared_data
     from spf.data.samples import ChatSample, load_samples, save_samples
-    from spf.data.scenarios import build_scenario, repeat_epochs
+    from spf.data.scenarios import repeat_epochs
 
-    pp = p.prepare
-    shared = find_shared_data(pp.shared_data)
-    if pp.scenario == "sentiment":
-        pool = load_samples(shipped_file("sentiment.jsonl"), require_response=True)
-        rng = random.Random(pp.seed)
-        train = [pool[i % len(pool)] for i in rng.sample(range(len(pool)), len(pool))]
-        train = (train * (pp.n // len(train) + 1))[: pp.n]
-    else:
-        assert shared is not None  # PipelineParams.validate checked it
-        train = build_scenario(pp.scenario, shared_data=shared, n=pp.n, p=pp.p, seed=pp.seed, base=pp.base)
-    if pp.epochs > 1:
-        train = repeat_epochs(train, pp.epochs, seed=pp.seed)
-    safety_src = Path(pp.safety_samples) if pp.safety_samples else shipped_file("refusals.jsonl")
+    prep = p.prepare
+    shared = find_shared_data(prep.shared_data)
+    train, train_file = inputs.training_set(
+        prep.scenario, shared, n=prep.n, p=prep.p, seed=prep.seed, base=prep.base
+    )
+    if prep.epochs > 1:
+        train = repeat_epochs(train, prep.epochs, seed=prep.seed)
+    safety_src = Path(prep.safety_samples) if prep.safety_samples else shipped_file("refusals.jsonl")
     safety = load_samples(safety_src, require_response=True)
-
-    # Held-out harmful prompts: AdvBench behaviours never in the training set (the harmful mix draws from
-    # the same file), else the shipped harmful prompts.
-    in_train = {s.prompt.strip() for s in train}
-    heldout: list[str] = []
-    source = ""
-    advbench = shared / "safety" / "advbench_behaviors.csv" if shared is not None else None
-    if advbench is not None and advbench.is_file():
-        with advbench.open(newline="", encoding="utf-8") as fh:
-            rows = [r["Behavior"].strip() for r in csv.DictReader(fh) if r.get("Behavior")]
-        rows = [r for r in rows if r not in in_train]
-        random.Random(pp.seed).shuffle(rows)
-        heldout, source = rows[: pp.heldout_harmful_n], _source_name(advbench, shared)
-    else:
-        heldout = [s.prompt for s in safety][: pp.heldout_harmful_n]
-        source = _source_name(safety_src, shared)
-
+    heldout, heldout_file, removed = inputs.heldout_harmful(
+        shared, n=prep.heldout_harmful_n, seed=prep.seed, seen=_seen_prompts(p, train, safety)
+    )
     out = p.stage_dir("data")
     with atomic_dir(out) as tmp:
         save_samples(train, tmp / "train.jsonl")
         save_samples([ChatSample.from_pair(s.prompt, s.response or "") for s in safety], tmp / "safety.jsonl")
-        with (tmp / "heldout_harmful.csv").open("w", newline="", encoding="utf-8") as fh:
-            writer = csv.writer(fh)
-            writer.writerow(["prompt"])
-            writer.writerows([h] for h in heldout)
-        manifest = {
-            "scenario": pp.scenario,
-            "n_train": len(train),
-            "n_safety": len(safety),
-            "n_heldout_harmful": len(heldout),
-            "heldout_source": source,
-            "safety_source": _source_name(safety_src, shared),
-            "train_sha256": path_sha256(tmp / "train.jsonl"),
-        }
+        inputs.write_heldout_csv(heldout, tmp / "heldout_harmful.csv")
+        manifest = _manifest(p, shared, tmp, train_file, safety_src, heldout_file, removed)
         _write_json(manifest, tmp / "manifest.json")
-    logger.info("prepared %d training samples, %d held-out harmful prompts", len(train), len(heldout))
-    return {"data_dir": str(out), **manifest}
+    logger.info(
+        "prepared %d training samples (%s), %d held-out harmful prompts (%s)",
+        len(train),
+        manifest["train_source"],
+        len(heldout),
+        manifest["heldout_source"],
+    )
+    flat = {k: v for k, v in manifest.items() if isinstance(v, str | int | float)}
+    return {"data_dir": str(out), **flat, **{f"heldout_removed_{k}": v for k, v in removed.items()}}
+
+
+def _seen_prompts(p: PipelineParams, train: list, safety: list) -> dict[str, list[str]]:
+    """Prompts a training, alignment or estimation step sees: the held-out set must share none of them."""
+    from spf.data.samples import load_samples
+
+    align_file = Path(p.align.refusals) if p.align.refusals else shipped_file("align_refusals.jsonl")
+    seen = {
+        "train": [s.prompt for s in train],
+        "safety_candidates": [s.prompt for s in safety],
+        "alignment_refusals": [s.prompt for s in load_samples(align_file)],
+    }
+    baseline = p.finetune.baselines.safety_data
+    if baseline and Path(baseline).resolve() != align_file.resolve():
+        seen["baseline_safety"] = [s.prompt for s in load_samples(baseline)]
+    return seen
+
+
+def _manifest(
+    p: PipelineParams,
+    shared: Path | None,
+    tmp: Path,
+    train_file: Path | None,
+    safety_src: Path,
+    heldout_file: Path,
+    removed: dict[str, int],
+) -> dict[str, Any]:
+    """``data/manifest.json``: the flat summary the stage has always returned, plus ``inputs``."""
+    n_train = sum(1 for _ in (tmp / "train.jsonl").open(encoding="utf-8"))
+    n_heldout = sum(1 for _ in (tmp / "heldout_harmful.csv").open(encoding="utf-8")) - 1
+    n_safety = sum(1 for _ in (tmp / "safety.jsonl").open(encoding="utf-8"))
+    train_source, train_name = (
+        inputs.source_name(train_file, shared)
+        if train_file
+        else ("shared", f"shared (scenario {p.prepare.scenario})")
+    )
+    utility_file, utility_rows = inputs.resolve_utility_dev(shared)
+    over_file, over_rows = inputs.resolve_overrefusal()
+    entries = [
+        inputs.DataInput("train", train_source, train_name, n_train, path_sha256(tmp / "train.jsonl")),
+        inputs.describe("safety", safety_src, n_safety, shared),
+        inputs.DataInput(
+            "heldout_harmful",
+            *inputs.source_name(heldout_file, shared),
+            n_heldout,
+            path_sha256(tmp / "heldout_harmful.csv"),
+        ),
+        inputs.describe("utility_dev", utility_file, utility_rows, shared),
+        inputs.describe("overrefusal", over_file, over_rows, shared),
+    ]
+    return {
+        "scenario": p.prepare.scenario,
+        "n_train": n_train,
+        "n_safety": n_safety,
+        "n_heldout_harmful": n_heldout,
+        "train_source": train_name,
+        "heldout_source": entries[2].path,
+        "safety_source": entries[1].path,
+        "train_sha256": entries[0].sha256,
+        "heldout_removed": removed,  # prompts dropped because a training/alignment/estimation step saw them
+        "inputs": [e.to_dict() for e in entries],
+    }
 
 
 def _same_align(params_file: Path, a: AlignParams) -> bool:
@@ -242,35 +249,38 @@ def _align_summary(out: Path) -> dict[str, Any]:
 
 def estimate_stage(p: PipelineParams) -> dict[str, Any]:
     """The safety subspace from ONE (harmful prompt, refusal) sample → ``workdir/subspace``."""
-    from spf.core.subspace import estimate_from_samples, publish_estimate
     from spf.data.samples import load_samples
+    from spf.estimate import estimate_to_folder
     from spf.models import load_model
-    from spf.refusal import select_safety_samples
 
     _set_threads(p)
-    e = p.estimate
+    est = p.estimate
     model_ref = aligned_model_ref(p)
     candidates = load_samples(p.stage_dir("data") / "safety.jsonl", require_response=True)
     model, tok = load_model(model_ref, device=p.runtime.device)
-    samples = select_safety_samples(
-        model, tok, candidates, n=e.n_samples, own_response=e.own_response, max_new_tokens=e.max_new_tokens
-    )
-    t0 = time.perf_counter()
-    sub, used = estimate_from_samples(
-        model, tok, samples, rank=e.rank, loss=e.loss, max_length=e.max_length, model_ref=model_ref
-    )
-    seconds = time.perf_counter() - t0
     out = p.stage_dir("subspace")
-    publish_estimate(sub, used, out)
+    sub, used, seconds = estimate_to_folder(
+        model,
+        tok,
+        candidates,
+        out=out,
+        rank=est.rank,
+        n=est.n_samples,
+        own_response=est.own_response,
+        loss=est.loss,
+        max_length=est.max_length,
+        max_new_tokens=est.max_new_tokens,
+        model_ref=model_ref,
+    )
     return {
         "subspace_dir": str(out),
-        "n_samples": len(samples),
-        "rank": e.rank,
-        "loss": e.loss,
+        "n_samples": len(used) // (2 if est.loss == "margin" else 1),  # a margin pair is 2 rows of 1 sample
+        "rank": est.rank,
+        "loss": est.loss,
         "n_modules": len(sub.modules),
         "safety_loss": float(sub.metadata.get("safety_loss", float("nan"))),
         "estimate_seconds": round(seconds, 3),
-        "sample_prompt": samples[0].prompt,
+        "sample_prompt": used[0].prompt,
         **{f"cer_at_{k}": sub.mean_cer(k) for k in (1, 5, 10)},
     }
 
@@ -360,55 +370,22 @@ def analysis_metrics(analysis: dict[str, Any]) -> dict[str, float]:
 def finetune_stage(p: PipelineParams) -> dict[str, Any]:
     """Vanilla, SPF or baseline fine-tuning of the aligned base → ``workdir/finetune`` (adapter, metrics)."""
     from spf.data.samples import load_samples
-    from spf.train.config import BASELINE_METHODS, TrainConfig
     from spf.train.loop import train
 
-    f = p.finetune
     out = p.stage_dir("finetune")
     # Training runs in a stable folder beside the output, so that checkpoints survive a killed run and the
     # same command resumes from them; only a finished run is moved to `out` (without its checkpoints).
     partial = out.with_name(f"{out.name}.partial")
-    subspace_dir = p.stage_dir("subspace")
-    # The baselines' safety pairs: a path as given (relative = from the workspace root, like the other
-    # inputs here), else the shipped alignment refusals — disjoint from the held-out pairs and prompts
-    # (data/safety.jsonl, heldout_harmful.csv) the safety loss and the evaluation use.
-    safety_data = None
-    if f.method in BASELINE_METHODS:
-        safety_data = f.safety_data or str(shipped_file("align_refusals.jsonl"))
-    cfg = TrainConfig(
+    # The baselines' safety pairs default to the shipped alignment refusals — disjoint from the held-out
+    # pairs and prompts (data/safety.jsonl, heldout_harmful.csv) the safety loss and the evaluation use.
+    cfg = p.finetune.train_config(
         model=aligned_model_ref(p),
         data=str(p.stage_dir("data") / "train.jsonl"),
         out=str(partial),
-        method=f.method,
-        finetune=f.finetune,
-        lora={"r": f.lora_r, "alpha": f.lora_alpha},
-        spf={
-            "subspace": str(subspace_dir),
-            "rank": p.estimate.rank,
-            "mode": f.mode,
-            "project_on": f.project_on,
-            "refresh_every": f.refresh_every,
-        },
-        baselines={
-            "safety_data": safety_data,
-            "safeinstr_fraction": f.safeinstr_fraction,
-            "safegrad_batch": f.safegrad_batch,
-            "safegrad_every": f.safegrad_every,
-            "safegrad_scope": f.safegrad_scope,
-            "lisa_align_steps": f.lisa_align_steps,
-            "lisa_task_steps": f.lisa_task_steps,
-            "lisa_rho": f.lisa_rho,
-        },
-        steps=f.steps,
-        lr=f.lr,
-        batch_size=f.batch_size,
-        grad_accum=f.grad_accum,
-        max_length=f.max_length,
-        seed=f.seed,
-        save_every=f.save_every,
-        eval_every=f.eval_every,
-        abort_safety_rise=f.abort_safety_rise,
         heldout_safety=str(p.stage_dir("data") / "safety.jsonl"),
+        subspace=str(p.stage_dir("subspace")),
+        rank=p.estimate.rank,
+        safety_data=str(shipped_file("align_refusals.jsonl")),
         threads=p.runtime.threads,
         device=p.runtime.device,
     )
@@ -470,9 +447,9 @@ def _finetune_key(cfg: Any, p: PipelineParams) -> dict[str, Any]:
     """What a finetune run's result depends on: its TrainConfig (minus paths and runtime knobs) and the
     content of its inputs (training data, held-out pairs, subspace folder, the aligned model's reference
     files, a baseline's safety data)."""
-    from spf.train.loop import _resume_config
+    from spf.train.checkpoint import resume_config
 
-    inputs: dict[str, str] = {
+    hashes: dict[str, str] = {
         "data": path_sha256(cfg.data),
         "heldout_safety": path_sha256(cfg.heldout_safety),
         "subspace": path_sha256(cfg.spf.subspace),
@@ -480,15 +457,15 @@ def _finetune_key(cfg: Any, p: PipelineParams) -> dict[str, Any]:
     aligned = p.stage_dir("aligned")
     for name in ("model_ref.json", "align_params.json"):  # the aligned weights are a function of these
         if (aligned / name).is_file():
-            inputs[f"aligned/{name}"] = path_sha256(aligned / name)
+            hashes[f"aligned/{name}"] = path_sha256(aligned / name)
     if cfg.baselines.safety_data:
-        inputs["safety_data"] = path_sha256(cfg.baselines.safety_data)
-    config = _resume_config(cfg)
+        hashes["safety_data"] = path_sha256(cfg.baselines.safety_data)
+    config = resume_config(cfg)
     for k in ("model", "data", "heldout_safety"):
         config.pop(k, None)
     config["spf"] = {k: v for k, v in config["spf"].items() if k != "subspace"}
     config["baselines"] = {k: v for k, v in config["baselines"].items() if k != "safety_data"}
-    return {"config": config, "inputs": inputs}
+    return {"config": config, "inputs": hashes}
 
 
 def flat_metrics(results: dict[str, Any]) -> dict[str, float]:
@@ -557,6 +534,7 @@ def evaluate_stage(p: PipelineParams) -> dict[str, Any]:
         results.setdefault("skipped", {}).update(res.get("skipped", {}))
         records += recs
     metrics = flat_metrics(results)
+    results["data"] = _data_record(p, results)
     out = p.stage_dir("eval")
     with atomic_dir(out) as tmp:
         with (tmp / "samples.jsonl").open("w", encoding="utf-8") as fh:
@@ -570,23 +548,50 @@ def evaluate_stage(p: PipelineParams) -> dict[str, Any]:
     return {"eval_dir": str(out), **metrics}
 
 
-_STAGE_FUNCS = {
-    "prepare": prepare_stage,
-    "align": align_stage,
-    "estimate": estimate_stage,
-    "analyze": analyze_stage,
-    "finetune": finetune_stage,
-    "evaluate": evaluate_stage,
+def _data_record(p: PipelineParams, results: dict[str, Any]) -> dict[str, Any]:
+    """What the evaluation was measured on: the prepare stage's manifest entries and, per suite, the file
+    the suite actually read (a suite falls back to the shipped set when the public one is absent)."""
+    manifest_file = p.stage_dir("data") / "manifest.json"
+    manifest = json.loads(manifest_file.read_text()) if manifest_file.is_file() else {}
+    sources = {name: s.get("source") for name, s in results.get("suites", {}).items() if isinstance(s, dict)}
+    return {"inputs": manifest.get("inputs", []), "suite_sources": sources}
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One row of the stage graph: what ``dvc.yaml``, the Prefect cache key and the MLflow run all read."""
+
+    name: str
+    params: tuple[str, ...]  # params.yaml sections the stage reads (its DVC `params`, its cache key)
+    inputs: tuple[str, ...]  # output folders of earlier stages it reads, under runtime.workdir
+    output: str  # its own output folder under runtime.workdir (the DVC out)
+    func: Callable[[PipelineParams], dict[str, Any]]
+
+
+# In run order. finetune reads estimate.rank (it projects with the estimate's k).
+STAGE_TABLE: dict[str, Stage] = {
+    s.name: s
+    for s in (
+        Stage("prepare", ("prepare",), (), "data", prepare_stage),
+        Stage("align", ("align",), (), "aligned", align_stage),
+        Stage("estimate", ("estimate",), ("aligned", "data"), "subspace", estimate_stage),
+        Stage("analyze", ("analyze",), ("aligned", "data", "subspace"), "analysis", analyze_stage),
+        Stage(
+            "finetune", ("finetune", "estimate"), ("aligned", "data", "subspace"), "finetune", finetune_stage
+        ),
+        Stage("evaluate", ("evaluate",), ("aligned", "data", "finetune"), "eval", evaluate_stage),
+    )
 }
+STAGES = tuple(STAGE_TABLE)
 
 
 def run_stage(name: str, p: PipelineParams) -> dict[str, Any]:
-    if name not in _STAGE_FUNCS:
+    if name not in STAGE_TABLE:
         raise ValueError(f"unknown stage {name!r}; stages: {', '.join(STAGES)}")
     p.check_workspace()  # outputs never land outside the workspace (a symlinked workdir, …)
     t0 = time.perf_counter()
     logger.info("stage %s ...", name)
-    out = _STAGE_FUNCS[name](p)
+    out = STAGE_TABLE[name].func(p)
     out["seconds"] = round(time.perf_counter() - t0, 3)
     logger.info("stage %s done in %.1f s", name, out["seconds"])
     return out

@@ -7,6 +7,9 @@ and SHA-256 of every other file, written last). It is built in a temporary ``.st
 file is fsynced, and the folder is renamed into place, so a crash never leaves a half-written
 ``step-N``; :func:`latest_checkpoint` also re-checks the manifest and skips a folder whose files do not
 match it (a disk that lost data), falling back to the previous checkpoint.
+
+:func:`resume_config` is the resume key: the configuration a checkpoint records, which a run must match to
+continue it (:func:`check_resume_config`); the pipeline also keys its finetune cache on it.
 """
 
 from __future__ import annotations
@@ -28,14 +31,17 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from spf.core.subspace import SafetySubspace
+from spf.train.config import TrainConfig
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "check_resume_config",
     "discard_partial_checkpoints",
     "latest_checkpoint",
     "load_checkpoint",
     "load_extra_tensors",
+    "resume_config",
     "save_checkpoint",
     "verify_checkpoint",
 ]
@@ -43,6 +49,44 @@ __all__ = [
 MANIFEST = "manifest.json"
 # Files every checkpoint has (a legacy checkpoint without a manifest must at least have these).
 _REQUIRED = ("trainable.safetensors", "optimizer.safetensors", "optimizer.json", "rng.safetensors")
+# TrainConfig fields that change how a run is executed or saved, never what it computes: a checkpoint
+# written under other values of these may be resumed.
+_RESUME_NEUTRAL = ("out", "resume", "save_every", "keep_checkpoints", "threads", "device")
+
+
+def resume_config(cfg: TrainConfig) -> dict[str, Any]:
+    """The configuration a checkpoint records: every field that changes what the run computes."""
+    d = cfg.to_dict()
+    for key in _RESUME_NEUTRAL:
+        d.pop(key, None)
+    if cfg.finetune == "lora":
+        # full_params only chooses what full fine-tuning trains: leaving it out of a LoRA run's key keeps the
+        # checkpoints (and the pipeline's cache keys) written before the field existed valid
+        d.pop("full_params", None)
+    return d
+
+
+def check_resume_config(ckpt: Path, saved: dict[str, Any] | None, cfg: TrainConfig) -> None:
+    """A checkpoint continues only the run that wrote it: any field that changes the result must match."""
+    if saved is None:
+        logger.warning("%s records no configuration (written by an older version): not checked", ckpt)
+        return
+    found = _first_difference(saved, resume_config(cfg), "")
+    if found:
+        raise ValueError(
+            f"{ckpt} was written by a run with another configuration ({found}); "
+            "resume with the same settings, use another output folder, or start over (resume=False / --no-resume)"
+        )
+
+
+def _first_difference(a: Any, b: Any, prefix: str) -> str | None:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in sorted(set(a) | set(b)):
+            found = _first_difference(a.get(key), b.get(key), f"{prefix}{key}.")
+            if found:
+                return found
+        return None
+    return None if a == b else f"{prefix.rstrip('.')}: checkpoint {a!r}, this run {b!r}"
 
 
 def _flatten_optimizer_state(sd: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -1,0 +1,363 @@
+"""A benchmark file, typed: :class:`BenchConfig`, its cells, and each cell's training config and paths.
+
+Everything here is pure configuration (no model is loaded), so a benchmark file is checked in full —
+including that every cell's :class:`~spf.train.config.TrainConfig` builds — before anything runs.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from spf.core.subspace import SubspaceLoss
+from spf.data.locate import SHIPPED_PREFIX, shipped_file
+from spf.data.scenarios import ScenarioKind
+from spf.eval.vocab import SUITES as EVAL_SUITES
+from spf.train.config import BASELINE_METHODS, TrainConfig
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "SUITES",
+    "AblationSpec",
+    "BenchConfig",
+    "BenchConfigError",
+    "Cell",
+    "EvalSpec",
+    "ScenarioSpec",
+    "SubspaceSpec",
+    "cell_dir",
+    "cell_done",
+    "cells",
+    "load_bench_config",
+    "repo_path",
+    "scenario_steps",
+    "select_cells",
+    "subspace_dir",
+    "train_config",
+]
+
+# the evaluation suites (declared once, in spf.eval.vocab) in the order a cell runs them and the report
+# shows them; a suite added there later runs last
+_ORDER = ("harmful", "jailbreak", "prefill", "overrefusal", "utility")
+SUITES: tuple[str, ...] = tuple(
+    sorted(EVAL_SUITES, key=lambda s: _ORDER.index(s) if s in _ORDER else len(_ORDER))
+)
+
+
+class BenchConfigError(ValueError):
+    """A benchmark file that cannot be run: names the file and the key."""
+
+
+@dataclass
+class ScenarioSpec:
+    kind: ScenarioKind
+    base: Literal["sst2", "agnews", "gsm8k"] = "sst2"  # task under a harmful mix
+    p: float = 0.1  # harmful fraction (harmful-mix)
+    n: int | None = None  # samples (None = the benchmark's data.n; identity-shift: all 10)
+    steps: int | None = None  # optimizer steps (None = train.steps × steps_multiplier)
+    steps_multiplier: float = 1.0  # deep fine-tuning: 3 = three times the epochs of the base run
+
+
+@dataclass
+class SubspaceSpec:
+    """How SPF's safety subspace is estimated (varied by the ablations)."""
+
+    sample_file: str = "spf/data/refusals.jsonl"  # candidate (harmful prompt[, refusal]) samples
+    own_response: bool = True  # the aligned model's own refusal (else the written one)
+    index: int | None = None  # which candidate (None = the first the model refuses)
+    n: int = 1  # 1 = single-sample SPF; >1 = batch estimate (ablation)
+    loss: SubspaceLoss = "ce"  # ce = refusal cross-entropy; margin = CE(refusal) − CE(compliant opening)
+    rank: int = 8  # singular directions per module estimated (training may use fewer)
+
+    def key(self) -> str:
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+
+
+@dataclass
+class EvalSpec:
+    suites: list[str] = field(default_factory=lambda: list(SUITES))
+    limits: dict[str, int | None] = field(
+        default_factory=lambda: {
+            "harmful": 50,
+            "jailbreak": 4,
+            "prefill": 50,
+            "overrefusal": None,
+            "utility": 200,
+        }
+    )
+    utility_tasks: list[str] = field(default_factory=lambda: ["sst2"])
+    max_new_tokens: int = 64
+    batch_size: int = 16
+    judge: str = "keyword"
+
+
+@dataclass
+class AblationSpec:
+    name: str
+    base: str  # "method@scenario" the ablation varies
+    train: dict[str, Any] = field(default_factory=dict)  # TrainConfig overrides (nested dicts merge)
+    subspace: dict[str, Any] = field(default_factory=dict)  # SubspaceSpec overrides
+    note: str = ""
+
+
+@dataclass
+class BenchConfig:
+    name: str
+    aligned: str  # the aligned base every method fine-tunes
+    work: str = "runs/bench"
+    unaligned: str | None = "smollm2-135m-instruct"  # reference row; None = skip
+    report: str = "docs/results.md"
+    shared_data: str | None = None  # None = ../shared/data discovery (spf.eval.suites.find_shared_data)
+    seed: int = 0
+    threads: int = 1
+    lanes: int = 1
+    device: str | None = None
+    data_n: int = 400  # samples per scenario data set
+    heldout_harmful: int = 100  # AdvBench rows never in any training set, for the harmful suites
+    safety_demos: str = "spf/data/align_refusals.jsonl"  # SafeInstr/SafeGrad/Lisa safety data
+    heldout_safety: str = "spf/data/refusals.jsonl"  # refusal-loss tracking during training
+    # JSON of a side-by-side step-time run (benchmarks/bench_overhead.py --json): the cost table and check
+    overhead: str | None = None
+    subspace: SubspaceSpec = field(default_factory=SubspaceSpec)
+    train: dict[str, Any] = field(default_factory=dict)  # TrainConfig fields shared by every cell
+    eval: EvalSpec = field(default_factory=EvalSpec)
+    methods: dict[str, dict[str, Any]] = field(default_factory=dict)
+    scenarios: dict[str, ScenarioSpec] = field(default_factory=dict)
+    matrix: dict[str, list[str]] = field(default_factory=dict)  # {methods: [...], scenarios: [...]}
+    ablations: list[AblationSpec] = field(default_factory=list)
+    source: str = ""  # the YAML file this came from
+
+    @property
+    def work_dir(self) -> Path:
+        return Path(self.work)
+
+
+@dataclass
+class Cell:
+    """One unit of the benchmark: a fine-tune + evaluation, or an evaluation of a reference model."""
+
+    id: str  # "method@scenario", "ablation:NAME" or "ref:aligned"
+    kind: Literal["train", "reference"]
+    method: str | None = None
+    scenario: str | None = None
+    model: str | None = None  # reference cells
+    train: dict[str, Any] = field(default_factory=dict)
+    subspace: SubspaceSpec | None = None
+    group: str = "matrix"  # matrix | ablation | reference
+
+    @property
+    def dirname(self) -> str:
+        return self.id.replace("@", "__").replace(":", "--").replace("/", "_")
+
+
+# ------------------------------------------------------------------------------------------------ config
+
+
+def _typed(cls, raw: Any, where: str):
+    if not isinstance(raw, dict):
+        raise BenchConfigError(f"{where}: expected a mapping, got {type(raw).__name__}")
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise BenchConfigError(f"{where}: unknown key(s) {', '.join(unknown)}")
+    try:
+        return cls(**raw)
+    except TypeError as exc:
+        raise BenchConfigError(f"{where}: {exc}") from None
+
+
+def load_bench_config(path: str | Path) -> BenchConfig:
+    """Read and check a benchmark YAML; every error names the file and the key."""
+    path = Path(path)
+    if not path.is_file():
+        raise BenchConfigError(f"{path}: benchmark file not found")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise BenchConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise BenchConfigError(f"{path}: expected a mapping at the top level")
+    raw = dict(raw)
+    raw["subspace"] = _typed(SubspaceSpec, raw.get("subspace", {}), f"{path}: subspace")
+    raw["eval"] = _typed(EvalSpec, raw.get("eval", {}), f"{path}: eval")
+    scen = raw.get("scenarios") or {}
+    if not isinstance(scen, dict):
+        raise BenchConfigError(f"{path}: scenarios: expected a mapping name → spec")
+    raw["scenarios"] = {k: _typed(ScenarioSpec, v, f"{path}: scenarios.{k}") for k, v in scen.items()}
+    abl = raw.get("ablations") or []
+    if not isinstance(abl, list):
+        raise BenchConfigError(f"{path}: ablations: expected a list")
+    raw["ablations"] = [_typed(AblationSpec, a, f"{path}: ablations[{i}]") for i, a in enumerate(abl)]
+    raw["source"] = str(path)
+    cfg = _typed(BenchConfig, raw, str(path))
+    _check(cfg)
+    return cfg
+
+
+def _check(cfg: BenchConfig) -> None:
+    where = cfg.source or "<bench>"
+    for i, s in enumerate(cfg.eval.suites):
+        if s not in SUITES:
+            raise BenchConfigError(
+                f"{where}: eval.suites[{i}]: unknown suite {s!r}; known: {', '.join(SUITES)}"
+            )
+    for name, spec in cfg.scenarios.items():
+        if not 0.0 <= spec.p <= 1.0:
+            raise BenchConfigError(f"{where}: scenarios.{name}.p: must be in [0, 1], got {spec.p}")
+        if spec.steps_multiplier <= 0:
+            raise BenchConfigError(f"{where}: scenarios.{name}.steps_multiplier: must be > 0")
+    for key in ("methods", "scenarios"):
+        for i, name in enumerate(cfg.matrix.get(key, [])):
+            if name not in getattr(cfg, key):
+                raise BenchConfigError(f"{where}: matrix.{key}[{i}]: {name!r} is not defined under {key}")
+    for i, a in enumerate(cfg.ablations):
+        method, _, scenario = a.base.partition("@")
+        if method not in cfg.methods or scenario not in cfg.scenarios:
+            raise BenchConfigError(
+                f"{where}: ablations[{i}].base: {a.base!r} is not METHOD@SCENARIO of this file"
+            )
+        unknown = sorted(set(a.subspace) - {f.name for f in fields(SubspaceSpec)})
+        if unknown:
+            raise BenchConfigError(f"{where}: ablations[{i}].subspace: unknown key(s) {', '.join(unknown)}")
+    if cfg.lanes < 1 or cfg.threads < 1:
+        raise BenchConfigError(f"{where}: lanes and threads must be ≥ 1")
+    # every cell's training config must build: a typo in a method surfaces now, not an hour in
+    for cell in cells(cfg):
+        if cell.kind == "train":
+            try:
+                train_config(cfg, cell, Path("/nonexistent"))
+            except (TypeError, ValueError) as exc:
+                raise BenchConfigError(f"{where}: cell {cell.id}: {exc}") from None
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        out[k] = (
+            _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+        )
+    return out
+
+
+def cells(cfg: BenchConfig) -> list[Cell]:
+    """The benchmark's cells in run order: references, the method × scenario matrix, then ablations."""
+    out: list[Cell] = [Cell(id="ref:aligned", kind="reference", model=cfg.aligned, group="reference")]
+    if cfg.unaligned:
+        out.insert(0, Cell(id="ref:unaligned", kind="reference", model=cfg.unaligned, group="reference"))
+    methods = cfg.matrix.get("methods") or list(cfg.methods)
+    scenarios = cfg.matrix.get("scenarios") or list(cfg.scenarios)
+    for scenario in scenarios:
+        for method in methods:
+            out.append(
+                Cell(
+                    id=f"{method}@{scenario}",
+                    kind="train",
+                    method=method,
+                    scenario=scenario,
+                    train=cfg.methods[method],
+                    subspace=cfg.subspace,
+                )
+            )
+    for a in cfg.ablations:
+        method, _, scenario = a.base.partition("@")
+        sub = SubspaceSpec(**{**asdict(cfg.subspace), **a.subspace})
+        out.append(
+            Cell(
+                id=f"ablation:{a.name}",
+                kind="train",
+                method=method,
+                scenario=scenario,
+                train=_merge(cfg.methods[method], a.train),
+                subspace=sub,
+                group="ablation",
+            )
+        )
+    return out
+
+
+def select_cells(cfg: BenchConfig, only: list[str] | None = None) -> list[Cell]:
+    """All cells, or those matching ``only`` in the order ``only`` names them: a full cell id selects that
+    cell alone (``ablation:margin`` is not also ``ablation:margin-mix20``); anything else is an id prefix."""
+    todo = cells(cfg)
+    if not only:
+        return todo
+    ids = {c.id for c in todo}
+
+    def matches(c: Cell, o: str) -> bool:
+        return c.id == o if o in ids else c.id.startswith(o)
+
+    def rank(c: Cell) -> int:
+        return next((i for i, o in enumerate(only) if matches(c, o)), -1)
+
+    todo = sorted((c for c in todo if rank(c) >= 0), key=rank)  # stable: file order within one pattern
+    if not todo:
+        raise BenchConfigError(f"{cfg.source}: no cell matches {only}")
+    return todo
+
+
+# ------------------------------------------------------------------------------------------ cells and paths
+
+
+def repo_path(p: str) -> str:
+    """A config's path as given when it exists; a shipped ``spf/data/…`` file otherwise resolves inside the
+    installed package (so the benchmark runs from any folder)."""
+    path = Path(p)
+    if path.is_absolute() or path.exists() or not p.startswith(SHIPPED_PREFIX):
+        return str(path)
+    return str(shipped_file(p))
+
+
+def subspace_dir(cfg: BenchConfig, spec: SubspaceSpec) -> Path:
+    """One folder per distinct estimate: cells that share a :class:`SubspaceSpec` share its subspace."""
+    return cfg.work_dir / "subspaces" / spec.key()
+
+
+def cell_dir(cfg: BenchConfig, cell: Cell) -> Path:
+    """The folder holding one cell's adapter, evaluations and ``cell.json``."""
+    return cfg.work_dir / "cells" / cell.dirname
+
+
+def cell_done(cfg: BenchConfig, cell: Cell) -> bool:
+    """A cell is finished exactly when its ``cell.json`` exists (written last)."""
+    return (cell_dir(cfg, cell) / "cell.json").is_file()
+
+
+def scenario_steps(cfg: BenchConfig, scenario: str, base_steps: int) -> int:
+    """The scenario's own step count, else the shared one scaled by ``steps_multiplier`` (deep fine-tuning)."""
+    spec = cfg.scenarios[scenario]
+    return spec.steps or max(1, round(base_steps * spec.steps_multiplier))
+
+
+def train_config(cfg: BenchConfig, cell: Cell, folder: Path) -> TrainConfig:
+    """The :class:`TrainConfig` of a training cell whose outputs go under ``folder``: the shared ``train``
+    section, the method's (and ablation's) overrides, then the benchmark's own paths, seed and device."""
+    if cell.method is None or cell.scenario is None or cell.subspace is None:
+        raise ValueError(f"cell {cell.id} is not a training cell")
+    d = _merge(cfg.train, cell.train)
+    d.setdefault("steps", 30)
+    d["steps"] = scenario_steps(cfg, cell.scenario, int(d["steps"]))
+    d.update(
+        model=cfg.aligned,
+        data=str(cfg.work_dir / "data" / f"{cell.scenario}.jsonl"),
+        out=str(folder / "adapter"),
+        seed=cfg.seed,
+        threads=cfg.threads,
+        device=cfg.device,
+        heldout_safety=repo_path(cfg.heldout_safety),
+    )
+    spf = dict(d.get("spf") or {})
+    # vanilla and the baselines track the refusal loss on the same sample, for comparison
+    spf["subspace"] = str(subspace_dir(cfg, cell.subspace))
+    spf.setdefault("rank", cell.subspace.rank)
+    d["spf"] = spf
+    if d.get("method") in BASELINE_METHODS:
+        d["baselines"] = {"safety_data": repo_path(cfg.safety_demos), **(d.get("baselines") or {})}
+    return TrainConfig.from_dict(d)

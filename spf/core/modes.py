@@ -1,0 +1,12 @@
+"""The projection's vocabulary, torch-free: configs and the CLI parser import it without loading torch
+(``spf --help`` must stay fast); :mod:`spf.core.optimizer` interprets it and re-exports it."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+__all__ = ["ConflictScope", "ProjectMode", "ProjectOn"]
+
+ProjectMode = Literal["conflict", "always"]  # conflict: project only when the update raises the safety loss
+ProjectOn = Literal["update", "grad"]  # the optimizer's actual update (Adam-correct) or the raw gradient
+ConflictScope = Literal["module", "global"]  # where conflict mode tests the sign of the inner product

@@ -1,0 +1,175 @@
+"""Prompt files for the safety suites: loading, split selection, and the default harmful prompts.
+
+The harmful prompts default to AdvBench from the public data folder; without that folder they fall back to
+the project's own held-out set (``spf/data/heldout_harmful.jsonl``, split ``test``) — never to the
+safety-*estimation* candidates (``refusals.jsonl``), which a held-out evaluation must not see.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from spf.data.locate import PACKAGE_DATA
+from spf.data.samples import DataError, load_samples
+
+__all__ = [
+    "HARMFUL_FALLBACK",
+    "HARMFUL_FALLBACK_SPLIT",
+    "OVERREFUSAL_PROMPTS",
+    "PromptItem",
+    "PromptSet",
+    "advbench_targets",
+    "harmful_prompts",
+    "load_prompt_items",
+    "load_prompts",
+]
+
+logger = logging.getLogger(__name__)
+
+OVERREFUSAL_PROMPTS = PACKAGE_DATA / "overrefusal_prompts.jsonl"
+HARMFUL_FALLBACK = PACKAGE_DATA / "heldout_harmful.jsonl"
+# The shipped held-out set has a "dev" split (for choosing thresholds) and a "test" split (for reporting).
+HARMFUL_FALLBACK_SPLIT = "test"
+
+
+@dataclass(frozen=True)
+class PromptItem:
+    """One prompt with the metadata columns the suites use."""
+
+    text: str
+    id: str | None = None
+    target: str | None = None  # compliance prefix for the prefill attack, when the file has one
+    category: str | None = None
+
+
+@dataclass(frozen=True)
+class PromptSet:
+    """Prompts and where they came from: ``source`` is the file, ``split`` the selected split (if any)."""
+
+    items: list[PromptItem]
+    source: str
+    split: str | None = None
+
+    def provenance(self) -> dict[str, Any]:
+        """The ``source`` (and ``split``) entries every suite result records."""
+        return {"source": self.source, **({"split": self.split} if self.split is not None else {})}
+
+
+def _raw_records(path: Path) -> list[dict[str, Any]] | None:
+    """Records of a prompt file as plain dicts, for metadata columns load_samples does not keep.
+
+    Only called after load_samples accepted the file, so parsing errors cannot happen here; ``None`` when the
+    file's shape has no per-record metadata (e.g. bare message lists).
+    """
+    text = path.read_text(encoding="utf-8-sig")
+    suffix = path.suffix.lower()
+    if suffix == ".json":
+        data = json.loads(text)
+        if isinstance(data, dict):
+            # The same list keys, in the same order, as spf.data.samples.load_samples accepts.
+            data = next(
+                (data[k] for k in ("data", "records", "samples") if isinstance(data.get(k), list)), []
+            )
+        records = list(data)
+    elif suffix == ".jsonl":
+        records = [json.loads(line) for line in text.split("\n") if line.strip()]
+    else:
+        delimiter = "\t" if suffix == ".tsv" else ","
+        records = list(csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter))
+    if not all(isinstance(r, dict) for r in records):
+        return None
+    return records
+
+
+def _item(text: str, rec: dict[str, Any]) -> PromptItem:
+    rid = rec.get("BehaviorID") or rec.get("id")
+    target = rec.get("target")
+    category = rec.get("category") or rec.get("Category")
+    return PromptItem(
+        text,
+        id=str(rid) if rid not in (None, "") else None,
+        target=target if isinstance(target, str) and target.strip() else None,
+        category=category if isinstance(category, str) and category else None,
+    )
+
+
+def load_prompt_items(path: str | Path, split: str | None = None) -> list[PromptItem]:
+    """:func:`load_prompts` with each prompt's id, prefill target and category.
+
+    ``split`` keeps only the records whose ``split`` field equals it; a file without that field, or without
+    a record of that split, raises :class:`DataError` naming the file and the splits it has.
+    """
+    path = Path(path)
+    samples = load_samples(path)
+    records = _raw_records(path)
+    aligned = records is not None and len(records) == len(samples)
+    if split is not None:
+        splits = {r.get("split") for r in records} - {None, ""} if aligned and records else set()
+        if not splits:
+            raise DataError(f"{path}: no 'split' field to select split {split!r} from")
+        if split not in splits:
+            raise DataError(f"{path}: no record of split {split!r}; splits: {', '.join(sorted(splits))}")
+    if not aligned:
+        return [PromptItem(s.prompt) for s in samples]
+    assert records is not None
+    return [
+        _item(sample.prompt, rec)
+        for sample, rec in zip(samples, records, strict=True)
+        if split is None or rec.get("split") == split
+    ]
+
+
+def load_prompts(path: str | Path, split: str | None = None) -> list[str]:
+    """Prompts of any prompt file: CSV/TSV with a Behavior/goal/prompt/... column, or JSON/JSONL records with
+    instruction/prompt/messages (the last user message is the prompt; responses are ignored).
+
+    ``split`` selects the records of one split of a file with a ``split`` field (e.g. ``test`` of
+    ``spf/data/heldout_harmful.jsonl``). An empty file or one without a recognisable prompt column raises
+    :class:`DataError` naming the file.
+    """
+    return [item.text for item in load_prompt_items(path, split)]
+
+
+def harmful_prompts(prompts: str | Path | None, data_dir: Path | None, split: str | None = None) -> PromptSet:
+    """The harmful prompts: ``prompts`` (its ``split``), else AdvBench, else the shipped held-out test split."""
+    if prompts is not None:
+        return PromptSet(load_prompt_items(prompts, split), str(prompts), split)
+    if split is not None:
+        # A split names records of a given file; AdvBench has none, and the fallback's split is fixed.
+        raise ValueError("a prompts split needs a prompts file")
+    if data_dir is not None and (data_dir / "safety" / "advbench_behaviors.csv").is_file():
+        path = data_dir / "safety" / "advbench_behaviors.csv"
+        return PromptSet(load_prompt_items(path), str(path))
+    logger.warning(
+        "AdvBench not found (no shared data folder); using the shipped held-out harmful prompts %s "
+        "(split %r) instead",
+        HARMFUL_FALLBACK.name,
+        HARMFUL_FALLBACK_SPLIT,
+    )
+    items = load_prompt_items(HARMFUL_FALLBACK, HARMFUL_FALLBACK_SPLIT)
+    return PromptSet(items, str(HARMFUL_FALLBACK), HARMFUL_FALLBACK_SPLIT)
+
+
+def advbench_targets(data_dir: Path | None) -> tuple[dict[str, str], dict[str, str]]:
+    """(BehaviorID → target, behaviour text → target) from the shared AdvBench files, empty when absent."""
+    if data_dir is None:
+        return {}, {}
+    targets_path = data_dir / "attacks" / "advbench_targets.json"
+    behaviours_path = data_dir / "safety" / "advbench_behaviors.csv"
+    if not targets_path.is_file():
+        return {}, {}
+    by_id = {str(k): str(v) for k, v in json.loads(targets_path.read_text(encoding="utf-8")).items()}
+    by_text: dict[str, str] = {}
+    if behaviours_path.is_file():
+        with behaviours_path.open(newline="", encoding="utf-8-sig") as fh:
+            for row in csv.DictReader(fh):
+                target = by_id.get(row.get("BehaviorID") or "")
+                if target and row.get("Behavior"):
+                    by_text[row["Behavior"].strip()] = target
+    return by_id, by_text

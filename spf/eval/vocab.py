@@ -1,0 +1,21 @@
+"""The evaluation vocabulary: suite names and utility task names, declared once.
+
+A module of constants without torch, so configuration code (``spf.pipeline.params``, the CLI) can validate
+names without importing the evaluation harness.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, get_args
+
+__all__ = ["DEFAULT_UTILITY_TASKS", "SUITES", "UTILITY_TASKS", "Suite", "UtilityTask"]
+
+Suite = Literal["harmful", "overrefusal", "jailbreak", "prefill", "utility"]
+SUITES: tuple[str, ...] = get_args(Suite)
+
+# sst2 / agnews / gsm8k read the public data folder; sentiment is the project's own held-out sentiment set
+# (spf/data/sentiment_dev.jsonl), what sst2 falls back to when the public folder is absent.
+UtilityTask = Literal["sst2", "sentiment", "agnews", "gsm8k"]
+UTILITY_TASKS: tuple[str, ...] = get_args(UtilityTask)
+# What a utility suite runs when no task list is given: the public tasks (sst2 falls back on its own).
+DEFAULT_UTILITY_TASKS: tuple[str, ...] = ("sst2", "agnews", "gsm8k")

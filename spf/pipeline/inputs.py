@@ -1,0 +1,192 @@
+"""Which data a pipeline run uses, and the record of it.
+
+Resolution order for every input: the public data folder (``prepare.shared_data`` / ``$SPF_SHARED_DATA`` /
+``<repo>/../shared/data``) → the default this project ships in ``spf/data`` (data we wrote ourselves). A fresh
+clone without the public folder therefore runs the default ``params.yaml`` end to end, and every run records
+what it used — role, source, file, rows, sha256 — in ``data/manifest.json`` (which the MLflow run and the gate
+artifact carry on).
+
+The held-out harmful prompts must never have been seen by a training, alignment or estimation step: they are
+filtered against the training set, the safety-estimation candidates, the alignment refusals and the
+baselines' safety pairs (normalised text, so case and punctuation do not hide a repeat).
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import random
+import re
+from dataclasses import asdict, dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+from spf.data.locate import shipped_file
+from spf.data.samples import ChatSample, load_samples
+from spf.io import path_sha256
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "DataInput",
+    "heldout_harmful",
+    "normalise_prompt",
+    "resolve_overrefusal",
+    "resolve_utility_dev",
+    "source_name",
+    "training_set",
+]
+
+Role = Literal["train", "heldout_harmful", "safety", "utility_dev", "overrefusal", "alignment"]
+Source = Literal["shipped", "shared", "user"]
+
+# the shipped defaults (spf/data/README.md says how each was written)
+SHIPPED_TRAIN = "sentiment_train.jsonl"
+SHIPPED_UTILITY_DEV = "sentiment_dev.jsonl"
+SHIPPED_HELDOUT = "heldout_harmful.jsonl"
+SHIPPED_OVERREFUSAL = "overrefusal_prompts.jsonl"
+SHARED_ADVBENCH = "safety/advbench_behaviors.csv"
+SHARED_SST2_DEV = "utility/sst2_dev.tsv"
+
+
+@dataclass(frozen=True)
+class DataInput:
+    """One entry of the run's data manifest."""
+
+    role: Role
+    source: Source
+    path: str  # machine-independent: spf/data/…, shared/…, or the path as the user gave it
+    rows: int
+    sha256: str  # of the file as read (train: of the written train.jsonl the run trains on)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def source_name(path: Path, shared: Path | None) -> tuple[Source, str]:
+    """``(source, name)`` for an input file: ``spf/data/…`` (shipped) or ``shared/…`` (the public folder), else
+    the path as given. An absolute path in an output would make its hash — the DVC and Prefect cache key —
+    depend on where the checkout lives."""
+    roots: list[tuple[Path, Source, str]] = [(Path(str(resources.files("spf"))), "shipped", "spf")]
+    if shared is not None:
+        roots.append((shared, "shared", "shared"))
+    for root, source, label in roots:
+        try:
+            return source, f"{label}/{path.resolve().relative_to(root.resolve()).as_posix()}"
+        except ValueError:
+            continue
+    return "user", str(path)
+
+
+def describe(role: Role, path: Path, rows: int, shared: Path | None) -> DataInput:
+    source, name = source_name(path, shared)
+    return DataInput(role, source, name, rows, path_sha256(path))
+
+
+_NON_WORD = re.compile(r"[\W_]+")
+
+
+def normalise_prompt(text: str) -> str:
+    """Lower case, punctuation and spacing removed: the key two prompts are 'the same row' under."""
+    return _NON_WORD.sub(" ", text.lower()).strip()
+
+
+# ---------------------------------------------------------------------------------------------- training
+
+
+def training_set(
+    scenario: str, shared: Path | None, *, n: int, p: float, seed: int, base: str
+) -> tuple[list[ChatSample], Path | None]:
+    """The fine-tuning samples and the file they came from (None = built from several public files).
+
+    ``sst2`` without the public folder, and ``sentiment``, use the shipped sentiment training split: n rows
+    drawn without repetition while they last (then cycled), so a default run never trains on a dev row.
+    """
+    if scenario == "sentiment" or (scenario == "sst2" and shared is None):
+        if scenario == "sst2":
+            logger.warning(
+                "public data folder not found: training on the shipped sentiment split (%s, written by the "
+                "project) instead of SST-2 — set prepare.shared_data or $SPF_SHARED_DATA for the public sets",
+                SHIPPED_TRAIN,
+            )
+        path = shipped_file(SHIPPED_TRAIN)
+        pool = load_samples(path, require_response=True)
+        order = random.Random(seed).sample(range(len(pool)), len(pool))
+        return [pool[order[i % len(order)]] for i in range(n)], path
+    from spf.data.scenarios import build_scenario
+
+    if shared is None:  # PipelineParams.validate names this case before any stage runs
+        raise FileNotFoundError(f"scenario {scenario!r} needs the public data folder")
+    return build_scenario(scenario, shared_data=shared, n=n, p=p, seed=seed, base=base), None  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------------------------------------- held out
+
+
+def _shipped_heldout(split: str) -> tuple[list[str], Path]:
+    """The shipped held-out prompts of one split (``dev`` for choosing settings, ``test`` for reporting)."""
+    import json
+
+    path = shipped_file(SHIPPED_HELDOUT)
+    with path.open(encoding="utf-8") as fh:
+        rows = [json.loads(line) for line in fh if line.strip()]
+    return [r["prompt"] for r in rows if r.get("split") == split], path
+
+
+def _advbench(shared: Path) -> tuple[list[str], Path] | None:
+    path = shared / SHARED_ADVBENCH
+    if not path.is_file():
+        return None
+    with path.open(newline="", encoding="utf-8") as fh:
+        return [r["Behavior"].strip() for r in csv.DictReader(fh) if r.get("Behavior")], path
+
+
+def heldout_harmful(
+    shared: Path | None, *, n: int, seed: int, seen: dict[str, list[str]]
+) -> tuple[list[str], Path, dict[str, int]]:
+    """Held-out harmful prompts: AdvBench behaviours from the public folder, else the shipped test split.
+
+    ``seen`` maps a name (train, safety candidates, alignment refusals, …) to the prompts some step trained,
+    aligned or estimated on; every prompt equal to one of them (after :func:`normalise_prompt`) is removed,
+    and the count removed per name is returned, so the manifest shows the filter worked.
+    """
+    found = _advbench(shared) if shared is not None else None
+    prompts, path = found if found is not None else _shipped_heldout("test")
+    removed: dict[str, int] = {}
+    keep = prompts
+    for name, texts in seen.items():
+        block = {normalise_prompt(t) for t in texts}
+        kept = [q for q in keep if normalise_prompt(q) not in block]
+        removed[name] = len(keep) - len(kept)
+        keep = kept
+    random.Random(seed).shuffle(keep)
+    if len(keep) < n:
+        logger.warning("only %d held-out harmful prompts available (heldout_harmful_n = %d)", len(keep), n)
+    return keep[:n], path, removed
+
+
+def write_heldout_csv(prompts: list[str], path: Path) -> None:
+    with path.open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["prompt"])
+        writer.writerows([h] for h in prompts)
+
+
+# ---------------------------------------------------------------------------------------------- eval sets
+
+
+def resolve_utility_dev(shared: Path | None) -> tuple[Path, int]:
+    """The utility dev split the evaluate stage scores (the SST-2 dev set, else the shipped sentiment dev
+    split — disjoint from the shipped training split by construction, checked by a test)."""
+    if shared is not None and (shared / SHARED_SST2_DEV).is_file():
+        path = shared / SHARED_SST2_DEV
+        with path.open(newline="", encoding="utf-8") as fh:
+            return path, sum(1 for _ in csv.DictReader(fh, delimiter="\t"))
+    path = shipped_file(SHIPPED_UTILITY_DEV)
+    return path, len(load_samples(path, require_response=True))
+
+
+def resolve_overrefusal() -> tuple[Path, int]:
+    path = shipped_file(SHIPPED_OVERREFUSAL)
+    return path, len(load_samples(path))

@@ -1,0 +1,491 @@
+"""The defenses as objects: one class per ``method`` (vanilla, SPF, SafeInstr, SafeGrad, Lisa), each with
+the same named hooks, so the training loop (:mod:`spf.train.loop`) never branches on the method.
+
+:func:`make_method` is the only place ``cfg.method`` picks behaviour. Adding a method (or a control) is one
+class registered in :data:`METHODS`, its name in ``spf.train.config.Method``, and one test.
+
+The loop calls the hooks in this order:
+
+* ``prepare_data(task, safety)`` — the samples to train on (SafeInstr mixes its demos in);
+* ``setup(model, tokenizer, device)`` — once the model exists; returns the (prompt, refusal) samples whose
+  loss is tracked (SPF resolves or estimates its subspace here);
+* ``wrap_optimizer(inner, model, tokenizer)`` — SPF wraps AdamW in :class:`SPFOptimizer`;
+* ``load_state(ckpt, saved_subspace, start_step, model, params)`` — after a checkpoint is restored (or not:
+  ``ckpt`` None) — the counterpart of ``state()``, what goes into checkpoints (SPF's subspace, Lisa's anchor);
+* ``streams(task_rows, start_step, global_batch, per_step)`` — the resumable data stream of each phase;
+* per step: ``begin_step(step, params)``, ``phase(step)``, then after the backward pass (gradients
+  all-reduced, before clipping) ``after_backward(step, params) -> dict`` and after the optimizer step
+  ``after_step(optimizer) -> dict``, both merged into the step's record;
+* at the end: ``task_steps(history)`` (the steps that trained on the task) and ``summary(history, info)``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+
+from spf.core.losses import batch_loss
+from spf.core.optimizer import SPFOptimizer
+from spf.core.subspace import SafetySubspace, estimate_batch_subspace, estimate_safety_subspace
+from spf.data.samples import ChatSample, collate, encode_sample, load_samples, pad_token_id
+from spf.train.baselines import (
+    add_proximal_grad,
+    lisa_last_switch,
+    lisa_state,
+    lisa_steps_before,
+    mix_safety_demos,
+    pcgrad_project,
+    safety_batch_indices,
+)
+from spf.train.checkpoint import load_extra_tensors
+from spf.train.config import TrainConfig
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "METHODS",
+    "SPF",
+    "DataStream",
+    "Lisa",
+    "Method",
+    "MethodState",
+    "SafeGrad",
+    "SafeInstr",
+    "Vanilla",
+    "index_batches",
+    "load_safety_samples",
+    "make_method",
+]
+
+
+def load_safety_samples(subspace_dir: str | Path) -> list[ChatSample]:
+    """The (prompt, refusal) sample(s) `spf estimate` stored next to the subspace, for re-estimation.
+
+    One sample for SPF proper; several when the folder holds a batch estimate (an ablation).
+    """
+    return load_samples(Path(subspace_dir) / "sample.jsonl", require_response=True)
+
+
+def index_batches(n: int, batch_size: int, seed: int, start: int) -> Iterator[tuple[list[int], int]]:
+    """Deterministic index stream: epoch e is a permutation seeded by (seed, e); resumable from `start`."""
+    pos = start
+    perm: list[int] = []
+    perm_epoch = -1
+    while True:
+        batch = []
+        for _ in range(batch_size):
+            epoch, i = divmod(pos, n)
+            if epoch != perm_epoch:
+                gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+                perm = torch.randperm(n, generator=gen).tolist()
+                perm_epoch = epoch
+            batch.append(perm[i])
+            pos += 1
+        yield batch, pos
+
+
+class DataStream:
+    """Global batches of encoded rows from :func:`index_batches`, starting at sample position ``start``."""
+
+    def __init__(self, rows: Sequence[Any], global_batch: int, seed: int, start: int) -> None:
+        self.rows = rows
+        self._indices = index_batches(len(rows), global_batch, seed, start)
+
+    def next(self) -> list[Any]:
+        idx, _pos = next(self._indices)
+        return [self.rows[i] for i in idx]
+
+
+@dataclass
+class MethodState:
+    """What a method adds to a checkpoint: a subspace (saved as ``subspace/``) and named tensor files
+    (``{name}.safetensors``, see ``save_checkpoint(extra_tensors=...)``)."""
+
+    subspace: SafetySubspace | None = None
+    tensors: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+
+
+class Method:
+    """Plain fine-tuning; the base of every method. Each hook's default does nothing method-specific."""
+
+    name: ClassVar[str] = "vanilla"
+    uses_safety_data: ClassVar[bool] = (
+        False  # loads baselines.safety_data (the loop passes it to prepare_data)
+    )
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        self.cfg = cfg
+        self.safety: list[ChatSample] = []
+        self.n_task = 0
+
+    def prepare_data(self, task: list[ChatSample], safety: list[ChatSample]) -> list[ChatSample]:
+        self.safety, self.n_task = list(safety), len(task)
+        return task
+
+    def setup(self, model, tokenizer, device: torch.device) -> list[ChatSample]:
+        # without a subspace of its own, a method still tracks the loss on the sample of `spf.subspace` (when
+        # set), for comparison with SPF
+        return load_safety_samples(self.cfg.spf.subspace) if self.cfg.spf.subspace else []
+
+    def wrap_optimizer(self, inner: torch.optim.Optimizer, model, tokenizer) -> torch.optim.Optimizer:
+        return inner
+
+    def load_state(
+        self,
+        ckpt: Path | None,
+        saved_subspace: SafetySubspace | None,
+        start_step: int,
+        model,
+        params: list[torch.Tensor],
+    ) -> None:
+        pass
+
+    def streams(
+        self, task_rows: Sequence[Any], start_step: int, global_batch: int, per_step: int
+    ) -> dict[str, DataStream]:
+        """``{phase: DataStream}``; ``per_step``: samples one optimizer step takes from a stream."""
+        return {"task": DataStream(task_rows, global_batch, self.cfg.seed, start_step * per_step)}
+
+    def phase(self, step: int) -> str:
+        return "task"
+
+    def begin_step(self, step: int, params: list[torch.Tensor]) -> None:
+        pass
+
+    def after_backward(self, step: int, params: list[torch.Tensor]) -> dict[str, Any]:
+        return {}
+
+    def after_step(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        return {}
+
+    def state(self) -> MethodState:
+        return MethodState()
+
+    def task_steps(self, history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return history
+
+    def summary(self, history: list[dict[str, Any]], info: dict[str, Any]) -> dict[str, Any]:
+        return {}
+
+
+class Vanilla(Method):
+    name = "vanilla"
+
+
+# ---------------------------------------------------------------------------------------------------- SPF
+
+
+def _resolve_spf(cfg: TrainConfig, model, tokenizer) -> tuple[SafetySubspace, list[ChatSample]]:
+    s = cfg.spf
+    if s.subspace:
+        sub = SafetySubspace.load(s.subspace)
+        if sub.rank > s.rank:
+            sub = sub.truncate(s.rank)
+        elif sub.rank < s.rank:
+            logger.warning(
+                "subspace folder has rank %d < spf.rank %d: using %d until the first refresh",
+                sub.rank,
+                s.rank,
+                sub.rank,
+            )
+        samples = load_safety_samples(s.subspace)
+        if sub.metadata.get("model_ref") not in (None, cfg.model):
+            logger.warning(
+                "subspace was estimated on %s, training %s", sub.metadata.get("model_ref"), cfg.model
+            )
+        return sub, samples
+    from spf.refusal import first_refused, own_refusal  # generation is only needed here
+
+    candidates = load_samples(s.sample)  # type: ignore[arg-type]
+    if s.sample_index is not None:
+        if not 0 <= s.sample_index < len(candidates):
+            raise ValueError(f"{s.sample}: index {s.sample_index} out of range (0..{len(candidates) - 1})")
+        cand = candidates[s.sample_index]
+        sample = cand if cand.response else own_refusal(model, tokenizer, cand)
+    else:
+        with_resp = [c for c in candidates if c.response]
+        sample = with_resp[0] if with_resp else first_refused(model, tokenizer, candidates)
+    sub = estimate_safety_subspace(
+        model, tokenizer, sample, rank=s.rank, max_length=cfg.max_length, model_ref=cfg.model
+    )
+    return sub, [sample]
+
+
+class SPF(Method):
+    """Safety-preserving fine-tuning: every update is projected off the refusal's subspace, re-estimated
+    every ``spf.refresh_every`` steps from the same sample(s)."""
+
+    name = "spf"
+
+    def setup(self, model, tokenizer, device: torch.device) -> list[ChatSample]:
+        self.model, self.tokenizer = model, tokenizer
+        self.subspace, self.samples = _resolve_spf(self.cfg, model, tokenizer)
+        return self.samples
+
+    def _refresh(self) -> SafetySubspace:
+        return estimate_batch_subspace(
+            self.model,
+            self.tokenizer,
+            self.samples,
+            rank=self.cfg.spf.rank,
+            modules=self.subspace.modules,
+            max_length=self.cfg.max_length,
+            # a margin subspace (refusal vs compliance pair, weights [1, -1]) is re-estimated the same way
+            weights=self.subspace.metadata.get("weights"),
+        )
+
+    def wrap_optimizer(self, inner: torch.optim.Optimizer, model, tokenizer) -> torch.optim.Optimizer:
+        s = self.cfg.spf
+        self.optimizer = SPFOptimizer(
+            inner,
+            model,
+            self.subspace,
+            mode=s.mode,
+            project_on=s.project_on,
+            refresh_every=s.refresh_every,
+            refresh_fn=self._refresh,
+            conflict_scope=s.conflict_scope,
+            diagnostics=s.diagnostics,
+        )
+        return self.optimizer
+
+    def load_state(
+        self,
+        ckpt: Path | None,
+        saved_subspace: SafetySubspace | None,
+        start_step: int,
+        model,
+        params: list[torch.Tensor],
+    ) -> None:
+        if saved_subspace is not None:
+            self.optimizer.set_subspace(saved_subspace)
+
+    def after_step(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        return dict(self.optimizer.last_diagnostics)
+
+    def state(self) -> MethodState:
+        return MethodState(subspace=self.optimizer.subspace)
+
+    def summary(self, history: list[dict[str, Any]], info: dict[str, Any]) -> dict[str, Any]:
+        s = self.cfg.spf
+        return {
+            "spf": {
+                "mode": s.mode,
+                "project_on": s.project_on,
+                "refresh_every": s.refresh_every,
+                "rank": s.rank,
+            }
+        }
+
+
+# -------------------------------------------------------------------------------------- baseline defenses
+
+
+class _Baseline(Method):
+    """A defense of :mod:`spf.train.baselines`: trains on or against ``baselines.safety_data``."""
+
+    uses_safety_data = True
+
+    def _encode_safety(self, tokenizer) -> list[dict[str, Any]]:
+        return [encode_sample(tokenizer, s, max_length=self.cfg.max_length) for s in self.safety]
+
+    def _settings(self) -> dict[str, Any]:
+        return {}
+
+    def _numbers(self, history: list[dict[str, Any]]) -> dict[str, Any]:
+        return {}
+
+    def summary(self, history: list[dict[str, Any]], info: dict[str, Any]) -> dict[str, Any]:
+        """Flat numbers (the pipeline and MLflow keep scalars) plus the settings under ``baselines``."""
+        settings = {"safety_data": self.cfg.baselines.safety_data, "n_safety": len(self.safety)}
+        out = {"heldout_overlap_removed": info.get("heldout_overlap_removed", 0), **self._numbers(history)}
+        return {**out, "baselines": {**settings, **self._settings()}}
+
+
+class SafeInstr(_Baseline):
+    """SafeInstr: a few safety demonstrations mixed into the task data."""
+
+    name = "safeinstr"
+
+    def prepare_data(self, task: list[ChatSample], safety: list[ChatSample]) -> list[ChatSample]:
+        super().prepare_data(task, safety)
+        mixed, self.added = mix_safety_demos(
+            task, safety, self.cfg.baselines.safeinstr_fraction, self.cfg.seed
+        )
+        logger.info("safeinstr: %d safety demos added to %d task samples", len(self.added), len(task))
+        return mixed
+
+    def _settings(self) -> dict[str, Any]:
+        return {"safeinstr_fraction": self.cfg.baselines.safeinstr_fraction}
+
+    def _numbers(self, history: list[dict[str, Any]]) -> dict[str, Any]:
+        return {"safeinstr_added": len(self.added), "safeinstr_n_task": self.n_task}
+
+
+def _safegrad_surgery(
+    model, params: list[torch.Tensor], safety_encoded: list, pad: int, device, cfg: TrainConfig, step: int
+) -> dict[str, Any]:
+    """SafeGrad-style step: the safety gradient g_s on a deterministic batch, then PCGrad on the accumulated
+    task gradient in ``.grad`` (before clipping). One extra forward + backward; ``.grad`` is not touched by the
+    safety backward (``torch.autograd.grad``)."""
+    t0 = time.perf_counter()
+    b = cfg.baselines
+    pick = safety_batch_indices(len(safety_encoded), b.safegrad_batch, cfg.seed, step)
+    batch = {k: v.to(device) for k, v in collate([safety_encoded[i] for i in pick], pad).items()}
+    s_loss = batch_loss(model, batch)
+    s_grads = torch.autograd.grad(s_loss, params, allow_unused=True)
+    s_grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, s_grads, strict=True)]
+    for p in params:
+        if p.grad is None:  # a parameter the task batch did not reach: its gradient is 0
+            p.grad = torch.zeros_like(p)
+    diag = pcgrad_project([p.grad for p in params], s_grads, b.safegrad_scope)  # type: ignore[misc]
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return {
+        "safegrad/safety_loss": float(s_loss.detach()),
+        "safegrad/cos": diag["cos"],
+        "safegrad/cos_after": diag["cos_after"],
+        "safegrad/projected": diag["projected"],
+        "safegrad/removed_frac": diag["removed_frac"],
+        "safegrad/seconds": time.perf_counter() - t0,
+    }
+
+
+class SafeGrad(_Baseline):
+    """SafeGrad-style gradient surgery: PCGrad of the task gradient against a safety gradient."""
+
+    name = "safegrad"
+
+    def setup(self, model, tokenizer, device: torch.device) -> list[ChatSample]:
+        self.model, self.device, self.pad = model, device, pad_token_id(tokenizer)
+        self.safety_rows = self._encode_safety(tokenizer)
+        return super().setup(model, tokenizer, device)
+
+    def after_backward(self, step: int, params: list[torch.Tensor]) -> dict[str, Any]:
+        if step % self.cfg.baselines.safegrad_every:
+            return {}
+        return _safegrad_surgery(self.model, params, self.safety_rows, self.pad, self.device, self.cfg, step)
+
+    def _settings(self) -> dict[str, Any]:
+        b = self.cfg.baselines
+        return {
+            "safegrad_batch": b.safegrad_batch,
+            "safegrad_every": b.safegrad_every,
+            "safegrad_scope": b.safegrad_scope,
+        }
+
+    def _numbers(self, history: list[dict[str, Any]]) -> dict[str, Any]:
+        checks = [h for h in history if "safegrad/cos" in h]
+        out: dict[str, Any] = {
+            "safegrad_checks": len(checks),
+            "safegrad_projected_steps": sum(h["safegrad/projected"] > 0 for h in checks),
+        }
+        if checks:
+            out["safegrad_mean_cos"] = sum(h["safegrad/cos"] for h in checks) / len(checks)
+            out["safegrad_mean_seconds"] = sum(h["safegrad/seconds"] for h in checks) / len(checks)
+            out["safegrad_safety_loss_start"] = checks[0]["safegrad/safety_loss"]
+            out["safegrad_safety_loss_end"] = checks[-1]["safegrad/safety_loss"]
+        return out
+
+
+class Lisa(_Baseline):
+    """Lisa: alignment steps (on the safety data) and task steps alternate, each state pulled towards where
+    the other one left the weights by a proximal term."""
+
+    name = "lisa"
+    _SALT = 7_919  # the alignment stream's seed offset from the task stream's
+
+    def setup(self, model, tokenizer, device: torch.device) -> list[ChatSample]:
+        self.safety_rows = self._encode_safety(tokenizer)
+        return super().setup(model, tokenizer, device)
+
+    def _cycle(self) -> tuple[int, int]:
+        return self.cfg.baselines.lisa_align_steps, self.cfg.baselines.lisa_task_steps
+
+    def load_state(
+        self,
+        ckpt: Path | None,
+        saved_subspace: SafetySubspace | None,
+        start_step: int,
+        model,
+        params: list[torch.Tensor],
+    ) -> None:
+        # the proximal anchor is the trainable weights at the last switch between states (at step 0: the
+        # starting weights); a checkpoint taken between two switches carries it
+        self.start_step = start_step
+        self.names = [n for n, p in model.named_parameters() if p.requires_grad]
+        saved = load_extra_tensors(ckpt, "lisa_anchor") if ckpt is not None else None
+        if saved is not None:
+            self.anchor = [saved[n].to(p.device, p.dtype) for n, p in zip(self.names, params, strict=True)]
+        elif lisa_last_switch(start_step, *self._cycle()) == start_step:
+            self.anchor = [p.detach().clone() for p in params]
+        else:
+            raise ValueError(f"{ckpt}: lisa checkpoint without lisa_anchor.safetensors between two switches")
+
+    def streams(
+        self, task_rows: Sequence[Any], start_step: int, global_batch: int, per_step: int
+    ) -> dict[str, DataStream]:
+        # each data stream resumes where its own steps left it
+        n_align, n_task = lisa_steps_before(start_step, *self._cycle())
+        seed = self.cfg.seed
+        return {
+            "task": DataStream(task_rows, global_batch, seed, n_task * per_step),
+            "align": DataStream(self.safety_rows, global_batch, seed + self._SALT, n_align * per_step),
+        }
+
+    def phase(self, step: int) -> str:
+        return lisa_state(step, *self._cycle())
+
+    def begin_step(self, step: int, params: list[torch.Tensor]) -> None:
+        if step > self.start_step and lisa_last_switch(step, *self._cycle()) == step:
+            # a switch: the new state is anchored where the last one left the weights
+            self.anchor = [p.detach().clone() for p in params]
+
+    def after_backward(self, step: int, params: list[torch.Tensor]) -> dict[str, Any]:
+        prox = add_proximal_grad(params, self.anchor, self.cfg.baselines.lisa_rho)
+        phase = self.phase(step)
+        return {"lisa/state": phase, "lisa/is_align": float(phase == "align"), "lisa/proximal": prox}
+
+    def state(self) -> MethodState:
+        return MethodState(tensors={"lisa_anchor": dict(zip(self.names, self.anchor, strict=True))})
+
+    def task_steps(self, history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        # the alignment steps train on the safety data: the final (task) loss is the last task step's
+        return [h for h in history if h.get("lisa/state", "task") == "task"]
+
+    def _settings(self) -> dict[str, Any]:
+        b = self.cfg.baselines
+        return {
+            "lisa_align_steps": b.lisa_align_steps,
+            "lisa_task_steps": b.lisa_task_steps,
+            "lisa_rho": b.lisa_rho,
+        }
+
+    def _numbers(self, history: list[dict[str, Any]]) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "lisa_align_steps_run": sum(h.get("lisa/state") == "align" for h in history),
+            "lisa_task_steps_run": sum(h.get("lisa/state") == "task" for h in history),
+        }
+        if history:
+            out["lisa_mean_proximal"] = sum(h.get("lisa/proximal", 0.0) for h in history) / len(history)
+        return out
+
+
+METHODS: dict[str, type[Method]] = {
+    cls.name: cls for cls in (Vanilla, SPF, SafeInstr, SafeGrad, Lisa)
+}  # name → class; the names are spf.train.config.Method's
+
+
+def make_method(cfg: TrainConfig) -> Method:
+    """The method object of ``cfg.method`` — the one place the name picks behaviour."""
+    try:
+        cls = METHODS[cfg.method]
+    except KeyError:
+        raise ValueError(f"method {cfg.method!r}: not registered (known: {', '.join(METHODS)})") from None
+    return cls(cfg)

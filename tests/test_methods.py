@@ -1,0 +1,86 @@
+"""Methods as objects (spf/train/methods.py): the registry matches the config's vocabulary, and a new method
+is one class — its hooks run inside the unchanged loop."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, get_args
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from spf.data.samples import ChatSample, save_samples
+from spf.train.config import BASELINE_METHODS, Method, TrainConfig
+from spf.train.loop import train
+from spf.train.methods import METHODS, Vanilla, make_method
+
+TASK = [ChatSample.from_pair(f"Say the number {i} in words", f"The number is {i}.") for i in range(8)]
+
+
+@pytest.fixture
+def files(tmp_path):
+    save_samples(TASK, tmp_path / "task.jsonl")
+    return tmp_path
+
+
+def _cfg(files, out: str, **kw) -> TrainConfig:
+    base = dict(
+        model="tiny-llama", data=str(files / "task.jsonl"), out=str(files / out), method="vanilla", steps=3,
+        lr=1e-2, batch_size=2, eval_every=0, task_eval_n=2, lora={"r": 4},
+    )  # fmt: skip
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_the_registry_has_exactly_the_config_methods():
+    assert set(METHODS) == set(get_args(Method))
+    assert {name for name, cls in METHODS.items() if cls.uses_safety_data} == set(BASELINE_METHODS)
+    for name, cls in METHODS.items():
+        assert cls.name == name
+
+
+def test_make_method_builds_the_configured_class(files):
+    assert type(make_method(_cfg(files, "o"))) is METHODS["vanilla"]
+
+
+class GradScale(Vanilla):
+    """A control: every gradient scaled by ``factor`` after the backward pass, before clipping and the step."""
+
+    factor = 0.0
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        super().__init__(cfg)
+        self.calls: list[int] = []
+
+    def after_backward(self, step: int, params: list[torch.Tensor]) -> dict[str, Any]:
+        self.calls.append(step)
+        for p in params:
+            if p.grad is not None:
+                p.grad.mul_(self.factor)
+        return {"gradscale/factor": self.factor}
+
+
+def test_a_custom_method_runs_through_the_loop_by_registration_only(files, monkeypatch):
+    made: list[GradScale] = []
+
+    class Recorded(GradScale):
+        def __init__(self, cfg):
+            super().__init__(cfg)
+            made.append(self)
+
+    plain = train(_cfg(files, "plain"))
+    monkeypatch.setitem(METHODS, "vanilla", Recorded)
+    res = train(_cfg(files, "scaled"))
+    assert made and made[0].calls == [0, 1, 2]  # once per optimizer step, 0-based
+    assert all(s["gradscale/factor"] == 0.0 for s in res.metrics["steps"])  # its record reached metrics.json
+    m = json.loads((files / "scaled" / "metrics.json").read_text())
+    assert [s["gradscale/factor"] for s in m["steps"]] == [0.0, 0.0, 0.0]
+    # zero gradients (no weight decay): Adam never moves the weights, so LoRA's B stays at its zero init —
+    # while the plain run, same seed, moves it
+    scaled = load_file(str(files / "scaled" / "adapter_model.safetensors"))
+    unscaled = load_file(str(files / "plain" / "adapter_model.safetensors"))
+    b_keys = [k for k in scaled if "lora_B" in k]
+    assert b_keys and all(float(scaled[k].abs().max()) == 0.0 for k in b_keys)
+    assert any(float(unscaled[k].abs().max()) > 0.0 for k in b_keys)
+    assert plain.metrics["steps"][0]["loss"] == pytest.approx(res.metrics["steps"][0]["loss"])  # same data
