@@ -19,7 +19,7 @@ from spf.cli.errors import UsageError
 from spf.cli.train import train_flags
 from spf.train.config import TrainConfig
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 BASE = ["train", "--model", "tiny-llama", "--data", "d.jsonl", "--out", "o", "--method", "vanilla"]
 
 

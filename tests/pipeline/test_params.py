@@ -9,7 +9,7 @@ import yaml
 
 from spf.pipeline.params import ParamsError, PipelineParams, apply_overrides, load_params, smoke_params
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def write_params(path: Path, data: dict) -> Path:
@@ -215,7 +215,7 @@ def test_scenario_without_shared_data(tmp_path: Path, monkeypatch: pytest.Monkey
     path = write_params(tmp_path / "p.yaml", {**TINY, "prepare": {"scenario": "harmful-mix"}})
     with pytest.raises(ParamsError, match=r"p\.yaml: prepare\.scenario: 'harmful-mix' needs the public data"):
         load_params(path)
-    # the default scenario runs on the shipped sets instead (tests/test_inputs.py runs its prepare stage)
+    # the default scenario runs on the shipped sets instead (tests/pipeline/test_inputs.py runs its prepare stage)
     load_params(write_params(tmp_path / "q.yaml", {**TINY, "prepare": {"scenario": "sst2"}}))
 
 

@@ -32,7 +32,7 @@ from tests.services import local_services_fixture  # noqa: F401  (provides the `
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 
 TINY = {

@@ -182,7 +182,7 @@ def test_shipped_alignment_data_never_contains_evaluation_prompts():
 
     from spf.data.samples import load_samples
 
-    data = Path(__file__).resolve().parents[1] / "spf" / "data"
+    data = Path(__file__).resolve().parents[2] / "spf" / "data"
     evals = [s.prompt.strip().lower() for s in load_samples(data / "overrefusal_prompts.jsonl")]
     evals += [s.prompt.strip().lower() for s in load_samples(data / "refusals.jsonl")]
     for name in ("align_benign.jsonl", "align_refusals.jsonl"):

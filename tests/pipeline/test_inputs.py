@@ -15,7 +15,7 @@ from spf.data.samples import load_samples
 from spf.pipeline.inputs import normalise_prompt
 from spf.pipeline.params import ParamsError, load_params
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _jsonl(name: str) -> list[dict]:

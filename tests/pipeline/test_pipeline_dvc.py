@@ -32,7 +32,7 @@ from tests.services import free_port
 
 slow = pytest.mark.slow  # every test but the dvc.yaml check runs DVC on a workspace
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
 TINY_PARAMS = smoke_params()
 # moto accepts any keys; a server CI started (SPF_S3_ENDPOINT) may want the ones in the environment

@@ -36,7 +36,7 @@ from tests.services import Services, free_port
 
 pytestmark = pytest.mark.slow  # starts (and restarts) S3 + MLflow servers
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 AWS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 # botocore's own retries (5 attempts in its legacy mode, ~12 s against a closed port) would only slow the

@@ -19,7 +19,7 @@ from spf.bench.run import (
 )
 from spf.cli.main import main as spf_main
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _tiny(tmp_path: Path, shared: Path, **over) -> Path:

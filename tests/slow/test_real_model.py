@@ -11,7 +11,7 @@ from spf import TrainConfig, load_model, load_samples, train
 from spf.core.subspace import SafetySubspace, estimate_safety_subspace
 
 pytestmark = pytest.mark.slow
-DATA = Path(__file__).resolve().parents[1] / "spf" / "data"
+DATA = Path(__file__).resolve().parents[2] / "spf" / "data"
 
 
 def test_single_sample_subspace_and_two_spf_steps(tmp_path):
