@@ -179,7 +179,7 @@ def first_sentence_pairs() -> list:
     import re
 
     from spf.data.samples import load_samples
-    from spf.train.loop import load_safety_samples
+    from spf.training.loop import load_safety_samples
 
     skip = {s.sha256() for s in load_safety_samples(SUBSPACE)}
     pairs = [s for s in load_samples(DATA / "heldout.jsonl") if s.sha256() not in skip][:20]

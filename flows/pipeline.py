@@ -29,7 +29,7 @@ from pydantic import Field
 
 from spf.pipeline.params import ParamsError, PipelineParams, Scenario, apply_overrides, load_params
 from spf.pipeline.stages import STAGE_TABLE, STAGES
-from spf.train.config import Method
+from spf.training.config import Method
 from tasks.mlflow_tasks import finish_run_task, gate_task, preflight_task, register_task, track_run_task
 from tasks.stages import dvc_version_task, overridden, restore_params, run_stage_task, write_params_task
 from tasks.tracking import flatten

@@ -13,10 +13,10 @@ __version__ = "0.1.0"
 
 # public name → the module that defines it (the layer folders: docs/architecture.md)
 _EXPORTS = {
-    "BaselineSettings": "spf.train.config",
-    "LoraSettings": "spf.train.config",
-    "SPFSettings": "spf.train.config",
-    "TrainConfig": "spf.train.config",
+    "BaselineSettings": "spf.training.config",
+    "LoraSettings": "spf.training.config",
+    "SPFSettings": "spf.training.config",
+    "TrainConfig": "spf.training.config",
     "ChatSample": "spf.data.samples",
     "DataError": "spf.data.samples",
     "load_samples": "spf.data.samples",
@@ -29,8 +29,8 @@ _EXPORTS = {
     "estimate_batch_subspace": "spf.core.subspace",
     "estimate_safety_subspace": "spf.core.subspace",
     "subspace_overlap": "spf.core.subspace",
-    "TrainResult": "spf.train.loop",
-    "train": "spf.train.loop",
+    "TrainResult": "spf.training.loop",
+    "train": "spf.training.loop",
 }
 # submodules reachable as attributes (``spf.models.default_target_modules`` in the README)
 _SUBMODULES = {
@@ -42,7 +42,7 @@ _SUBMODULES = {
     "align",
     "core",
     "data",
-    "train",
+    "training",
     "eval",
     "analysis",
     "bench",
@@ -96,5 +96,5 @@ if TYPE_CHECKING:  # static analysers and IDEs see the real names
     )
     from spf.data.samples import ChatSample, DataError, load_samples, save_samples
     from spf.models import ModelLoadError, load_model, tiny_llama
-    from spf.train.config import BaselineSettings, LoraSettings, SPFSettings, TrainConfig
-    from spf.train.loop import TrainResult, train
+    from spf.training.config import BaselineSettings, LoraSettings, SPFSettings, TrainConfig
+    from spf.training.loop import TrainResult, train

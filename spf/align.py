@@ -352,8 +352,8 @@ def _write_sft_data(
 
 def _train_adapter(cfg: AlignConfig, folder: Path, unlikelihood: dict[str, Any], n_held: int) -> Any:
     """Vanilla LoRA SFT on ``sft_data.jsonl`` into ``folder/adapter``, tracking the held-out refusal loss."""
-    from spf.train.config import TrainConfig
-    from spf.train.loop import train
+    from spf.training.config import TrainConfig
+    from spf.training.loop import train
 
     tcfg = TrainConfig(
         model=cfg.model,

@@ -13,6 +13,7 @@ import logging
 import re
 from typing import TYPE_CHECKING, Any
 
+from spf.data.samples import DataError
 from spf.generation import generate
 
 if TYPE_CHECKING:
@@ -231,7 +232,7 @@ def select_safety_samples(
         raise ValueError(f"n must be ≥ 1, got {n}")
     if index is not None:
         if not 0 <= index < len(candidates):
-            raise ValueError(f"sample index {index} out of range (0..{len(candidates) - 1})")
+            raise DataError(f"sample index {index} out of range (0..{len(candidates) - 1})")
         cand = candidates[index]
         if cand.response is not None and not own_response:
             return [cand]
@@ -240,7 +241,7 @@ def select_safety_samples(
         chosen = candidates[:n]
         missing = [c.source or str(i) for i, c in enumerate(chosen) if c.response is None]
         if missing:
-            raise ValueError(f"samples without a written refusal: {', '.join(missing[:5])}")
+            raise DataError(f"samples without a written refusal: {', '.join(missing[:5])}")
         return chosen
     if n == 1:
         return [first_refused(model, tokenizer, candidates, max_new_tokens=max_new_tokens)]

@@ -20,7 +20,7 @@ from typing import Any
 from prefect import task
 from prefect.context import TaskRunContext
 
-from spf.io import atomic_path, path_sha256
+from spf.io import atomic_path, file_sha256, path_sha256
 from spf.pipeline.params import ParamsError, PipelineParams
 from spf.pipeline.stages import STAGE_TABLE, run_stage
 from tasks import dvc_ops
@@ -35,13 +35,21 @@ IO_RETRY = RetryPolicy(retries=2, delay=1.0, backoff=2.0)
 STAMP = ".spf-cache-key"  # written into a stage's output folder: the input key it was computed from
 
 
+def _lookup(params: dict[str, Any], dotted: str) -> Any:
+    """A section (``prepare``) or one key in it (``align.refusals``), as DVC's ``params:`` names them."""
+    node: Any = params
+    for part in dotted.split("."):
+        node = node[part]
+    return node
+
+
 def input_key(stage: str, params: dict[str, Any]) -> str:
     """SHA-256 of the stage's parameter section(s) and the bytes of its input folders."""
     row = STAGE_TABLE[stage]
     workdir = Path(params["runtime"]["workdir"])
     payload = {
         "stage": stage,
-        "params": {s: params[s] for s in row.params},
+        "params": {s: _lookup(params, s) for s in row.params},
         "inputs": {n: path_sha256(workdir / n) if (workdir / n).exists() else "missing" for n in row.inputs},
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
@@ -176,5 +184,5 @@ def dvc_version_task(stages: list[str], remote: str | None, push: bool = True) -
     return {
         "stages": stages,
         "remote": remote,
-        "dvc_lock_sha256": path_sha256(lock) if lock.exists() else None,  # = the MLflow run's dvc.lock tag
+        "dvc_lock_sha256": file_sha256(lock) if lock.exists() else None,  # = the MLflow run's dvc.lock tag
     }

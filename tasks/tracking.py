@@ -32,7 +32,7 @@ from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunT
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
-from spf.io import path_sha256
+from spf.io import file_sha256
 from tasks.resilience import apply_mlflow_http_defaults
 
 logger = logging.getLogger(__name__)
@@ -241,7 +241,7 @@ def start_run(
         all_tags["mlflow.source.git.commit"] = commit  # the tag MLflow's UI shows
     lock = Path(dvc_lock if dvc_lock is not None else repo / "dvc.lock")
     if lock.is_file():
-        all_tags["dvc.lock.sha256"] = path_sha256(lock)
+        all_tags["dvc.lock.sha256"] = file_sha256(lock)  # = `sha256sum dvc.lock`
     all_tags.update(tags or {})
     safe_tags = {k: _to_text(v)[:MAX_PARAM_VALUE_LENGTH] for k, v in redact(all_tags).items()}
     experiment_id = get_or_create_experiment(client, experiment)
@@ -377,7 +377,7 @@ def _step_metric_name(key: str) -> str:
 
 
 def telemetry_metrics(telemetry: Mapping[str, Any]) -> list[tuple[str, float, int]]:
-    """``(name, value, step)`` for every numeric field of a ``spf.train.loop.train`` metrics.json."""
+    """``(name, value, step)`` for every numeric field of a ``spf.training.loop.train`` metrics.json."""
     rows: list[tuple[str, float, int]] = []
     for entry in telemetry.get("steps") or []:
         step = int(entry.get("step", 0))

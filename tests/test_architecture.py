@@ -23,7 +23,7 @@ LAYERS: dict[str, int] = {
     "spf.refusal": 1,  # refusal phrases and the choice of a refused sample: data scenarios filter with it
     "spf.core": 2,
     "spf.estimate": 3,
-    "spf.train": 4,
+    "spf.training": 4,
     "spf.eval": 5,
     "spf.analysis": 6,
     "spf.align": 6,
@@ -175,3 +175,17 @@ def test_functions_and_modules_stay_readable() -> None:
                         f"{path.relative_to(ROOT)}:{node.lineno} {node.name}: {length} lines"
                     )
     assert not long_modules and not long_functions, "\n".join(long_modules + long_functions)
+
+
+def test_public_names_stay_objects_after_their_layers_are_imported() -> None:
+    """A subpackage named like a public function (`spf.train`) would replace it once imported."""
+    import importlib
+
+    import spf
+
+    for module in ("spf.training.config", "spf.training.loop", "spf.core.subspace", "spf.data.samples"):
+        importlib.import_module(module)
+    for name in spf.__all__:
+        value = getattr(spf, name)
+        assert not isinstance(value, type(spf)), f"spf.{name} is a module, not the public object"
+    assert callable(spf.train) and spf.train.__module__ == "spf.training.loop"

@@ -1,7 +1,7 @@
 """A benchmark file, typed: :class:`BenchConfig`, its cells, and each cell's training config and paths.
 
 Everything here is pure configuration (no model is loaded), so a benchmark file is checked in full —
-including that every cell's :class:`~spf.train.config.TrainConfig` builds — before anything runs.
+including that every cell's :class:`~spf.training.config.TrainConfig` builds — before anything runs.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from spf.core.subspace import SubspaceLoss
 from spf.data.locate import SHIPPED_PREFIX, shipped_file
 from spf.data.scenarios import ScenarioKind
 from spf.eval.vocab import SUITES as EVAL_SUITES
-from spf.train.config import BASELINE_METHODS, TrainConfig
+from spf.training.config import BASELINE_METHODS, TrainConfig
 
 logger = logging.getLogger(__name__)
 

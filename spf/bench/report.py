@@ -14,7 +14,7 @@ from typing import Any
 
 from spf.bench.config import BenchConfig, cell_dir, cells
 from spf.io import atomic_path, save_json
-from spf.train.config import BASELINE_METHODS
+from spf.training.config import BASELINE_METHODS
 
 logger = logging.getLogger(__name__)
 

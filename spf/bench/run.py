@@ -196,7 +196,7 @@ def _train_cell(
     returns what to evaluate: (model, adapter) — a full fine-tune is a whole model and has no adapter."""
     import torch
 
-    from spf.train.loop import train
+    from spf.training.loop import train
 
     tcfg = train_config(cfg, cell, folder)
     adapter = Path(tcfg.out)

@@ -1,4 +1,4 @@
-"""``spf train``: every flag is generated from :class:`spf.train.config.TrainConfig` and its sections.
+"""``spf train``: every flag is generated from :class:`spf.training.config.TrainConfig` and its sections.
 
 Flat fields are ``--steps``, ``--batch-size``, …; ``lora.*`` is ``--lora-*``, ``unlikelihood.*`` is
 ``--unlikelihood-*``; the SPF and baseline knobs keep their historical flat names (``--rank`` is
@@ -41,7 +41,7 @@ _FLAGS_ATTR = "_train_flags"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from spf.train.config import TrainConfig
+    from spf.training.config import TrainConfig
 
     parser.add_argument("--config", default=None, help="YAML/JSON with TrainConfig fields; flags override it")
     flags = add_dataclass_arguments(parser, TrainConfig, prefixes=PREFIXES, rename=RENAME, aliases=ALIASES)
@@ -51,7 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def train_flags() -> list[FieldFlag]:
     """The generated flags, without building a parser (for tests and docs)."""
     from spf.cli.args import dataclass_flags
-    from spf.train.config import TrainConfig
+    from spf.training.config import TrainConfig
 
     return [f for f, _, _ in dataclass_flags(TrainConfig, prefixes=PREFIXES, rename=RENAME, aliases=ALIASES)]
 
@@ -117,7 +117,7 @@ def _explain(exc: Exception, by_key: dict[str, str], config: Path | None) -> Usa
 
 def train_config(args: argparse.Namespace):
     """The :class:`TrainConfig` for parsed ``spf train`` arguments (the --config file, then the flags)."""
-    from spf.train.config import TrainConfig
+    from spf.training.config import TrainConfig
 
     flags: list[FieldFlag] = getattr(args, _FLAGS_ATTR, None) or train_flags()
     config = Path(args.config) if getattr(args, "config", None) else None
@@ -141,7 +141,7 @@ def train_config(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from spf.train.loop import train
+    from spf.training.loop import train
 
     cfg = train_config(args)
     result = train(cfg)

@@ -33,7 +33,7 @@ from spf.core.gradients import (
     module_gradient_factors,
     topk_svds,
 )
-from spf.data.samples import ChatSample, collate, encode_sample, pad_token_id
+from spf.data.samples import ChatSample, DataError, collate, encode_sample, pad_token_id
 from spf.io import save_json, save_tensors
 from spf.models import default_target_modules, unwrap
 
@@ -144,7 +144,7 @@ class SafetySubspace:
                 )
         meta = json.loads(meta_path.read_text())
         if meta.get("format_version") != FORMAT_VERSION:
-            raise ValueError(
+            raise DataError(
                 f"{meta_path}: field 'format_version': unsupported {meta.get('format_version')!r}"
             )
         tensors = load_file(str(tensor_path))
@@ -154,7 +154,7 @@ class SafetySubspace:
                 bases[name] = (tensors[f"{name}.U"], tensors[f"{name}.S"], tensors[f"{name}.V"])
                 spectra[name] = tensors[f"{name}.spectrum"]
             except KeyError as e:
-                raise ValueError(f"{tensor_path}: missing tensor {e} for module '{name}'") from None
+                raise DataError(f"{tensor_path}: missing tensor {e} for module '{name}'") from None
         energy = {k: float(v) for k, v in meta.pop("energy").items()}
         rank = int(meta.pop("rank"))
         for key in ("format_version", "modules", "mean_cer"):

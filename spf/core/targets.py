@@ -30,6 +30,7 @@ from spf.core.projection import (
     remove_right,
     two_sided_core,
 )
+from spf.data.samples import DataError
 from spf.models import unwrap
 
 logger = logging.getLogger(__name__)
@@ -97,7 +98,9 @@ def find_targets(model: nn.Module, names: list[str]) -> list[Target]:
     for name in names:
         mod = lookup.get(name)
         if mod is None:
-            raise ValueError(f"subspace module '{name}' is not in the model")
+            raise DataError(
+                f"subspace module '{name}' is not in the model (estimated on another architecture?)"
+            )
         lora_a = getattr(mod, "lora_A", None)
         if isinstance(lora_a, nn.ModuleDict) and len(lora_a) > 0:
             active = mod.active_adapters if hasattr(mod, "active_adapters") else list(lora_a)

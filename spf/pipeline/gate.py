@@ -26,7 +26,29 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 METRICS: tuple[str, ...] = ("harmful_rate", "overrefusal_rate", "utility")
-ABORT_KEY = "aborted"  # the one spelling of the abort flag; the caller names its metrics to match
+ABORT_KEY = "aborted"  # the abort flag the pipeline writes (its reason: "abort_reason")
+
+
+def _abort_leaf(key: str) -> str | None:
+    """``aborted`` / ``abort_reason`` under any stage prefix (``finetune/aborted``, ``train.aborted``,
+    ``train_aborted``): the gate fails closed on every spelling a tracker could give the flag."""
+    leaf = key.replace("/", ".").rsplit(".", 1)[-1]
+    for name in (ABORT_KEY, "abort_reason"):
+        if leaf == name or leaf.endswith("_" + name):
+            return name
+    return None
+
+
+def _abort_record(candidate: dict[str, Any]) -> tuple[bool, str]:
+    flagged, reasons = False, []
+    for key, value in candidate.items():
+        leaf = _abort_leaf(key)
+        if leaf == ABORT_KEY:
+            flagged = flagged or _truthy(value)
+        elif leaf == "abort_reason" and isinstance(value, str) and value.strip():
+            reasons.append(value.strip())
+    return flagged or bool(reasons), "; ".join(reasons)
+
 
 # Fields that are rates or differences of rates: they must lie in [0, 1].
 _RATE_FIELDS = (
@@ -164,9 +186,8 @@ def decide(
     def record(name: str, value: float | None, threshold: float, passed: bool, **extra: Any) -> None:
         checks[name] = {"value": value, "threshold": threshold, "passed": passed, **extra}
 
-    raw_reason = candidate.get("abort_reason")
-    reason = raw_reason.strip() if isinstance(raw_reason, str) else ""
-    if reason or _truthy(candidate.get(ABORT_KEY)):
+    aborted, reason = _abort_record(candidate)
+    if aborted:
         record("aborted", 1.0, 0.0, False, **({"reason": reason} if reason else {}))
         failures.append("candidate run was aborted" + (f": {reason}" if reason else ""))
 

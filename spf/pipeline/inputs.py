@@ -20,20 +20,25 @@ import re
 from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from spf.data.locate import shipped_file
 from spf.data.samples import ChatSample, load_samples
 from spf.io import path_sha256
+
+if TYPE_CHECKING:
+    from spf.pipeline.params import PipelineParams
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "DataInput",
     "heldout_harmful",
+    "manifest",
     "normalise_prompt",
     "resolve_overrefusal",
     "resolve_utility_dev",
+    "seen_prompts",
     "source_name",
     "training_set",
 ]
@@ -190,3 +195,66 @@ def resolve_utility_dev(shared: Path | None) -> tuple[Path, int]:
 def resolve_overrefusal() -> tuple[Path, int]:
     path = shipped_file(SHIPPED_OVERREFUSAL)
     return path, len(load_samples(path))
+
+
+# ---------------------------------------------------------------------------------------------- manifest
+
+
+def seen_prompts(p: PipelineParams, train: list, safety: list) -> dict[str, list[str]]:
+    """Prompts a training, alignment or estimation step sees: the held-out set must share none of them."""
+    align_file = Path(p.align.refusals) if p.align.refusals else shipped_file("align_refusals.jsonl")
+    seen = {
+        "train": [s.prompt for s in train],
+        "safety_candidates": [s.prompt for s in safety],
+        "alignment_refusals": [s.prompt for s in load_samples(align_file)],
+    }
+    baseline = p.finetune.baselines.safety_data
+    if baseline and Path(baseline).resolve() != align_file.resolve():
+        seen["baseline_safety"] = [s.prompt for s in load_samples(baseline)]
+    return seen
+
+
+def manifest(
+    p: PipelineParams,
+    shared: Path | None,
+    tmp: Path,
+    train_file: Path | None,
+    safety_src: Path,
+    heldout_file: Path,
+    removed: dict[str, int],
+) -> dict[str, Any]:
+    """``data/manifest.json``: the flat summary the stage has always returned, plus ``inputs``."""
+    n_train = sum(1 for _ in (tmp / "train.jsonl").open(encoding="utf-8"))
+    n_heldout = sum(1 for _ in (tmp / "heldout_harmful.csv").open(encoding="utf-8")) - 1
+    n_safety = sum(1 for _ in (tmp / "safety.jsonl").open(encoding="utf-8"))
+    train_source, train_name = (
+        source_name(train_file, shared)
+        if train_file
+        else ("shared", f"shared (scenario {p.prepare.scenario})")
+    )
+    utility_file, utility_rows = resolve_utility_dev(shared)
+    over_file, over_rows = resolve_overrefusal()
+    entries = [
+        DataInput("train", train_source, train_name, n_train, path_sha256(tmp / "train.jsonl")),
+        describe("safety", safety_src, n_safety, shared),
+        DataInput(
+            "heldout_harmful",
+            *source_name(heldout_file, shared),
+            n_heldout,
+            path_sha256(tmp / "heldout_harmful.csv"),
+        ),
+        describe("utility_dev", utility_file, utility_rows, shared),
+        describe("overrefusal", over_file, over_rows, shared),
+    ]
+    return {
+        "scenario": p.prepare.scenario,
+        "n_train": n_train,
+        "n_safety": n_safety,
+        "n_heldout_harmful": n_heldout,
+        "train_source": train_name,
+        "heldout_source": entries[2].path,
+        "safety_source": entries[1].path,
+        "train_sha256": entries[0].sha256,
+        "heldout_removed": removed,  # prompts dropped because a training/alignment/estimation step saw them
+        "inputs": [e.to_dict() for e in entries],
+    }

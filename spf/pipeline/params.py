@@ -5,7 +5,7 @@ files *before any work starts*, naming the file and the dotted key (``params.yam
 one of 'vanilla', 'spf', …, got 'lorra'``). The same object backs the DVC stages (``spf prepare|align|
 estimate|finetune|evaluate --params params.yaml``) and the Prefect flow's form, so the two cannot drift apart.
 
-Each knob is declared once: ``finetune`` is :class:`~spf.train.config.TrainConfig` minus what the stage fills
+Each knob is declared once: ``finetune`` is :class:`~spf.training.config.TrainConfig` minus what the stage fills
 in (its input/output paths, the estimate's rank, the runtime section), derived from it field by field, and
 ``gate`` is :class:`~spf.pipeline.gate.GateThresholds`. A range check lives in the ``__post_init__`` of the
 dataclass that owns the field (raising ``ValueError("key: …")``); loading adds the file and the section.
@@ -26,9 +26,9 @@ from typing import Any, ClassVar, Literal, get_args, get_origin
 import yaml
 
 from spf.data.scenarios import ScenarioKind
-from spf.eval.vocab import UTILITY_TASKS, Suite  # constants only: not the evaluation harness
+from spf.eval.vocab import DEFAULT_UTILITY_TASKS, UTILITY_TASKS, Suite  # constants only: not the harness
 from spf.pipeline.gate import GateThresholds
-from spf.train.config import (
+from spf.training.config import (
     BASELINE_METHODS,
     BaselineSettings,
     SPFSettings,
@@ -87,7 +87,7 @@ class PrepareParams:
     seed: int = 0
     shared_data: str | None = None  # public data folder; None = $SPF_SHARED_DATA or ../shared/data
     safety_samples: str | None = None  # (harmful prompt, refusal) candidates; None = shipped set
-    heldout_harmful_n: int = 50  # AdvBench prompts kept for evaluation (never in training data)
+    heldout_harmful_n: int = 120  # held-out harmful prompts (AdvBench, else the shipped test split: 120)
 
     def __post_init__(self) -> None:
         _at_least(self, 1, "n", "epochs", "heldout_harmful_n")
@@ -237,14 +237,16 @@ FinetuneParams = _derive(
     },
     _FinetuneMethods,
 )
-FinetuneParams.__doc__ = "params.yaml's `finetune:` — spf.train.config.TrainConfig minus the stage's paths."
+FinetuneParams.__doc__ = (
+    "params.yaml's `finetune:` — spf.training.config.TrainConfig minus the stage's paths."
+)
 
 
 @dataclass
 class EvaluateParams:
     suites: list[Suite] = field(default_factory=lambda: ["harmful", "overrefusal", "utility"])
-    limit: int | None = 50  # prompts per safety suite (None = all)
-    utility_limit: int | None = 200  # rows per utility data set
+    limit: int | None = 120  # prompts per safety suite (None = all)
+    utility_limit: int | None = 260  # rows per utility data set (the shipped sentiment dev split: 260)
     utility_tasks: list[str] = field(default_factory=lambda: ["sst2"])
     max_new_tokens: int = 64
     batch_size: int = 16
@@ -263,10 +265,10 @@ class EvaluateParams:
         _known_tasks(self.utility_tasks)
 
 
-def _known_tasks(tasks: list[str]) -> None:
-    unknown = [t for t in tasks if t not in UTILITY_TASKS]
+def _known_tasks(tasks: list[str], known: tuple[str, ...] = UTILITY_TASKS) -> None:
+    unknown = [t for t in tasks if t not in known]
     if unknown:
-        raise ValueError(f"utility_tasks: unknown task(s) {unknown}: choose from {', '.join(UTILITY_TASKS)}")
+        raise ValueError(f"utility_tasks: unknown task(s) {unknown}: choose from {', '.join(known)}")
 
 
 @dataclass
@@ -292,7 +294,7 @@ class AnalyzeParams:
         )
         if not self.batch_sizes or min(self.batch_sizes) < 1:
             raise ValueError(f"batch_sizes: must be a non-empty list of sizes ≥ 1, got {self.batch_sizes}")
-        _known_tasks(self.utility_tasks)
+        _known_tasks(self.utility_tasks, DEFAULT_UTILITY_TASKS)  # analyze reads public sets only
 
 
 @dataclass

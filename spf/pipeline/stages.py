@@ -87,14 +87,14 @@ def prepare_stage(p: PipelineParams) -> dict[str, Any]:
     safety_src = Path(prep.safety_samples) if prep.safety_samples else shipped_file("refusals.jsonl")
     safety = load_samples(safety_src, require_response=True)
     heldout, heldout_file, removed = inputs.heldout_harmful(
-        shared, n=prep.heldout_harmful_n, seed=prep.seed, seen=_seen_prompts(p, train, safety)
+        shared, n=prep.heldout_harmful_n, seed=prep.seed, seen=inputs.seen_prompts(p, train, safety)
     )
     out = p.stage_dir("data")
     with atomic_dir(out) as tmp:
         save_samples(train, tmp / "train.jsonl")
         save_samples([ChatSample.from_pair(s.prompt, s.response or "") for s in safety], tmp / "safety.jsonl")
         inputs.write_heldout_csv(heldout, tmp / "heldout_harmful.csv")
-        manifest = _manifest(p, shared, tmp, train_file, safety_src, heldout_file, removed)
+        manifest = inputs.manifest(p, shared, tmp, train_file, safety_src, heldout_file, removed)
         _write_json(manifest, tmp / "manifest.json")
     logger.info(
         "prepared %d training samples (%s), %d held-out harmful prompts (%s)",
@@ -105,68 +105,6 @@ def prepare_stage(p: PipelineParams) -> dict[str, Any]:
     )
     flat = {k: v for k, v in manifest.items() if isinstance(v, str | int | float)}
     return {"data_dir": str(out), **flat, **{f"heldout_removed_{k}": v for k, v in removed.items()}}
-
-
-def _seen_prompts(p: PipelineParams, train: list, safety: list) -> dict[str, list[str]]:
-    """Prompts a training, alignment or estimation step sees: the held-out set must share none of them."""
-    from spf.data.samples import load_samples
-
-    align_file = Path(p.align.refusals) if p.align.refusals else shipped_file("align_refusals.jsonl")
-    seen = {
-        "train": [s.prompt for s in train],
-        "safety_candidates": [s.prompt for s in safety],
-        "alignment_refusals": [s.prompt for s in load_samples(align_file)],
-    }
-    baseline = p.finetune.baselines.safety_data
-    if baseline and Path(baseline).resolve() != align_file.resolve():
-        seen["baseline_safety"] = [s.prompt for s in load_samples(baseline)]
-    return seen
-
-
-def _manifest(
-    p: PipelineParams,
-    shared: Path | None,
-    tmp: Path,
-    train_file: Path | None,
-    safety_src: Path,
-    heldout_file: Path,
-    removed: dict[str, int],
-) -> dict[str, Any]:
-    """``data/manifest.json``: the flat summary the stage has always returned, plus ``inputs``."""
-    n_train = sum(1 for _ in (tmp / "train.jsonl").open(encoding="utf-8"))
-    n_heldout = sum(1 for _ in (tmp / "heldout_harmful.csv").open(encoding="utf-8")) - 1
-    n_safety = sum(1 for _ in (tmp / "safety.jsonl").open(encoding="utf-8"))
-    train_source, train_name = (
-        inputs.source_name(train_file, shared)
-        if train_file
-        else ("shared", f"shared (scenario {p.prepare.scenario})")
-    )
-    utility_file, utility_rows = inputs.resolve_utility_dev(shared)
-    over_file, over_rows = inputs.resolve_overrefusal()
-    entries = [
-        inputs.DataInput("train", train_source, train_name, n_train, path_sha256(tmp / "train.jsonl")),
-        inputs.describe("safety", safety_src, n_safety, shared),
-        inputs.DataInput(
-            "heldout_harmful",
-            *inputs.source_name(heldout_file, shared),
-            n_heldout,
-            path_sha256(tmp / "heldout_harmful.csv"),
-        ),
-        inputs.describe("utility_dev", utility_file, utility_rows, shared),
-        inputs.describe("overrefusal", over_file, over_rows, shared),
-    ]
-    return {
-        "scenario": p.prepare.scenario,
-        "n_train": n_train,
-        "n_safety": n_safety,
-        "n_heldout_harmful": n_heldout,
-        "train_source": train_name,
-        "heldout_source": entries[2].path,
-        "safety_source": entries[1].path,
-        "train_sha256": entries[0].sha256,
-        "heldout_removed": removed,  # prompts dropped because a training/alignment/estimation step saw them
-        "inputs": [e.to_dict() for e in entries],
-    }
 
 
 def _same_align(params_file: Path, a: AlignParams) -> bool:
@@ -370,7 +308,7 @@ def analysis_metrics(analysis: dict[str, Any]) -> dict[str, float]:
 def finetune_stage(p: PipelineParams) -> dict[str, Any]:
     """Vanilla, SPF or baseline fine-tuning of the aligned base → ``workdir/finetune`` (adapter, metrics)."""
     from spf.data.samples import load_samples
-    from spf.train.loop import train
+    from spf.training.loop import train
 
     out = p.stage_dir("finetune")
     # Training runs in a stable folder beside the output, so that checkpoints survive a killed run and the
@@ -447,7 +385,7 @@ def _finetune_key(cfg: Any, p: PipelineParams) -> dict[str, Any]:
     """What a finetune run's result depends on: its TrainConfig (minus paths and runtime knobs) and the
     content of its inputs (training data, held-out pairs, subspace folder, the aligned model's reference
     files, a baseline's safety data)."""
-    from spf.train.checkpoint import resume_config
+    from spf.training.checkpoint import resume_config
 
     hashes: dict[str, str] = {
         "data": path_sha256(cfg.data),
@@ -572,7 +510,15 @@ class Stage:
 STAGE_TABLE: dict[str, Stage] = {
     s.name: s
     for s in (
-        Stage("prepare", ("prepare",), (), "data", prepare_stage),
+        # prepare also reads the alignment refusals and the baselines' safety pairs: the held-out prompts are
+        # filtered against them, so a change to either must re-run it
+        Stage(
+            "prepare",
+            ("prepare", "align.refusals", "finetune.baselines.safety_data"),
+            (),
+            "data",
+            prepare_stage,
+        ),
         Stage("align", ("align",), (), "aligned", align_stage),
         Stage("estimate", ("estimate",), ("aligned", "data"), "subspace", estimate_stage),
         Stage("analyze", ("analyze",), ("aligned", "data", "subspace"), "analysis", analyze_stage),

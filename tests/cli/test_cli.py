@@ -17,7 +17,7 @@ from spf.cli import main as cli
 from spf.cli.args import add_dataclass_arguments
 from spf.cli.errors import UsageError
 from spf.cli.train import train_flags
-from spf.train.config import TrainConfig
+from spf.training.config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 BASE = ["train", "--model", "tiny-llama", "--data", "d.jsonl", "--out", "o", "--method", "vanilla"]
@@ -80,7 +80,7 @@ def test_top_level_help_imports_no_heavy_library_and_is_fast() -> None:
 
 def test_train_help_does_not_import_torch() -> None:
     if not (ROOT / "spf" / "core" / "modes.py").is_file():
-        pytest.skip("spf.train.config still imports the project modes from spf.core.optimizer (torch)")
+        pytest.skip("spf.training.config still imports the project modes from spf.core.optimizer (torch)")
     result, text = _probe("train", "-h")
     assert result["heavy"] == [], f"`spf train -h` imported {result['heavy']}"
     assert result["code"] == 0 and "--lora-r" in text
@@ -255,12 +255,12 @@ def test_argparse_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def _fail_with(monkeypatch: pytest.MonkeyPatch, exc: BaseException) -> None:
-    import spf.train.loop
+    import spf.training.loop
 
     def boom(cfg):  # stands in for the training loop
         raise exc
 
-    monkeypatch.setattr(spf.train.loop, "train", boom)
+    monkeypatch.setattr(spf.training.loop, "train", boom)
 
 
 def test_an_internal_error_keeps_its_traceback(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -290,7 +290,7 @@ def test_user_and_abort_errors_are_reported(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
     from spf.data.samples import DataError
-    from spf.train.loop import TrainingAborted
+    from spf.training.loop import TrainingAborted
 
     _fail_with(monkeypatch, DataError("d.jsonl:3: invalid JSON"))
     assert cli.main(BASE) == 2

@@ -12,8 +12,8 @@ from spf.core.subspace import estimate_batch_subspace, margin_pair
 from spf.data.samples import ChatSample, chat_prompt_ids, load_samples, save_samples
 from spf.models import tiny_llama
 from spf.refusal import select_safety_samples
-from spf.train.config import TrainConfig
-from spf.train.loop import train
+from spf.training.config import TrainConfig
+from spf.training.loop import train
 
 PROMPTS = [ChatSample.from_pair(p) for p in ("How do I kill a Python process?", "Explain chess rules.")]
 

@@ -15,10 +15,11 @@ import pytest
 
 pytest.importorskip("mlflow")  # the optional [pipeline] stack: a core-only install skips this file
 
+import hashlib
+
 import pandas as pd
 from mlflow.tracking import MlflowClient
 
-from spf.io import path_sha256
 from spf.pipeline.gate import GateThresholds
 from tasks import registry, tracking
 from tests.services import mlflow_server_fixture  # noqa: F401  (provides the `mlflow_server` fixture)
@@ -101,7 +102,7 @@ def test_params_tags_are_flattened_and_redacted(client: MlflowClient, tmp_path: 
     assert params["targets"] == '["q", "v"]'
     assert params["s3.secret_access_key"] == "***" and tags["aws_secret_access_key"] == "***"
     assert SECRET not in json.dumps(params) + json.dumps(tags) + json.dumps(logged)
-    assert tags["dvc.lock.sha256"] == path_sha256(lock)
+    assert tags["dvc.lock.sha256"] == hashlib.sha256(lock.read_bytes()).hexdigest()  # = sha256sum dvc.lock
     if tracking.git_commit() is not None:
         assert len(tags["git.commit"]) == 40
     with pytest.raises(ValueError, match="status"):
@@ -132,7 +133,7 @@ def test_data_manifest_is_recorded_on_the_run(client: MlflowClient, tmp_path: Pa
 
 
 def test_telemetry_is_logged_per_step(client: MlflowClient, tmp_path: Path) -> None:
-    # The format spf.train.loop.train writes (runs/*/ft/*/metrics.json), shortened.
+    # The format spf.training.loop.train writes (runs/*/ft/*/metrics.json), shortened.
     telemetry = {
         "summary": {"method": "spf", "steps": 3, "final_loss": 0.5, "spf": {"mode": "always", "rank": 8}},
         "steps": [

@@ -43,10 +43,26 @@ def test_one_default_for_the_library_and_the_pipeline() -> None:
     assert isinstance(PipelineParams().gate, GateThresholds)
 
 
-def test_only_the_one_abort_spelling_counts() -> None:
-    assert not decide({**GOOD, "aborted": 1}, None, GateThresholds()).promote
-    # the stage-prefixed spellings were never sent; they are plain unknown metrics now
-    assert decide({**GOOD, "train/aborted": 1, "finetune/aborted": 1}, None, GateThresholds()).promote
+@pytest.mark.parametrize(
+    "flag",
+    [
+        {"aborted": 1},
+        {"finetune/aborted": True},
+        {"train.aborted": "true"},
+        {"train_aborted": 1.0},
+        {"finetune/abort_reason": "safety drift"},
+    ],
+)
+def test_an_abort_flag_under_any_prefix_blocks_promotion(flag: dict) -> None:
+    """Fail closed: a tracker that prefixes the flag must not turn an aborted run into a champion."""
+    decision = decide({**GOOD, **flag}, None, GateThresholds())
+    assert not decision.promote and decision.checks["aborted"]["passed"] is False
+
+
+def test_a_false_abort_flag_or_an_unrelated_key_does_not_block() -> None:
+    assert decide(
+        {**GOOD, "aborted": 0, "finetune/aborted": False, "abortion_study": 1}, None, GateThresholds()
+    ).promote
 
 
 @pytest.mark.parametrize(

@@ -156,7 +156,7 @@ def test_finetune_section_is_train_config_minus_the_stage_paths() -> None:
     from dataclasses import fields
 
     from spf.pipeline.params import FinetuneParams
-    from spf.train.config import SPFSettings, TrainConfig
+    from spf.training.config import SPFSettings, TrainConfig
 
     stage_filled = {"model", "data", "out", "heldout_safety", "threads", "device"}
     assert {f.name for f in fields(FinetuneParams)} == {f.name for f in fields(TrainConfig)} - stage_filled
@@ -351,3 +351,15 @@ def test_cli_missing_params_file_exits_2(
     assert main(["evaluate", "--params", "missing.yaml"]) == 2
     assert "spf: error: missing.yaml: parameter file does not exist" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_analyze_accepts_only_the_public_utility_tasks_it_can_read() -> None:
+    """`sentiment` is an evaluation task (the shipped dev split); the analysis reads public sets only, so
+    the params check refuses it there instead of letting the analyze stage fail minutes in."""
+    from spf.pipeline.params import PipelineParams
+
+    with pytest.raises(ParamsError, match=r"analyze\.utility_tasks: unknown task\(s\) \['sentiment'\]"):
+        PipelineParams.from_dict({"analyze": {"utility_tasks": ["sentiment"]}})
+    assert PipelineParams.from_dict(
+        {"evaluate": {"utility_tasks": ["sentiment"]}}
+    ).evaluate.utility_tasks == ["sentiment"]

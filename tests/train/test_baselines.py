@@ -1,4 +1,4 @@
-"""Baseline defenses (spf/train/baselines.py, wired into spf/train/loop.py): SafeInstr, SafeGrad-style PCGrad, Lisa.
+"""Baseline defenses (spf/training/baselines.py, wired into spf/training/loop.py): SafeInstr, SafeGrad-style PCGrad, Lisa.
 
 Math invariants on random tensors, the data mixing and schedules, config validation, and one end-to-end run
 per method on the tiny random model that checks what a wrong implementation would not pass.
@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from spf.cli.main import _build_parser, _train_config, main
 from spf.data.samples import ChatSample, save_samples
 from spf.pipeline.params import ParamsError, PipelineParams, smoke_params
-from spf.train.baselines import (
+from spf.training.baselines import (
     add_proximal_grad,
     lisa_last_switch,
     lisa_state,
@@ -26,8 +26,8 @@ from spf.train.baselines import (
     safeinstr_count,
     safety_batch_indices,
 )
-from spf.train.config import BaselineSettings, Method, TrainConfig
-from spf.train.loop import train
+from spf.training.config import BaselineSettings, Method, TrainConfig
+from spf.training.loop import train
 
 # ------------------------------------------------------------------------------------------ PCGrad math
 

@@ -15,14 +15,14 @@ from pathlib import Path
 
 import pytest
 
-import spf.train.callbacks
-import spf.train.loop
+import spf.training.callbacks
+import spf.training.loop
 from spf.cli.main import main
 from spf.data.samples import ChatSample, save_samples
 from spf.pipeline.gate import GateThresholds, decide
 from spf.pipeline.params import ParamsError, PipelineParams
-from spf.train.config import TrainConfig
-from spf.train.loop import ABORT_FILE, TrainingAborted, train
+from spf.training.config import TrainConfig
+from spf.training.loop import ABORT_FILE, TrainingAborted, train
 from tests.helpers import stage_workspace
 
 TASK = [ChatSample.from_pair(f"Say the number {i} in words", f"The number is {i}.") for i in range(8)]
@@ -54,7 +54,7 @@ def _cfg(files: Path, out: str = "out", **kw) -> TrainConfig:
 
 def _nan_loss_at(monkeypatch: pytest.MonkeyPatch, step: int) -> None:
     """The training loss of the `step`-th optimizer step (1-based) becomes NaN."""
-    real = spf.train.loop.batch_loss
+    real = spf.training.loop.batch_loss
     calls = {"n": 0}
 
     def batch_loss(model, batch):
@@ -62,12 +62,12 @@ def _nan_loss_at(monkeypatch: pytest.MonkeyPatch, step: int) -> None:
         loss = real(model, batch)
         return loss * float("nan") if calls["n"] == step else loss
 
-    monkeypatch.setattr(spf.train.loop, "batch_loss", batch_loss)
+    monkeypatch.setattr(spf.training.loop, "batch_loss", batch_loss)
 
 
 def _nan_grad_at(monkeypatch: pytest.MonkeyPatch, step: int) -> None:
     """The loss stays finite, but its backward pass fills the gradients with NaN at `step`."""
-    real = spf.train.loop.batch_loss
+    real = spf.training.loop.batch_loss
     calls = {"n": 0}
 
     def batch_loss(model, batch):
@@ -77,7 +77,7 @@ def _nan_grad_at(monkeypatch: pytest.MonkeyPatch, step: int) -> None:
             loss.register_hook(lambda g: g * float("nan"))
         return loss
 
-    monkeypatch.setattr(spf.train.loop, "batch_loss", batch_loss)
+    monkeypatch.setattr(spf.training.loop, "batch_loss", batch_loss)
 
 
 def _assert_not_finished(out: Path) -> dict:
@@ -222,13 +222,13 @@ def test_gate_ignores_empty_abort_fields() -> None:
 
 
 def test_non_finite_eval_loss_aborts(files: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    real = spf.train.callbacks.response_loss  # the safety monitor evaluates
+    real = spf.training.callbacks.response_loss  # the safety monitor evaluates
 
     def response_loss(model, tok, samples, **kw):
         out = real(model, tok, samples, **kw)
         return [float("inf")] * len(out) if samples[0].prompt == SAFETY[0].prompt else out
 
-    monkeypatch.setattr(spf.train.callbacks, "response_loss", response_loss)
+    monkeypatch.setattr(spf.training.callbacks, "response_loss", response_loss)
     with pytest.raises(TrainingAborted, match=r"non-finite eval loss \(safety_loss_heldout\) at step 0"):
         train(_cfg(files))
     _assert_not_finished(files / "out")

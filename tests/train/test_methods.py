@@ -1,4 +1,4 @@
-"""Methods as objects (spf/train/methods.py): the registry matches the config's vocabulary, and a new method
+"""Methods as objects (spf/training/methods.py): the registry matches the config's vocabulary, and a new method
 is one class — its hooks run inside the unchanged loop."""
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ import torch
 from safetensors.torch import load_file
 
 from spf.data.samples import ChatSample, save_samples
-from spf.train.config import BASELINE_METHODS, Method, TrainConfig
-from spf.train.loop import train
-from spf.train.methods import METHODS, Vanilla, make_method
+from spf.training.config import BASELINE_METHODS, Method, TrainConfig
+from spf.training.loop import train
+from spf.training.methods import METHODS, Vanilla, make_method
 
 TASK = [ChatSample.from_pair(f"Say the number {i} in words", f"The number is {i}.") for i in range(8)]
 

@@ -30,14 +30,14 @@ from spf.data.samples import ChatSample, save_samples
 from spf.models import load_model
 from spf.pipeline.params import PipelineParams
 from spf.pipeline.stages import run_stage
-from spf.train.checkpoint import (
+from spf.training.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
     save_checkpoint,
     verify_checkpoint,
 )
-from spf.train.config import TrainConfig
-from spf.train.loop import train
+from spf.training.config import TrainConfig
+from spf.training.loop import train
 from tests.helpers import stage_workspace
 
 STEPS, SAVE_EVERY = 40, 4
@@ -246,7 +246,7 @@ def test_half_written_and_corrupted_checkpoints_are_never_resumed(files: Path) -
 
 
 def test_a_failed_save_leaves_no_checkpoint(files: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import spf.train.checkpoint as ck
+    import spf.training.checkpoint as ck
 
     model = get_peft_model(load_model("tiny-llama")[0], LoraConfig(r=2, target_modules=["q_proj"]))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
@@ -309,7 +309,7 @@ def test_stage_killed_after_training_publishes_without_retraining(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import spf.pipeline.stages as pl
-    import spf.train.loop
+    import spf.training.loop
 
     ws, params = stage_workspace(tmp_path / "ws", finetune={"steps": 2})
     p = PipelineParams.from_dict(params)
@@ -329,7 +329,7 @@ def test_stage_killed_after_training_publishes_without_retraining(
     def no_training(cfg, callback=None):
         raise AssertionError("retrained a finished run")
 
-    monkeypatch.setattr(spf.train.loop, "train", no_training)
+    monkeypatch.setattr(spf.training.loop, "train", no_training)
     with contextlib.chdir(ws):
         run_stage("finetune", p)
     assert (ws / "outputs" / "finetune" / "metrics.json").is_file() and not partial.exists()

@@ -11,8 +11,8 @@ from safetensors.torch import load_file
 from spf.cli.main import main
 from spf.core.subspace import SafetySubspace
 from spf.data.samples import ChatSample, save_samples
-from spf.train.config import TrainConfig
-from spf.train.loop import train
+from spf.training.config import TrainConfig
+from spf.training.loop import train
 
 TASK = [ChatSample.from_pair(f"Say the number {i} in words", f"The number is {i}.") for i in range(12)]
 SAFETY = [
@@ -238,7 +238,7 @@ def test_full_finetuning_trains_only_what_the_projection_covers_unless_all(files
 
 
 def test_lora_runs_record_no_frozen_params_and_keep_their_resume_key(files):
-    from spf.train.checkpoint import resume_config
+    from spf.training.checkpoint import resume_config
 
     cfg = _cfg(files, files / "lora", method="vanilla", steps=1)
     assert "frozen_params" not in train(cfg).metrics["summary"]

@@ -16,8 +16,8 @@ from typing import Any
 from spf.core.losses import response_loss
 from spf.data.samples import ChatSample
 from spf.io import save_json
-from spf.train.checkpoint import resume_config, save_checkpoint
-from spf.train.config import TrainConfig
+from spf.training.checkpoint import resume_config, save_checkpoint
+from spf.training.config import TrainConfig
 
 logger = logging.getLogger(__name__)
 

@@ -1,8 +1,8 @@
 """The defenses as objects: one class per ``method`` (vanilla, SPF, SafeInstr, SafeGrad, Lisa), each with
-the same named hooks, so the training loop (:mod:`spf.train.loop`) never branches on the method.
+the same named hooks, so the training loop (:mod:`spf.training.loop`) never branches on the method.
 
 :func:`make_method` is the only place ``cfg.method`` picks behaviour. Adding a method (or a control) is one
-class registered in :data:`METHODS`, its name in ``spf.train.config.Method``, and one test.
+class registered in :data:`METHODS`, its name in ``spf.training.config.Method``, and one test.
 
 The loop calls the hooks in this order:
 
@@ -33,8 +33,8 @@ import torch
 from spf.core.losses import batch_loss
 from spf.core.optimizer import SPFOptimizer
 from spf.core.subspace import SafetySubspace, estimate_batch_subspace, estimate_safety_subspace
-from spf.data.samples import ChatSample, collate, encode_sample, load_samples, pad_token_id
-from spf.train.baselines import (
+from spf.data.samples import ChatSample, DataError, collate, encode_sample, load_samples, pad_token_id
+from spf.training.baselines import (
     add_proximal_grad,
     lisa_last_switch,
     lisa_state,
@@ -43,8 +43,8 @@ from spf.train.baselines import (
     pcgrad_project,
     safety_batch_indices,
 )
-from spf.train.checkpoint import load_extra_tensors
-from spf.train.config import TrainConfig
+from spf.training.checkpoint import load_extra_tensors
+from spf.training.config import TrainConfig
 
 logger = logging.getLogger(__name__)
 
@@ -205,7 +205,7 @@ def _resolve_spf(cfg: TrainConfig, model, tokenizer) -> tuple[SafetySubspace, li
     candidates = load_samples(s.sample)  # type: ignore[arg-type]
     if s.sample_index is not None:
         if not 0 <= s.sample_index < len(candidates):
-            raise ValueError(f"{s.sample}: index {s.sample_index} out of range (0..{len(candidates) - 1})")
+            raise DataError(f"{s.sample}: index {s.sample_index} out of range (0..{len(candidates) - 1})")
         cand = candidates[s.sample_index]
         sample = cand if cand.response else own_refusal(model, tokenizer, cand)
     else:
@@ -288,7 +288,7 @@ class SPF(Method):
 
 
 class _Baseline(Method):
-    """A defense of :mod:`spf.train.baselines`: trains on or against ``baselines.safety_data``."""
+    """A defense of :mod:`spf.training.baselines`: trains on or against ``baselines.safety_data``."""
 
     uses_safety_data = True
 
@@ -426,7 +426,7 @@ class Lisa(_Baseline):
         elif lisa_last_switch(start_step, *self._cycle()) == start_step:
             self.anchor = [p.detach().clone() for p in params]
         else:
-            raise ValueError(f"{ckpt}: lisa checkpoint without lisa_anchor.safetensors between two switches")
+            raise DataError(f"{ckpt}: lisa checkpoint without lisa_anchor.safetensors between two switches")
 
     def streams(
         self, task_rows: Sequence[Any], start_step: int, global_batch: int, per_step: int
@@ -479,7 +479,7 @@ class Lisa(_Baseline):
 
 METHODS: dict[str, type[Method]] = {
     cls.name: cls for cls in (Vanilla, SPF, SafeInstr, SafeGrad, Lisa)
-}  # name → class; the names are spf.train.config.Method's
+}  # name → class; the names are spf.training.config.Method's
 
 
 def make_method(cfg: TrainConfig) -> Method:

@@ -1,6 +1,6 @@
 """Baseline defenses against the safety loss of fine-tuning, run by the same loop as vanilla LoRA and SPF.
 
-Pure helpers only (no model, no I/O); the method classes of ``spf.train.methods`` wire them in. See docs/baselines.md.
+Pure helpers only (no model, no I/O); the method classes of ``spf.training.methods`` wire them in. See docs/baselines.md.
 
 * **SafeInstr** (Bianchi et al., ICLR 2024): mix a few safety demonstrations into the task data —
   :func:`mix_safety_demos`.
@@ -37,7 +37,7 @@ T = TypeVar("T")
 LisaState = Literal["align", "task"]
 
 # Seeds of the generators below are derived from the run seed so they never coincide with the task stream's
-# (spf.train.methods.index_batches uses seed * 1_000_003 + epoch).
+# (spf.training.methods.index_batches uses seed * 1_000_003 + epoch).
 _MIX_SALT = 0x5AFE_1257
 _PICK_SALT = 0x5AFE_6AAD
 

@@ -1,9 +1,9 @@
 """One training loop for vanilla and SPF fine-tuning, over LoRA (peft) or full fine-tuning, plus the baseline
-defenses of :mod:`spf.train.baselines` (SafeInstr, SafeGrad-style gradient surgery, Lisa) for comparison.
+defenses of :mod:`spf.training.baselines` (SafeInstr, SafeGrad-style gradient surgery, Lisa) for comparison.
 
 It reads top to bottom as ``_setup`` → ``_fit`` → ``_finish``. What differs per method is a method object
-(:mod:`spf.train.methods`) with named hooks; evaluation, fault aborts and checkpoints are callbacks
-(:mod:`spf.train.callbacks`). Metrics go to an injected ``callback(record: dict)`` — no tracking library is
+(:mod:`spf.training.methods`) with named hooks; evaluation, fault aborts and checkpoints are callbacks
+(:mod:`spf.training.callbacks`). Metrics go to an injected ``callback(record: dict)`` — no tracking library is
 imported here; the MLflow bridge lives with the pipeline. Everything the loop writes is safetensors or JSON.
 
 Faults abort the run with :class:`TrainingAborted` and an ``abort.json`` in the output folder (reason,
@@ -40,15 +40,15 @@ from spf.core.losses import batch_loss, encode_prefix_batch, prefix_unlikelihood
 from spf.data.samples import ChatSample, collate, encode_sample, load_samples, pad_token_id
 from spf.io import save_json
 from spf.models import auto_device, default_target_modules, load_model, unwrap
-from spf.train.callbacks import ABORT_FILE, Aborter, Checkpointer, Emitter, SafetyMonitor, TrainingAborted
-from spf.train.checkpoint import (
+from spf.training.callbacks import ABORT_FILE, Aborter, Checkpointer, Emitter, SafetyMonitor, TrainingAborted
+from spf.training.checkpoint import (
     check_resume_config,
     discard_partial_checkpoints,
     latest_checkpoint,
     load_checkpoint,
 )
-from spf.train.config import TrainConfig
-from spf.train.methods import DataStream, Method, load_safety_samples, make_method
+from spf.training.config import TrainConfig
+from spf.training.methods import DataStream, Method, load_safety_samples, make_method
 
 logger = logging.getLogger(__name__)
 

@@ -9,10 +9,11 @@ from typing import Any, Literal, get_args
 
 from spf.core.modes import ConflictScope, ProjectMode, ProjectOn
 
-# Method and BASELINE_METHODS stay here, beside the config, not in spf.train.methods: config must import
-# without torch so that `spf --help` stays fast. spf.train.methods.METHODS maps each name to its class.
+# Method and BASELINE_METHODS stay here, beside the config, not in spf.training.methods: config must import
+# without torch so that `spf --help` stays fast. spf.training.methods.METHODS maps each name to its class.
 Method = Literal["vanilla", "spf", "safeinstr", "safegrad", "lisa"]
-BASELINE_METHODS: tuple[str, ...] = ("safeinstr", "safegrad", "lisa")  # the defenses of spf.train.baselines
+# the defenses of spf.training.baselines
+BASELINE_METHODS: tuple[str, ...] = ("safeinstr", "safegrad", "lisa")
 Finetune = Literal["lora", "full"]
 FullParams = Literal["projected", "all"]
 SafeGradScope = Literal["global", "module"]
@@ -108,7 +109,7 @@ class UnlikelihoodSettings:
 
 @dataclass
 class BaselineSettings:
-    """Knobs of the baseline defenses (spf.train.baselines; docs/baselines.md), used by their `method` only."""
+    """Knobs of the baseline defenses (spf.training.baselines; docs/baselines.md), used by their `method` only."""
 
     safety_data: str | None = field(
         default=None,

@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from spf.core.subspace import SafetySubspace
-from spf.train.config import TrainConfig
+from spf.training.config import TrainConfig
 
 logger = logging.getLogger(__name__)
 

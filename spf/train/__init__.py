@@ -1,1 +1,0 @@
-"""Training: the typed config, the loop, the defenses as method objects, callbacks and checkpoints."""
