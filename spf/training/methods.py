@@ -291,12 +291,13 @@ class _Baseline(Method):
     """A defense of :mod:`spf.training.baselines`: trains on or against ``baselines.safety_data``."""
 
     uses_safety_data = True
+    settings: tuple[str, ...] = ()  # the BaselineSettings fields this defense reads (reported in its summary)
 
     def _encode_safety(self, tokenizer) -> list[dict[str, Any]]:
         return [encode_sample(tokenizer, s, max_length=self.cfg.max_length) for s in self.safety]
 
     def _settings(self) -> dict[str, Any]:
-        return {}
+        return {name: getattr(self.cfg.baselines, name) for name in self.settings}
 
     def _numbers(self, history: list[dict[str, Any]]) -> dict[str, Any]:
         return {}
@@ -312,6 +313,7 @@ class SafeInstr(_Baseline):
     """SafeInstr: a few safety demonstrations mixed into the task data."""
 
     name = "safeinstr"
+    settings = ("safeinstr_fraction",)
 
     def prepare_data(self, task: list[ChatSample], safety: list[ChatSample]) -> list[ChatSample]:
         super().prepare_data(task, safety)
@@ -320,9 +322,6 @@ class SafeInstr(_Baseline):
         )
         logger.info("safeinstr: %d safety demos added to %d task samples", len(self.added), len(task))
         return mixed
-
-    def _settings(self) -> dict[str, Any]:
-        return {"safeinstr_fraction": self.cfg.baselines.safeinstr_fraction}
 
     def _numbers(self, history: list[dict[str, Any]]) -> dict[str, Any]:
         return {"safeinstr_added": len(self.added), "safeinstr_n_task": self.n_task}
@@ -361,6 +360,7 @@ class SafeGrad(_Baseline):
     """SafeGrad-style gradient surgery: PCGrad of the task gradient against a safety gradient."""
 
     name = "safegrad"
+    settings = ("safegrad_batch", "safegrad_every", "safegrad_scope")
 
     def setup(self, model, tokenizer, device: torch.device) -> list[ChatSample]:
         self.model, self.device, self.pad = model, device, pad_token_id(tokenizer)
@@ -371,14 +371,6 @@ class SafeGrad(_Baseline):
         if step % self.cfg.baselines.safegrad_every:
             return {}
         return _safegrad_surgery(self.model, params, self.safety_rows, self.pad, self.device, self.cfg, step)
-
-    def _settings(self) -> dict[str, Any]:
-        b = self.cfg.baselines
-        return {
-            "safegrad_batch": b.safegrad_batch,
-            "safegrad_every": b.safegrad_every,
-            "safegrad_scope": b.safegrad_scope,
-        }
 
     def _numbers(self, history: list[dict[str, Any]]) -> dict[str, Any]:
         checks = [h for h in history if "safegrad/cos" in h]
@@ -399,6 +391,7 @@ class Lisa(_Baseline):
     the other one left the weights by a proximal term."""
 
     name = "lisa"
+    settings = ("lisa_align_steps", "lisa_task_steps", "lisa_rho")
     _SALT = 7_919  # the alignment stream's seed offset from the task stream's
 
     def setup(self, model, tokenizer, device: torch.device) -> list[ChatSample]:
@@ -458,14 +451,6 @@ class Lisa(_Baseline):
     def task_steps(self, history: list[dict[str, Any]]) -> list[dict[str, Any]]:
         # the alignment steps train on the safety data: the final (task) loss is the last task step's
         return [h for h in history if h.get("lisa/state", "task") == "task"]
-
-    def _settings(self) -> dict[str, Any]:
-        b = self.cfg.baselines
-        return {
-            "lisa_align_steps": b.lisa_align_steps,
-            "lisa_task_steps": b.lisa_task_steps,
-            "lisa_rho": b.lisa_rho,
-        }
 
     def _numbers(self, history: list[dict[str, Any]]) -> dict[str, Any]:
         out: dict[str, Any] = {
