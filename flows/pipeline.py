@@ -30,7 +30,14 @@ from pydantic import Field
 from spf.pipeline.params import ParamsError, PipelineParams, Scenario, apply_overrides, load_params
 from spf.pipeline.stages import STAGE_TABLE, STAGES
 from spf.training.config import Method
-from tasks.mlflow_tasks import finish_run_task, gate_task, preflight_task, register_task, track_run_task
+from tasks.mlflow_tasks import (
+    data_inputs,
+    finish_run_task,
+    gate_task,
+    preflight_task,
+    register_task,
+    track_run_task,
+)
 from tasks.stages import dvc_version_task, overridden, restore_params, run_stage_task, write_params_task
 from tasks.tracking import flatten
 
@@ -46,12 +53,6 @@ def build_params(
     merged = {k: v for k, v in form.items() if v is not None}
     merged.update(overrides or {})
     return load_params(params_file, merged)
-
-
-def data_inputs(params: dict[str, Any]) -> list[dict[str, Any]]:
-    """The ``inputs`` of the prepare stage's data/manifest.json (none when the file is absent)."""
-    manifest = Path(params["runtime"]["workdir"]) / STAGE_TABLE["prepare"].output / "manifest.json"
-    return json.loads(manifest.read_text()).get("inputs", []) if manifest.is_file() else []
 
 
 def _data_table(inputs: list[dict[str, Any]]) -> list[str]:

@@ -162,6 +162,12 @@ def register_task(params: dict[str, Any], run: dict[str, Any], metrics: dict[str
         )
 
 
+def data_inputs(params: dict[str, Any]) -> list[dict[str, Any]]:
+    """The prepare stage's data/manifest.json ``inputs`` (none when the file is absent)."""
+    manifest = Path(params["runtime"]["workdir"]) / STAGE_TABLE["prepare"].output / "manifest.json"
+    return json.loads(manifest.read_text()).get("inputs", []) if manifest.is_file() else []
+
+
 # No retries: a retry after the alias moved would judge the candidate against itself. A failure after the
 # promotion restores the previous champion here; later failures are undone by the rollback hook below.
 @task(name="promotion-gate")
@@ -173,7 +179,12 @@ def gate_task(params: dict[str, Any], run: dict[str, Any], version: str) -> dict
     report_dir = Path(params["runtime"]["workdir"]) / "gate"
     with _Step(client)("gate and promote"):
         decision = registry.apply_gate(
-            client, t["registered_model"], version, GateThresholds.from_dict(params["gate"]), report_dir
+            client,
+            t["registered_model"],
+            version,
+            GateThresholds.from_dict(params["gate"]),
+            report_dir,
+            data=data_inputs(params),
         )
     try:
         with _Step(client)("upload the gate report"):

@@ -168,7 +168,20 @@ def champion_version(client: MlflowClient, name: str) -> tuple[str | None, dict[
     return version, version_metrics(client, name, version)
 
 
-def _report_markdown(name: str, version: str, decision: GateDecision, thresholds: GateThresholds) -> str:
+def _data_lines(data: list[dict[str, Any]]) -> list[str]:
+    """The data the candidate was trained and judged on (the prepare stage's manifest), as markdown."""
+    if not data:
+        return []
+    rows = [
+        f"| {e.get('role')} | {e.get('source')} | {e.get('path')} | {e.get('rows')} | `{str(e.get('sha256', ''))[:12]}` |"
+        for e in data
+    ]
+    return ["## Data", "", "| role | source | file | rows | sha256 |", "|---|---|---|---|---|", *rows, ""]
+
+
+def _report_markdown(
+    name: str, version: str, decision: GateDecision, thresholds: GateThresholds, data: list[dict[str, Any]]
+) -> str:
     verdict = "PROMOTED to champion" if decision.promote else "REJECTED (champion unchanged)"
     before = f"v{decision.champion_version}" if decision.champion_version else "none"
     lines = [
@@ -192,12 +205,24 @@ def _report_markdown(name: str, version: str, decision: GateDecision, thresholds
         lines.append(
             f"| {check} | {shown} | {c.get('threshold'):.4g} | {'yes' if c['passed'] else 'NO'}{note} |"
         )
-    lines += ["", "## Thresholds", "", "```json", json.dumps(thresholds.to_dict(), indent=2), "```", ""]
-    return "\n".join(lines)
+    lines += [
+        "",
+        *_data_lines(data),
+        "## Thresholds",
+        "",
+        "```json",
+        json.dumps(thresholds.to_dict(), indent=2),
+    ]
+    return "\n".join([*lines, "```", ""])
 
 
 def _write_report(
-    report_dir: str | Path, name: str, version: str, decision: GateDecision, thresholds: GateThresholds
+    report_dir: str | Path,
+    name: str,
+    version: str,
+    decision: GateDecision,
+    thresholds: GateThresholds,
+    data: list[dict[str, Any]],
 ) -> Path:
     out = Path(report_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -207,9 +232,10 @@ def _write_report(
         "decision": "promoted" if decision.promote else "rejected",
         **decision.to_dict(),
         "thresholds": thresholds.to_dict(),
+        "data": data,  # data/manifest.json's inputs: role, source, file, rows, sha256
     }
     (out / "gate.json").write_text(json.dumps(payload, indent=2) + "\n")
-    (out / "gate.md").write_text(_report_markdown(name, version, decision, thresholds))
+    (out / "gate.md").write_text(_report_markdown(name, version, decision, thresholds, data))
     return out
 
 
@@ -272,11 +298,13 @@ def apply_gate(
     report_dir: str | Path,
     *,
     lock: bool | RegistryLock = True,
+    data: list[dict[str, Any]] | None = None,
 ) -> GateDecision:
     """Decide on ``version`` against the current champion and promote it when it passes.
 
     Writes ``gate.decision``/``gate.reasons``/``gate.checks``/``gate.champion_before`` tags on the
-    version and ``gate.json`` + ``gate.md`` into ``report_dir`` (the caller logs them to its run).
+    version and ``gate.json`` + ``gate.md`` into ``report_dir`` (the caller logs them to its run); ``data``
+    (the run's data manifest entries) is recorded in both.
 
     Concurrency: read champion → decide → move alias → record happens inside :class:`RegistryLock`
     (``lock=True``, or a configured ``RegistryLock``), so concurrent gates are serialised and each judges
@@ -293,7 +321,7 @@ def apply_gate(
         held = lock if isinstance(lock, RegistryLock) else RegistryLock(client, name)
         with held:
             decision = _gate_locked(client, name, version, thresholds, held)
-    _write_report(report_dir, name, version, decision, thresholds)
+    _write_report(report_dir, name, version, decision, thresholds, data or [])
     return decision
 
 

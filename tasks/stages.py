@@ -49,7 +49,7 @@ def input_key(stage: str, params: dict[str, Any]) -> str:
     workdir = Path(params["runtime"]["workdir"])
     payload = {
         "stage": stage,
-        "params": {s: _lookup(params, s) for s in row.params},
+        "params": {s: _lookup(params, s) for s in (*row.params, *row.also_reads)},
         "inputs": {n: path_sha256(workdir / n) if (workdir / n).exists() else "missing" for n in row.inputs},
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()

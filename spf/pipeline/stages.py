@@ -504,6 +504,9 @@ class Stage:
     inputs: tuple[str, ...]  # output folders of earlier stages it reads, under runtime.workdir
     output: str  # its own output folder under runtime.workdir (the DVC out)
     func: Callable[[PipelineParams], dict[str, Any]]
+    # single keys of other sections the stage also reads: in the Prefect cache key, not in dvc.yaml (a DVC
+    # param must exist in every params.yaml, and these may be left out to take their defaults)
+    also_reads: tuple[str, ...] = ()
 
 
 # In run order. finetune reads estimate.rank (it projects with the estimate's k).
@@ -514,10 +517,11 @@ STAGE_TABLE: dict[str, Stage] = {
         # filtered against them, so a change to either must re-run it
         Stage(
             "prepare",
-            ("prepare", "align.refusals", "finetune.baselines.safety_data"),
+            ("prepare",),
             (),
             "data",
             prepare_stage,
+            also_reads=("align.refusals", "finetune.baselines.safety_data"),
         ),
         Stage("align", ("align",), (), "aligned", align_stage),
         Stage("estimate", ("estimate",), ("aligned", "data"), "subspace", estimate_stage),

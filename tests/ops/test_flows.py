@@ -274,3 +274,15 @@ def test_gate_report_shows_the_data_manifest(tmp_path: Path) -> None:
     assert "| train | shipped | 16 | `aaaaaaaaaaaa` |" in text
     assert "| heldout_harmful | shared | 4 | `bbbbbbbbbbbb` |" in text
     assert data_inputs({"runtime": {"workdir": str(tmp_path / "none")}}) == []
+
+
+def test_gate_files_record_the_data_manifest(tmp_path: Path) -> None:
+    """gate.json / gate.md (logged to the MLflow run under gate/) carry the same data entries."""
+    from spf.pipeline.gate import GateThresholds, decide
+    from tasks.registry import _write_report
+
+    decision = decide({"harmful_rate": 0.5, "overrefusal_rate": 0.1, "utility": 0.7}, None, GateThresholds())
+    out = _write_report(tmp_path / "gate", "m", "2", decision, GateThresholds(), MANIFEST_INPUTS)
+    assert json.loads((out / "gate.json").read_text())["data"] == MANIFEST_INPUTS
+    md = (out / "gate.md").read_text()
+    assert "## Data" in md and "| heldout_harmful | shared | shared/safety/x.csv | 4 | `bbbbbbbbbbbb` |" in md

@@ -39,6 +39,19 @@ def test_input_key_follows_its_own_section_and_input_bytes(tmp_path):
     assert input_key("prepare", _params(tmp_path)) == input_key("prepare", _params(tmp_path, steps=9))
 
 
+def test_prepare_key_follows_the_prompts_its_heldout_set_is_filtered_against(tmp_path):
+    """The held-out prompts drop whatever alignment and the baselines train on: a new file there re-runs it."""
+    base = input_key("prepare", _params(tmp_path))
+    aligned = _params(tmp_path)
+    aligned["align"]["refusals"] = "my_refusals.jsonl"
+    baseline = _params(tmp_path)
+    baseline["finetune"]["baselines"]["safety_data"] = "pairs.jsonl"
+    assert input_key("prepare", aligned) != base and input_key("prepare", baseline) != base
+    other = _params(tmp_path)
+    other["align"]["steps"] = 7  # the rest of align is not prepare's business
+    assert input_key("prepare", other) == base
+
+
 def test_cached_output_is_reused_only_while_its_stamp_matches(tmp_path):
     p = _params(tmp_path)
     key = input_key("prepare", p)
