@@ -21,6 +21,7 @@ from prefect import task
 from prefect.transactions import Transaction
 
 from spf.pipeline.gate import GateThresholds
+from spf.pipeline.inputs import manifest_inputs
 from spf.pipeline.stages import STAGE_TABLE, STAGES
 from tasks import registry, tracking
 from tasks.resilience import RetryPolicy, describe_mlflow_failure, is_mlflow_outage
@@ -164,8 +165,7 @@ def register_task(params: dict[str, Any], run: dict[str, Any], metrics: dict[str
 
 def data_inputs(params: dict[str, Any]) -> list[dict[str, Any]]:
     """The prepare stage's data/manifest.json ``inputs`` (none when the file is absent)."""
-    manifest = Path(params["runtime"]["workdir"]) / STAGE_TABLE["prepare"].output / "manifest.json"
-    return json.loads(manifest.read_text()).get("inputs", []) if manifest.is_file() else []
+    return manifest_inputs(Path(params["runtime"]["workdir"]) / STAGE_TABLE["prepare"].output)
 
 
 # No retries: a retry after the alias moved would judge the candidate against itself. A failure after the

@@ -35,6 +35,7 @@ __all__ = [
     "DataInput",
     "heldout_harmful",
     "manifest",
+    "manifest_inputs",
     "normalise_prompt",
     "resolve_overrefusal",
     "resolve_utility_dev",
@@ -43,15 +44,13 @@ __all__ = [
     "training_set",
 ]
 
-Role = Literal["train", "heldout_harmful", "safety", "utility_dev", "overrefusal", "alignment"]
+Role = Literal["train", "heldout_harmful", "safety", "utility_dev", "overrefusal"]
 Source = Literal["shipped", "shared", "user"]
 
 # the shipped defaults (spf/data/README.md says how each was written)
 SHIPPED_TRAIN = "sentiment_train.jsonl"
 SHIPPED_UTILITY_DEV = "sentiment_dev.jsonl"
-SHIPPED_HELDOUT = "heldout_harmful.jsonl"
 SHIPPED_OVERREFUSAL = "overrefusal_prompts.jsonl"
-SHARED_ADVBENCH = "safety/advbench_behaviors.csv"
 SHARED_SST2_DEV = "utility/sst2_dev.tsv"
 
 
@@ -129,35 +128,20 @@ def training_set(
 # ---------------------------------------------------------------------------------------------- held out
 
 
-def _shipped_heldout(split: str) -> tuple[list[str], Path]:
-    """The shipped held-out prompts of one split (``dev`` for choosing settings, ``test`` for reporting)."""
-    import json
-
-    path = shipped_file(SHIPPED_HELDOUT)
-    with path.open(encoding="utf-8") as fh:
-        rows = [json.loads(line) for line in fh if line.strip()]
-    return [r["prompt"] for r in rows if r.get("split") == split], path
-
-
-def _advbench(shared: Path) -> tuple[list[str], Path] | None:
-    path = shared / SHARED_ADVBENCH
-    if not path.is_file():
-        return None
-    with path.open(newline="", encoding="utf-8") as fh:
-        return [r["Behavior"].strip() for r in csv.DictReader(fh) if r.get("Behavior")], path
-
-
 def heldout_harmful(
     shared: Path | None, *, n: int, seed: int, seen: dict[str, list[str]]
 ) -> tuple[list[str], Path, dict[str, int]]:
-    """Held-out harmful prompts: AdvBench behaviours from the public folder, else the shipped test split.
+    """Held-out harmful prompts: AdvBench behaviours from the public folder, else the shipped test split
+    (chosen by :func:`spf.eval.prompts.harmful_prompts`, the same rule ``spf eval`` follows).
 
     ``seen`` maps a name (train, safety candidates, alignment refusals, …) to the prompts some step trained,
     aligned or estimated on; every prompt equal to one of them (after :func:`normalise_prompt`) is removed,
     and the count removed per name is returned, so the manifest shows the filter worked.
     """
-    found = _advbench(shared) if shared is not None else None
-    prompts, path = found if found is not None else _shipped_heldout("test")
+    from spf.eval.prompts import harmful_prompts  # AdvBench, else the shipped test split: the eval's own rule
+
+    found = harmful_prompts(None, shared)
+    prompts, path = [item.text for item in found.items], Path(found.source)
     removed: dict[str, int] = {}
     keep = prompts
     for name, texts in seen.items():
@@ -222,11 +206,13 @@ def manifest(
     safety_src: Path,
     heldout_file: Path,
     removed: dict[str, int],
+    *,
+    n_train: int,
+    n_safety: int,
+    n_heldout: int,
 ) -> dict[str, Any]:
-    """``data/manifest.json``: the flat summary the stage has always returned, plus ``inputs``."""
-    n_train = sum(1 for _ in (tmp / "train.jsonl").open(encoding="utf-8"))
-    n_heldout = sum(1 for _ in (tmp / "heldout_harmful.csv").open(encoding="utf-8")) - 1
-    n_safety = sum(1 for _ in (tmp / "safety.jsonl").open(encoding="utf-8"))
+    """``data/manifest.json``: the flat summary the stage has always returned, plus ``inputs`` (the row
+    counts are the lists the stage wrote to ``tmp``; the hashes are of those files)."""
     train_source, train_name = (
         source_name(train_file, shared)
         if train_file
@@ -258,3 +244,11 @@ def manifest(
         "heldout_removed": removed,  # prompts dropped because a training/alignment/estimation step saw them
         "inputs": [e.to_dict() for e in entries],
     }
+
+
+def manifest_inputs(data_dir: str | Path) -> list[dict[str, Any]]:
+    """The ``inputs`` of a prepare stage's ``manifest.json`` in ``data_dir`` (none when the file is absent)."""
+    import json
+
+    path = Path(data_dir) / "manifest.json"
+    return json.loads(path.read_text(encoding="utf-8")).get("inputs", []) if path.is_file() else []

@@ -94,7 +94,18 @@ def prepare_stage(p: PipelineParams) -> dict[str, Any]:
         save_samples(train, tmp / "train.jsonl")
         save_samples([ChatSample.from_pair(s.prompt, s.response or "") for s in safety], tmp / "safety.jsonl")
         inputs.write_heldout_csv(heldout, tmp / "heldout_harmful.csv")
-        manifest = inputs.manifest(p, shared, tmp, train_file, safety_src, heldout_file, removed)
+        manifest = inputs.manifest(
+            p,
+            shared,
+            tmp,
+            train_file,
+            safety_src,
+            heldout_file,
+            removed,
+            n_train=len(train),
+            n_safety=len(safety),
+            n_heldout=len(heldout),
+        )
         _write_json(manifest, tmp / "manifest.json")
     logger.info(
         "prepared %d training samples (%s), %d held-out harmful prompts (%s)",
@@ -489,10 +500,8 @@ def evaluate_stage(p: PipelineParams) -> dict[str, Any]:
 def _data_record(p: PipelineParams, results: dict[str, Any]) -> dict[str, Any]:
     """What the evaluation was measured on: the prepare stage's manifest entries and, per suite, the file
     the suite actually read (a suite falls back to the shipped set when the public one is absent)."""
-    manifest_file = p.stage_dir("data") / "manifest.json"
-    manifest = json.loads(manifest_file.read_text()) if manifest_file.is_file() else {}
     sources = {name: s.get("source") for name, s in results.get("suites", {}).items() if isinstance(s, dict)}
-    return {"inputs": manifest.get("inputs", []), "suite_sources": sources}
+    return {"inputs": inputs.manifest_inputs(p.stage_dir("data")), "suite_sources": sources}
 
 
 @dataclass(frozen=True)
