@@ -63,3 +63,26 @@ def stage_workspace(root, finetune=None, stages=("prepare", "align", "estimate")
         for stage in stages:
             run_stage(stage, p)
     return root, params
+
+
+def tree_state(*roots) -> dict[str, tuple]:
+    """Everything under ``roots`` (hidden files and empty folders included) as ``{path: (kind, mode, sha256)}``:
+    the hostile-input tests assert that a refused command leaves this unchanged."""
+    import hashlib
+    import stat
+    from pathlib import Path
+
+    state: dict[str, tuple] = {}
+    for root in map(Path, roots):
+        if not root.exists() and not root.is_symlink():
+            state[str(root)] = ("absent",)
+            continue
+        for p in [root, *sorted(root.rglob("*"))] if root.is_dir() else [root]:
+            st = p.lstat()
+            if stat.S_ISLNK(st.st_mode):
+                state[str(p)] = ("link", str(p.readlink()))
+            elif stat.S_ISREG(st.st_mode):
+                state[str(p)] = ("file", st.st_mode, hashlib.sha256(p.read_bytes()).hexdigest())
+            else:
+                state[str(p)] = ("other", st.st_mode)
+    return state

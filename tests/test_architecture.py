@@ -16,6 +16,7 @@ PKG = ROOT / "spf"
 # (docs/architecture.md shows the same table.)
 LAYERS: dict[str, int] = {
     "spf.io": 0,
+    "spf.loaders": 0,
     "spf.models": 0,
     "spf.core.modes": 0,
     "spf.generation": 0,

@@ -34,6 +34,8 @@ USER_ERROR_NAMES = frozenset(
         "JudgeError",
         "NotRefusedError",
         "BenchConfigError",
+        "ConfigFileError",
+        "OutputError",
     }
 )
 
