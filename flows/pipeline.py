@@ -67,6 +67,15 @@ def _data_table(inputs: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def _cell(value: Any, fmt: str = "{:.3f}") -> str:
+    """A metric as a report cell; a value the gate rejected as invalid (text, bool, None) shown as such, cut
+    short, rather than crashing the report of a rejection."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return fmt.format(value)
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
 def _report(
     params: dict[str, Any],
     metrics: dict[str, Any],
@@ -92,8 +101,8 @@ def _report(
     for label, key, thr in rows:
         if key in metrics:
             lo, hi, n = (metrics.get(f"{key}_{s}") for s in ("ci_low", "ci_high", "n"))
-            ci = f"[{lo:.3f}, {hi:.3f}]" if lo is not None else ""
-            lines.append(f"| {label} | {metrics[key]:.3f} | {ci} | {int(n or 0)} | {thr} |")
+            ci = f"[{_cell(lo)}, {_cell(hi)}]" if lo is not None else ""
+            lines.append(f"| {label} | {_cell(metrics[key])} | {ci} | {_cell(n, '{:.0f}')} | {thr} |")
     lines += _data_table(inputs or [])  # data/manifest.json: what the candidate was trained and judged on
     lines += ["", f"champion before: {decision.get('champion_version') or 'none'}"]
     if decision.get("reasons"):
@@ -187,7 +196,11 @@ def spf_pipeline(
         )
         # (an aborted fine-tuning never gets here: TrainingAborted fails the finetune step)
         metrics = {
-            k: v for k, v in results["evaluate"].items() if isinstance(v, int | float) and k != "seconds"
+            # everything the stage recorded except its bookkeeping: the gate validates each value (a text
+            # abort reason or a non-number must reach it, to be rejected there, not filtered out here)
+            k: v
+            for k, v in results["evaluate"].items()
+            if k not in ("seconds", "eval_dir")
         }
         version, decision, markdown = register_and_gate(params, run, metrics)
 

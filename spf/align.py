@@ -33,7 +33,7 @@ import torch
 
 from spf.data.locate import shipped_file
 from spf.data.samples import ChatSample, DataError, load_samples, save_samples
-from spf.io import atomic_dir, save_json
+from spf.io import atomic_dir, claim_output, save_json
 
 logger = logging.getLogger(__name__)
 
@@ -441,12 +441,18 @@ def _report(cfg: AlignConfig, data: _Inputs, splits: dict, gen_stats: dict, n_sf
 
 def align(cfg: AlignConfig) -> Path:
     """Run the alignment recipe (module docstring); return the merged model folder ``cfg.out``."""
-    from spf.models import load_model
-
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out = Path(cfg.out)
-    _prepare_out(out, cfg.overwrite)
+    inputs = {"--model": cfg.model, "--refusals": cfg.refusals, "--benign": cfg.benign}
+    with claim_output(out, inputs=inputs):  # never over an input; one writer while the recipe runs
+        _prepare_out(out, cfg.overwrite)
+        return _build(cfg, out)
+
+
+def _build(cfg: AlignConfig, out: Path) -> Path:
+    from spf.models import load_model
+
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
     data = _load_inputs(cfg)  # every input is checked before anything is created on disk

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,7 @@ from torch import nn
 
 from spf.core.subspace import SafetySubspace, SubspaceLoss, estimate_from_samples
 from spf.data.samples import ChatSample, save_samples
-from spf.io import atomic_dir, save_json
+from spf.io import atomic_dir, claim_output, save_json
 from spf.refusal import select_safety_samples
 
 logger = logging.getLogger(__name__)
@@ -73,6 +73,7 @@ def estimate_to_folder(
     modules: Sequence[str] | None = None,
     model_ref: str | None = None,
     metadata: dict[str, Any] | None = None,
+    inputs: Mapping[str, Any] | None = None,
 ) -> tuple[SafetySubspace, list[ChatSample], float]:
     """Select the safety sample(s) from ``candidates``, estimate the subspace, publish it to ``out``.
 
@@ -82,9 +83,37 @@ def estimate_to_folder(
     subspace's metadata before it is written. Returns the subspace, the samples it was estimated from
     (for ``loss="margin"`` the refusal/compliance pairs — what ``sample.jsonl`` holds) and the seconds the
     estimate took (selection, which generates text, is not counted: the paper's cost is the estimate).
+
+    ``out`` may not be (or hold, or lie inside) ``model_ref`` or any of ``inputs`` (``{flag: path}``, e.g.
+    the sample file), and is locked against a second writer while the estimate runs.
     """
     if rank < 1:
         raise ValueError(f"rank must be ≥ 1, got {rank}")
+    with claim_output(out, inputs={"--model": model_ref, **(inputs or {})}):
+        return _estimate_and_publish(
+            model, tokenizer, candidates, out, rank=rank, n=n, own_response=own_response, index=index,
+            loss=loss, max_length=max_length, max_new_tokens=max_new_tokens, modules=modules,
+            model_ref=model_ref, metadata=metadata,
+        )  # fmt: skip
+
+
+def _estimate_and_publish(
+    model: nn.Module,
+    tokenizer: Any,
+    candidates: list[ChatSample],
+    out: str | Path,
+    *,
+    rank: int,
+    n: int,
+    own_response: bool,
+    index: int | None,
+    loss: SubspaceLoss,
+    max_length: int,
+    max_new_tokens: int,
+    modules: Sequence[str] | None,
+    model_ref: str | None,
+    metadata: dict[str, Any] | None,
+) -> tuple[SafetySubspace, list[ChatSample], float]:
     samples = select_safety_samples(
         model,
         tokenizer,

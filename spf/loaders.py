@@ -84,7 +84,10 @@ def load_yaml_text(text: str, source: str = "<yaml>", *, allow_empty: bool = Fal
     """Parse one YAML document strictly. An empty document (nothing but comments/whitespace) is an error
     unless ``allow_empty`` (then ``None``)."""
     loader_cls = type("_Loader", (_StrictLoader,), {"source": source})
-    loader = loader_cls(text)
+    try:
+        loader = loader_cls(text)  # the reader rejects control characters here already
+    except yaml.YAMLError as exc:
+        raise ConfigFileError(f"{source}: not valid YAML ({str(exc).splitlines()[0][:80]})") from None
     try:
         node = loader.get_single_node()
         if node is None:
@@ -98,6 +101,12 @@ def load_yaml_text(text: str, source: str = "<yaml>", *, allow_empty: bool = Fal
         mark = getattr(exc, "problem_mark", None)
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise ConfigFileError(f"{_where(source, mark)}: not valid YAML ({problem})") from None
+    except RecursionError:
+        raise ConfigFileError(f"{source}: nested too deeply to be a config") from None
+    except ValueError as exc:  # ConfigFileError passes through; int() of a >4300-digit number is the other
+        if isinstance(exc, ConfigFileError):
+            raise
+        raise ConfigFileError(f"{source}: a value cannot be read ({str(exc)[:80]})") from None
     finally:
         loader.dispose()
     return data
@@ -115,6 +124,8 @@ def _read_config_text(path: Path) -> str:
     if size > MAX_CONFIG_BYTES:
         raise ConfigFileError(f"{path}: {size} bytes; a config file is at most {MAX_CONFIG_BYTES} bytes")
     raw = path.read_bytes()
+    if b"\x00" in raw:  # valid UTF-8, but never in a text config: UTF-16 without a byte-order mark
+        raise ConfigFileError(f"{path}: not UTF-8 text (NUL bytes: it looks like UTF-16; save it as UTF-8)")
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -150,6 +161,10 @@ def load_json_text(text: str, source: str = "<json>") -> Any:
         raise ConfigFileError(f"{source}: {exc}") from None
     except json.JSONDecodeError as exc:
         raise ConfigFileError(f"{source}:{exc.lineno}: not valid JSON ({exc.msg})") from None
+    except RecursionError:
+        raise ConfigFileError(f"{source}: nested too deeply to be a config") from None
+    except ValueError as exc:  # a >4300-digit integer
+        raise ConfigFileError(f"{source}: a value cannot be read ({str(exc)[:80]})") from None
 
 
 def load_config_file(path: str | Path) -> Any:

@@ -307,8 +307,10 @@ def _load_folder(
     if not (folder / "config.json").is_file():
         raise ModelLoadError(f"{folder} has no config.json: not a transformers model folder")
     _read_json_config(folder / "config.json")
+    _check_transformers_config(folder)
     use_safetensors = True
-    if not any(folder.glob("*.safetensors")):
+    weight_files = sorted(folder.glob("*.safetensors"))
+    if not weight_files:
         pickles = sorted({p.name for pattern in _PICKLE_PATTERNS for p in folder.glob(pattern)})
         if not pickles:
             raise ModelLoadError(f"{folder} has no *.safetensors weights")
@@ -316,29 +318,98 @@ def _load_folder(
             raise _pickle_refused(folder, pickles)
         logger.warning("%s: reading pickled weights %s (opted in with allow_pickle)", folder, pickles)
         use_safetensors = False
+    # a truncated or empty file must fail here, naming it, not deep inside from_pretrained
+    where = {key: path for path in weight_files for key in safetensors_shapes(path)}
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"could not load a tokenizer from {folder}: {exc}") from exc
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            folder, dtype=dtype, trust_remote_code=False, use_safetensors=use_safetensors
+        # ignore_mismatched_sizes + the loading report instead of transformers' own error: the report names
+        # the tensor, and a missing tensor (silently random-initialised otherwise) is refused the same way
+        model, info = AutoModelForCausalLM.from_pretrained(
+            folder,
+            dtype=dtype,
+            trust_remote_code=False,
+            use_safetensors=use_safetensors,
+            ignore_mismatched_sizes=True,
+            output_loading_info=True,
         )
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RuntimeError, TypeError, KeyError) as exc:
         raise ModelLoadError(f"could not load the model in {folder}: {exc}") from exc
+    _check_loading_info(folder, info, where)
     return model, tokenizer
+
+
+def _check_transformers_config(folder: Path) -> None:
+    """``config.json`` as transformers reads it: a model type it knows and fields of the right types."""
+    from transformers import AutoConfig
+
+    rejected: tuple[type[BaseException], ...] = (ValueError, TypeError, KeyError, AttributeError, OSError)
+    with contextlib.suppress(ImportError):
+        from huggingface_hub.errors import StrictDataclassError  # transformers 5's typed configs
+
+        rejected = (*rejected, StrictDataclassError)
+    try:
+        AutoConfig.from_pretrained(folder, trust_remote_code=False)
+    except rejected as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(f"{folder / 'config.json'}: rejected by transformers ({first[:200]})") from exc
+
+
+def safetensors_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
+    """``{tensor: shape}`` from a safetensors file's header (no tensor data is read); ModelLoadError naming
+    the file when it is empty, truncated or not safetensors at all."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if path.stat().st_size == 0:
+        raise ModelLoadError(f"{path}: empty file (0 bytes), not safetensors weights")
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            return {key: tuple(fh.get_slice(key).get_shape()) for key in fh.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError, ValueError) as exc:
+        # "incomplete metadata, file not fully covered" is how safetensors reports a truncated file
+        raise ModelLoadError(f"{path}: not readable safetensors, truncated or corrupt ({exc})") from exc
+
+
+def _check_loading_info(folder: Path, info: dict[str, Any], where: dict[str, Path]) -> None:
+    mismatched = sorted(info.get("mismatched_keys") or [], key=lambda item: str(item))
+    if mismatched:
+        key, *shapes = mismatched[0] if isinstance(mismatched[0], tuple) else (mismatched[0],)
+        got, want = (list(shapes[0]), list(shapes[1])) if len(shapes) == 2 else ("?", "?")
+        raise ModelLoadError(
+            f"{where.get(key, folder)}: tensor '{key}' has shape {got}, config.json expects {want}"
+            + (f" ({len(mismatched)} tensors differ)" if len(mismatched) > 1 else "")
+        )
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:
+        files = sorted({str(path) for path in where.values()})
+        raise ModelLoadError(
+            f"{files[0] if len(files) == 1 else folder}: {len(missing)} weight(s) missing (they would be "
+            f"random), e.g. '{missing[0]}'"
+        )
+    if info.get("unexpected_keys"):
+        logger.warning("%s: tensors the model does not use: %s", folder, sorted(info["unexpected_keys"])[:3])
 
 
 def check_adapter_folder(folder: str | Path, allow_pickle: bool | None = None) -> dict[str, Any]:
     """The parsed ``adapter_config.json`` of a peft adapter folder; ModelLoadError naming what is wrong
-    (no folder, no or invalid adapter_config.json, no weights, pickled weights only). No model is loaded."""
+    (no folder, no or invalid adapter_config.json, no weights, pickled weights only, an empty or truncated
+    ``adapter_model.safetensors``). No model is loaded."""
     folder = Path(folder)
     if not folder.is_dir():
         raise ModelLoadError(f"adapter folder {folder} does not exist")
     if not (folder / "adapter_config.json").is_file():
         raise ModelLoadError(f"adapter folder {folder} has no adapter_config.json (not a peft adapter)")
     config = _read_json_config(folder / "adapter_config.json")
-    if not (folder / "adapter_model.safetensors").is_file():
+    peft_type = config.get("peft_type")
+    if not isinstance(peft_type, str) or not peft_type:
+        raise ModelLoadError(f"{folder / 'adapter_config.json'}: field 'peft_type' missing or not a string")
+    weights = folder / "adapter_model.safetensors"
+    if weights.is_file():
+        safetensors_shapes(weights)
+    else:
         pickles = sorted({p.name for pattern in _PICKLE_PATTERNS for p in folder.glob(pattern)})
         if not pickles:
             raise ModelLoadError(f"adapter folder {folder} has no adapter_model.safetensors")
@@ -352,18 +423,35 @@ def load_adapter(
     model: nn.Module, folder: str | Path, *, is_trainable: bool = False, allow_pickle: bool | None = None
 ) -> nn.Module:
     """``model`` with the peft adapter in ``folder`` on top: the one place spf loads adapters, after
-    :func:`check_adapter_folder` (safetensors unless ``allow_pickle``)."""
-    from peft import PeftModel
+    :func:`check_adapter_folder` (safetensors unless ``allow_pickle``). A config peft rejects, a tensor of the
+    wrong shape or one the adapter lacks (peft would leave it at its initial value) is a ModelLoadError."""
+    from peft import PeftModel, get_peft_model_state_dict
 
     check_adapter_folder(folder, allow_pickle)
-    return PeftModel.from_pretrained(model, str(folder), is_trainable=is_trainable)
+    try:
+        peft_model = PeftModel.from_pretrained(model, str(folder), is_trainable=is_trainable)
+    except (ValueError, TypeError, KeyError, RuntimeError, AttributeError) as exc:
+        first = str(exc).strip().splitlines()
+        detail = " ".join(first[:2])[:300] if first else type(exc).__name__
+        raise ModelLoadError(f"could not load the adapter in {folder} onto the base model: {detail}") from exc
+    weights = Path(folder) / "adapter_model.safetensors"
+    if weights.is_file():
+        saved = safetensors_shapes(weights)
+        missing = sorted(set(get_peft_model_state_dict(peft_model)) - set(saved))
+        if missing:
+            raise ModelLoadError(
+                f"{weights}: {len(missing)} adapter tensor(s) missing (they would keep their initial "
+                f"value), e.g. '{missing[0]}'"
+            )
+    return peft_model
 
 
 def _load_adapter(
-    folder: Path, dtype: torch.dtype, cache_dir: str | Path | None, allow_pickle: bool | None = None
+    folder: Path, dtype: torch.dtype, cache_dir: str | Path | None, allow_pickle=None, base_ref=None
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    adapter_config = check_adapter_folder(folder, allow_pickle)
-    base_ref = adapter_config.get("base_model_name_or_path")
+    """The base (``base_ref``, else the one adapter_config.json names) with the adapter in ``folder``."""
+    adapter_config = check_adapter_folder(folder, allow_pickle)  # fails before the base is loaded
+    base_ref = base_ref or adapter_config.get("base_model_name_or_path")
     if not base_ref:
         raise ModelLoadError(f"{folder}/adapter_config.json names no base_model_name_or_path")
     base, tokenizer = load_model(base_ref, dtype=dtype, cache_dir=cache_dir, allow_pickle=allow_pickle)
@@ -371,6 +459,56 @@ def _load_adapter(
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
     model = load_adapter(base, folder, allow_pickle=allow_pickle)
     return model, tokenizer  # type: ignore[return-value]
+
+
+def load_finetuned(
+    base: str,
+    output: str | Path,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device | None = None,
+    cache_dir: str | Path | None = None,
+    allow_pickle: bool | None = None,
+) -> tuple[nn.Module, PreTrainedTokenizerBase]:
+    """``(model, tokenizer)`` of "base + fine-tune output", in eval mode, whatever ``spf train`` wrote:
+
+    * a peft LoRA adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``, ``--finetune lora``):
+      ``base`` (any :func:`load_model` reference) with the adapter on top, through :func:`load_adapter`;
+    * a full fine-tune folder (``config.json`` + ``*.safetensors`` + tokenizer, ``--finetune full``): the
+      saved model itself — ``base`` is not loaded (the weights are all there), only compared with the
+      ``model`` its ``train_config.json`` records (a warning when they differ).
+
+    Both go through the same checks as :func:`load_model` (safetensors only, headers, shapes, configs);
+    anything else is a ModelLoadError naming ``output``.
+    """
+    folder = Path(output).expanduser()
+    if not folder.is_dir():
+        raise ModelLoadError(f"fine-tune output {folder} does not exist (or is not a directory)")
+    if (folder / "adapter_config.json").is_file():
+        model, tokenizer = _load_adapter(folder, dtype, cache_dir, allow_pickle, base_ref=str(base))
+    elif (folder / "config.json").is_file():
+        model, tokenizer = _load_folder(folder, dtype, allow_pickle)
+        trained_on = _trained_on(folder)
+        if trained_on is not None and trained_on != str(base):
+            logger.warning("%s: fine-tuned from %s, not %s (its weights are used)", folder, trained_on, base)
+    else:
+        raise ModelLoadError(
+            f"{folder} is neither a LoRA adapter folder (adapter_config.json + adapter_model.safetensors) "
+            "nor a full fine-tune folder (config.json + *.safetensors)"
+        )
+    _ensure_pad_token(model, tokenizer)
+    if device is not None:
+        model = model.to(device)
+    model.eval()
+    return model, tokenizer
+
+
+def _trained_on(folder: Path) -> str | None:
+    path = folder / "train_config.json"
+    if not path.is_file():
+        return None
+    value = _read_json_config(path).get("model")
+    return value if isinstance(value, str) else None
 
 
 def _load_hub(ref: str, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:

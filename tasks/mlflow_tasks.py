@@ -20,7 +20,7 @@ from typing import Any
 from prefect import task
 from prefect.transactions import Transaction
 
-from spf.pipeline.gate import GateThresholds
+from spf.pipeline.gate import GateThresholds, is_abort_key
 from spf.pipeline.inputs import manifest_inputs
 from spf.pipeline.stages import STAGE_TABLE, STAGES
 from tasks import registry, tracking
@@ -89,6 +89,7 @@ def track_run_task(
         metrics.update({k: float(v) for k, v in results["evaluate"].items() if isinstance(v, int | float)})
         with step("log metrics"):
             tracking.log_metrics(client, run_id, metrics)
+            tracking.set_tags(client, run_id, abort_tags(results))
         with step("log telemetry and upload its artifacts"):
             tracking.log_telemetry(client, run_id, folder["finetune"] / "metrics.json")
         with step("record the data manifest"):
@@ -115,6 +116,18 @@ def track_run_task(
             logger.warning("could not mark MLflow run %s FAILED: %s", run_id, str(exc).splitlines()[0][:200])
         raise
     return {"run_id": run_id, "model_uri": model_uri, "metrics": metrics, "run_url": url}
+
+
+def abort_tags(results: dict[str, dict[str, Any]]) -> dict[str, str]:
+    """Abort entries (``aborted``, ``abort_reason``) of any stage that are not numbers, as run tags
+    ``metric.<stage>/<key>``: an MLflow metric must be a number, and a text reason dropped from the run
+    would leave no record of why the run stopped."""
+    return {
+        f"{registry.METRIC_TAG_PREFIX}{stage}/{k}": registry.metric_tag_value(v)
+        for stage, out in results.items()
+        for k, v in (out or {}).items()
+        if is_abort_key(k) and not (isinstance(v, int | float) and not isinstance(v, bool))
+    }
 
 
 def _log_stage_artifacts(client: Any, run_id: str, folder: dict[str, Path]) -> None:

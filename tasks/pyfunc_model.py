@@ -1,4 +1,4 @@
-"""MLflow pyfunc wrapper for a LoRA adapter on an spf base model.
+"""MLflow pyfunc wrapper for a fine-tune output (LoRA adapter or full weights) on an spf base model.
 
 This class lives in an importable module (not in a test or a flow file) because MLflow pickles the
 ``python_model`` instance by reference: loading ``models:/NAME@champion`` re-imports
@@ -13,7 +13,6 @@ the evaluation harness uses, so served answers match evaluated answers.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Any
 
 import mlflow.pyfunc
@@ -54,28 +53,22 @@ def prompts_from_input(model_input: Any) -> list[str]:
 
 
 class SPFAdapterModel(mlflow.pyfunc.PythonModel):
-    """Greedy chat generation from ``base model + LoRA adapter``; ``predict`` returns one string per prompt."""
+    """Greedy chat generation from ``base model + fine-tune output`` (a LoRA adapter, or a full fine-tune's
+    weights); ``predict`` returns one string per prompt."""
 
     def load_context(self, context: Any) -> None:
         # Imported here so that importing this module (e.g. to log a model) does not load torch/peft.
-        from transformers import AutoTokenizer
-
-        import spf
-        from spf.models import load_adapter
+        from spf.models import load_finetuned
 
         config = dict(context.model_config or {})
         base_ref = context.artifacts.get("base") or config.get("base_model")
         if not base_ref:
             raise ValueError("model has neither a 'base' artifact nor model_config['base_model']")
-        adapter_dir = context.artifacts["adapter"]
-        logger.info("loading base %s with adapter %s", base_ref, adapter_dir)
-        base, tokenizer = spf.load_model(str(base_ref))
-        # An adapter saved with its tokenizer (e.g. after adding tokens) wins over the base's.
-        if (Path(adapter_dir) / "tokenizer_config.json").is_file():
-            tokenizer = AutoTokenizer.from_pretrained(adapter_dir, trust_remote_code=False)
-        self.model = load_adapter(base, adapter_dir)  # safetensors only, like every spf load
-        self.model.eval()
-        self.tokenizer = tokenizer
+        output_dir = context.artifacts["adapter"]
+        logger.info("loading base %s with fine-tune output %s", base_ref, output_dir)
+        # One loader for every consumer (evaluate stage, benchmark, this model): a LoRA adapter on the base,
+        # or a full fine-tune's own weights; safetensors only, headers and shapes checked.
+        self.model, self.tokenizer = load_finetuned(str(base_ref), output_dir)
         self.max_new_tokens = int(config.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS))
         self.batch_size = int(config.get("batch_size", DEFAULT_BATCH_SIZE))
 

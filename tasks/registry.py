@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
-import math
+import numbers
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -46,6 +46,7 @@ MAX_CAS_ATTEMPTS = 3
 REGISTRATION_KEY_TAG = "spf.registration_key"
 # Model-version tag values are capped server-side; the full decision is in the report file anyway.
 _MAX_TAG_VALUE = MAX_PARAM_VALUE_LENGTH - 1000
+_MAX_METRIC_TEXT = 1000  # a text metric (an abort reason) is cut to this many characters on the version
 
 
 def _ensure_registered_model(client: MlflowClient, name: str) -> None:
@@ -70,14 +71,35 @@ def _source_for(client: MlflowClient, model_uri: str) -> str:
     return f"{root}/{artifact_path}" if artifact_path else root
 
 
-def _metric_tag_value(value: Any) -> str | None:
-    if isinstance(value, bool):
+def metric_tag_value(value: Any) -> str:
+    """A metric as a model-version tag value that reads back as what was recorded (:func:`_tag_metric`).
+
+    A real number is its full-precision ``repr`` (``0.24``; "nan"/"inf" stay visible and fail the gate), the
+    form every version registered so far carries. Anything else - a text ``abort_reason``, a bool, None, a
+    mapping - is JSON (``"non-finite loss"`` with its quotes, ``true``), so it is neither dropped nor mistaken
+    for a number: the gate sees the recorded type and judges it (an aborted run stays aborted; a bool or
+    numeric-text rate is rejected as invalid evidence).
+    """
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
         return repr(float(value))
+    if isinstance(value, str) and len(value) > _MAX_METRIC_TEXT:
+        value = value[: _MAX_METRIC_TEXT - 1] + "…"  # a reason is kept readable; its head is what matters
+    text = json.dumps(value, default=str, ensure_ascii=False)
+    # A mapping too long for a tag is cut: no longer JSON, it reads back as text, which the gate rejects
+    # as a rate and counts as aborted as an abort entry (fail-closed either way).
+    return text[:_MAX_TAG_VALUE]
+
+
+def _tag_metric(text: str) -> Any:
+    """A ``metric.*`` tag value back as the value registered: a number, else the JSON value, else the text."""
     try:
-        x = float(value)
+        return float(text)  # the number form, and every tag written before non-numbers were kept
     except (TypeError, ValueError):
-        return None
-    return repr(x)  # full precision; "nan"/"inf" stay visible and fail the gate
+        pass
+    try:
+        return json.loads(text)
+    except (TypeError, ValueError):
+        return text  # set by hand or cut: the gate judges it as text (never a number, never "not aborted")
 
 
 def register_candidate(
@@ -92,8 +114,9 @@ def register_candidate(
 ) -> str:
     """Register ``model_uri`` as a new version of ``name``, tag it with its metrics, alias it ``challenger``.
 
-    Returns the version as a string. Non-numeric metrics are skipped (with a warning); the gate then
-    treats a required one as missing evidence.
+    Returns the version as a string. Every metric is recorded as a ``metric.<key>`` tag, numeric or not
+    (:func:`metric_tag_value`): a text ``abort_reason`` or a bool must reach the gate as it was recorded,
+    where it fails closed; dropping it would let an aborted run be promoted.
 
     ``idempotency_key`` (the pipeline passes its MLflow run id and model URI) makes a retry safe: when a
     version carrying the same key exists — a previous attempt created it and then lost the server before
@@ -107,12 +130,8 @@ def register_candidate(
             logger.info("%s version %s already registered by an earlier attempt: reused", name, existing)
             return existing
     version_tags: dict[str, str] = {k: str(v)[:_MAX_TAG_VALUE] for k, v in redact(dict(tags or {})).items()}
-    for key, value in metrics.items():
-        text = _metric_tag_value(value)
-        if text is None:
-            logger.warning("metric %s=%r is not numeric: not recorded on the version", key, value)
-            continue
-        version_tags[f"{METRIC_TAG_PREFIX}{key}"] = text
+    for key, value in redact(dict(metrics)).items():
+        version_tags[f"{METRIC_TAG_PREFIX}{key}"] = metric_tag_value(value)
     if idempotency_key is not None:
         version_tags[REGISTRATION_KEY_TAG] = idempotency_key
     mv = client.create_model_version(
@@ -132,15 +151,14 @@ def _version_with_key(client: MlflowClient, name: str, key: str) -> str | None:
     return str(min(versions)) if versions else None
 
 
-def _metrics_from_tags(tags: Mapping[str, str]) -> dict[str, float]:
-    out: dict[str, float] = {}
-    for key, value in tags.items():
-        if key.startswith(METRIC_TAG_PREFIX):
-            try:
-                out[key[len(METRIC_TAG_PREFIX) :]] = float(value)
-            except (TypeError, ValueError):
-                out[key[len(METRIC_TAG_PREFIX) :]] = math.nan  # unreadable evidence: the gate fails it
-    return out
+def _metrics_from_tags(tags: Mapping[str, str]) -> dict[str, Any]:
+    """The ``metric.*`` tags as the values registered (numbers, texts, bools ...), unvalidated: judging
+    them is the gate's job (:func:`spf.pipeline.gate.decide`), for the candidate and the champion alike."""
+    return {
+        k[len(METRIC_TAG_PREFIX) :]: _tag_metric(v)
+        for k, v in tags.items()
+        if k.startswith(METRIC_TAG_PREFIX)
+    }
 
 
 def _alias_version(client: MlflowClient, name: str, alias: str) -> str | None:
@@ -155,12 +173,12 @@ def _alias_version(client: MlflowClient, name: str, alias: str) -> str | None:
     return None if version is None else str(version)
 
 
-def version_metrics(client: MlflowClient, name: str, version: str) -> dict[str, float]:
-    """The ``metric.*`` tags of one model version, as floats."""
+def version_metrics(client: MlflowClient, name: str, version: str) -> dict[str, Any]:
+    """The ``metric.*`` tags of one model version, as the values registered (:func:`_metrics_from_tags`)."""
     return _metrics_from_tags(client.get_model_version(name, str(version)).tags or {})
 
 
-def champion_version(client: MlflowClient, name: str) -> tuple[str | None, dict[str, float]]:
+def champion_version(client: MlflowClient, name: str) -> tuple[str | None, dict[str, Any]]:
     """``(version, metrics)`` of the version aliased ``champion``; ``(None, {})`` when there is none."""
     version = _alias_version(client, name, CHAMPION)
     if version is None:

@@ -40,7 +40,9 @@ def random_subspace(shapes: dict[str, tuple[int, int]], rank: int, seed: int = 0
     return SafetySubspace(bases, energy, spectra, rank, {"model_ref": "random"})
 
 
-def stage_workspace(root, finetune=None, stages=("prepare", "align", "estimate"), estimate=None):
+def stage_workspace(
+    root, finetune=None, stages=("prepare", "align", "estimate"), estimate=None, evaluate=None
+):
     """A pipeline workspace under ``root`` on the tiny model (``spf.pipeline.params.smoke_params``, 1 thread, with
     ``finetune`` / ``estimate`` overrides): ``params.yaml`` written and ``stages`` run in-process. Returns (root, params)."""
     import contextlib
@@ -56,6 +58,7 @@ def stage_workspace(root, finetune=None, stages=("prepare", "align", "estimate")
     params = smoke_params()
     params["finetune"].update(finetune or {})
     params["estimate"].update(estimate or {})
+    params["evaluate"].update(evaluate or {})
     params["runtime"] = {"threads": 1}
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     with contextlib.chdir(root):

@@ -14,13 +14,20 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
 from spf.core.subspace import SubspaceLoss
 from spf.data.locate import SHIPPED_PREFIX, shipped_file
 from spf.data.scenarios import ScenarioKind
 from spf.eval.vocab import SUITES as EVAL_SUITES
-from spf.training.config import BASELINE_METHODS, TrainConfig
+from spf.loaders import ConfigFileError, load_yaml_file
+from spf.training.config import (
+    BASELINE_METHODS,
+    SETTINGS_USED_BY,
+    TrainConfig,
+    check_device,
+    check_threads,
+    shown,
+    uses,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -163,11 +170,11 @@ class Cell:
 
 def _typed(cls, raw: Any, where: str):
     if not isinstance(raw, dict):
-        raise BenchConfigError(f"{where}: expected a mapping, got {type(raw).__name__}")
+        raise BenchConfigError(f"{where}: expected a mapping, got {shown(raw)}")
     known = {f.name for f in fields(cls)}
-    unknown = sorted(set(raw) - known)
+    unknown = sorted(str(k)[:40] for k in set(raw) - known)
     if unknown:
-        raise BenchConfigError(f"{where}: unknown key(s) {', '.join(unknown)}")
+        raise BenchConfigError(f"{where}: unknown key(s) {', '.join(unknown[:5])}")
     try:
         return cls(**raw)
     except TypeError as exc:
@@ -177,12 +184,14 @@ def _typed(cls, raw: Any, where: str):
 def load_bench_config(path: str | Path) -> BenchConfig:
     """Read and check a benchmark YAML; every error names the file and the key."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise BenchConfigError(f"{path}: benchmark file not found")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise BenchConfigError(f"{path}: not valid YAML: {exc}") from None
+    try:  # strict: no aliases (expansion bombs), duplicate keys, empty file, folder, > 1 MiB
+        raw = load_yaml_file(path)
+    except ConfigFileError as exc:
+        raise BenchConfigError(str(exc)) from None
+    except (ValueError, RecursionError) as exc:  # PyYAML's own limits (a 5000-digit int, deep nesting)
+        raise BenchConfigError(f"{path}: not a usable benchmark file ({type(exc).__name__})") from None
     if not isinstance(raw, dict):
         raise BenchConfigError(f"{path}: expected a mapping at the top level")
     raw = dict(raw)
@@ -207,7 +216,7 @@ def _check(cfg: BenchConfig) -> None:
     for i, s in enumerate(cfg.eval.suites):
         if s not in SUITES:
             raise BenchConfigError(
-                f"{where}: eval.suites[{i}]: unknown suite {s!r}; known: {', '.join(SUITES)}"
+                f"{where}: eval.suites[{i}]: unknown suite {shown(s)}; known: {', '.join(SUITES)}"
             )
     for name, spec in cfg.scenarios.items():
         if not 0.0 <= spec.p <= 1.0:
@@ -217,18 +226,25 @@ def _check(cfg: BenchConfig) -> None:
     for key in ("methods", "scenarios"):
         for i, name in enumerate(cfg.matrix.get(key, [])):
             if name not in getattr(cfg, key):
-                raise BenchConfigError(f"{where}: matrix.{key}[{i}]: {name!r} is not defined under {key}")
+                raise BenchConfigError(
+                    f"{where}: matrix.{key}[{i}]: {shown(name)} is not defined under {key}"
+                )
     for i, a in enumerate(cfg.ablations):
         method, _, scenario = a.base.partition("@")
         if method not in cfg.methods or scenario not in cfg.scenarios:
             raise BenchConfigError(
-                f"{where}: ablations[{i}].base: {a.base!r} is not METHOD@SCENARIO of this file"
+                f"{where}: ablations[{i}].base: {shown(a.base)} is not METHOD@SCENARIO of this file"
             )
         unknown = sorted(set(a.subspace) - {f.name for f in fields(SubspaceSpec)})
         if unknown:
             raise BenchConfigError(f"{where}: ablations[{i}].subspace: unknown key(s) {', '.join(unknown)}")
-    if cfg.lanes < 1 or cfg.threads < 1:
-        raise BenchConfigError(f"{where}: lanes and threads must be ≥ 1")
+    if isinstance(cfg.lanes, bool) or not isinstance(cfg.lanes, int) or cfg.lanes < 1:
+        raise BenchConfigError(f"{where}: lanes: must be an integer ≥ 1, got {shown(cfg.lanes)}")
+    try:  # TrainConfig's own checks of the two runtime knobs every cell hands on
+        check_threads("threads", cfg.threads)
+        check_device("device", cfg.device)
+    except ValueError as exc:
+        raise BenchConfigError(f"{where}: {exc}") from None
     # every cell's training config must build: a typo in a method surfaces now, not an hour in
     for cell in cells(cfg):
         if cell.kind == "train":
@@ -336,12 +352,35 @@ def scenario_steps(cfg: BenchConfig, scenario: str, base_steps: int) -> int:
     return spec.steps or max(1, round(base_steps * spec.steps_multiplier))
 
 
+def _has(d: dict[str, Any], key: str) -> bool:
+    *sections, name = key.split(".")
+    for part in sections:
+        d = d.get(part) if isinstance(d.get(part), dict) else {}  # type: ignore[assignment]
+    return name in d
+
+
+def _drop_unused_shared(d: dict[str, Any], shared: dict[str, Any], own: dict[str, Any]) -> dict[str, Any]:
+    """The shared ``train`` section is every cell's base, so it may hold settings one cell's method or mode
+    does not read (LoRA's rank under a full fine-tuning ablation): those are dropped for that cell. A cell's
+    own (method or ablation) setting that its run would ignore stays, and TrainConfig refuses it."""
+    for _, _, keys, _ in SETTINGS_USED_BY:
+        for key in keys:
+            if _has(shared, key) and not _has(own, key) and not uses(d, key):
+                *sections, name = key.split(".")
+                node = d
+                for part in sections:
+                    node[part] = dict(node[part])  # a copy: never edit the shared section itself
+                    node = node[part]
+                del node[name]
+    return d
+
+
 def train_config(cfg: BenchConfig, cell: Cell, folder: Path) -> TrainConfig:
     """The :class:`TrainConfig` of a training cell whose outputs go under ``folder``: the shared ``train``
     section, the method's (and ablation's) overrides, then the benchmark's own paths, seed and device."""
     if cell.method is None or cell.scenario is None or cell.subspace is None:
         raise ValueError(f"cell {cell.id} is not a training cell")
-    d = _merge(cfg.train, cell.train)
+    d = _drop_unused_shared(_merge(cfg.train, cell.train), cfg.train, cell.train)
     d.setdefault("steps", 30)
     d["steps"] = scenario_steps(cfg, cell.scenario, int(d["steps"]))
     d.update(
@@ -356,7 +395,8 @@ def train_config(cfg: BenchConfig, cell: Cell, folder: Path) -> TrainConfig:
     spf = dict(d.get("spf") or {})
     # vanilla and the baselines track the refusal loss on the same sample, for comparison
     spf["subspace"] = str(subspace_dir(cfg, cell.subspace))
-    spf.setdefault("rank", cell.subspace.rank)
+    if uses(d, "spf.rank"):  # only SPF projects; a rank handed to another method is an error
+        spf.setdefault("rank", cell.subspace.rank)
     d["spf"] = spf
     if d.get("method") in BASELINE_METHODS:
         d["baselines"] = {"safety_data": repo_path(cfg.safety_demos), **(d.get("baselines") or {})}

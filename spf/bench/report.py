@@ -304,7 +304,7 @@ def _plots(cfg: BenchConfig, data: dict[str, Any], folder: Path) -> dict[str, st
         ax.set_xlabel("utility (SST-2 accuracy)")
         ax.set_ylabel("harmful rate")
         ax.set_title("safety vs utility")
-        with atomic_path(folder / "safety_vs_utility.png") as tmp:
+        with atomic_path(folder / "safety_vs_utility.png", tracked_ok=True) as tmp:
             fig.savefig(tmp, dpi=120, format="png")
         plt.close(fig)
         out["safety vs utility"] = f"{rel}/safety_vs_utility.png"
@@ -320,7 +320,7 @@ def _plots(cfg: BenchConfig, data: dict[str, Any], folder: Path) -> dict[str, st
         ax.set_ylabel("held-out refusal loss")
         ax.set_title("safety loss over steps")
         ax.legend(fontsize=5)
-        with atomic_path(folder / "safety_loss.png") as tmp:
+        with atomic_path(folder / "safety_loss.png", tracked_ok=True) as tmp:
             fig.savefig(tmp, dpi=120, format="png")
         plt.close(fig)
         out["safety loss over steps"] = f"{rel}/safety_loss.png"
@@ -337,8 +337,8 @@ def write_report(cfg: BenchConfig) -> Path:
     """``bench.json`` and the plots in :func:`report_folder`, then the markdown at ``cfg.report``."""
     data = collect(cfg)
     folder = report_folder(cfg)
-    save_json(data, folder / "bench.json")
+    save_json(data, folder / "bench.json", tracked_ok=True)  # reports are committed on purpose
     text = render_report(cfg, data, _plots(cfg, data, folder))
-    with atomic_path(cfg.report) as tmp:
+    with atomic_path(cfg.report, tracked_ok=True) as tmp:
         tmp.write_text(text, encoding="utf-8")
     return Path(cfg.report)

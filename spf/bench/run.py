@@ -47,7 +47,7 @@ from spf.bench.config import (
     train_config,
 )
 from spf.bench.report import acceptance_lines, collect, render_report, report_folder, write_report
-from spf.io import atomic_path, save_json
+from spf.io import atomic_path, claim_output, output_lock, save_json
 
 logger = logging.getLogger(__name__)
 
@@ -193,7 +193,7 @@ def _train_cell(
     cfg: BenchConfig, cell: Cell, folder: Path, record: dict[str, Any]
 ) -> tuple[str, Path | None]:
     """Fine-tune a training cell (unless its adapter is already complete) and record its training summary;
-    returns what to evaluate: (model, adapter) — a full fine-tune is a whole model and has no adapter."""
+    returns what to evaluate: (base model, fine-tune output folder)."""
     import torch
 
     from spf.training.loop import train
@@ -214,9 +214,7 @@ def _train_cell(
         {k: e[k] for k in ("step", "safety_loss_sample", "safety_loss_heldout", "task_loss") if k in e}
         for e in metrics["evals"]
     ]
-    if tcfg.finetune == "full":
-        # full fine-tuning writes a whole model (safetensors + tokenizer), not a peft adapter
-        return str(adapter), None
+    # a LoRA adapter or a full fine-tune's whole model: run_eval loads either with spf.models.load_finetuned
     return cfg.aligned, adapter
 
 
@@ -240,6 +238,12 @@ def run_cell(cfg: BenchConfig, cell: Cell) -> dict[str, Any]:
 
     torch.set_num_threads(cfg.threads)
     folder = cell_dir(cfg, cell)
+    # one process per cell folder: a second `spf bench cell` of the same cell fails at once
+    with output_lock(folder, what=f"bench cell {cell.id}"):
+        return _run_cell(cfg, cell, folder)
+
+
+def _run_cell(cfg: BenchConfig, cell: Cell, folder: Path) -> dict[str, Any]:
     done = folder / "cell.json"
     if done.is_file():
         return json.loads(done.read_text())
@@ -274,6 +278,12 @@ def _run_child(cfg_path: str, cell: Cell, log_dir: Path) -> tuple[str, int]:
 def run_bench(cfg: BenchConfig, *, only: list[str] | None = None, lanes: int | None = None) -> dict[str, int]:
     """Prepare, then run the pending cells (each in its own process) in ``lanes`` parallel lanes."""
     todo = select_cells(cfg, only)
+    # the work folder is never the package, tracked source or the aligned model; one `bench run` at a time
+    with claim_output(cfg.work_dir, inputs={"aligned": cfg.aligned}, what="work"):
+        return _run_pending(cfg, todo, lanes)
+
+
+def _run_pending(cfg: BenchConfig, todo: list[Cell], lanes: int | None) -> dict[str, int]:
     manifest = prepare_data(cfg)
     for spec in {c.subspace.key(): c.subspace for c in todo if c.subspace is not None}.values():
         prepare_subspace(cfg, spec)

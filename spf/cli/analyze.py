@@ -11,6 +11,7 @@ import importlib.util
 import logging
 from pathlib import Path
 
+from spf.cli.args import count, finite_float, positive_int
 from spf.cli.errors import UsageError
 
 logger = logging.getLogger(__name__)
@@ -31,16 +32,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--utility-file", action="append", default=[], metavar="NAME=PATH", help="utility task from a file"
     )
-    p.add_argument("--n-utility", type=int, default=100, help="utility samples per task for the cosines")
-    p.add_argument("--match-pool", type=int, default=1000, help="candidates per task for token matching")
+    p.add_argument(
+        "--n-utility", type=positive_int, default=100, help="utility samples per task for the cosines"
+    )
+    p.add_argument(
+        "--match-pool", type=positive_int, default=1000, help="candidates per task for token matching"
+    )
     p.add_argument("--batch-sizes", default="1,4,16,64", help="safety batch sizes (overlap and batch CER)")
-    p.add_argument("--max-k", type=int, default=50, help="CER(k) for k = 1..max-k")
-    p.add_argument("--rank", type=int, default=8, help="k of the overlap φ@k")
-    p.add_argument("--n-singles", type=int, default=8, help="single safety samples compared")
+    p.add_argument("--max-k", type=positive_int, default=50, help="CER(k) for k = 1..max-k")
+    p.add_argument("--rank", type=positive_int, default=8, help="k of the overlap φ@k")
+    p.add_argument("--n-singles", type=positive_int, default=8, help="single safety samples compared")
     p.add_argument("--modules", nargs="*", default=None, help="module names or globs (default: all linears)")
-    p.add_argument("--layer-stride", type=int, default=1, help="keep every N-th decoder layer")
-    p.add_argument("--max-length", type=int, default=512)
-    p.add_argument("--tolerance", type=float, default=0.1, help="relative token-count tolerance of matching")
+    p.add_argument("--layer-stride", type=positive_int, default=1, help="keep every N-th decoder layer")
+    p.add_argument("--max-length", type=count(2), default=512)
+    p.add_argument(
+        "--tolerance", type=finite_float(0.0), default=0.1, help="relative token-count tolerance of matching"
+    )
     p.add_argument("--shared-data", default=None, help="public data folder (default: ../shared/data)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="output folder: analysis.json, PNGs, summary.md (required)")
@@ -50,9 +57,9 @@ def _int_list(text: str, flag: str) -> list[int]:
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise UsageError(f"{flag}: expected comma-separated integers, got {text!r}") from None
+        raise UsageError(f"{flag}: expected comma-separated integers, got {text[:60]!r}") from None
     if not values or min(values) < 1:
-        raise UsageError(f"{flag}: expected positive integers, got {text!r}")
+        raise UsageError(f"{flag}: expected positive integers, got {text[:60]!r}")
     return values
 
 
@@ -63,7 +70,7 @@ def _utility_files(specs: list[str]) -> dict[str, str]:
     for spec in specs:
         name, sep, path = spec.partition("=")
         if not sep or not name.strip() or not path.strip():
-            raise UsageError(f"--utility-file: expected NAME=PATH, got {spec!r}")
+            raise UsageError(f"--utility-file: expected NAME=PATH, got {spec[:80]!r}")
         if not Path(path).is_file():
             raise DataError(f"--utility-file {name}: {path}: file not found")
         files[name.strip()] = path.strip()
@@ -129,6 +136,10 @@ def run(args: argparse.Namespace) -> int:
         utility = load_utility(tasks, files=files, shared_data=args.shared_data, n=n_pool, seed=args.seed)
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
+    from spf.io import check_output
+
+    inputs = {"--model": args.model, "--safety": args.safety, "--utility-file": list(files.values())}
+    check_output(args.out, inputs=inputs)  # before the model load
     if args.threads:
         torch.set_num_threads(args.threads)
     model, tok = load_model(args.model, device=args.device)

@@ -13,13 +13,25 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import types
 import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["FieldFlag", "add_dataclass_arguments", "dataclass_flags", "nested_values", "typed_flags"]
+__all__ = [
+    "FieldFlag",
+    "add_dataclass_arguments",
+    "count",
+    "dataclass_flags",
+    "device",
+    "finite_float",
+    "nested_values",
+    "non_negative_int",
+    "positive_int",
+    "typed_flags",
+]
 
 # the namespace attribute where generated actions record {dest: option string typed}
 _TYPED = "_typed_flags"
@@ -68,6 +80,65 @@ def _optional(scalar: type) -> Any:
 
     parse.__name__ = scalar.__name__  # argparse names the type in "invalid int value: 'x'"
     return parse
+
+
+# ------------------------------------------------------------------- argparse types of the other commands
+# A count or size flag is checked when it is parsed, so `--n -5` is an error naming the flag (argparse:
+# "argument --n: must be an integer ≥ 1, got -5"), never a slice that keeps all but the last five rows.
+# (`spf train`'s flags are generated from TrainConfig and checked there: one path with --config and
+# params.yaml.)
+
+
+def count(low: int) -> Any:
+    """An argparse type: an integer ≥ ``low``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer ≥ {low}, got {text[:40]!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be an integer ≥ {low}, got {text[:40]}")
+        return value
+
+    parse.__name__ = "int"
+    return parse
+
+
+positive_int = count(1)
+non_negative_int = count(0)  # where 0 means "off"
+
+
+def finite_float(low: float | None = None, high: float | None = None) -> Any:
+    """An argparse type: a finite float in [``low``, ``high``] (either bound optional); NaN and inf never."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a number, got {text[:40]!r}") from None
+        lo, hi = "-inf" if low is None else low, "inf" if high is None else high
+        if (
+            not math.isfinite(value)
+            or (low is not None and value < low)
+            or (high is not None and value > high)
+        ):
+            raise argparse.ArgumentTypeError(f"must be a finite number in [{lo}, {hi}], got {text[:40]}")
+        return value
+
+    parse.__name__ = "float"
+    return parse
+
+
+def device(text: str) -> str:
+    """An argparse type: ``cpu``, ``cuda``, ``cuda:N`` or ``mps``, present on this machine (TrainConfig's check)."""
+    from spf.training.config import check_device
+
+    try:
+        check_device("device", text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc).partition(": ")[2]) from None
+    return text
 
 
 def _unwrap_optional(tp: Any) -> tuple[Any, bool]:

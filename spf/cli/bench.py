@@ -6,6 +6,8 @@ import argparse
 import logging
 import sys
 
+from spf.cli.args import positive_int
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["add_arguments", "run"]
@@ -17,7 +19,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     r = sub.add_parser("run", help="prepare and run every pending cell")
     r.add_argument("config", help="benchmark YAML (bench/*.yaml)")
     r.add_argument("--only", nargs="*", default=None, help="cell ids or prefixes (e.g. spf@ ablation:)")
-    r.add_argument("--lanes", type=int, default=None, help="parallel cell processes (default: the file's)")
+    r.add_argument(
+        "--lanes", type=positive_int, default=None, help="parallel cell processes (default: the file's)"
+    )
     r.add_argument("--report", action="store_true", help="write the report afterwards")
     c = sub.add_parser("cell", help="run one cell in this process (what `run` starts)")
     c.add_argument("config")
@@ -46,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     if args.bench_command == "cell":
         match = [c for c in cells(cfg) if c.id == args.cell]
         if not match:
-            print(f"spf: error: {cfg.source}: no cell {args.cell!r}", file=sys.stderr)
+            print(f"spf: error: {cfg.source}: no cell {args.cell[:80]!r}", file=sys.stderr)
             return 2
         run_cell(cfg, match[0])
         return 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from spf.cli.args import finite_float, non_negative_int, positive_int
 from spf.cli.errors import UsageError
 
 __all__ = ["FILE_KINDS", "add_arguments", "run"]
@@ -25,12 +26,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     d.add_argument("--src", nargs="+", help="harmful-compliance: CSV TARGETS_JSON; refusals: JSON; sst2: TSV")
     d.add_argument("--shared-data", default=None, help="public data folder (default: ../shared/data)")
-    d.add_argument("--n", type=int, default=None)
-    d.add_argument("--p", type=float, default=0.1, help="harmful fraction for harmful-mix")
+    d.add_argument("--n", type=positive_int, default=None, help="samples (default: all)")
+    d.add_argument("--p", type=finite_float(0.0, 1.0), default=0.1, help="harmful fraction for harmful-mix")
     d.add_argument("--base", choices=_BASES, default="sst2")
     d.add_argument("--split", choices=["train", "eval"], default="train")
-    d.add_argument("--epochs", type=int, default=1, help="repeat the set (deep fine-tuning)")
-    d.add_argument("--offset", type=int, default=0)
+    d.add_argument("--epochs", type=positive_int, default=1, help="repeat the set (deep fine-tuning)")
+    d.add_argument("--offset", type=non_negative_int, default=0)
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--out", required=True)
 
@@ -55,6 +56,7 @@ def run(args: argparse.Namespace) -> int:
     from spf.data import scenarios
     from spf.data.locate import require_shared_data
     from spf.data.samples import save_samples
+    from spf.io import check_output
 
     if args.epochs < 1:
         raise UsageError(f"--epochs must be ≥ 1, got {args.epochs}")
@@ -62,6 +64,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--n must be ≥ 1, got {args.n}")
     if not 0.0 <= args.p <= 1.0:
         raise UsageError(f"--p must be in [0, 1], got {args.p}")
+    check_output(args.out, inputs={"--src": args.src or []}, kind="file")
     if args.kind in FILE_KINDS or (args.kind == "sst2" and args.src):
         samples = _from_files(args)
     else:

@@ -9,6 +9,7 @@ import argparse
 from collections import defaultdict
 from typing import Any
 
+from spf.cli.args import count, non_negative_int, positive_int
 from spf.cli.errors import UsageError
 
 __all__ = ["add_arguments", "run", "summarise_cer"]
@@ -18,8 +19,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p = parser
     p.add_argument("--model", help="smollm2-135m-instruct | local folder | hub id | tiny-llama")
     p.add_argument("--sample", help="file of candidate samples (JSON/JSONL/CSV/TSV)")
-    p.add_argument("--index", type=int, default=None, help="record to use (default: first the model refuses)")
-    p.add_argument("--rank", type=int, help="k, singular directions kept per module")
+    p.add_argument(
+        "--index",
+        type=non_negative_int,
+        default=None,
+        help="record to use (default: first the model refuses)",
+    )
+    p.add_argument("--rank", type=positive_int, help="k, singular directions kept per module")
     p.add_argument("--out", help="output folder")
     p.add_argument(
         "--own-response",
@@ -27,7 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="ignore a response in the file and use the model's own answer (it must be a refusal)",
     )
     p.add_argument(
-        "--batch", type=int, default=1, help="estimate from the first N refused samples (comparison)"
+        "--batch", type=positive_int, default=1, help="estimate from the first N refused samples (comparison)"
     )
     p.add_argument(
         "--loss",
@@ -36,8 +42,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="ce: the refusal's cross-entropy (the paper); margin: CE(refusal) − CE(compliant opening)",
     )
     p.add_argument("--modules", nargs="*", default=None, help="module names (default: all decoder linears)")
-    p.add_argument("--max-length", type=int, default=512)
-    p.add_argument("--max-new-tokens", type=int, default=64, help="for generating the model's own answer")
+    p.add_argument("--max-length", type=count(2), default=512)
+    p.add_argument(
+        "--max-new-tokens", type=positive_int, default=64, help="for generating the model's own answer"
+    )
 
 
 def summarise_cer(sub: Any, ks: tuple[int, ...] = (1, 5, 10, 20)) -> str:
@@ -70,8 +78,11 @@ def run(args: argparse.Namespace) -> int:
 
     from spf.data.samples import load_samples
     from spf.estimate import estimate_to_folder
+    from spf.io import check_output
     from spf.models import load_model
 
+    inputs = {"--model": args.model, "--sample": args.sample}
+    check_output(args.out, inputs=inputs)  # before the model load: a refused --out costs nothing
     if args.threads:
         torch.set_num_threads(args.threads)
     candidates = load_samples(args.sample)
@@ -95,6 +106,7 @@ def run(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens,
         modules=args.modules,
         model_ref=args.model,
+        inputs=inputs,
     )
     # with loss="margin" `used` holds a (refusal, compliant opening) pair per selected sample
     n_selected = len(used) // 2 if args.loss == "margin" else len(used)

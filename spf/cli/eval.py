@@ -10,6 +10,7 @@ import argparse
 import logging
 from pathlib import Path
 
+from spf.cli.args import positive_int
 from spf.eval.vocab import DEFAULT_UTILITY_TASKS, SUITES, UTILITY_TASKS
 
 __all__ = ["add_arguments", "run"]
@@ -39,11 +40,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="keep only the --prompts records whose 'split' field is this (e.g. test)",
     )
-    parser.add_argument("--limit", type=int, default=None, help="prompts / rows per data set (seeded sample)")
+    parser.add_argument(
+        "--limit", type=positive_int, default=None, help="prompts / rows per data set (seeded sample)"
+    )
     parser.add_argument("--judge", choices=("keyword", "embedding", "llm"), default="keyword")
     parser.add_argument("--judge-model", default=None, help="guard model folder for --judge llm")
-    parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--max-new-tokens", type=positive_int, default=64)
+    parser.add_argument("--batch-size", type=positive_int, default=16)
     parser.add_argument("--seed", type=int, default=0, help="selects the --limit sample")
     parser.add_argument(
         "--shared-data", default=None, help="public data folder (default: $SPF_SHARED_DATA or ../shared/data)"

@@ -19,9 +19,11 @@ import argparse
 import importlib
 import logging
 import sys
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from spf.cli.args import device, positive_int
 from spf.cli.errors import report
 
 __all__ = ["COMMANDS", "Command", "build_parser", "main"]
@@ -89,10 +91,15 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     have = p._option_string_actions  # a module may define --threads/--device itself (train: from its config)
     if "--threads" not in have:
         p.add_argument(
-            "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)"
+            "--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)"
         )
     if "--device" not in have:
-        p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda when present)")
+        p.add_argument(
+            "--device",
+            type=device,
+            default=None,
+            help="cpu | cuda | cuda:N | mps (default: cuda when present)",
+        )
     if "--verbose" not in have:
         p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
@@ -111,6 +118,14 @@ def populate(name: str, parser: argparse.ArgumentParser) -> None:
         from spf.cli.stages import add_params_arguments
 
         add_params_arguments(parser, required=False)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser with its errors on one line, as every other spf error (no usage block; the
+    sub-parsers inherit it): ``spf data: error: argument --n: must be an integer ≥ 1, got -5``."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 class _LazySubParsers(argparse._SubParsersAction):
@@ -149,7 +164,7 @@ def version() -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``spf`` parser; each command's options are added when it is parsed (see :func:`populate`)."""
-    parser = argparse.ArgumentParser(prog="spf", description="Safety-preserving fine-tuning")
+    parser = _Parser(prog="spf", description="Safety-preserving fine-tuning")
     parser.add_argument("--version", action=_Version, help="print the version and exit")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", action=_LazySubParsers)
     for name, cmd in COMMANDS.items():

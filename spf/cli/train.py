@@ -18,7 +18,16 @@ from typing import Any
 from spf.cli.args import FieldFlag, add_dataclass_arguments, nested_values, typed_flags
 from spf.cli.errors import UsageError
 
-__all__ = ["ALIASES", "PREFIXES", "RENAME", "add_arguments", "run", "train_config", "train_flags"]
+__all__ = [
+    "ALIASES",
+    "PREFIXES",
+    "RENAME",
+    "add_arguments",
+    "load_config_file",
+    "run",
+    "train_config",
+    "train_flags",
+]
 
 # section → flag prefix. "" for spf and baselines: their flags predate the generator (scripts use them)
 # and their names are unambiguous without one.
@@ -56,31 +65,26 @@ def train_flags() -> list[FieldFlag]:
     return [f for f, _, _ in dataclass_flags(TrainConfig, prefixes=PREFIXES, rename=RENAME, aliases=ALIASES)]
 
 
-def _load_config_file(path: Path) -> dict[str, Any]:
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise UsageError(f"--config {path}: file not found") from None
-    try:
-        if path.suffix in (".yaml", ".yml"):
-            import yaml
+def load_config_file(path: Path) -> dict[str, Any]:
+    """A ``--config`` file (strict YAML or JSON: no duplicate keys, aliases, NaN, empty document; at most
+    1 MiB) as one mapping of TrainConfig fields; UsageError naming the file and line otherwise."""
+    from spf.loaders import ConfigFileError
+    from spf.loaders import load_config_file as read
 
-            loaded = yaml.safe_load(text)
-        else:
-            loaded = json.loads(text)
-    except ValueError as exc:  # json.JSONDecodeError
-        raise UsageError(f"--config {path}: not valid JSON ({exc})") from None
-    except Exception as exc:  # yaml.YAMLError (yaml is imported lazily, so no name to catch)
-        if type(exc).__module__.startswith("yaml"):
-            # one line, as every spf error: the mark's line and the parser's short complaint
-            mark = getattr(exc, "problem_mark", None)
-            where = f":{mark.line + 1}" if mark is not None else ""
-            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-            raise UsageError(f"--config {path}{where}: not valid YAML ({problem})") from None
-        raise
+    try:
+        loaded = read(path)
+    except ConfigFileError as exc:
+        raise UsageError(f"--config {exc}") from None
+    except (ValueError, RecursionError) as exc:  # the parsers' own limits (a 5000-digit int, deep nesting)
+        raise UsageError(f"--config {path}: not a usable config file ({type(exc).__name__})") from None
     if not isinstance(loaded, dict):
-        raise UsageError(f"{path}: expected a mapping of TrainConfig fields")
+        from spf.training.config import shown
+
+        raise UsageError(f"--config {path}: expected a mapping of TrainConfig fields, got {shown(loaded)}")
     return loaded
+
+
+_load_config_file = load_config_file  # the name before the strict loader
 
 
 def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
@@ -106,6 +110,12 @@ def _explain(exc: Exception, by_key: dict[str, str], config: Path | None) -> Usa
 
     # dotted keys only: a bare word such as "method" is ordinary prose in these messages
     rest = re.sub(r"(?<![\w.-])[a-z_]+\.[a-z_]+(?![\w.])", hint, rest)
+    # "ignored as finetune=full" → "ignored as --finetune full": the spelling of the command line
+    rest = re.sub(
+        r"(?<![\w.-])([a-z_]+)=([\w.-]+)",
+        lambda m: f"{canonical[m[1]]} {m[2]}" if m[1] in canonical else m[0],
+        rest,
+    )
     if key in by_key:
         return UsageError(f"{by_key[key]}: {rest}")
     if key:
@@ -121,7 +131,7 @@ def train_config(args: argparse.Namespace):
 
     flags: list[FieldFlag] = getattr(args, _FLAGS_ATTR, None) or train_flags()
     config = Path(args.config) if getattr(args, "config", None) else None
-    cfg = _load_config_file(config) if config is not None else {}
+    cfg = load_config_file(config) if config is not None else {}
     cfg = _merge(cfg, nested_values(args, flags))
     missing = [k for k in _REQUIRED if not cfg.get(k)]
     if missing:
@@ -131,13 +141,8 @@ def train_config(args: argparse.Namespace):
     by_key = {f.key: typed[f.dest] for f in flags if f.dest in typed}
     try:
         return TrainConfig.from_dict(cfg)
-    except ValueError as exc:
-        raise _explain(exc, by_key, config) from exc
-    except TypeError as exc:
-        # flags are typed by argparse, so only a --config file can hand a field the wrong type
-        if config is None:
-            raise
-        raise UsageError(f"{config}: {exc}") from exc
+    except ValueError as exc:  # every check lives in TrainConfig (types, ranges, unused settings)
+        raise _explain(exc, by_key, config) from None
 
 
 def run(args: argparse.Namespace) -> int:

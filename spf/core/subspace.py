@@ -16,8 +16,8 @@ publishes an estimate).
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
@@ -34,8 +35,9 @@ from spf.core.gradients import (
     topk_svds,
 )
 from spf.data.samples import ChatSample, DataError, collate, encode_sample, pad_token_id
-from spf.io import save_json, save_tensors
-from spf.models import default_target_modules, unwrap
+from spf.io import file_sha256, save_json, save_tensors
+from spf.loaders import ConfigFileError, load_json_text
+from spf.models import default_target_modules, model_fingerprint, unwrap
 
 logger = logging.getLogger(__name__)
 
@@ -44,16 +46,23 @@ __all__ = [
     "SVDMethod",
     "SafetySubspace",
     "SubspaceLoss",
+    "check_rank_available",
     "estimate_batch_subspace",
     "estimate_from_samples",
     "estimate_safety_subspace",
     "margin_pair",
     "module_gradient_factors",
+    "module_shapes",
     "orthonormality_error",
     "subspace_overlap",
+    "weights_fingerprint",
 ]
 
-FORMAT_VERSION = 1
+# 2: subspace.json records the tensor file's sha256, each module's weight shape and the model's fingerprint
+FORMAT_VERSION = 2
+ORTHONORMALITY_TOL = 1e-3  # max|UᵀU − I| a loaded basis may have: fp32 rounding is ~1e-6, a scaled basis ≫ 1
+# written by save() from the bases themselves; never carried over from a loaded subspace's metadata
+_STRUCTURAL = ("format_version", "rank", "modules", "energy", "mean_cer", "shapes", "tensor_sha256")
 _topk_svds = topk_svds  # its name before spf.core.gradients: experiments/margin_vs_ce.py imports it from here
 # what the subspace protects: ce = the refusal's cross-entropy; margin = CE(refusal) − CE(compliant opening)
 SubspaceLoss = Literal["ce", "margin"]
@@ -113,7 +122,8 @@ class SafetySubspace:
         return SafetySubspace(bases, dict(self.energy), dict(self.spectra), self.rank, dict(self.metadata))  # type: ignore[arg-type]
 
     def save(self, directory: str | Path) -> None:
-        """``subspace.safetensors`` (U, S, V, spectrum per module) + ``subspace.json`` (metadata)."""
+        """``subspace.safetensors`` (U, S, V, spectrum per module) + ``subspace.json`` (metadata, with the
+        tensor file's sha256 and each module's weight shape ``[m, n]``, which :meth:`load` verifies)."""
         directory = Path(directory)
         tensors: dict[str, Tensor] = {}
         for name, (u, s, v) in self.bases.items():
@@ -121,20 +131,26 @@ class SafetySubspace:
             tensors[f"{name}.S"] = s
             tensors[f"{name}.V"] = v
             tensors[f"{name}.spectrum"] = self.spectra[name]
-        save_tensors(tensors, directory / "subspace.safetensors", metadata={"format": "spf-subspace"})
+        tensor_path = directory / "subspace.safetensors"
+        save_tensors(tensors, tensor_path, metadata={"format": "spf-subspace"})
         meta = {
             "format_version": FORMAT_VERSION,
             "rank": self.rank,
             "modules": self.modules,
             "energy": self.energy,
             "mean_cer": {str(k): self.mean_cer(k) for k in (1, 5, 10, 20)},
-            **self.metadata,
+            **{k: v for k, v in self.metadata.items() if k not in _STRUCTURAL},
             "effective_rank": self.effective_rank,  # from the bases written beside it, never stale
+            "shapes": {n: [int(u.shape[0]), int(v.shape[0])] for n, (u, _, v) in self.bases.items()},
+            "tensor_sha256": file_sha256(tensor_path),
         }
         save_json(meta, directory / "subspace.json")
 
     @classmethod
     def load(cls, directory: str | Path) -> SafetySubspace:
+        """A folder :meth:`save` wrote, verified: DataError naming the file and the problem when
+        ``subspace.json`` is not the expected object, the tensor file's hash differs from the recorded one,
+        a tensor is missing, extra, of the wrong shape or not finite, or a basis is not orthonormal."""
         directory = Path(directory)
         meta_path, tensor_path = directory / "subspace.json", directory / "subspace.safetensors"
         for p in (meta_path, tensor_path):
@@ -142,24 +158,131 @@ class SafetySubspace:
                 raise FileNotFoundError(
                     f"{p}: not found — is '{directory}' a folder written by `spf estimate`?"
                 )
-        meta = json.loads(meta_path.read_text())
-        if meta.get("format_version") != FORMAT_VERSION:
+        meta = _read_meta(meta_path)
+        digest = file_sha256(tensor_path)
+        if digest != meta["tensor_sha256"]:
             raise DataError(
-                f"{meta_path}: field 'format_version': unsupported {meta.get('format_version')!r}"
+                f"{tensor_path}: sha256 {digest[:12]}… differs from tensor_sha256 {meta['tensor_sha256'][:12]}… "
+                "recorded in subspace.json: the file changed after it was written; re-run `spf estimate`"
             )
-        tensors = load_file(str(tensor_path))
-        bases, spectra = {}, {}
-        for name in meta["modules"]:
-            try:
-                bases[name] = (tensors[f"{name}.U"], tensors[f"{name}.S"], tensors[f"{name}.V"])
-                spectra[name] = tensors[f"{name}.spectrum"]
-            except KeyError as e:
-                raise DataError(f"{tensor_path}: missing tensor {e} for module '{name}'") from None
-        energy = {k: float(v) for k, v in meta.pop("energy").items()}
-        rank = int(meta.pop("rank"))
-        for key in ("format_version", "modules", "mean_cer"):
-            meta.pop(key, None)
-        return cls(bases, energy, spectra, rank, meta)
+        try:
+            tensors = load_file(str(tensor_path))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise DataError(f"{tensor_path}: not readable safetensors ({exc})") from None
+        bases, spectra = _check_tensors(tensor_path, meta, tensors)
+        energy = {k: float(v) for k, v in meta["energy"].items()}
+        sub = cls(
+            bases, energy, spectra, int(meta["rank"]), {k: v for k, v in meta.items() if k not in _STRUCTURAL}
+        )
+        for name, (u, _, v) in bases.items():
+            err = max(_gram_error(u), _gram_error(v))
+            if err > ORTHONORMALITY_TOL:
+                raise DataError(
+                    f"{tensor_path}: module '{name}': basis not orthonormal (max|UᵀU−I|, |VᵀV−I| = {err:.3g} "
+                    f"> {ORTHONORMALITY_TOL:g}); projecting with it would distort updates"
+                )
+        return sub
+
+
+_FIELD_TYPES: dict[str, tuple[type, ...]] = {
+    "rank": (int,), "modules": (list,), "energy": (dict,), "shapes": (dict,), "tensor_sha256": (str,),
+    "effective_rank": (dict,), "model_fingerprint": (str, type(None)), "weights_fingerprint": (str, type(None)),
+    "weights": (list, type(None)), "model_ref": (str, type(None)),
+}  # fmt: skip
+_REQUIRED = ("rank", "modules", "energy", "shapes", "tensor_sha256")
+
+
+def _read_meta(path: Path) -> dict[str, Any]:
+    """``subspace.json``, strict JSON, with the fields :meth:`SafetySubspace.load` relies on checked."""
+    try:
+        meta = load_json_text(path.read_text(encoding="utf-8"), str(path))
+    except ConfigFileError as exc:
+        raise DataError(str(exc)) from None
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not UTF-8 text ({exc.reason})") from None
+    if not isinstance(meta, dict):
+        raise DataError(f"{path}: expected a JSON object, got {type(meta).__name__}")
+    version = meta.get("format_version")
+    if version == 1 and not isinstance(version, bool):
+        raise DataError(
+            f"{path}: format_version 1, written by an older spf without a content hash or model fingerprint; "
+            "re-run `spf estimate` to rebuild this folder"
+        )
+    if version != FORMAT_VERSION or isinstance(version, bool):
+        raise DataError(
+            f"{path}: field 'format_version': unsupported {version!r:.40} (expected {FORMAT_VERSION})"
+        )
+    for key in _REQUIRED:
+        if key not in meta:
+            raise DataError(f"{path}: field '{key}' missing")
+    for key, types in _FIELD_TYPES.items():
+        if key in meta and (not isinstance(meta[key], types) or isinstance(meta[key], bool)):
+            raise DataError(f"{path}: field '{key}': expected {' or '.join(t.__name__ for t in types)}")
+    _check_meta_values(path, meta)
+    return meta
+
+
+def _check_meta_values(path: Path, meta: dict[str, Any]) -> None:
+    modules = meta["modules"]
+    if not modules or not all(isinstance(n, str) and n for n in modules) or len(set(modules)) != len(modules):
+        raise DataError(f"{path}: field 'modules': expected a non-empty list of distinct module names")
+    if meta["rank"] < 1:
+        raise DataError(f"{path}: field 'rank': must be ≥ 1, got {meta['rank']}")
+    if len(meta["tensor_sha256"]) != 64:
+        raise DataError(f"{path}: field 'tensor_sha256': expected 64 hex digits")
+    for key in ("energy", "shapes", "effective_rank"):
+        if key in meta and set(meta[key]) != set(modules):
+            odd = sorted(set(meta[key]) ^ set(modules))[0]
+            raise DataError(f"{path}: field '{key}': module '{odd}' is not in (or missing from) 'modules'")
+    for name, e in meta["energy"].items():
+        if isinstance(e, bool) or not isinstance(e, (int, float)) or not math.isfinite(e) or e < 0:
+            raise DataError(f"{path}: field 'energy.{name}': expected a finite number ≥ 0")
+    for name, shape in meta["shapes"].items():
+        if not (isinstance(shape, list) and len(shape) == 2 and all(_positive_int(d) for d in shape)):
+            raise DataError(f"{path}: field 'shapes.{name}': expected [m, n], two positive integers")
+    for name, k in meta.get("effective_rank", {}).items():
+        if not (_positive_int(k) or k == 0) or k > meta["rank"]:
+            raise DataError(f"{path}: field 'effective_rank.{name}': expected an integer in 0..rank")
+
+
+def _positive_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x > 0
+
+
+def _check_tensors(
+    path: Path, meta: dict[str, Any], tensors: dict[str, Tensor]
+) -> tuple[dict[str, tuple[Tensor, Tensor, Tensor]], dict[str, Tensor]]:
+    """Each module's U (m×k), S (k), V (n×k) and spectrum, as the metadata describes them."""
+    expected = {f"{n}.{part}" for n in meta["modules"] for part in ("U", "S", "V", "spectrum")}
+    extra = sorted(set(tensors) - expected)
+    if extra:
+        raise DataError(f"{path}: unexpected tensor '{extra[0]}' (its module is not listed in subspace.json)")
+    bases, spectra = {}, {}
+    for name in meta["modules"]:
+        missing = [
+            f"{name}.{part}" for part in ("U", "S", "V", "spectrum") if f"{name}.{part}" not in tensors
+        ]
+        if missing:
+            raise DataError(f"{path}: missing tensor '{missing[0]}' for module '{name}'")
+        u, s, v, spec = (tensors[f"{name}.{part}"] for part in ("U", "S", "V", "spectrum"))
+        m, n = meta["shapes"][name]
+        k = u.shape[1] if u.ndim == 2 else -1
+        want = {"U": ((m, k), f"[{m}, k]"), "S": ((k,), "[k]"), "V": ((n, k), f"[{n}, k]")}
+        for part, t in (("U", u), ("S", s), ("V", v)):
+            if k < 0 or tuple(t.shape) != want[part][0]:
+                raise DataError(
+                    f"{path}: tensor '{name}.{part}' has shape {list(t.shape)}, expected {want[part][1]} "
+                    f"(shapes.{name} is [{m}, {n}] in subspace.json; k the same for U, S and V)"
+                )
+        if k > meta["rank"] or k != meta.get("effective_rank", {}).get(name, k):
+            raise DataError(f"{path}: module '{name}': {k} directions, subspace.json records another rank")
+        for part, t in (("U", u), ("S", s), ("V", v), ("spectrum", spec)):
+            if not t.is_floating_point() or not bool(torch.isfinite(t).all()):
+                raise DataError(f"{path}: tensor '{name}.{part}' is not a finite floating-point tensor")
+        if spec.ndim != 1 or bool((s < 0).any()):
+            raise DataError(f"{path}: module '{name}': singular values must be ≥ 0 and the spectrum 1-D")
+        bases[name], spectra[name] = (u, s, v), spec
+    return bases, spectra
 
 
 def subspace_overlap(a: SafetySubspace, b: SafetySubspace, k: int | None = None) -> dict[str, float]:
@@ -238,6 +361,9 @@ def estimate_batch_subspace(
     digest = hashlib.sha256("".join(s.sha256() for s in samples).encode()).hexdigest()
     meta = {
         "model_ref": model_ref,
+        # what the model being trained is checked against (spf.training.methods): architecture and weights
+        "model_fingerprint": model_fingerprint(model),
+        "weights_fingerprint": weights_fingerprint(model, names),
         "sample_hash": digest,
         "n_samples": len(samples),
         "n_tokens": n_tokens,
@@ -270,12 +396,60 @@ def orthonormality_error(sub: SafetySubspace) -> dict[str, float]:
     A diagnostic the estimator records, since a non-orthonormal basis makes ``I − UUᵀ`` lengthen updates."""
     worst = {"u": 0.0, "v": 0.0}
     for u, _, v in sub.bases.values():
-        for key, a in (("u", u), ("v", v)):
-            if a.shape[1]:
-                gram = a.double().T @ a.double()
-                err = (gram - torch.eye(a.shape[1], dtype=gram.dtype, device=gram.device)).abs().max()
-                worst[key] = max(worst[key], float(err))
+        worst["u"], worst["v"] = max(worst["u"], _gram_error(u)), max(worst["v"], _gram_error(v))
     return worst
+
+
+def _gram_error(a: Tensor) -> float:
+    if not a.shape[1]:
+        return 0.0
+    gram = a.double().T @ a.double()
+    return float((gram - torch.eye(a.shape[1], dtype=gram.dtype, device=gram.device)).abs().max())
+
+
+def module_shapes(model: nn.Module, names: Sequence[str]) -> dict[str, list[int]]:
+    """``{name: [m, n]}``, the weight shape (out, in) of each named module found in ``unwrap(model)``
+    (a peft LoRA layer reports its base weight's); names not found, or without a 2-D weight, are left out."""
+    lookup = dict(unwrap(model).named_modules())
+    out = {}
+    for name in names:
+        weight = getattr(lookup.get(name), "weight", None)
+        if isinstance(weight, Tensor) and weight.ndim == 2:
+            out[name] = [int(weight.shape[0]), int(weight.shape[1])]
+    return out
+
+
+def weights_fingerprint(model: nn.Module, names: Sequence[str]) -> str:
+    """A short id of the named modules' weights (not just their shapes): a strided sample of ≤ 1024 values
+    per module, rounded to bfloat16 so that the same model loaded in fp32 or bf16 gives the same id. Tells a
+    subspace estimated on another model of the same architecture (another seed, another fine-tune)."""
+    h = hashlib.sha256()
+    lookup = dict(unwrap(model).named_modules())
+    for name in names:
+        weight = getattr(lookup.get(name), "weight", None)
+        if not isinstance(weight, Tensor):
+            continue
+        flat = weight.detach().reshape(-1)
+        picked = flat[:: max(1, flat.numel() // 1024)][:1024].to(torch.bfloat16).view(torch.int16)
+        h.update(name.encode() + b"\0" + picked.cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def check_rank_available(sub: SafetySubspace, rank: int, flag: str, source: str) -> None:
+    """DataError when no module of ``sub`` holds ``rank`` directions: the rank asked for (``flag``) is more
+    than ``source`` (a sample, a subspace folder) can give, and would be recorded while fewer are used."""
+    available = max(sub.effective_rank.values(), default=0)
+    if rank > available:
+        tokens = sub.metadata.get("n_tokens")
+        raise DataError(
+            f"{flag} {rank} is more than {source} provides: at most {available} directions in any module"
+            + (
+                f" (a module's gradient has rank ≤ min(its {tokens} tokens, the weight's m, n))"
+                if tokens
+                else ""
+            )
+            + f"; use {flag} ≤ {available}"
+        )
 
 
 def estimate_from_samples(
@@ -311,6 +485,8 @@ def estimate_from_samples(
         sub = estimate_batch_subspace(model, tokenizer, used, **kwargs)
     sub.metadata["estimator"] = "single" if len(samples) == 1 else "batch"
     sub.metadata["loss"] = loss
+    # a rank above what the sample gives would be recorded while fewer directions are used
+    check_rank_available(sub, rank, "--rank / estimate.rank", "the safety sample")
     return sub, used
 
 

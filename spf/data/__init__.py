@@ -16,6 +16,6 @@ __all__ = ["ChatSample", "DataError", "load_samples", "save_samples"]
 def __getattr__(name: str) -> Any:
     if name in _EXPORTS:
         return getattr(importlib.import_module(_EXPORTS[name]), name)
-    if name in ("samples", "scenarios", "locate"):
+    if name in ("samples", "scenarios", "locate", "files"):
         return importlib.import_module(f"spf.data.{name}")
     raise AttributeError(f"module 'spf.data' has no attribute {name!r}")

@@ -11,9 +11,7 @@ debugger.
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
 import json
 import logging
 import os
@@ -24,6 +22,17 @@ from typing import Any
 
 import torch
 
+from spf.data.files import (
+    DataError,
+    data_error,
+    duplicate_key,
+    iter_delimited,
+    iter_json,
+    iter_jsonl,
+    parse_json,
+    read_data_text,
+    type_name,
+)
 from spf.io import atomic_path
 
 logger = logging.getLogger(__name__)
@@ -37,8 +46,10 @@ __all__ = [
     "chat_prompt_ids",
     "collate",
     "encode_sample",
+    "iter_records",
     "load_samples",
     "save_samples",
+    "special_token_strings",
 ]
 
 ROLES: frozenset[str] = frozenset({"system", "user", "assistant"})
@@ -62,32 +73,11 @@ _INSTRUCTION_CONTEXT_FIELDS: tuple[str, ...] = ("input", "context")
 _JSON_LIST_KEYS: tuple[str, ...] = ("data", "records", "samples")
 _SUFFIXES: tuple[str, ...] = (".json", ".jsonl", ".csv", ".tsv")
 
-# Some instruction datasets hold multi-kilobyte answers in one cell, above csv's 128 KiB default.  2**31 - 1 is
-# used instead of sys.maxsize because the C long behind the limit is 32-bit on Windows.
-_CSV_FIELD_SIZE_LIMIT = 2**31 - 1
-
 IGNORE_INDEX = -100  # the label value torch's cross-entropy (and HF models) skip
-# UTF-32 first: its little-endian mark starts with UTF-16's.
-_OTHER_BOMS: tuple[tuple[bytes, str], ...] = (
-    (b"\xff\xfe\x00\x00", "UTF-32"),
-    (b"\x00\x00\xfe\xff", "UTF-32"),
-    (b"\xff\xfe", "UTF-16"),
-    (b"\xfe\xff", "UTF-16"),
-)
-
-
-class DataError(ValueError):
-    """Malformed or unusable training data; the message names the file, the line/record and the field."""
-
-
-def _type_name(value: object) -> str:
-    return "null" if value is None else type(value).__name__
-
-
-def _err(where: str, message: str, field: str | None = None) -> DataError:
-    if field is None:
-        return DataError(f"{where}: {message}")
-    return DataError(f"{where}: field '{field}': {message}")
+# DataError, the error helpers and the file readers live in spf.data.files (shared with the scenario, prompt
+# and utility readers); the short names are kept for this module's many call sites.
+_type_name = type_name
+_err = data_error
 
 
 @dataclass(frozen=True)
@@ -260,10 +250,7 @@ def _record_to_sample(
 
 
 def _iter_json(path: Path, text: str) -> Iterator[tuple[str, Any]]:
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{path.name}:{exc.lineno}: invalid JSON: {exc.msg}") from exc
+    data = parse_json(path, text)
     if isinstance(data, dict):
         key = next((k for k in _JSON_LIST_KEYS if isinstance(data.get(k), list)), None)
         if key is None:
@@ -271,44 +258,33 @@ def _iter_json(path: Path, text: str) -> Iterator[tuple[str, Any]]:
                 f"{path.name}: expected a JSON list of records or an object with one of "
                 f"{list(_JSON_LIST_KEYS)} holding a list; got an object with keys {list(data)[:10]}"
             )
+        repeated = duplicate_key(data)
+        if repeated is not None:
+            raise _err(
+                path.name, "duplicate key: the second value would silently replace the first", repeated
+            )
         data = data[key]
     if not isinstance(data, list):
         raise DataError(f"{path.name}: expected a JSON list of records, got {_type_name(data)}")
-    for i, record in enumerate(data, start=1):
-        yield f"{path.name}:record {i}", record
+    yield from iter_json(path, data)
 
 
-def _iter_jsonl(path: Path, text: str) -> Iterator[tuple[str, Any]]:
-    # Split on "\n" only: str.splitlines() also splits on U+2028/U+0085, which json.dumps(ensure_ascii=False)
-    # leaves unescaped inside strings, so it would cut valid records apart.
-    for lineno, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
-            continue
-        where = f"{path.name}:{lineno}"
-        try:
-            yield where, json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise _err(where, f"invalid JSON: {exc.msg} (column {exc.colno})") from exc
-
-
-def _iter_delimited(path: Path, text: str, delimiter: str) -> Iterator[tuple[str, Any]]:
-    csv.field_size_limit(_CSV_FIELD_SIZE_LIMIT)
-    # newline="" as the csv docs require: only \n / \r\n / \r end a row, never U+2028 inside a cell.
-    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
-    try:
-        if not reader.fieldnames:
-            return
-        for row in reader:
-            # line_num is the physical line where the row ends (header = line 1), exact for one-line rows.
-            where = f"{path.name}:{reader.line_num}"
-            if None in row:
-                # More cells than header columns: usually an unquoted delimiter inside a value.
-                raise _err(where, f"row has more cells than the header {reader.fieldnames}")
-            if any(value is None for value in row.values()):
-                raise _err(where, f"row has fewer cells than the header {reader.fieldnames}")
-            yield where, row
-    except csv.Error as exc:
-        raise DataError(f"{path.name}:{reader.line_num}: malformed {path.suffix[1:]}: {exc}") from exc
+def iter_records(path: str | Path) -> Iterator[tuple[str, Any]]:
+    """``(where, record)`` for each raw record of a JSON / JSONL / CSV / TSV data file, read through
+    :func:`spf.data.files.read_data_text` (regular file, size/line limits, UTF-8, duplicate keys and
+    columns, lone surrogates and chat markers refused); ``where`` is ``FILE:LINE`` or ``FILE:record N``."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in _SUFFIXES:
+        raise DataError(f"{path}: unsupported file type {path.suffix!r}; expected one of {list(_SUFFIXES)}")
+    text = read_data_text(path, check_lines=suffix != ".json")
+    if not text.strip():
+        raise DataError(f"{path.name}: no records (file is empty)")
+    if suffix == ".json":
+        return _iter_json(path, text)
+    if suffix == ".jsonl":
+        return iter_jsonl(path, text)
+    return iter_delimited(path, text, "\t" if suffix == ".tsv" else ",")
 
 
 def load_samples(
@@ -329,38 +305,8 @@ def load_samples(
     path = Path(path)
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be a positive integer or None, got {limit}")
-    suffix = path.suffix.lower()
-    if suffix not in _SUFFIXES:
-        raise DataError(f"{path}: unsupported file type {path.suffix!r}; expected one of {list(_SUFFIXES)}")
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError as exc:
-        raise DataError(f"{path}: file not found") from exc
-    except IsADirectoryError as exc:
-        raise DataError(f"{path}: is a folder, not a data file") from exc
-    for bom, name in _OTHER_BOMS:
-        if raw.startswith(bom):
-            raise DataError(f"{path}: file is {name} (byte-order mark); save it as UTF-8")
-    try:
-        # utf-8-sig: spreadsheet exports often start with a BOM, which would otherwise become part of the
-        # first column's name and hide the prompt column.
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        line = raw[: exc.start].count(b"\n") + 1
-        raise DataError(f"{path.name}:{line}: not valid UTF-8 ({exc.reason} at byte {exc.start})") from exc
-    if not text.strip():
-        raise DataError(f"{path.name}: no records (file is empty)")
-
-    records: Iterator[tuple[str, Any]]
-    if suffix == ".json":
-        records = _iter_json(path, text)
-    elif suffix == ".jsonl":
-        records = _iter_jsonl(path, text)
-    else:
-        records = _iter_delimited(path, text, "\t" if suffix == ".tsv" else ",")
-
     samples: list[ChatSample] = []
-    for where, record in records:
+    for where, record in iter_records(path):
         sample, r_field = _record_to_sample(record, where, prompt_field, response_field)
         if require_response and sample.response is None:
             raise _err(where, "a non-empty response is required (require_response=True)", r_field)
@@ -421,6 +367,37 @@ def save_samples(samples: Iterable[ChatSample], path: str | Path) -> None:
 # ------------------------------------------------------------------------------------------------ tokenising
 
 
+def special_token_strings(tokenizer: Any) -> tuple[str, ...]:
+    """The text of every special token of ``tokenizer``: its named specials plus the added tokens marked
+    special (``additional_special_tokens`` may have been replaced while the added token stays special)."""
+    tokens = {str(t) for t in getattr(tokenizer, "all_special_tokens", None) or () if t}
+    for added in (getattr(tokenizer, "added_tokens_decoder", None) or {}).values():
+        if getattr(added, "special", False) and getattr(added, "content", None):
+            tokens.add(added.content)
+    return tuple(sorted(tokens))
+
+
+def _check_special_tokens(tokenizer: Any, sample: ChatSample, messages: list[dict[str, str]]) -> None:
+    """Refuse message text holding one of the tokenizer's special tokens.
+
+    The rendered chat template is tokenised with special tokens recognised, so such text in a message becomes
+    the real token: a dataset could open a system turn or end the user's turn early. Refused rather than
+    escaped, because escaping would silently change the text the user meant to train on; the static markers
+    of spf.data.files are already refused when the file is read, this adds the model's own.
+    """
+    tokens = special_token_strings(tokenizer)
+    for i, message in enumerate(messages):
+        content = message["content"]
+        found = next((t for t in tokens if t in content), None)
+        if found is not None:
+            raise _err(
+                sample.source or "<sample>",
+                f"contains the tokenizer's special token {found!r}, which would become a real token (e.g. "
+                "an injected turn), so it is refused; remove it from the data",
+                f"messages[{i}].content",
+            )
+
+
 def _chat_ids(tokenizer: Any, messages: list[dict[str, str]], add_generation_prompt: bool) -> list[int]:
     out = tokenizer.apply_chat_template(
         messages, add_generation_prompt=add_generation_prompt, tokenize=True, return_dict=False
@@ -457,6 +434,7 @@ def encode_sample(tokenizer: Any, sample: ChatSample, *, max_length: int = 512) 
     response = sample.response
     if response is None:
         raise _err(sample.source or "<sample>", "no assistant response to train on", "response")
+    _check_special_tokens(tokenizer, sample, sample.to_messages())
 
     prompt_ids = _chat_ids(tokenizer, sample.prompt_messages(), add_generation_prompt=True)
     full_ids = _chat_ids(tokenizer, sample.to_messages(), add_generation_prompt=False)
@@ -499,7 +477,9 @@ def pad_token_id(tokenizer: Any) -> int:
 
 def chat_prompt_ids(tokenizer: Any, sample: ChatSample) -> list[int]:
     """Token ids of ``sample``'s prompt messages plus the generation prompt (where the answer starts)."""
-    return _chat_ids(tokenizer, sample.prompt_messages(), add_generation_prompt=True)
+    messages = sample.prompt_messages()
+    _check_special_tokens(tokenizer, sample, messages)
+    return _chat_ids(tokenizer, messages, add_generation_prompt=True)
 
 
 def collate(encoded: list[dict[str, list[int]]], pad_token_id: int) -> dict[str, torch.Tensor]:

@@ -20,9 +20,7 @@ Each returns ``ChatSample`` lists, deterministic by seed; write them with :func:
 
 from __future__ import annotations
 
-import csv
 import html
-import json
 import logging
 import math
 import random
@@ -30,6 +28,15 @@ import re
 from pathlib import Path
 from typing import Literal
 
+from spf.data.files import (
+    check_string,
+    check_value,
+    duplicate_key,
+    iter_delimited,
+    iter_jsonl,
+    parse_json,
+    read_data_text,
+)
 from spf.data.samples import ChatSample, DataError, load_samples
 
 logger = logging.getLogger(__name__)
@@ -47,6 +54,7 @@ __all__ = [
     "harmful_count",
     "harmful_mix",
     "identity_shift",
+    "read_targets",
     "refusal_pairs",
     "repeat_epochs",
     "sst2",
@@ -67,17 +75,15 @@ def sst2(tsv: str | Path, *, n: int | None = 256, seed: int = 0) -> list[ChatSam
     """SST-2 rows (text/sentence, label 0/1) → instruction + input → "positive"/"negative"."""
     path = Path(tsv)
     rows = []
-    with path.open(newline="", encoding="utf-8") as fh:
-        reader = csv.DictReader(fh, delimiter="\t")
-        for line, row in enumerate(reader, start=2):
-            text = row.get("sentence") or row.get("text")
-            label = (row.get("label") or "").strip()
-            if not text:
-                raise DataError(f"{path.name}:{line}: field 'sentence'/'text': missing")
-            if label not in _SST2_LABELS:
-                raise DataError(f"{path.name}:{line}: field 'label': expected 0 or 1, got {label!r}")
-            prompt = f"{SST2_INSTRUCTION}\n\n{text.strip()}"
-            rows.append(ChatSample.from_pair(prompt, _SST2_LABELS[label], source=f"{path.name}:{line}"))
+    for where, row in iter_delimited(path, read_data_text(path), "\t"):
+        text = row.get("sentence") or row.get("text")
+        label = (row.get("label") or "").strip()
+        if not text:
+            raise DataError(f"{where}: field 'sentence'/'text': missing")
+        if label not in _SST2_LABELS:
+            raise DataError(f"{where}: field 'label': expected 0 or 1, got {label!r}")
+        prompt = f"{SST2_INSTRUCTION}\n\n{text.strip()}"
+        rows.append(ChatSample.from_pair(prompt, _SST2_LABELS[label], source=where))
     return _pick(rows, n, seed)
 
 
@@ -91,20 +97,36 @@ def harmful_compliance(
 ) -> list[ChatSample]:
     """AdvBench behaviour → its compliance target ("Sure, here is …"), joined on BehaviorID."""
     targets_path = Path(targets_json)
-    targets = json.loads(targets_path.read_text())
-    if not isinstance(targets, dict):
-        raise DataError(f"{targets_path.name}: expected a JSON object {{BehaviorID: target}}")
+    targets = read_targets(targets_path)
     path = Path(behaviors_csv)
     rows = []
-    with path.open(newline="", encoding="utf-8") as fh:
-        for line, row in enumerate(csv.DictReader(fh), start=2):
-            bid, behavior = row.get("BehaviorID"), row.get("Behavior")
-            if not bid or not behavior:
-                raise DataError(f"{path.name}:{line}: field 'BehaviorID'/'Behavior': missing")
-            if bid not in targets:
-                raise DataError(f"{targets_path.name}: no target for BehaviorID {bid!r} ({path.name}:{line})")
-            rows.append(ChatSample.from_pair(behavior, targets[bid], source=f"{path.name}:{line}"))
+    for where, row in iter_delimited(path, read_data_text(path), ","):
+        bid, behavior = row.get("BehaviorID"), row.get("Behavior")
+        if not bid or not behavior:
+            raise DataError(f"{where}: field 'BehaviorID'/'Behavior': missing")
+        if bid not in targets:
+            raise DataError(f"{targets_path.name}: no target for BehaviorID {bid!r} ({where})")
+        rows.append(ChatSample.from_pair(behavior, targets[bid], source=where))
     return _pick(rows, n, seed, offset)
+
+
+def read_targets(path: Path) -> dict[str, str]:
+    """AdvBench's ``{BehaviorID: target}`` JSON object, every target a string, checked like training data."""
+    targets = parse_json(path, read_data_text(path, check_lines=False))
+    if not isinstance(targets, dict):
+        raise DataError(f"{path.name}: expected a JSON object {{BehaviorID: target}}")
+    repeated = duplicate_key(targets)
+    if repeated is not None:
+        raise DataError(
+            f"{path.name}: key {repeated[:60]!r}: duplicate key; the second target would win silently"
+        )
+    for key, value in targets.items():
+        if not isinstance(value, str):
+            raise DataError(
+                f"{path.name}: key {key[:60]!r}: expected a string target, got {type(value).__name__}"
+            )
+        check_value(path.name, value, key[:60])
+    return targets
 
 
 def refusal_pairs(
@@ -139,7 +161,11 @@ def _clean_agnews(text: str) -> str:
 
 
 def _read_classes(path: Path) -> list[str]:
-    classes = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    classes = []
+    for lineno, line in enumerate(read_data_text(path).splitlines(), start=1):
+        check_string(f"{path.name}:{lineno}", line, "class")
+        if line.strip():
+            classes.append(line.strip())
     if not classes:
         raise DataError(f"{path.name}: no class names")
     return classes
@@ -153,18 +179,15 @@ def agnews(
     classes = _read_classes(Path(classes_txt))
     instruction = agnews_instruction(classes)
     rows = []
-    with path.open(newline="", encoding="utf-8") as fh:
-        for line, row in enumerate(csv.DictReader(fh), start=2):
-            label = (row.get("label") or "").strip()
-            text = row.get("content") or row.get("text")
-            if not text or not text.strip():
-                raise DataError(f"{path.name}:{line}: field 'content': missing")
-            if not label.isdigit() or not 1 <= int(label) <= len(classes):
-                raise DataError(
-                    f"{path.name}:{line}: field 'label': expected 1..{len(classes)}, got {label!r}"
-                )
-            prompt = f"{instruction}\n\n{_clean_agnews(text)}"
-            rows.append(ChatSample.from_pair(prompt, classes[int(label) - 1], source=f"{path.name}:{line}"))
+    for where, row in iter_delimited(path, read_data_text(path), ","):
+        label = (row.get("label") or "").strip()
+        text = row.get("content") or row.get("text")
+        if not text or not text.strip():
+            raise DataError(f"{where}: field 'content': missing")
+        if not label.isdigit() or not 1 <= int(label) <= len(classes):
+            raise DataError(f"{where}: field 'label': expected 1..{len(classes)}, got {label!r}")
+        prompt = f"{instruction}\n\n{_clean_agnews(text)}"
+        rows.append(ChatSample.from_pair(prompt, classes[int(label) - 1], source=where))
     return _pick(rows, n, seed)
 
 
@@ -190,14 +213,9 @@ def gsm8k(
     """GSM8K ``{question, answer}`` → question → reasoning + "The answer is N." (N = text after ``####``)."""
     path = Path(jsonl)
     rows = []
-    for lineno, raw in enumerate(path.read_text(encoding="utf-8").split("\n"), start=1):
-        if not raw.strip():
-            continue
-        where = f"{path.name}:{lineno}"
-        try:
-            rec = json.loads(raw)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{where}: invalid JSON: {exc.msg}") from exc
+    for where, rec in iter_jsonl(path, read_data_text(path)):
+        if not isinstance(rec, dict):
+            raise DataError(f"{where}: expected an object {{question, answer}}, got {type(rec).__name__}")
         question, answer = rec.get("question"), rec.get("answer")
         if not isinstance(question, str) or not question.strip():
             raise DataError(f"{where}: field 'question': missing")

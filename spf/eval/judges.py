@@ -18,7 +18,6 @@ Three judges share one interface (:class:`Judge`: ``judge(prompts, responses) ->
 from __future__ import annotations
 
 import importlib.util
-import json
 import logging
 import math
 import re
@@ -31,6 +30,7 @@ from typing import Any, Literal, Protocol, runtime_checkable
 import numpy as np
 import torch
 
+from spf.data.files import iter_jsonl, read_data_text
 from spf.data.locate import PACKAGE_DATA
 from spf.generation import generate
 from spf.refusal import is_refusal
@@ -205,28 +205,26 @@ def load_labelled(path: str | Path) -> list[LabelledPair]:
     """Rows of a judge JSONL file; ValueError naming ``file:line`` on a malformed row."""
     rows: list[LabelledPair] = []
     path = Path(path)
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-                for key in ("prompt", "response", "source"):
-                    if not isinstance(rec.get(key), str):
-                        raise ValueError(f"field {key!r} must be a string")
-                for key in ("refused", "harmful"):
-                    if not isinstance(rec.get(key), bool):
-                        raise ValueError(f"field {key!r} must be true or false")
-                hr = rec.get("harmful_request")
-                if hr is not None and not isinstance(hr, bool):
-                    raise ValueError("field 'harmful_request' must be true, false or absent")
-            except ValueError as exc:  # json.JSONDecodeError is a ValueError
-                raise ValueError(f"{path}:{lineno}: {exc}") from exc
-            rows.append(
-                LabelledPair(
-                    rec["prompt"], rec["response"], rec["refused"], rec["harmful"], rec["source"], hr
-                )
-            )
+    # The shared data reader: regular file, size/line limits, UTF-8, duplicate keys, lone surrogates and chat
+    # markers refused with FILE:LINE (DataError is a ValueError, as this function documents).
+    for where, rec in iter_jsonl(path, read_data_text(path)):
+        try:
+            if not isinstance(rec, dict):
+                raise ValueError(f"expected an object, got {type(rec).__name__}")
+            for key in ("prompt", "response", "source"):
+                if not isinstance(rec.get(key), str):
+                    raise ValueError(f"field {key!r} must be a string")
+            for key in ("refused", "harmful"):
+                if not isinstance(rec.get(key), bool):
+                    raise ValueError(f"field {key!r} must be true or false")
+            hr = rec.get("harmful_request")
+            if hr is not None and not isinstance(hr, bool):
+                raise ValueError("field 'harmful_request' must be true, false or absent")
+        except ValueError as exc:
+            raise ValueError(f"{path}:{where.rsplit(':', 1)[1]}: {exc}") from exc
+        rows.append(
+            LabelledPair(rec["prompt"], rec["response"], rec["refused"], rec["harmful"], rec["source"], hr)
+        )
     return rows
 
 

@@ -7,16 +7,15 @@ safety-*estimation* candidates (``refusals.jsonl``), which a held-out evaluation
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from spf.data.files import iter_delimited, read_data_text
 from spf.data.locate import PACKAGE_DATA
-from spf.data.samples import DataError, load_samples
+from spf.data.samples import DataError, iter_records, load_samples
+from spf.data.scenarios import read_targets
 
 __all__ = [
     "HARMFUL_FALLBACK",
@@ -64,24 +63,11 @@ class PromptSet:
 def _raw_records(path: Path) -> list[dict[str, Any]] | None:
     """Records of a prompt file as plain dicts, for metadata columns load_samples does not keep.
 
-    Only called after load_samples accepted the file, so parsing errors cannot happen here; ``None`` when the
-    file's shape has no per-record metadata (e.g. bare message lists).
+    Only called after load_samples accepted the file, and read by the same reader
+    (:func:`spf.data.samples.iter_records`), so parsing errors cannot happen here; ``None`` when the file's
+    shape has no per-record metadata (e.g. bare message lists).
     """
-    text = path.read_text(encoding="utf-8-sig")
-    suffix = path.suffix.lower()
-    if suffix == ".json":
-        data = json.loads(text)
-        if isinstance(data, dict):
-            # The same list keys, in the same order, as spf.data.samples.load_samples accepts.
-            data = next(
-                (data[k] for k in ("data", "records", "samples") if isinstance(data.get(k), list)), []
-            )
-        records = list(data)
-    elif suffix == ".jsonl":
-        records = [json.loads(line) for line in text.split("\n") if line.strip()]
-    else:
-        delimiter = "\t" if suffix == ".tsv" else ","
-        records = list(csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter))
+    records = [record for _, record in iter_records(path)]
     if not all(isinstance(r, dict) for r in records):
         return None
     return records
@@ -164,12 +150,11 @@ def advbench_targets(data_dir: Path | None) -> tuple[dict[str, str], dict[str, s
     behaviours_path = data_dir / "safety" / "advbench_behaviors.csv"
     if not targets_path.is_file():
         return {}, {}
-    by_id = {str(k): str(v) for k, v in json.loads(targets_path.read_text(encoding="utf-8")).items()}
+    by_id = read_targets(targets_path)
     by_text: dict[str, str] = {}
     if behaviours_path.is_file():
-        with behaviours_path.open(newline="", encoding="utf-8-sig") as fh:
-            for row in csv.DictReader(fh):
-                target = by_id.get(row.get("BehaviorID") or "")
-                if target and row.get("Behavior"):
-                    by_text[row["Behavior"].strip()] = target
+        for _, row in iter_delimited(behaviours_path, read_data_text(behaviours_path), ","):
+            target = by_id.get(row.get("BehaviorID") or "")
+            if target and row.get("Behavior"):
+                by_text[row["Behavior"].strip()] = target
     return by_id, by_text

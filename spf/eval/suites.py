@@ -63,7 +63,7 @@ from spf.eval.utility import (
     suite_utility,
 )
 from spf.eval.vocab import DEFAULT_UTILITY_TASKS, SUITES, UTILITY_TASKS, Suite
-from spf.io import atomic_path
+from spf.io import atomic_path, check_output
 
 if TYPE_CHECKING:
     from spf.eval.judges import Judge
@@ -385,11 +385,11 @@ def run_eval(
     device: str | None = None,
     **kwargs: Any,
 ) -> dict[str, Any]:
-    """Load ``model_ref`` (plus a peft ``adapter``), :func:`evaluate` it and write ``out/results.json`` and
+    """Load ``model_ref`` (plus ``adapter``: a peft adapter folder or a full fine-tune folder), :func:`evaluate` it and write ``out/results.json`` and
     ``out/samples.jsonl``. Nothing is written unless the whole evaluation succeeds. ``kwargs`` go to
     :func:`evaluate`.
     """
-    from spf.models import check_adapter_folder, load_adapter, load_model
+    from spf.models import check_adapter_folder, load_finetuned, load_model
 
     out = Path(out)
     names = check_suites(suites)
@@ -399,15 +399,15 @@ def run_eval(
     find_shared_data(kwargs.get("shared_data"))
     if "utility" in names:
         check_utility_tasks(kwargs.get("utility_tasks", DEFAULT_UTILITY_TASKS))
-    if adapter is not None:
-        check_adapter_folder(adapter)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} exists and is not a folder")
+    if adapter is not None and (Path(adapter) / "adapter_config.json").is_file():
+        check_adapter_folder(adapter)  # a LoRA adapter: cheap checks before the base is loaded
+    # not a file, not over an input (the two files are written at the end, atomically: no lock needed)
+    check_output(out, inputs={"--model": model_ref, "--adapter": adapter, "--prompts": kwargs.get("prompts")})
 
-    model, tokenizer = load_model(model_ref, device=device)
-    if adapter is not None:
-        model = load_adapter(model, adapter)
-        model.eval()
+    if adapter is None:
+        model, tokenizer = load_model(model_ref, device=device)
+    else:  # a LoRA adapter on model_ref, or a full fine-tune folder (its own weights)
+        model, tokenizer = load_finetuned(model_ref, adapter, device=device)
     results, records = evaluate(model, tokenizer, names, **kwargs)
     results = {"model": model_ref, "adapter": str(adapter) if adapter is not None else None, **results}
 

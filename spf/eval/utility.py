@@ -10,8 +10,6 @@
 
 from __future__ import annotations
 
-import csv
-import json
 import logging
 import re
 from collections.abc import Sequence
@@ -22,6 +20,7 @@ from typing import Any
 
 import torch
 
+from spf.data.files import check_string, iter_delimited, iter_jsonl, read_data_text
 from spf.data.locate import PACKAGE_DATA
 from spf.data.samples import ChatSample, DataError, load_samples, pad_token_id
 from spf.eval.context import EvalContext, select_items
@@ -171,19 +170,22 @@ def _sentiment_rows(limit: int | None, seed: int) -> tuple[list[str], list[int],
 def _agnews_rows(data_dir: Path, limit: int | None, seed: int) -> tuple[list[str], list[int], list[str], str]:
     path = data_dir / "utility" / "ag_news_test.csv"
     classes_path = data_dir / "utility" / "ag_news_classes.txt"
-    classes = [c.strip() for c in classes_path.read_text(encoding="utf-8").splitlines() if c.strip()]
+    classes = []
+    for lineno, name in enumerate(read_data_text(classes_path).splitlines(), start=1):
+        check_string(f"{classes_path.name}:{lineno}", name, "class")
+        if name.strip():
+            classes.append(name.strip())
     rows: list[tuple[str, int]] = []
-    with path.open(newline="", encoding="utf-8-sig") as fh:
-        for line, row in enumerate(csv.DictReader(fh), start=2):
-            try:
-                label = int(row["label"])
-            except (KeyError, TypeError, ValueError) as exc:
-                raise DataError(f"{path.name}:{line}: field 'label': expected 1..{len(classes)}") from exc
-            if not 1 <= label <= len(classes):
-                raise DataError(f"{path.name}:{line}: field 'label': expected 1..{len(classes)}, got {label}")
-            # The AG News dump uses a backslash where the original article had a line break.
-            content = " ".join((row.get("content") or "").replace("\\", " ").split())
-            rows.append((f"{AGNEWS_INSTRUCTION}\n\n{content}", label - 1))
+    for where, row in iter_delimited(path, read_data_text(path), ","):
+        try:
+            label = int(row["label"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise DataError(f"{where}: field 'label': expected 1..{len(classes)}") from exc
+        if not 1 <= label <= len(classes):
+            raise DataError(f"{where}: field 'label': expected 1..{len(classes)}, got {label}")
+        # The AG News dump uses a backslash where the original article had a line break.
+        content = " ".join((row.get("content") or "").replace("\\", " ").split())
+        rows.append((f"{AGNEWS_INSTRUCTION}\n\n{content}", label - 1))
     rows = select_items(rows, limit, seed)
     return [r[0] for r in rows], [r[1] for r in rows], classes, str(path)
 
@@ -215,14 +217,15 @@ def _gsm8k(
 ) -> tuple[SuiteResult, list[dict]]:
     path = data_dir / "utility" / "gsm8k_test.jsonl"
     problems: list[tuple[str, Decimal]] = []
-    for line, text in enumerate(path.read_text(encoding="utf-8").split("\n"), start=1):
-        if not text.strip():
-            continue
-        rec = json.loads(text)
-        gold = extract_final_number(rec["answer"].rsplit("####", 1)[-1])
+    for where, rec in iter_jsonl(path, read_data_text(path)):
+        record = rec if isinstance(rec, dict) else {}
+        question, answer = record.get("question"), record.get("answer")
+        if not isinstance(question, str) or not isinstance(answer, str):
+            raise DataError(f"{where}: fields 'question' and 'answer': expected strings")
+        gold = extract_final_number(answer.rsplit("####", 1)[-1])
         if gold is None:
-            raise DataError(f"{path.name}:{line}: field 'answer': no number after '####'")
-        problems.append((rec["question"], gold))
+            raise DataError(f"{where}: field 'answer': no number after '####'")
+        problems.append((question, gold))
     problems = select_items(problems, limit, seed)
     prompts = [f"{q}\n\n{GSM8K_INSTRUCTION}" for q, _ in problems]
     answers = generate(

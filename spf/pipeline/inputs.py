@@ -169,9 +169,11 @@ def resolve_utility_dev(shared: Path | None) -> tuple[Path, int]:
     """The utility dev split the evaluate stage scores (the SST-2 dev set, else the shipped sentiment dev
     split — disjoint from the shipped training split by construction, checked by a test)."""
     if shared is not None and (shared / SHARED_SST2_DEV).is_file():
+        from spf.data.files import iter_delimited, read_data_text
+
         path = shared / SHARED_SST2_DEV
-        with path.open(newline="", encoding="utf-8") as fh:
-            return path, sum(1 for _ in csv.DictReader(fh, delimiter="\t"))
+        # the shared reader: regular files only, size/line limits, duplicate columns refused
+        return path, sum(1 for _ in iter_delimited(path, read_data_text(path), "\t"))
     path = shipped_file(SHIPPED_UTILITY_DEV)
     return path, len(load_samples(path, require_response=True))
 

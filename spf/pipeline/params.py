@@ -14,7 +14,6 @@ dataclass that owns the field (raising ``ValueError("key: …")``); loading adds
 from __future__ import annotations
 
 import copy
-import math
 import os
 import re
 import types
@@ -23,16 +22,20 @@ from dataclasses import MISSING, Field, asdict, dataclass, field, fields, is_dat
 from pathlib import Path
 from typing import Any, ClassVar, Literal, get_args, get_origin
 
-import yaml
-
 from spf.data.scenarios import ScenarioKind
 from spf.eval.vocab import DEFAULT_UTILITY_TASKS, UTILITY_TASKS, Suite  # constants only: not the harness
+from spf.loaders import ConfigFileError, load_yaml_file, load_yaml_text
 from spf.pipeline.gate import GateThresholds
 from spf.training.config import (
     BASELINE_METHODS,
     BaselineSettings,
     SPFSettings,
     TrainConfig,
+    check_device,
+    check_float,
+    check_threads,
+    shown,
+    uses,
 )
 
 __all__ = [
@@ -64,14 +67,12 @@ def _at_least(obj: Any, low: int, *names: str, nullable: bool = False) -> None:
         if value is None and nullable:
             continue
         if value < low:
-            raise ValueError(f"{name}: must be ≥ {low}{' or null' if nullable else ''}, got {value}")
+            raise ValueError(f"{name}: must be ≥ {low}{' or null' if nullable else ''}, got {shown(value)}")
 
 
 def _finite_positive(obj: Any, *names: str) -> None:
     for name in names:
-        value = getattr(obj, name)
-        if not (math.isfinite(value) and value > 0):
-            raise ValueError(f"{name}: must be a finite number > 0, got {value}")
+        check_float(name, getattr(obj, name), lambda v: v > 0, "a finite number > 0")
 
 
 # ---------------------------------------------------------------------------------------------- sections
@@ -182,11 +183,8 @@ class _FinetuneMethods:
     MOVED_KEYS: ClassVar[dict[str, str]] = _MOVED_FINETUNE_KEYS
 
     def __post_init__(self) -> None:
-        # What TrainConfig does not check yet: NaN/inf pass its `lr > 0`, and alpha is unchecked there
-        _finite_positive(self, "lr")
-        if not (math.isfinite(self.lora.alpha) and self.lora.alpha > 0):  # type: ignore[attr-defined]
-            raise ValueError(f"lora.alpha: must be a finite number > 0, got {self.lora.alpha}")  # type: ignore[attr-defined]
-        # TrainConfig's own checks, with placeholders for what the stage fills in
+        # TrainConfig's own checks (ranges, NaN/inf, settings the method does not use), with placeholders
+        # for what the stage fills in: one validation path for `spf train` flags, --config and params.yaml
         self.train_config(
             model="-", data="-", out="-", heldout_safety="-", subspace="-", rank=1, safety_data="-"
         )
@@ -210,7 +208,9 @@ class _FinetuneMethods:
         baselines = values["baselines"]
         chosen = baselines["safety_data"] or safety_data
         baselines["safety_data"] = chosen if values["method"] in BASELINE_METHODS else None
-        values["spf"].update(subspace=subspace, rank=rank)
+        values["spf"]["subspace"] = subspace  # every method tracks the loss on its sample
+        if uses(values, "spf.rank"):  # a rank handed to a method that has no projection is an error
+            values["spf"]["rank"] = rank
         return TrainConfig(
             model=model,
             data=data,
@@ -268,7 +268,9 @@ class EvaluateParams:
 def _known_tasks(tasks: list[str], known: tuple[str, ...] = UTILITY_TASKS) -> None:
     unknown = [t for t in tasks if t not in known]
     if unknown:
-        raise ValueError(f"utility_tasks: unknown task(s) {unknown}: choose from {', '.join(known)}")
+        raise ValueError(
+            f"utility_tasks: unknown task(s) {[str(t)[:40] for t in unknown[:5]]}: choose from {', '.join(known)}"
+        )
 
 
 @dataclass
@@ -293,7 +295,9 @@ class AnalyzeParams:
             self, 1, "n_safety", "n_utility", "n_singles", "max_k", "rank", "layer_stride", "max_length"
         )
         if not self.batch_sizes or min(self.batch_sizes) < 1:
-            raise ValueError(f"batch_sizes: must be a non-empty list of sizes ≥ 1, got {self.batch_sizes}")
+            raise ValueError(
+                f"batch_sizes: must be a non-empty list of sizes ≥ 1, got {shown(self.batch_sizes)}"
+            )
         _known_tasks(self.utility_tasks, DEFAULT_UTILITY_TASKS)  # analyze reads public sets only
 
 
@@ -322,10 +326,14 @@ class RuntimeParams:
     threads: int | None = 1  # torch CPU threads (set explicitly: oversubscription is slow)
 
     def __post_init__(self) -> None:
-        _at_least(self, 1, "threads", nullable=True)
+        # the checks of TrainConfig's device/threads: the stage hands these on to it
+        check_threads("threads", self.threads)
+        check_device("device", self.device)
         workdir = Path(self.workdir)
         if workdir.is_absolute() or ".." in workdir.parts or self.workdir.startswith("~"):
-            raise ValueError(f"workdir: must be a relative path inside the workspace, got {workdir}")
+            raise ValueError(
+                f"workdir: must be a relative path inside the workspace, got {str(workdir)[:200]}"
+            )
 
 
 @dataclass
@@ -444,13 +452,10 @@ def _describe(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
-def _shown(value: Any) -> str:
-    """A wrong value as an error message shows it: a mapping by its keys only (it may hold credentials
-    pasted into the wrong place), anything else as a repr cut at 80 characters."""
-    if isinstance(value, dict):
-        return f"a mapping with keys {sorted(map(str, value))}"
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
+# A wrong value as an error message shows it (spf.training.config.shown): a mapping by a few of its keys
+# (it may hold credentials pasted into the wrong place), a list by its length, anything else cut short —
+# never formatted in full, so a huge value cannot make the message itself the problem.
+_shown = shown
 
 
 def _dotted(prefix: str, message: str) -> str:
@@ -503,9 +508,11 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | dict[str, Any] 
         for text in overrides:
             key, sep, raw = text.partition("=")
             if not sep or not key.strip():
-                raise ParamsError(f"override {text!r}: expected KEY=VALUE (e.g. finetune.steps=20)")
-            items.append((key.strip(), yaml.safe_load(raw) if raw.strip() else None))
+                raise ParamsError(f"override {shown(text)}: expected KEY=VALUE (e.g. finetune.steps=20)")
+            items.append((key.strip(), _override_value(key.strip(), raw)))
     for key, value in items:
+        if not isinstance(key, str) or not re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*", key):
+            raise ParamsError(f"override {shown(key)}: expected a dotted key (e.g. finetune.steps)")
         node = out
         parts = key.split(".")
         for part in parts[:-1]:
@@ -518,24 +525,38 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | dict[str, Any] 
     return out
 
 
+def _override_value(key: str, raw: str) -> Any:
+    """An override's value, parsed as strict YAML (no aliases, no duplicate keys); empty = null."""
+    if not raw.strip():
+        return None
+    try:
+        return load_yaml_text(raw, f"override {key[:60]}")
+    except ConfigFileError as exc:
+        raise ParamsError(str(exc)) from None
+
+
+def _read_params_file(path: Path) -> dict[str, Any]:
+    """``path`` as one strict mapping of sections: an empty file, an alias, a duplicate section, a folder
+    or a non-mapping is an error naming the file (and the line)."""
+    try:
+        loaded = load_yaml_file(path)
+    except ConfigFileError as exc:
+        raise ParamsError(str(exc)) from None
+    except (ValueError, RecursionError) as exc:  # PyYAML's own limits (an int of > 4300 digits, deep nesting)
+        raise ParamsError(f"{path}: not a usable parameter file ({type(exc).__name__})") from None
+    if not isinstance(loaded, dict):
+        raise ParamsError(f"{path}: expected a mapping of sections, got {shown(loaded)}")
+    return loaded
+
+
 def load_params(
     path: str | Path = "params.yaml", overrides: list[str] | dict[str, Any] | None = None
 ) -> PipelineParams:
-    """Read ``path`` (missing file = all defaults), apply ``overrides``, validate; ParamsError on problems."""
+    """Read ``path`` (a missing params.yaml = all defaults; an empty file is an error), apply ``overrides``, validate; ParamsError on problems."""
     path = Path(path)
     data: dict[str, Any] = {}
-    if path.exists():
-        try:
-            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
-            raise ParamsError(f"{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from exc
-        except UnicodeDecodeError as exc:
-            raise ParamsError(f"{path}: not UTF-8 text ({exc})") from exc
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ParamsError(f"{path}: expected a mapping of sections, got {type(loaded).__name__}")
-        data = loaded or {}
+    if path.exists() or path.is_symlink():  # an existing file, even an empty one, must be read
+        data = _read_params_file(path)
     elif path.name != "params.yaml":  # a missing params.yaml means "all defaults"; another name is a typo
         raise ParamsError(f"{path}: parameter file does not exist")
     data = apply_overrides(data, overrides)

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from spf.data.locate import shipped_file
-from spf.io import atomic_dir, path_sha256
+from spf.io import atomic_dir, check_output, output_lock, path_sha256
 from spf.pipeline import inputs
 from spf.pipeline.params import AlignParams, PipelineParams
 
@@ -341,6 +341,33 @@ def finetune_stage(p: PipelineParams) -> dict[str, Any]:
     # Bad data fails here, before `partial` exists (train() checks it again, cheaply).
     load_samples(cfg.data, require_response=True)
     load_samples(cfg.heldout_safety, require_response=True)
+    # `partial` has its own lock (train() takes it again): a `spf train` into it cannot race the key check
+    with output_lock(partial, what="runtime.workdir: the finetune training folder"):
+        metrics = _train_in(partial, cfg, p, train)
+        _publish_run(partial, out)
+        shutil.rmtree(partial, ignore_errors=True)
+    summary = metrics["summary"]
+    # One row per step (training loss, projection diagnostics, and the safety/task loss where evaluated):
+    # the file `dvc plots` and the MLflow telemetry read.
+    by_step: dict[int, dict[str, Any]] = {}
+    for rec in metrics.get("steps", []) + metrics.get("evals", []):
+        by_step.setdefault(int(rec["step"]), {}).update(rec)
+    rows = [by_step[k] for k in sorted(by_step)]
+    from spf.io import atomic_path
+
+    # DVC's `cache: false` plots/metrics are committed to git on purpose: rewriting them is the point
+    with atomic_path(Path(p.runtime.workdir) / "telemetry.json", tracked_ok=True) as tmp:
+        tmp.write_text(json.dumps(rows, indent=1) + "\n")
+    resumes = metrics.get("resumes") or []
+    return {
+        "adapter_dir": str(out),
+        **{k: v for k, v in summary.items() if isinstance(v, int | float | str) and not isinstance(v, bool)},
+        "resumed_from_step": resumes[-1]["step"] if resumes else 0,
+    }
+
+
+def _train_in(partial: Path, cfg: Any, p: PipelineParams, train: Callable[..., Any]) -> dict[str, Any]:
+    """Train (or resume, or take the finished run) in ``partial``; its metrics."""
     # The run `partial` belongs to: the settings that change the result and the bytes of every input.
     # A folder left by a run with another key is discarded (its checkpoints continue a different run).
     key = _finetune_key(cfg, p)
@@ -357,11 +384,15 @@ def finetune_stage(p: PipelineParams) -> dict[str, Any]:
         _write_json(key, key_file)
     # Training resumes from the checkpoints in `partial`; the adapter and metrics.json are written last,
     # so their presence marks a finished run (a kill after training but before the move below finds it).
-    if (partial / "metrics.json").is_file() and (partial / "adapter_config.json").is_file():
+    weights = ("adapter_config.json", "config.json")  # a LoRA adapter, or a full fine-tune's whole model
+    if (partial / "metrics.json").is_file() and any((partial / w).is_file() for w in weights):
         logger.info("%s holds a finished run of the same parameters: publishing it", partial)
-        metrics = json.loads((partial / "metrics.json").read_text())
-    else:
-        metrics = train(cfg).metrics  # TrainingAborted leaves `partial` (with abort.json) and `out` untouched
+        return json.loads((partial / "metrics.json").read_text())
+    return train(cfg).metrics  # TrainingAborted leaves `partial` (with abort.json) and `out` untouched
+
+
+def _publish_run(partial: Path, out: Path) -> None:
+    """Move a finished run from ``partial`` to ``out`` (without its checkpoints and stage files)."""
     with atomic_dir(out) as tmp:
         for item in partial.iterdir():
             if item.name in ("checkpoints", "stage_key.json", "abort.json"):
@@ -372,24 +403,6 @@ def finetune_stage(p: PipelineParams) -> dict[str, Any]:
             saved = json.loads(train_config.read_text())
             saved["out"] = str(out)
             _write_json(saved, train_config)
-    shutil.rmtree(partial, ignore_errors=True)
-    summary = metrics["summary"]
-    # One row per step (training loss, projection diagnostics, and the safety/task loss where evaluated):
-    # the file `dvc plots` and the MLflow telemetry read.
-    by_step: dict[int, dict[str, Any]] = {}
-    for rec in metrics.get("steps", []) + metrics.get("evals", []):
-        by_step.setdefault(int(rec["step"]), {}).update(rec)
-    rows = [by_step[k] for k in sorted(by_step)]
-    from spf.io import atomic_path
-
-    with atomic_path(Path(p.runtime.workdir) / "telemetry.json") as tmp:
-        tmp.write_text(json.dumps(rows, indent=1) + "\n")
-    resumes = metrics.get("resumes") or []
-    return {
-        "adapter_dir": str(out),
-        **{k: v for k, v in summary.items() if isinstance(v, int | float | str) and not isinstance(v, bool)},
-        "resumed_from_step": resumes[-1]["step"] if resumes else 0,
-    }
 
 
 def _finetune_key(cfg: Any, p: PipelineParams) -> dict[str, Any]:
@@ -442,16 +455,17 @@ def flat_metrics(results: dict[str, Any]) -> dict[str, float]:
 
 
 def evaluate_stage(p: PipelineParams) -> dict[str, Any]:
-    """Safety and utility suites on aligned base + adapter → ``workdir/eval`` (results, samples, metrics)."""
+    """Safety and utility suites on the aligned base + fine-tune output → ``workdir/eval`` (results, samples,
+    metrics)."""
     from spf.eval.suites import evaluate
     from spf.io import atomic_path
-    from spf.models import load_adapter, load_model
+    from spf.models import load_finetuned
 
     _set_threads(p)
     ev = p.evaluate
-    model, tok = load_model(aligned_model_ref(p), device=p.runtime.device)
-    model = load_adapter(model, p.stage_dir("finetune"))
-    model.eval()
+    # LoRA adapter on the aligned base, or a full fine-tune's own weights: the loader the pyfunc model and
+    # the benchmark use too, so the evaluated model is the served one
+    model, tok = load_finetuned(aligned_model_ref(p), p.stage_dir("finetune"), device=p.runtime.device)
     common = {
         "judge": ev.judge,
         "judge_kwargs": {"min_words": ev.judge_min_words} if ev.judge == "keyword" else None,
@@ -492,7 +506,7 @@ def evaluate_stage(p: PipelineParams) -> dict[str, Any]:
         _write_json(results, tmp / "results.json")
         _write_json(metrics, tmp / "metrics.json")
     # DVC reads metrics from a file outside the (cached) eval folder, so `dvc metrics diff` needs no checkout
-    with atomic_path(Path(p.runtime.workdir) / "metrics.json") as tmp_metrics:
+    with atomic_path(Path(p.runtime.workdir) / "metrics.json", tracked_ok=True) as tmp_metrics:
         tmp_metrics.write_text(json.dumps(metrics, indent=2) + "\n")
     return {"eval_dir": str(out), **metrics}
 
@@ -548,9 +562,17 @@ def run_stage(name: str, p: PipelineParams) -> dict[str, Any]:
     if name not in STAGE_TABLE:
         raise ValueError(f"unknown stage {name!r}; stages: {', '.join(STAGES)}")
     p.check_workspace()  # outputs never land outside the workspace (a symlinked workdir, …)
+    # nor in the package or over tracked files: publishing replaces the stage's folder whole
+    # (the workdir itself may hold tracked files: DVC's .gitignore and `cache: false` metrics live there)
+    check_output(p.runtime.workdir, what="runtime.workdir", tracked=False)
+    dest = p.stage_dir(STAGE_TABLE[name].output)
+    check_output(dest, what="runtime.workdir", kind=None)
     t0 = time.perf_counter()
     logger.info("stage %s ...", name)
-    out = STAGE_TABLE[name].func(p)
+    # one writer per stage output: a second run of the stage fails at once instead of deleting the first
+    # one's live folders (finetune.partial) and both reporting success
+    with output_lock(dest, what=f"runtime.workdir: the {name} stage output"):
+        out = STAGE_TABLE[name].func(p)
     out["seconds"] = round(time.perf_counter() - t0, 3)
     logger.info("stage %s done in %.1f s", name, out["seconds"])
     return out

@@ -9,7 +9,9 @@ file is fsynced, and the folder is renamed into place, so a crash never leaves a
 match it (a disk that lost data), falling back to the previous checkpoint.
 
 :func:`resume_config` is the resume key: the configuration a checkpoint records, which a run must match to
-continue it (:func:`check_resume_config`); the pipeline also keys its finetune cache on it.
+continue it (:func:`check_resume_config`); the pipeline also keys its finetune cache on it. A FINISHED run
+(``train_config.json`` in the output folder) is protected the same way (:func:`check_finished_run`): a run
+of another configuration into the same folder is refused instead of silently replacing its result.
 """
 
 from __future__ import annotations
@@ -31,11 +33,14 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from spf.core.subspace import SafetySubspace
+from spf.io import OutputError
 from spf.training.config import TrainConfig
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "FINISHED_CONFIG",
+    "check_finished_run",
     "check_resume_config",
     "discard_partial_checkpoints",
     "latest_checkpoint",
@@ -52,18 +57,66 @@ _REQUIRED = ("trainable.safetensors", "optimizer.safetensors", "optimizer.json",
 # TrainConfig fields that change how a run is executed or saved, never what it computes: a checkpoint
 # written under other values of these may be resumed.
 _RESUME_NEUTRAL = ("out", "resume", "save_every", "keep_checkpoints", "threads", "device")
+# what a finished run leaves in its output folder: its whole TrainConfig (written with the weights)
+FINISHED_CONFIG = "train_config.json"
 
 
 def resume_config(cfg: TrainConfig) -> dict[str, Any]:
     """The configuration a checkpoint records: every field that changes what the run computes."""
-    d = cfg.to_dict()
-    for key in _RESUME_NEUTRAL:
-        d.pop(key, None)
-    if cfg.finetune == "lora":
+    return _result_key(cfg.to_dict())
+
+
+def _result_key(config: dict[str, Any]) -> dict[str, Any]:
+    d = {k: v for k, v in config.items() if k not in _RESUME_NEUTRAL}
+    if d.get("finetune") == "lora":
         # full_params only chooses what full fine-tuning trains: leaving it out of a LoRA run's key keeps the
         # checkpoints (and the pipeline's cache keys) written before the field existed valid
         d.pop("full_params", None)
     return d
+
+
+def check_finished_run(out: Path, cfg: TrainConfig) -> None:
+    """Refuse (:class:`OutputError`) to train into ``out`` when it holds a finished run of another
+    configuration — two runs (say, two seeds) into one folder would otherwise both report success with
+    one result lost. With resume off (``--no-resume``: start over) the old run is replaced, with a warning.
+    Keys the saved file lacks (written by an older version) are not compared."""
+    file = Path(out) / FINISHED_CONFIG
+    if not file.is_file():
+        return
+    try:
+        saved = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        saved = None
+    if isinstance(saved, dict):
+        new = json.loads(json.dumps(resume_config(cfg), default=str))  # tuples → lists, as in the file
+        found = _first_change(_result_key(saved), new, "")
+    else:
+        found = f"{FINISHED_CONFIG} unreadable"
+    if found is None:
+        return
+    if not cfg.resume:
+        logger.warning("resume off: starting over in %s, replacing the finished run there (%s)", out, found)
+        return
+    raise OutputError(
+        f"--out {out} holds a finished run of another configuration ({found}); choose another --out, "
+        "or pass --no-resume to replace it"
+    )
+
+
+def _first_change(saved: Any, new: Any, prefix: str) -> str | None:
+    """'key: old → new' of the first (sorted, dotted) key both configurations have and that differs."""
+    if isinstance(saved, dict) and isinstance(new, dict):
+        for key in sorted(set(saved) & set(new)):
+            found = _first_change(saved[key], new[key], f"{prefix}{key}.")
+            if found:
+                return found
+        return None
+    return None if saved == new else f"{prefix.rstrip('.')}: {_short(saved)} → {_short(new)}"
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def check_resume_config(ckpt: Path, saved: dict[str, Any] | None, cfg: TrainConfig) -> None:

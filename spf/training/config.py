@@ -3,9 +3,14 @@ fields); ``__post_init__`` rejects bad values before any work."""
 
 from __future__ import annotations
 
+import functools
 import math
-from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Literal, get_args
+import re
+import types
+import typing
+from collections.abc import Callable
+from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
+from typing import Any, Literal, get_args, get_origin
 
 from spf.core.modes import ConflictScope, ProjectMode, ProjectOn
 
@@ -19,10 +24,130 @@ FullParams = Literal["projected", "all"]
 SafeGradScope = Literal["global", "module"]
 
 
+def shown(value: Any) -> str:
+    """A wrong value as an error message shows it, never long: a mapping by (at most 8 of) its keys (it may
+    hold a credential pasted in the wrong place), a list by its length, a string or number cut at 60
+    characters. Formatting is bounded too: no repr of a whole container or a many-thousand-digit int."""
+    if isinstance(value, dict):
+        keys = sorted(str(k)[:30] for k in list(value)[:8])
+        return f"a mapping with keys {keys}{' and more' if len(value) > 8 else ''}"
+    if isinstance(value, list | tuple | set):
+        return f"a list of {len(value)} item(s)"
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 128:
+        return f"an integer of {value.bit_length()} bits"
+    if isinstance(value, str):
+        text = repr(value[:61])
+        return text if len(value) <= 60 else text[:-1] + "..." + text[-1]
+    text = repr(value) if isinstance(value, int | float | bool | None) else f"a {type(value).__name__}"
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def _check_choice(name: str, value: Any, kind: Any) -> None:
     allowed = get_args(kind)
-    if value not in allowed:
-        raise ValueError(f"{name}: must be one of {', '.join(map(repr, allowed))}, got {value!r}")
+    if not isinstance(value, str | int | bool | None) or value not in allowed:
+        raise ValueError(f"{name}: must be one of {', '.join(map(repr, allowed))}, got {shown(value)}")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def check_float(
+    key: str, value: Any, ok: Callable[[float], bool], what: str, *, nullable: bool = False
+) -> None:
+    """``value`` is a finite number for which ``ok`` holds (NaN and ±inf never: a NaN passes every ``<``
+    test and an infinite learning rate only fails at the first step, naming nothing)."""
+    if value is None and nullable:
+        return
+    try:
+        good = _is_number(value) and math.isfinite(value) and ok(value)
+    except OverflowError:  # an int too large for a float
+        good = False
+    if not good:
+        null = " or null" if nullable else ""
+        raise ValueError(f"{key}: must be {what}{null}, got {shown(value)}")
+
+
+def check_int(key: str, value: Any, low: int, *, nullable: bool = False, noun: str = "") -> None:
+    """``value`` is an integer (not a bool) ≥ ``low`` (or None when ``nullable``)."""
+    if value is None and nullable:
+        return
+    null = " or null" if nullable else ""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{key}: must be an integer ≥ {low}{null}, got {shown(value)}")
+    if value < low:
+        raise ValueError(f"{key}: must be {noun}≥ {low}{null}, got {shown(value)}")
+
+
+_DEVICE = re.compile(r"cpu|mps|cuda(:\d{1,3})?")
+
+
+def check_device(key: str, value: Any) -> None:
+    """``cpu``, ``cuda``, ``cuda:N``, ``mps`` or None — and the accelerator named must be present. torch is
+    imported only to ask that (an accelerator was named), so the config stays importable without it."""
+    if value is None:
+        return
+    if not isinstance(value, str) or not _DEVICE.fullmatch(value):
+        raise ValueError(f"{key}: must be cpu, cuda, cuda:N or mps (or null for auto), got {shown(value)}")
+    if value == "cpu":
+        return
+    import torch
+
+    if value == "mps":
+        if not torch.backends.mps.is_available():
+            raise ValueError(f"{key}: 'mps' requested but no MPS device is available; use cpu")
+        return
+    if not torch.cuda.is_available():
+        raise ValueError(f"{key}: {value!r} requested but no CUDA device is available; use cpu or null")
+    index = int(value.partition(":")[2] or 0)
+    if index >= torch.cuda.device_count():
+        raise ValueError(f"{key}: {value!r} requested but only {torch.cuda.device_count()} CUDA device(s)")
+
+
+def check_threads(key: str, value: Any) -> None:
+    check_int(key, value, 1, nullable=True)
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _type_ok(value: Any, tp: Any) -> bool:
+    origin = get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, arg) for arg in get_args(tp))
+    if tp is type(None):
+        return value is None
+    if origin is Literal:
+        return True  # the choice checks name the allowed values
+    if origin is list:
+        return isinstance(value, list) and all(_type_ok(v, get_args(tp)[0]) for v in value)
+    if tp is float:
+        return _is_number(value)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp in (bool, str):
+        return isinstance(value, tp)
+    return True
+
+
+def _describe(tp: Any) -> str:
+    origin = get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join("null" if a is type(None) else _describe(a) for a in get_args(tp))
+    if origin is list:
+        return f"a list of {_describe(get_args(tp)[0])}"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _check_types(obj: Any, section: str = "") -> None:
+    """Each field holds its declared type: a --config file (or a caller) can hand any JSON value, and a
+    string where a number belongs would otherwise fail later as a TypeError naming no key."""
+    for name, tp in _hints(type(obj)).items():
+        value = getattr(obj, name)
+        if not is_dataclass(tp) and not _type_ok(value, tp):
+            raise ValueError(f"{section}{name}: must be {_describe(tp)}, got {shown(value)}")
 
 
 @dataclass
@@ -35,10 +160,10 @@ class LoraSettings:
     )
 
     def __post_init__(self) -> None:
-        if self.r < 1:
-            raise ValueError(f"lora.r: must be ≥ 1, got {self.r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"lora.dropout: must be in [0, 1), got {self.dropout}")
+        check_int("lora.r", self.r, 1)
+        check_float("lora.alpha", self.alpha, lambda v: v > 0, "a finite number > 0")
+        check_float("lora.dropout", self.dropout, lambda v: 0.0 <= v < 1.0, "in [0, 1)")
+        _check_types(self, "lora.")  # after the range checks: they name the range
 
 
 @dataclass
@@ -69,13 +194,13 @@ class SPFSettings:
     diagnostics: bool = field(default=True, metadata={"help": "record the per-step spf/* diagnostics"})
 
     def __post_init__(self) -> None:
-        if self.rank < 1:
-            raise ValueError(f"spf.rank: must be ≥ 1, got {self.rank}")
-        if self.refresh_every < 0:
-            raise ValueError(f"spf.refresh_every: must be ≥ 0, got {self.refresh_every}")
+        check_int("spf.rank", self.rank, 1)
+        check_int("spf.refresh_every", self.refresh_every, 0)
+        check_int("spf.sample_index", self.sample_index, 0, nullable=True)
         _check_choice("spf.mode", self.mode, ProjectMode)
         _check_choice("spf.project_on", self.project_on, ProjectOn)
         _check_choice("spf.conflict_scope", self.conflict_scope, ConflictScope)
+        _check_types(self, "spf.")  # after the range checks: they name the range
 
 
 DEFAULT_REFUSAL_PREFIXES = ["I'm sorry", "I cannot", "I can't"]
@@ -99,12 +224,11 @@ class UnlikelihoodSettings:
     batch_size: int = field(default=4, metadata={"help": "prompts per step (each scored with every prefix)"})
 
     def __post_init__(self) -> None:
-        if self.weight < 0:
-            raise ValueError(f"unlikelihood.weight: must be ≥ 0, got {self.weight}")
-        if self.batch_size < 1:
-            raise ValueError(f"unlikelihood.batch_size: must be ≥ 1, got {self.batch_size}")
+        check_float("unlikelihood.weight", self.weight, lambda v: v >= 0, "a finite number ≥ 0")
+        check_int("unlikelihood.batch_size", self.batch_size, 1)
         if not self.prefixes or not all(isinstance(x, str) and x.strip() for x in self.prefixes):
             raise ValueError("unlikelihood.prefixes: must be a non-empty list of non-empty strings")
+        _check_types(self, "unlikelihood.")  # after the range checks: they name the range
 
 
 @dataclass
@@ -138,17 +262,14 @@ class BaselineSettings:
     )
 
     def __post_init__(self) -> None:
-        f = self.safeinstr_fraction
-        if isinstance(f, bool) or not isinstance(f, int | float) or not 0.0 < f <= 1.0:
-            raise ValueError(f"baselines.safeinstr_fraction: must be in (0, 1], got {f}")
+        check_float(
+            "baselines.safeinstr_fraction", self.safeinstr_fraction, lambda v: 0 < v <= 1, "in (0, 1]"
+        )
         for name in ("safegrad_batch", "safegrad_every", "lisa_align_steps", "lisa_task_steps"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"baselines.{name}: must be an integer ≥ 1, got {value!r}")
+            check_int(f"baselines.{name}", getattr(self, name), 1, noun="an integer ")
         _check_choice("baselines.safegrad_scope", self.safegrad_scope, SafeGradScope)
-        rho = self.lisa_rho
-        if isinstance(rho, bool) or not isinstance(rho, int | float) or not 0.0 <= rho < float("inf"):
-            raise ValueError(f"baselines.lisa_rho: must be a finite number ≥ 0, got {rho}")
+        check_float("baselines.lisa_rho", self.lisa_rho, lambda v: v >= 0, "a finite number ≥ 0")
+        _check_types(self, "baselines.")  # after the range checks: they name the range
 
 
 @dataclass
@@ -190,7 +311,7 @@ class TrainConfig:
     save_every: int = field(
         default=0, metadata={"help": "checkpoint every N steps (0 = only the final output)"}
     )
-    keep_checkpoints: int = field(default=2, metadata={"help": "newest checkpoints kept"})
+    keep_checkpoints: int = field(default=2, metadata={"help": "newest checkpoints kept (0 = all)"})
     resume: bool = field(
         default=True, metadata={"help": "continue from the newest checkpoint in `out` when there is one"}
     )
@@ -219,18 +340,8 @@ class TrainConfig:
     device: str | None = field(default=None, metadata={"help": "None = cuda when present, else cpu"})
 
     def __post_init__(self) -> None:
-        if isinstance(self.lora, dict):
-            self.lora = LoraSettings(**self.lora)
-        if isinstance(self.spf, dict):
-            self.spf = SPFSettings(**self.spf)
-        if isinstance(self.unlikelihood, dict):
-            self.unlikelihood = UnlikelihoodSettings(**self.unlikelihood)
-        if isinstance(self.baselines, dict):
-            known = {f.name for f in fields(BaselineSettings)}
-            unknown = sorted(set(self.baselines) - known)
-            if unknown:
-                raise ValueError(f"baselines.{unknown[0]}: unknown key (known: {', '.join(sorted(known))})")
-            self.baselines = BaselineSettings(**self.baselines)
+        for name, cls in _SECTIONS.items():
+            setattr(self, name, _section(name, cls, getattr(self, name)))
         _check_train_config(self)
 
     def to_dict(self) -> dict[str, Any]:
@@ -239,10 +350,115 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
         known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
+        unknown = sorted(str(k)[:40] for k in set(d) - known)
         if unknown:
-            raise ValueError(f"unknown training option(s): {', '.join(unknown)}")
+            more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
+            raise ValueError(f"unknown training option(s): {', '.join(unknown[:5])}{more}")
         return cls(**d)
+
+
+_SECTIONS: dict[str, type] = {
+    "lora": LoraSettings,
+    "spf": SPFSettings,
+    "unlikelihood": UnlikelihoodSettings,
+    "baselines": BaselineSettings,
+}
+
+
+def _section(name: str, cls: type, value: Any) -> Any:
+    """A section given as a mapping (a --config file, a caller's dict) → its dataclass, naming the key of an
+    unknown or missing entry instead of a TypeError about ``__init__``."""
+    if isinstance(value, cls):
+        return value
+    if not isinstance(value, dict):
+        raise ValueError(f"{name}: must be a mapping of {cls.__name__} fields, got {shown(value)}")
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(str(k) for k in set(value) - known)
+    if unknown:
+        raise ValueError(f"{name}.{unknown[0][:40]}: unknown key (known: {', '.join(sorted(known))})")
+    return cls(**value)
+
+
+# ------------------------------------------------------------------------------- which settings are used
+# A setting the chosen method or fine-tuning mode does not read is an error when it is set to anything but
+# its default: `--lora-r 4 --finetune full` or a lisa knob under `method: spf` would otherwise run, silently,
+# something other than what was asked. One table, read by every way a TrainConfig is built (flags, --config,
+# params.yaml, bench files): (selector key, the selector values that read the keys, the keys, why).
+# A selector value of SET means "when the selector is set (not None)".
+SET = "<set>"
+SETTINGS_USED_BY: tuple[tuple[str, tuple[str, ...], tuple[str, ...], str], ...] = (
+    ("finetune", ("lora",), ("lora.r", "lora.alpha", "lora.dropout", "lora.target_modules"),
+     "LoRA settings apply to finetune=lora"),
+    ("finetune", ("full",), ("full_params",), "full_params applies to finetune=full"),
+    ("method", ("spf",),
+     ("spf.sample", "spf.sample_index", "spf.rank", "spf.mode", "spf.project_on", "spf.conflict_scope",
+      "spf.refresh_every", "spf.diagnostics"),
+     "SPF settings apply to method=spf; other methods only track the refusal loss on the sample of spf.subspace"),
+    ("method", BASELINE_METHODS, ("baselines.safety_data",),
+     f"the safety pairs are read by {', '.join(BASELINE_METHODS)}"),
+    ("method", ("safeinstr",), ("baselines.safeinstr_fraction",), "safeinstr_* applies to method=safeinstr"),
+    ("method", ("safegrad",), ("baselines.safegrad_batch", "baselines.safegrad_every",
+     "baselines.safegrad_scope"), "safegrad_* applies to method=safegrad"),
+    ("method", ("lisa",), ("baselines.lisa_align_steps", "baselines.lisa_task_steps", "baselines.lisa_rho"),
+     "lisa_* applies to method=lisa"),
+    ("spf.sample", (SET,), ("spf.sample_index",), "sample_index picks a record of spf.sample"),
+    ("unlikelihood.data", (SET,), ("unlikelihood.prefixes", "unlikelihood.weight", "unlikelihood.batch_size"),
+     "the prefix penalty is on only with unlikelihood.data"),
+)  # fmt: skip
+# settings that name alternatives: at most one of each group may be set
+EXCLUSIVE: tuple[tuple[str, ...], ...] = (("spf.subspace", "spf.sample"),)
+
+
+def _get(cfg: Any, key: str) -> Any:
+    """``cfg``'s value of dotted ``key``; ``cfg`` is a TrainConfig or its nested-dict form (absent = default)."""
+    for i, part in enumerate(parts := key.split(".")):
+        if isinstance(cfg, dict):
+            if part not in cfg:
+                return default_of(".".join(parts[: i + 1]))
+            cfg = cfg[part]
+        else:
+            cfg = getattr(cfg, part)
+    return cfg
+
+
+def _selected(chosen: Any, users: tuple[str, ...]) -> bool:
+    return chosen in users or (SET in users and chosen is not None)
+
+
+def default_of(key: str) -> Any:
+    """The default of a dotted TrainConfig key (``lora.r`` → 8)."""
+    cls: type = TrainConfig
+    *sections, name = key.split(".")
+    for part in sections:
+        cls = _hints(cls)[part]
+    f = next(f for f in fields(cls) if f.name == name)
+    return f.default_factory() if f.default_factory is not MISSING else f.default
+
+
+def uses(cfg: Any, key: str) -> bool:
+    """Whether a run with ``cfg`` (a TrainConfig or its nested-dict form) reads setting ``key``: callers that
+    fill settings in (the pipeline stage, a bench cell) fill only those the method reads."""
+    return all(_selected(_get(cfg, sel), users) for sel, users, keys, _ in SETTINGS_USED_BY if key in keys)
+
+
+def _check_used(cfg: TrainConfig) -> None:
+    for group in EXCLUSIVE:
+        given = [k for k in group if _get(cfg, k) is not None]
+        if len(given) > 1:
+            raise ValueError(f"{given[-1]}: give one of {' or '.join(group)}, not both")
+    for selector, users, keys, why in SETTINGS_USED_BY:
+        chosen = _get(cfg, selector)
+        if _selected(chosen, users):
+            continue
+        for key in keys:
+            value = _get(cfg, key)
+            if value != default_of(key):
+                state = (
+                    f"{selector} is not set"
+                    if chosen is None
+                    else f"{selector}={shown(chosen).strip(chr(39))}"
+                )
+                raise ValueError(f"{key}: set to {shown(value)}, but ignored as {state} ({why})")
 
 
 def _check_train_config(cfg: TrainConfig) -> None:
@@ -251,23 +467,22 @@ def _check_train_config(cfg: TrainConfig) -> None:
     _check_choice("finetune", cfg.finetune, Finetune)
     _check_choice("full_params", cfg.full_params, FullParams)
     for name in ("steps", "batch_size", "grad_accum", "heldout_n"):
-        if getattr(cfg, name) < 1:
-            raise ValueError(f"{name}: must be ≥ 1, got {getattr(cfg, name)}")
-    if cfg.max_length < 2:  # one prompt token + one supervised response token
-        raise ValueError(f"max_length: must be ≥ 2, got {cfg.max_length}")
-    for name in ("save_every", "warmup_steps", "eval_every"):
-        if getattr(cfg, name) < 0:
-            raise ValueError(f"{name}: must be ≥ 0, got {getattr(cfg, name)}")
-    if cfg.lr <= 0:
-        raise ValueError(f"lr: must be > 0, got {cfg.lr}")
+        check_int(name, getattr(cfg, name), 1)
+    check_int("max_length", cfg.max_length, 2)  # one prompt token + one supervised response token
+    for name in ("save_every", "warmup_steps", "eval_every", "task_eval_n", "keep_checkpoints"):
+        check_int(name, getattr(cfg, name), 0)
+    check_int("limit_data", cfg.limit_data, 1, nullable=True)
+    check_float("lr", cfg.lr, lambda v: v > 0, "a finite number > 0")
+    check_float("weight_decay", cfg.weight_decay, lambda v: v >= 0, "a finite number ≥ 0")
+    check_float("max_grad_norm", cfg.max_grad_norm, lambda v: v > 0, "a finite number > 0", nullable=True)
+    check_float(
+        "abort_safety_rise", cfg.abort_safety_rise, lambda v: v > 0, "a finite number > 0", nullable=True
+    )
+    check_threads("threads", cfg.threads)
+    check_device("device", cfg.device)
+    _check_types(cfg)  # the fields without a range (strings, flags, seed), after those with one
+    _check_used(cfg)
     bound = cfg.abort_safety_rise
-    if bound is not None and (
-        isinstance(bound, bool)
-        or not isinstance(bound, int | float)
-        or not math.isfinite(bound)
-        or bound <= 0
-    ):
-        raise ValueError(f"abort_safety_rise: must be a finite number > 0 or None, got {bound!r}")
     if bound is not None and not (cfg.heldout_safety or cfg.method == "spf" or cfg.spf.subspace):
         raise ValueError(
             "abort_safety_rise: needs a tracked safety loss — set heldout_safety, or a safety sample "

@@ -20,6 +20,7 @@ import math
 import shutil
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,14 +35,16 @@ from spf.core.distributed import (
     barrier,
     broadcast_parameters,
     init_from_env,
+    is_distributed,
     mean_over_ranks,
 )
 from spf.core.losses import batch_loss, encode_prefix_batch, prefix_unlikelihood_loss
 from spf.data.samples import ChatSample, collate, encode_sample, load_samples, pad_token_id
-from spf.io import save_json
+from spf.io import OutputError, check_output, output_lock, save_json
 from spf.models import auto_device, default_target_modules, load_model, unwrap
 from spf.training.callbacks import ABORT_FILE, Aborter, Checkpointer, Emitter, SafetyMonitor, TrainingAborted
 from spf.training.checkpoint import (
+    check_finished_run,
     check_resume_config,
     discard_partial_checkpoints,
     latest_checkpoint,
@@ -97,9 +100,10 @@ def train(cfg: TrainConfig, callback: Callback | None = None) -> TrainResult:
 
     Raises :class:`TrainingAborted` (after writing ``abort.json``) on a fault; see the module docstring.
     """
-    run = _setup(cfg, callback)
-    _fit(run)
-    return _finish(run)
+    with ExitStack() as hold:  # the lock on `out`, held for the whole run (released on any exit)
+        run = _setup(cfg, callback, hold)
+        _fit(run)
+        return _finish(run)
 
 
 # ------------------------------------------------------------------------------------------------- setup
@@ -190,6 +194,40 @@ def _heldout_pool(
     return pool[: cfg.heldout_n], overlap
 
 
+def _inputs(cfg: TrainConfig) -> dict[str, Any]:
+    """Every path the run reads, by flag: `out` may be none of them, nor hold or lie inside one."""
+    return {
+        "--model": cfg.model,
+        "--data": cfg.data,
+        "--subspace": cfg.spf.subspace,
+        "--safety-sample": cfg.spf.sample,
+        "--safety-data": cfg.baselines.safety_data,
+        "--heldout-safety": cfg.heldout_safety,
+        "--unlikelihood-data": cfg.unlikelihood.data,
+    }
+
+
+def _claim_out(cfg: TrainConfig, ctx: DistContext, hold: ExitStack) -> None:
+    """Rank 0 takes the one-writer lock on ``out`` (a second run into it fails at once, naming this one)
+    and checks that a finished run there is of the same configuration. Every rank learns the outcome:
+    a refused rank 0 must not leave the others waiting at a barrier."""
+    error = None
+    if ctx.is_main:
+        try:
+            hold.enter_context(output_lock(cfg.out))
+            check_finished_run(Path(cfg.out), cfg)
+        except OutputError as exc:
+            error = str(exc)
+        except OSError as exc:  # e.g. no permission to create the lock file beside `out`
+            error = f"--out {cfg.out}: cannot take its lock ({exc.strerror or exc})"
+    if is_distributed():
+        box = [error]
+        torch.distributed.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error is not None:
+        raise OutputError(error)
+
+
 def _prepare_out(out: Path, cfg: TrainConfig, ctx: DistContext) -> None:
     if ctx.is_main:
         out.mkdir(parents=True, exist_ok=True)
@@ -200,15 +238,20 @@ def _prepare_out(out: Path, cfg: TrainConfig, ctx: DistContext) -> None:
             # pick one of them
             shutil.rmtree(out / "checkpoints")
             logger.info("resume off: removed the checkpoints in %s", out)
+        if not cfg.resume:  # the old run's markers: a crash of this one must not look finished
+            for name in ("metrics.json", "train_config.json"):
+                (out / name).unlink(missing_ok=True)
         (out / ABORT_FILE).unlink(missing_ok=True)  # a previous attempt's; rewritten if this one aborts too
     barrier()  # the other ranks look for checkpoints only once rank 0 has cleaned up
 
 
-def _setup(cfg: TrainConfig, callback: Callback | None) -> _Run:
+def _setup(cfg: TrainConfig, callback: Callback | None, hold: ExitStack) -> _Run:
     t_start = time.perf_counter()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     method = make_method(cfg)
+    # `out` may not be the package, tracked source, an input, or a file; reads only
+    check_output(cfg.out, inputs=_inputs(cfg))
     # validate the data before anything is created on disk
     data = load_samples(cfg.data, require_response=True, limit=cfg.limit_data)
     # the (harmful prompt, refusal) pairs a baseline trains on/against
@@ -216,6 +259,7 @@ def _setup(cfg: TrainConfig, callback: Callback | None) -> _Run:
     out = Path(cfg.out)
     torch.manual_seed(cfg.seed)
     device, ctx = _device_and_context(cfg)
+    _claim_out(cfg, ctx, hold)  # before the model load: a second writer fails at once
     model, tokenizer, frozen = _setup_model(cfg, device)
     encoded = [
         encode_sample(tokenizer, s, max_length=cfg.max_length) for s in method.prepare_data(data, safety)

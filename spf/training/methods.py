@@ -32,8 +32,16 @@ import torch
 
 from spf.core.losses import batch_loss
 from spf.core.optimizer import SPFOptimizer
-from spf.core.subspace import SafetySubspace, estimate_batch_subspace, estimate_safety_subspace
+from spf.core.subspace import (
+    SafetySubspace,
+    check_rank_available,
+    estimate_batch_subspace,
+    estimate_safety_subspace,
+    module_shapes,
+    weights_fingerprint,
+)
 from spf.data.samples import ChatSample, DataError, collate, encode_sample, load_samples, pad_token_id
+from spf.models import model_fingerprint
 from spf.training.baselines import (
     add_proximal_grad,
     lisa_last_switch,
@@ -58,6 +66,7 @@ __all__ = [
     "SafeGrad",
     "SafeInstr",
     "Vanilla",
+    "check_subspace_matches_model",
     "index_batches",
     "load_safety_samples",
     "make_method",
@@ -181,25 +190,13 @@ class Vanilla(Method):
 # ---------------------------------------------------------------------------------------------------- SPF
 
 
+_RANK_FLAG = "--rank / spf.rank"
+
+
 def _resolve_spf(cfg: TrainConfig, model, tokenizer) -> tuple[SafetySubspace, list[ChatSample]]:
     s = cfg.spf
     if s.subspace:
-        sub = SafetySubspace.load(s.subspace)
-        if sub.rank > s.rank:
-            sub = sub.truncate(s.rank)
-        elif sub.rank < s.rank:
-            logger.warning(
-                "subspace folder has rank %d < spf.rank %d: using %d until the first refresh",
-                sub.rank,
-                s.rank,
-                sub.rank,
-            )
-        samples = load_safety_samples(s.subspace)
-        if sub.metadata.get("model_ref") not in (None, cfg.model):
-            logger.warning(
-                "subspace was estimated on %s, training %s", sub.metadata.get("model_ref"), cfg.model
-            )
-        return sub, samples
+        return _stored_subspace(cfg, model, tokenizer)
     from spf.refusal import first_refused, own_refusal  # generation is only needed here
 
     candidates = load_samples(s.sample)  # type: ignore[arg-type]
@@ -214,7 +211,70 @@ def _resolve_spf(cfg: TrainConfig, model, tokenizer) -> tuple[SafetySubspace, li
     sub = estimate_safety_subspace(
         model, tokenizer, sample, rank=s.rank, max_length=cfg.max_length, model_ref=cfg.model
     )
+    check_rank_available(sub, s.rank, _RANK_FLAG, f"the safety sample of {s.sample}")
     return sub, [sample]
+
+
+def _stored_subspace(cfg: TrainConfig, model, tokenizer) -> tuple[SafetySubspace, list[ChatSample]]:
+    """The ``spf.subspace`` folder, verified against the model being trained, at the rank asked for."""
+    s, folder = cfg.spf, Path(cfg.spf.subspace)  # type: ignore[arg-type]
+    sub = SafetySubspace.load(folder)
+    check_subspace_matches_model(sub, folder, model, cfg.model)
+    samples = load_safety_samples(folder)
+    held = max(sub.effective_rank.values(), default=0)
+    if s.rank < held:
+        return sub.truncate(s.rank), samples
+    if s.rank > held:
+        if not s.refresh_every:
+            raise DataError(
+                f"{_RANK_FLAG} {s.rank} is more than the subspace in {folder} holds ({held} directions per "
+                f"module at most) and spf.refresh_every is 0 (never re-estimated): use {_RANK_FLAG} ≤ {held}, "
+                f"or re-run `spf estimate --rank {s.rank}`"
+            )
+        # the first refresh re-estimates at spf.rank from sample.jsonl: check now that the sample has that many
+        probe = estimate_batch_subspace(
+            model, tokenizer, samples, rank=s.rank, modules=sub.modules, max_length=cfg.max_length,
+            weights=sub.metadata.get("weights"),
+        )  # fmt: skip
+        check_rank_available(probe, s.rank, _RANK_FLAG, f"the safety sample in {folder / 'sample.jsonl'}")
+        logger.warning(
+            "subspace folder %s holds %d directions < spf.rank %d: using %d until the first refresh",
+            folder, held, s.rank, held,
+        )  # fmt: skip
+    return sub, samples
+
+
+def check_subspace_matches_model(sub: SafetySubspace, folder: Path, model, model_ref: str) -> None:
+    """DataError naming ``folder`` when the subspace was not estimated on this model: another architecture
+    (config fingerprint), other module shapes, or the same architecture with other weights."""
+    meta = sub.metadata
+    recorded = meta.get("model_fingerprint")
+    if not recorded:
+        raise DataError(
+            f"{folder / 'subspace.json'}: no model fingerprint (written by an older spf): re-run "
+            f"`spf estimate --model {model_ref}` to rebuild it"
+        )
+    was = f"{meta.get('model_ref') or 'an unnamed model'} (fingerprint {recorded})"
+    current = model_fingerprint(model)
+    if recorded != current:
+        raise DataError(
+            f"{folder}: the subspace was estimated on {was}, not on the model being trained, {model_ref} "
+            f"(fingerprint {current}): re-run `spf estimate --model {model_ref}`"
+        )
+    shapes = module_shapes(model, sub.modules)
+    for name, (u, _, v) in sub.bases.items():
+        want = [int(u.shape[0]), int(v.shape[0])]
+        if shapes.get(name) != want:
+            have = f"has shape {shapes[name]}" if name in shapes else "does not exist"
+            raise DataError(
+                f"{folder}: module '{name}' is {want} in the subspace (from {was}) but {have} in {model_ref}"
+            )
+    weights = meta.get("weights_fingerprint")
+    if weights and weights != weights_fingerprint(model, sub.modules):
+        raise DataError(
+            f"{folder}: the subspace was estimated on other weights than those of {model_ref} (same "
+            f"architecture, {was}): re-run `spf estimate --model {model_ref}`"
+        )
 
 
 class SPF(Method):
@@ -274,12 +334,17 @@ class SPF(Method):
 
     def summary(self, history: list[dict[str, Any]], info: dict[str, Any]) -> dict[str, Any]:
         s = self.cfg.spf
+        used = list(self.optimizer.subspace.effective_rank.values())
         return {
             "spf": {
                 "mode": s.mode,
                 "project_on": s.project_on,
                 "refresh_every": s.refresh_every,
                 "rank": s.rank,
+                # the directions actually projected out at the end (per module ≤ rank: a module's gradient
+                # can have fewer), so a rank that was not honoured cannot hide behind the one asked for
+                "rank_used_min": min(used, default=0),
+                "rank_used_max": max(used, default=0),
             }
         }
 

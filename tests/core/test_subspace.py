@@ -297,3 +297,50 @@ def test_the_projection_never_lengthens_an_update(kind, project_on):
             before = float(grads[n].double().norm())  # SGD, lr 1: the unprojected step is −g
             after = float((p.detach() - old[n]).double().norm())
             assert after <= before * (1 + 1e-6), (n, after / before)
+
+
+def test_save_records_what_load_verifies(tmp_path):
+    """subspace.json carries the tensor file's sha256, each module's [m, n] and the model's fingerprints;
+    load verifies them (a subspace built by hand, with no model, still round-trips)."""
+    import json
+
+    from spf.core.subspace import module_shapes, weights_fingerprint
+    from spf.data.samples import DataError
+    from spf.io import file_sha256
+    from spf.models import model_fingerprint
+    from tests.helpers import TINY_SHAPES, random_subspace
+
+    model, tok = tiny_llama()
+    sub = estimate_safety_subspace(model, tok, SAMPLE, rank=2)
+    assert sub.metadata["model_fingerprint"] == model_fingerprint(model)
+    assert sub.metadata["weights_fingerprint"] == weights_fingerprint(model, sub.modules)
+    assert weights_fingerprint(tiny_llama(seed=1)[0], sub.modules) != sub.metadata["weights_fingerprint"]
+    assert weights_fingerprint(model.to(torch.bfloat16), sub.modules) == sub.metadata["weights_fingerprint"]
+    sub.save(tmp_path / "s")
+    meta = json.loads((tmp_path / "s" / "subspace.json").read_text())
+    assert meta["tensor_sha256"] == file_sha256(tmp_path / "s" / "subspace.safetensors")
+    assert meta["shapes"] == module_shapes(model, sub.modules)
+    # a loaded subspace saved again gets the new file's hash, not the old one from its metadata
+    back = SafetySubspace.load(tmp_path / "s")
+    back.truncate(1).save(tmp_path / "t")
+    assert SafetySubspace.load(tmp_path / "t").rank == 1
+
+    hand = random_subspace(TINY_SHAPES, rank=3)
+    hand.save(tmp_path / "hand")
+    assert SafetySubspace.load(tmp_path / "hand").effective_rank == {"fc1": 3, "fc2": 3}
+    u, s, v = hand.bases["fc1"]
+    hand.bases["fc1"] = (u * 1.01, s, v)  # 2 % off: beyond the tolerance, unlike fp32 rounding
+    hand.save(tmp_path / "off")
+    with pytest.raises(DataError, match=r"module 'fc1': basis not orthonormal"):
+        SafetySubspace.load(tmp_path / "off")
+
+
+def test_estimate_from_samples_refuses_a_rank_the_sample_cannot_give():
+    from spf.core.subspace import estimate_from_samples
+    from spf.data.samples import DataError
+
+    model, tok = tiny_llama()
+    with pytest.raises(
+        DataError, match=r"--rank / estimate.rank 500 is more than the safety sample provides"
+    ):
+        estimate_from_samples(model, tok, [SAMPLE], rank=500)

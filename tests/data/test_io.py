@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from spf.data.locate import shipped_file
-from spf.io import atomic_dir, atomic_path, current_umask, save_json
+from spf.io import OutputError, atomic_dir, atomic_path, check_output, current_umask, output_lock, save_json
 
 
 def test_atomic_dir_replaces_only_when_complete(tmp_path: Path) -> None:
@@ -83,3 +83,44 @@ def test_save_json_rejects_before_writing(tmp_path: Path) -> None:
     with pytest.raises(TypeError, match="not JSON serialisable"):
         save_json({"a": object()}, target)
     assert target.read_text().strip() == '{\n  "a": 1\n}'
+
+
+def test_atomic_path_refuses_a_folder(tmp_path: Path) -> None:
+    (tmp_path / "out").mkdir()
+    with pytest.raises(OutputError, match="is a folder"), atomic_path(tmp_path / "out"):
+        raise AssertionError("never reached")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_output_lock_is_reentrant_nests_and_leaves_nothing(tmp_path: Path) -> None:
+    out = tmp_path / "new" / "deeper" / "out"
+    with output_lock(out) as lock:
+        assert lock == (tmp_path / "new" / "deeper" / ".out.lock").resolve() and lock.is_file()
+        assert f'"pid": {os.getpid()}' in lock.read_text()
+        with output_lock(out):  # the same process again (a stage, then the publisher it calls)
+            pass
+        assert lock.is_file()  # still held by the outer block
+        with output_lock(tmp_path / "other"):  # a second output, independent
+            pass
+    # released: the lock file and the folders created only to hold it are gone
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_a_stale_lock_file_locks_nothing(tmp_path: Path) -> None:
+    stale = tmp_path / ".out.lock"
+    stale.write_text('{"pid": 1, "host": "gone", "since": "then", "cmd": "x"}\n')  # a crashed holder's
+    with output_lock(tmp_path / "out"):
+        assert str(os.getpid()) in stale.read_text()
+    assert not stale.exists()
+
+
+def test_check_output_inputs(tmp_path: Path) -> None:
+    model = tmp_path / "model"
+    model.mkdir()
+    data = tmp_path / "d.jsonl"
+    data.write_text("{}")
+    inputs = {"--model": str(model), "--data": str(data), "--hub": "org/not-a-path", "--none": None}
+    for out, how in [(model, "is"), (model / "sub", "lies inside"), (tmp_path, "contains"), (data, "is")]:
+        with pytest.raises(OutputError, match=f": {how} the input"):
+            check_output(out, inputs=inputs, kind=None)
+    check_output(tmp_path / "run", inputs=inputs)  # beside the inputs: fine; a hub id is no path

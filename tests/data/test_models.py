@@ -16,6 +16,7 @@ from spf.models import (
     ModelLoadError,
     auto_device,
     default_target_modules,
+    load_finetuned,
     load_model,
     model_fingerprint,
     tiny_llama,
@@ -223,3 +224,40 @@ def test_packaged_smollm2(tmp_path: Path) -> None:
     assert torch.allclose(_logits(again, ids), _logits(gguf_model, ids), atol=1e-4)
     assert tok2.pad_token is not None and tok.eos_token == "<|im_end|>"
     assert len(default_target_modules(model)) == 30 * len(KINDS)
+
+
+def test_load_finetuned_puts_a_lora_adapter_on_the_base(tmp_path: Path) -> None:
+    from peft import LoraConfig, get_peft_model
+
+    base, _ = tiny_llama()
+    # random B (not the zero init), so the adapter changes the outputs
+    peft_model = get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
+    peft_model.save_pretrained(tmp_path / "lora")
+    model, tok = load_finetuned("tiny-llama", tmp_path / "lora")
+    ids = torch.tensor([[5, 6, 7, 8]])
+    torch.testing.assert_close(_logits(model, ids), _logits(peft_model.eval(), ids))
+    assert not torch.allclose(_logits(model, ids), _logits(tiny_llama()[0], ids))
+    assert not model.training and tok.pad_token is not None
+
+
+def test_load_finetuned_reads_a_full_fine_tune_as_saved(tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    from spf.data.samples import ChatSample, save_samples
+    from spf.training.config import TrainConfig
+    from spf.training.loop import train
+
+    task = [ChatSample.from_pair(f"Say {i}", f"{i}.") for i in range(4)]
+    save_samples(task, tmp_path / "task.jsonl")
+    out = tmp_path / "full"
+    train(TrainConfig(model="tiny-llama", data=str(tmp_path / "task.jsonl"), out=str(out), method="vanilla",
+                      finetune="full", steps=2, lr=1e-2, batch_size=2, eval_every=0, task_eval_n=2))  # fmt: skip
+    saved = load_file(str(out / "model.safetensors"))
+    model, tok = load_finetuned("tiny-llama", out)
+    state = model.state_dict()
+    assert saved and all(torch.equal(state[k], v) for k, v in saved.items())
+    before = tiny_llama()[0].state_dict()
+    assert any(not torch.equal(before[k], v) for k, v in saved.items())  # it did train
+    assert not model.training and tok.pad_token is not None
+    with pytest.raises(ModelLoadError, match="neither a LoRA adapter folder"):
+        load_finetuned("tiny-llama", tmp_path)

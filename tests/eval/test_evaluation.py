@@ -658,8 +658,9 @@ def test_model_folder_without_weights_writes_nothing(tmp_path: Path):
 
 def test_bad_adapter_and_missing_shared_folder_write_nothing(tmp_path: Path):
     out = tmp_path / "out"
+    (tmp_path / "adapter").mkdir()
     with pytest.raises(ModelLoadError, match=r"adapter_config\.json"):
-        run_eval("tiny-llama", out, ["harmful"], adapter=str(tmp_path), judge=FakeJudge())
+        run_eval("tiny-llama", out, ["harmful"], adapter=str(tmp_path / "adapter"), judge=FakeJudge())
     with pytest.raises(DataError, match="does not exist"):
         run_eval("tiny-llama", out, ["harmful"], shared_data=tmp_path / "nope", judge=FakeJudge())
     assert not out.exists()

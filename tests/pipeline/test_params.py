@@ -174,12 +174,10 @@ def test_finetune_section_is_train_config_minus_the_stage_paths() -> None:
 
 @pytest.mark.parametrize("method", ["spf", "vanilla", "lisa"])
 def test_finetune_section_builds_the_stage_train_config(method: str) -> None:
+    # SPF's own knobs only under method: spf (elsewhere they would be ignored, which is an error)
+    spf = {"refresh_every": 3} if method == "spf" else {}
     p = PipelineParams.from_dict(
-        {
-            **TINY,
-            "finetune": {**TINY["finetune"], "method": method, "lora": {"r": 4}, "spf": {"refresh_every": 3}},
-        },
-        "x",
+        {**TINY, "finetune": {**TINY["finetune"], "method": method, "lora": {"r": 4}, "spf": spf}}, "x"
     )
     cfg = p.finetune.train_config(
         model="m",
@@ -193,7 +191,11 @@ def test_finetune_section_builds_the_stage_train_config(method: str) -> None:
     )
     assert (cfg.model, cfg.data, cfg.out, cfg.heldout_safety, cfg.threads) == ("m", "d", "o", "h", 2)
     assert (cfg.method, cfg.lora.r, cfg.steps, cfg.batch_size) == (method, 4, 2, 2)
-    assert (cfg.spf.subspace, cfg.spf.rank, cfg.spf.refresh_every) == ("s", 7, 3)
+    # every method tracks the loss on the subspace's sample; only SPF projects, with the estimate's rank
+    if method == "spf":
+        assert (cfg.spf.subspace, cfg.spf.rank, cfg.spf.refresh_every) == ("s", 7, 3)
+    else:
+        assert (cfg.spf.subspace, cfg.spf.rank, cfg.spf.refresh_every) == ("s", 8, 1)
     # only the baselines get safety pairs: the default when the section leaves them null
     assert cfg.baselines.safety_data == ("shipped.jsonl" if method == "lisa" else None)
 

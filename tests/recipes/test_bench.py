@@ -149,16 +149,13 @@ def test_tiny_benchmark_end_to_end_resumes_and_reports(tmp_path, shared_data, ca
     assert spf_cell["train_peak_rss_mb"] > 0
     abl = json.loads((work / "cells" / "ablation--rank1" / "cell.json").read_text())
     assert abl["train_config"]["spf"]["rank"] == 1
-    # full fine-tuning writes a whole model: the cell evaluates that model, not a peft adapter on the base
+    # full fine-tuning writes a whole model: the cell evaluates it through load_finetuned (its own weights)
     full = json.loads((work / "cells" / "ablation--full" / "cell.json").read_text())
     assert full["train"]["finetune"] == "full" and full["suites"]["harmful"]["n"] == 2
     full_eval = json.loads(
         (work / "cells" / "ablation--full" / "eval" / "harmful" / "results.json").read_text()
     )
-    assert (
-        full_eval["model"] == str(work / "cells" / "ablation--full" / "adapter")
-        and full_eval["adapter"] is None
-    )
+    assert full_eval["adapter"] == str(work / "cells" / "ablation--full" / "adapter")
     # the held-out harmful prompts never appear in a training set
     heldout = (work / "data" / "heldout_harmful.csv").read_text()
     trained = {json.loads(line)["messages"][0]["content"] for line in (work / "data" / "sst2.jsonl").open()}

@@ -26,7 +26,7 @@ from spf.training.baselines import (
     safeinstr_count,
     safety_batch_indices,
 )
-from spf.training.config import BaselineSettings, Method, TrainConfig
+from spf.training.config import BASELINE_METHODS, BaselineSettings, Method, TrainConfig
 from spf.training.loop import train
 
 # ------------------------------------------------------------------------------------------ PCGrad math
@@ -262,16 +262,18 @@ def test_pipeline_params_carry_and_check_the_baseline_knobs(tmp_path):
 
 
 def test_cli_flags_reach_the_baseline_settings(tmp_path, capsys):
-    args = _build_parser().parse_args(
-        ["train", "--model", "tiny-llama", "--data", "d.jsonl", "--out", "o", "--method", "lisa",
-         "--safety-data", "s.jsonl", "--safeinstr-fraction", "0.2", "--safegrad-batch", "3",
-         "--safegrad-every", "2", "--safegrad-scope", "module", "--lisa-align-steps", "1",
-         "--lisa-task-steps", "4", "--lisa-rho", "0.5"]
-    )  # fmt: skip
-    b = _train_config(args).baselines
-    assert (b.safety_data, b.safeinstr_fraction, b.safegrad_batch, b.safegrad_every, b.safegrad_scope) == (
-        "s.jsonl", 0.2, 3, 2, "module"
-    )  # fmt: skip
+    def baselines(method, *flags):
+        common = ["train", "--model", "tiny-llama", "--data", "d.jsonl", "--out", "o", "--method", method]
+        return _train_config(
+            _build_parser().parse_args([*common, "--safety-data", "s.jsonl", *flags])
+        ).baselines
+
+    # each method's knobs with that method: a knob another method reads is an error (tests/hostile)
+    b = baselines("safeinstr", "--safeinstr-fraction", "0.2")
+    assert (b.safety_data, b.safeinstr_fraction) == ("s.jsonl", 0.2)
+    b = baselines("safegrad", "--safegrad-batch", "3", "--safegrad-every", "2", "--safegrad-scope", "module")
+    assert (b.safegrad_batch, b.safegrad_every, b.safegrad_scope) == (3, 2, "module")
+    b = baselines("lisa", "--lisa-align-steps", "1", "--lisa-task-steps", "4", "--lisa-rho", "0.5")
     assert (b.lisa_align_steps, b.lisa_task_steps, b.lisa_rho) == (1, 4, 0.5)
     save_samples(TASK, tmp_path / "task.jsonl")
     rc = main(["train", "--model", "tiny-llama", "--data", str(tmp_path / "task.jsonl"), "--method", "safegrad",
@@ -311,8 +313,10 @@ def files(tmp_path):
 def _cfg(files, name, method, data="task", **kw):
     base = dict(
         model="tiny-llama", data=str(files / f"{data}.jsonl"), out=str(files / name), method=method, steps=6,
-        lr=1e-2, batch_size=2, eval_every=0, task_eval_n=4, baselines={"safety_data": str(files / "refusals.jsonl")},
+        lr=1e-2, batch_size=2, eval_every=0, task_eval_n=4,
     )  # fmt: skip
+    if method in BASELINE_METHODS:  # vanilla reads no safety pairs: setting them would be an ignored setting
+        base["baselines"] = {"safety_data": str(files / "refusals.jsonl")}
     base.update(kw)
     return TrainConfig(**base)
 

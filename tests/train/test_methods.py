@@ -84,3 +84,28 @@ def test_a_custom_method_runs_through_the_loop_by_registration_only(files, monke
     assert b_keys and all(float(scaled[k].abs().max()) == 0.0 for k in b_keys)
     assert any(float(unscaled[k].abs().max()) > 0.0 for k in b_keys)
     assert plain.metrics["steps"][0]["loss"] == pytest.approx(res.metrics["steps"][0]["loss"])  # same data
+
+
+def test_a_stored_subspace_matches_its_model_however_it_is_wrapped(tmp_path):
+    """The train-time check (fingerprint, module shapes, weights) accepts the model the subspace was
+    estimated on — plain, LoRA-wrapped or in training mode — and refuses another one, naming the folder."""
+    from peft import LoraConfig, get_peft_model
+
+    from spf.core.subspace import estimate_safety_subspace
+    from spf.data.samples import DataError
+    from spf.models import default_target_modules, tiny_llama
+    from spf.training.methods import check_subspace_matches_model
+
+    model, tok = tiny_llama()
+    sub = estimate_safety_subspace(model, tok, TASK[0], rank=2, model_ref="tiny-llama")
+    check_subspace_matches_model(sub, tmp_path, model, "tiny-llama")
+    model.train()
+    check_subspace_matches_model(sub, tmp_path, model, "tiny-llama")
+    lora = get_peft_model(model, LoraConfig(r=2, target_modules=default_target_modules(model)))
+    check_subspace_matches_model(sub, tmp_path, lora, "tiny-llama")
+    with pytest.raises(DataError, match=rf"{tmp_path}: the subspace was estimated on other weights"):
+        check_subspace_matches_model(sub, tmp_path, tiny_llama(seed=5)[0], "tiny-llama:5")
+    with pytest.raises(
+        DataError, match=rf"{tmp_path}: the subspace was estimated on tiny-llama \(fingerprint"
+    ):
+        check_subspace_matches_model(sub, tmp_path, tiny_llama(hidden_size=32)[0], "other")

@@ -219,7 +219,8 @@ def test_full_finetuning_trains_only_what_the_projection_covers_unless_all(files
     from spf.models import default_target_modules, load_model
 
     kw = {} if full_params == "projected" else {"full_params": "all"}  # "projected" is the default
-    res = train(_cfg(files, files / f"ff-{full_params}", method="vanilla", finetune="full", steps=2, **kw))
+    out = files / f"ff-{full_params}"
+    res = train(_cfg(files, out, method="vanilla", finetune="full", steps=2, spf={}, **kw))
     before, _ = load_model("tiny-llama")
     after, _ = load_model(str(files / f"ff-{full_params}"))
     covered = {f"{m}.weight" for m in default_target_modules(before)}
@@ -240,7 +241,7 @@ def test_full_finetuning_trains_only_what_the_projection_covers_unless_all(files
 def test_lora_runs_record_no_frozen_params_and_keep_their_resume_key(files):
     from spf.training.checkpoint import resume_config
 
-    cfg = _cfg(files, files / "lora", method="vanilla", steps=1)
+    cfg = _cfg(files, files / "lora", method="vanilla", steps=1, spf={})  # vanilla reads no SPF settings
     assert "frozen_params" not in train(cfg).metrics["summary"]
     # full_params only matters to full fine-tuning: a LoRA checkpoint's key is the one before it existed
     assert "full_params" not in resume_config(cfg)

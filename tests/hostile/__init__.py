@@ -1,0 +1,1 @@
+"""The hostile-input round (issue 14): one file per mechanism."""
