@@ -106,6 +106,12 @@ def _check_tree(path: Path, resolved: Path, what: str, tracked: bool = True) -> 
         )
     if _PACKAGE.is_relative_to(resolved):
         raise OutputError(f"{what} {path}: contains the installed spf package ({_PACKAGE})")
+    for root, name in _model_caches():
+        if resolved == root or resolved.is_relative_to(root) or root.is_relative_to(resolved):
+            raise OutputError(
+                f"{what} {path}: overlaps the {name} ({root}), where base models are read from; "
+                "write outputs elsewhere"
+            )
     found = _tracked_file(resolved) if tracked else None
     if found is not None:
         root, name = found
@@ -113,6 +119,21 @@ def _check_tree(path: Path, resolved: Path, what: str, tracked: bool = True) -> 
         raise OutputError(
             f"{what} {path}: {how} git-tracked file of {root}; choose an untracked or ignored folder"
         )
+
+
+def _model_caches() -> list[tuple[Path, str]]:
+    """The folders a packaged model name or a hub id is loaded from (``spf.models``): a reference such as
+    ``smollm2-135m-instruct`` is not a path the input check (c) can compare, so these are never outputs."""
+    spf_cache = os.environ.get("SPF_CACHE_DIR")
+    hf_home = Path(os.environ.get("HF_HOME") or Path.home() / ".cache" / "huggingface").expanduser()
+    roots = [
+        (
+            Path(spf_cache).expanduser() / "models" if spf_cache else Path.home() / ".cache/spf/models",
+            "spf model cache",
+        ),
+        (Path(os.environ.get("HF_HUB_CACHE") or hf_home / "hub").expanduser(), "Hugging Face hub cache"),
+    ]
+    return [(r.resolve(), name) for r, name in roots]
 
 
 def _git_root(resolved: Path) -> Path | None:
@@ -141,10 +162,17 @@ def _tracked_file(resolved: Path) -> tuple[Path, str] | None:
             check=False,
         )
     except (OSError, subprocess.TimeoutExpired) as exc:
-        logger.debug("tracked-file check of %s skipped: git unavailable (%s)", resolved, exc)
+        # a warning, not debug: the protection of the work tree's files is off for this output
+        logger.warning(
+            "tracked-file check of %s skipped: %s is a git work tree but git failed (%s)", resolved, root, exc
+        )
         return None
-    if proc.returncode != 0:
-        logger.debug("tracked-file check of %s skipped: git exited %d", resolved, proc.returncode)
+    if proc.returncode != 0:  # e.g. "dubious ownership" (safe.directory) in a container
+        err = proc.stderr.decode(errors="replace").strip().splitlines()
+        logger.warning(
+            "tracked-file check of %s skipped: git exited %d in %s (%s)",
+            resolved, proc.returncode, root, err[0][:120] if err else "no message",
+        )  # fmt: skip
         return None
     names = [n for n in proc.stdout.split(b"\0") if n]
     return (root, os.fsdecode(names[0])) if names else None

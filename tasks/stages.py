@@ -133,7 +133,7 @@ def write_params(params: dict[str, Any], path: str | Path = "params.yaml") -> st
             "# written by the spf-pipeline flow: the effective parameters of its last run\n"
             + yaml.safe_dump(params, sort_keys=False)
         )
-    with atomic_path(path) as tmp:
+    with atomic_path(path, tracked_ok=True) as tmp:  # params.yaml is tracked and rewritten on purpose
         tmp.write_text(text)
     return str(path)
 
@@ -155,7 +155,7 @@ def restore_params(path: str | Path, original: bytes | None) -> None:
     if original is None:
         path.unlink(missing_ok=True)
         return
-    with atomic_path(path) as tmp:
+    with atomic_path(path, tracked_ok=True) as tmp:  # params.yaml is tracked and rewritten on purpose
         tmp.write_bytes(original)
 
 

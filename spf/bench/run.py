@@ -122,8 +122,11 @@ def prepare_data(cfg: BenchConfig) -> dict[str, Any]:
 def _write_heldout_harmful(cfg: BenchConfig, shared: Path, trained: set[str], data: Path) -> dict[str, Any]:
     """``heldout_harmful.csv``: a seeded pick of the AdvBench behaviours that no scenario trains on."""
     heldout = data / "heldout_harmful.csv"
-    with (shared / "safety" / "advbench_behaviors.csv").open(newline="", encoding="utf-8") as fh:
-        rows = [r for r in csv.DictReader(fh) if r["Behavior"] not in trained]
+    from spf.data.files import iter_delimited, read_data_text
+
+    source = shared / "safety" / "advbench_behaviors.csv"
+    # the shared reader: regular files only, limits, duplicate columns and chat markers refused
+    rows = [r for _, r in iter_delimited(source, read_data_text(source), ",") if r["Behavior"] not in trained]
     random.Random(cfg.seed).shuffle(rows)
     if not heldout.is_file():
         with atomic_path(heldout) as tmp, tmp.open("w", newline="", encoding="utf-8") as fh:

@@ -136,35 +136,35 @@ def run(args: argparse.Namespace) -> int:
         utility = load_utility(tasks, files=files, shared_data=args.shared_data, n=n_pool, seed=args.seed)
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
-    from spf.io import check_output
+    from spf.io import claim_output
 
     inputs = {"--model": args.model, "--safety": args.safety, "--utility-file": list(files.values())}
-    check_output(args.out, inputs=inputs)  # before the model load
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    model, tok = load_model(args.model, device=args.device)
-    try:  # --modules patterns that match nothing
-        modules = select_modules(model, args.modules, layer_stride=args.layer_stride)
-    except ValueError as exc:
-        raise UsageError(str(exc)) from exc
-    logger.info(
-        "analysing %d modules with %d safety samples, utility %s",
-        len(modules),
-        len(safety),
-        {t: len(s) for t, s in utility.items()},
-    )
-    settings = AnalyzeSettings(
-        n_utility=args.n_utility,
-        batch_sizes=batch_sizes,
-        max_k=args.max_k,
-        rank=args.rank,
-        n_singles=args.n_singles,
-        modules=modules,
-        max_length=args.max_length,
-        tolerance=args.tolerance,
-    )
-    analysis = run_analysis(model, tok, safety, utility, settings, meta=_meta(args, files))
-    out = write_analysis(analysis, args.out)
+    with claim_output(args.out, inputs=inputs):  # checked before the model load; one writer until published
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        model, tok = load_model(args.model, device=args.device)
+        try:  # --modules patterns that match nothing
+            modules = select_modules(model, args.modules, layer_stride=args.layer_stride)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from exc
+        logger.info(
+            "analysing %d modules with %d safety samples, utility %s",
+            len(modules),
+            len(safety),
+            {t: len(s) for t, s in utility.items()},
+        )
+        settings = AnalyzeSettings(
+            n_utility=args.n_utility,
+            batch_sizes=batch_sizes,
+            max_k=args.max_k,
+            rank=args.rank,
+            n_singles=args.n_singles,
+            modules=modules,
+            max_length=args.max_length,
+            tolerance=args.tolerance,
+        )
+        analysis = run_analysis(model, tok, safety, utility, settings, meta=_meta(args, files))
+        out = write_analysis(analysis, args.out)
     for line in analysis_summary(analysis):
         print(line)
     print(f"wrote {out}/analysis.json, summary.md and {len(analysis['figures'])} figures")

@@ -100,7 +100,14 @@ def type_name(value: object) -> str:
 def data_error(where: str, message: str, field: str | None = None) -> DataError:
     if field is None:
         return DataError(f"{where}: {message}")
+    if len(field) > 60:  # a field name is data too: a 200 KB key must not become a 200 KB message
+        field = field[:57] + "..."
     return DataError(f"{where}: field '{field}': {message}")
+
+
+def _header_text(header: list[str]) -> str:
+    shown = ", ".join(repr(h[:30]) for h in header[:6])
+    return f"({len(header)} columns: {shown}{', ...' if len(header) > 6 else ''})"
 
 
 def _limit(env: str, default: int) -> int:
@@ -409,9 +416,9 @@ def iter_delimited(path: Path, text: str, delimiter: str) -> Iterator[tuple[str,
             where = f"{path.name}:{reader.line_num}"
             if len(cells) > len(header):
                 # More cells than header columns: usually an unquoted delimiter inside a value.
-                raise data_error(where, f"row has more cells than the header {header}")
+                raise data_error(where, f"row has more cells than the header {_header_text(header)}")
             if len(cells) < len(header):
-                raise data_error(where, f"row has fewer cells than the header {header}")
+                raise data_error(where, f"row has fewer cells than the header {_header_text(header)}")
             for name, cell in zip(header, cells, strict=True):
                 check_string(where, cell, name)
             yield where, dict(zip(header, cells, strict=True))

@@ -63,7 +63,7 @@ from spf.eval.utility import (
     suite_utility,
 )
 from spf.eval.vocab import DEFAULT_UTILITY_TASKS, SUITES, UTILITY_TASKS, Suite
-from spf.io import atomic_path, check_output
+from spf.io import atomic_path, claim_output
 
 if TYPE_CHECKING:
     from spf.eval.judges import Judge
@@ -401,23 +401,24 @@ def run_eval(
         check_utility_tasks(kwargs.get("utility_tasks", DEFAULT_UTILITY_TASKS))
     if adapter is not None and (Path(adapter) / "adapter_config.json").is_file():
         check_adapter_folder(adapter)  # a LoRA adapter: cheap checks before the base is loaded
-    # not a file, not over an input (the two files are written at the end, atomically: no lock needed)
-    check_output(out, inputs={"--model": model_ref, "--adapter": adapter, "--prompts": kwargs.get("prompts")})
+    # not a file, not over an input; one writer: two runs into one --out would otherwise publish one's
+    # samples.jsonl beside the other's results.json
+    inputs = {"--model": model_ref, "--adapter": adapter, "--prompts": kwargs.get("prompts")}
+    with claim_output(out, inputs=inputs):
+        if adapter is None:
+            model, tokenizer = load_model(model_ref, device=device)
+        else:  # a LoRA adapter on model_ref, or a full fine-tune folder (its own weights)
+            model, tokenizer = load_finetuned(model_ref, adapter, device=device)
+        results, records = evaluate(model, tokenizer, names, **kwargs)
+        results = {"model": model_ref, "adapter": str(adapter) if adapter is not None else None, **results}
 
-    if adapter is None:
-        model, tokenizer = load_model(model_ref, device=device)
-    else:  # a LoRA adapter on model_ref, or a full fine-tune folder (its own weights)
-        model, tokenizer = load_finetuned(model_ref, adapter, device=device)
-    results, records = evaluate(model, tokenizer, names, **kwargs)
-    results = {"model": model_ref, "adapter": str(adapter) if adapter is not None else None, **results}
-
-    # Serialise both files before writing either, so a serialisation error cannot leave one behind;
-    # results.json goes last because its presence marks a finished evaluation.
-    samples_text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-    results_text = json.dumps(results, indent=2, ensure_ascii=False) + "\n"
-    with atomic_path(out / "samples.jsonl") as tmp:
-        tmp.write_text(samples_text, encoding="utf-8")
-    with atomic_path(out / "results.json") as tmp:
-        tmp.write_text(results_text, encoding="utf-8")
-    logger.info("wrote %s and %s", out / "results.json", out / "samples.jsonl")
+        # Serialise both files before writing either, so a serialisation error cannot leave one behind;
+        # results.json goes last because its presence marks a finished evaluation.
+        samples_text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+        results_text = json.dumps(results, indent=2, ensure_ascii=False) + "\n"
+        with atomic_path(out / "samples.jsonl") as tmp:
+            tmp.write_text(samples_text, encoding="utf-8")
+        with atomic_path(out / "results.json") as tmp:
+            tmp.write_text(results_text, encoding="utf-8")
+        logger.info("wrote %s and %s", out / "results.json", out / "samples.jsonl")
     return results

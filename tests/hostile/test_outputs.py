@@ -24,6 +24,8 @@ from spf.models import tiny_llama
 from spf.pipeline.params import smoke_params
 from tests.helpers import stage_workspace, tree_state
 
+ROOT = Path(__file__).resolve().parents[2]
+
 PACKAGE = Path(spf.__file__).resolve().parent
 TASK = [ChatSample.from_pair(f"Say the number {i}", f"The number is {i}.") for i in range(4)]
 
@@ -277,3 +279,56 @@ def test_finetune_stage_fails_at_once_while_another_writes(workspace: Path, held
         assert tree_state(outputs) == before  # finetune.partial untouched
     shutil.rmtree(partial)
     (outputs / f".{held}.lock").unlink()  # the killed holder's stale lock file (it locks nothing)
+
+
+# ------------------------------------------------------------------------------ found in review (issue 14)
+
+
+def test_model_caches_are_never_outputs(tmp_path: Path, data: Path, capsys, monkeypatch) -> None:
+    """A packaged name (``smollm2-135m-instruct``) or a hub id is not a path check (c) can compare, but it is
+    read from a cache folder: ``--out`` there would overwrite the base just as ``--out X --model X`` would."""
+    monkeypatch.setenv("SPF_CACHE_DIR", str(tmp_path / "spf-cache"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    base = tmp_path / "spf-cache" / "models" / "smollm2-135m-instruct"
+    base.mkdir(parents=True)
+    (base / "model.safetensors").write_text("the base weights")
+    before = tree_state(tmp_path / "spf-cache")
+    _refused(capsys, _train_args(data, base), "--out", "spf model cache")
+    with pytest.raises(OutputError, match="Hugging Face hub cache"):
+        check_output(tmp_path / "hf" / "hub" / "models--org--name")
+    with pytest.raises(OutputError, match="spf model cache"):
+        check_output(tmp_path)  # contains the cache
+    assert tree_state(tmp_path / "spf-cache") == before
+    check_output(tmp_path / "runs" / "x")  # beside the caches: fine
+
+
+def test_a_second_eval_into_the_same_out_fails_at_once(tmp_path: Path, capsys) -> None:
+    """Two evaluations into one --out would publish one's samples.jsonl beside the other's results.json."""
+    out = tmp_path / "eval"
+    with _holder(out) as proc:
+        rc = main(["eval", "--model", "tiny-llama", "--suite", "harmful", "--limit", "1", "--out", str(out)])
+        err = capsys.readouterr().err
+        assert rc == 2 and f"pid {proc.pid}" in err, err
+    assert not out.exists()
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="git not installed")
+def test_the_flow_rewrites_a_tracked_params_yaml(tmp_path: Path) -> None:
+    """params.yaml is tracked and rewritten on purpose (the effective parameters, as `dvc exp run -S`)."""
+    pytest.importorskip("prefect")
+    from spf.pipeline.params import PipelineParams
+    from tasks.stages import restore_params, write_params
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    original = (ROOT / "params.yaml").read_bytes()
+    (repo / "params.yaml").write_bytes(original)
+    git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "add", "params.yaml"], check=True)
+    params = PipelineParams.from_dict(yaml.safe_load(original)).to_dict()
+    params["finetune"]["method"] = "vanilla"
+    write_params(params, repo / "params.yaml")
+    assert "method: vanilla" in (repo / "params.yaml").read_text()
+    restore_params(repo / "params.yaml", original)
+    assert (repo / "params.yaml").read_bytes() == original
