@@ -495,7 +495,8 @@ def log_adapter_model(
     *,
     max_new_tokens: int = 64,
 ) -> str:
-    """Log ``adapter_dir`` (a PEFT ``save_pretrained`` folder) as an MLflow pyfunc model; return its URI.
+    """Log ``adapter_dir`` (a PEFT ``save_pretrained`` folder, or a full fine-tune's model folder) as an MLflow
+    pyfunc model; return its URI.
 
     By default only the adapter is stored and ``base_model`` (an ``spf.load_model`` reference such as
     ``smollm2-135m-instruct`` or ``tiny-llama``) is recorded in the model config, because the base is
@@ -510,8 +511,12 @@ def log_adapter_model(
     from tasks.pyfunc_model import SPFAdapterModel
 
     adapter = Path(adapter_dir)
-    if not (adapter / "adapter_config.json").is_file():
-        raise FileNotFoundError(f"{adapter} has no adapter_config.json: not a PEFT adapter folder")
+    # a LoRA adapter (adapter_config.json) or a full fine-tune's whole model (config.json): the pyfunc
+    # model loads either with spf.models.load_finetuned
+    if not any((adapter / f).is_file() for f in ("adapter_config.json", "config.json")):
+        raise FileNotFoundError(
+            f"{adapter} is neither a PEFT adapter folder (adapter_config.json) nor a full fine-tune (config.json)"
+        )
     artifacts = {"adapter": str(adapter)}
     if embed_base:
         if not Path(base_model).is_dir():

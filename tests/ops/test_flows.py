@@ -286,3 +286,22 @@ def test_gate_files_record_the_data_manifest(tmp_path: Path) -> None:
     assert json.loads((out / "gate.json").read_text())["data"] == MANIFEST_INPUTS
     md = (out / "gate.md").read_text()
     assert "## Data" in md and "| heldout_harmful | shared | shared/safety/x.csv | 4 | `bbbbbbbbbbbb` |" in md
+
+
+def test_full_finetuning_runs_through_evaluate_the_gate_and_serving(
+    workspace: Path, local_services: dict[str, str]
+):
+    """`finetune.finetune: full`: the stage writes a whole model, evaluate and the logged pyfunc model load it
+    with spf.models.load_finetuned (not as a peft adapter), and the gate decides on its metrics."""
+    name = TINY["tracking"]["registered_model"]
+    summary = _run_flow(workspace, local_services, "finetune.finetune=full", "gate.max_harmful_rate=1.0")
+    assert (workspace / "outputs" / "finetune" / "model.safetensors").is_file()
+    assert not (workspace / "outputs" / "finetune" / "adapter_config.json").exists()
+    assert summary["promoted"] is True, summary["reasons"]
+    import mlflow.pyfunc
+
+    mlflow.set_tracking_uri(local_services["MLFLOW_TRACKING_URI"])
+    mlflow.set_registry_uri(local_services["MLFLOW_TRACKING_URI"])
+    model = mlflow.pyfunc.load_model(f"models:/{name}/{summary['version']}")
+    answers = model.predict(["Say hello."], params={"max_new_tokens": 3})
+    assert isinstance(answers, list) and len(answers) == 1 and isinstance(answers[0], str)
