@@ -160,7 +160,10 @@ class RegistryLock:
                 "delete it only if no gate is running",
             )
         except MlflowException as exc:
-            if not already_exists(exc):
+            # "not found" is a lost race too: the server answers a create of a taken name by reading the
+            # existing model (MLflow's SqlAlchemyStore.create_registered_model, on IntegrityError), and
+            # the holder may delete it in between. Seen under load; the caller then simply tries again.
+            if not (already_exists(exc) or is_missing(exc)):
                 raise
             return False
         self.held = True

@@ -218,3 +218,38 @@ def test_rollback_keeps_a_newer_promotion(server: str, run_id: str, tmp_path: Pa
     assert registry.champion_version(client, name)[0] == vb
     registry.rollback_champion(client, name, va, promoted_version=vb)
     assert registry.champion_version(client, name)[0] == va
+
+
+def test_a_create_answered_not_found_is_a_lost_race_not_an_error() -> None:
+    """MLflow answers a create of a taken name by reading the existing model; when its holder deletes it in
+    between, the create fails RESOURCE_DOES_NOT_EXIST. The waiter must try again, not fail the gate (seen
+    once under load: `…lock not found` from one of two racing gates)."""
+    from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST
+
+    from tasks.registry_lock import RegistryLock
+
+    class Racing:
+        """A registry where the first create races a release; afterwards the name is free."""
+
+        def __init__(self) -> None:
+            self.creates = 0
+            self.models: dict[str, dict[str, str]] = {}
+
+        def create_registered_model(self, name, tags=None, description=None):
+            self.creates += 1
+            if self.creates == 1:
+                raise MlflowException(f"Registered Model with name={name} not found", RESOURCE_DOES_NOT_EXIST)
+            self.models[name] = dict(tags or {})
+
+        def get_registered_model(self, name):
+            if name not in self.models:
+                raise MlflowException(f"Registered Model with name={name} not found", RESOURCE_DOES_NOT_EXIST)
+            return type("RM", (), {"tags": self.models[name]})()
+
+        def delete_registered_model(self, name):
+            self.models.pop(name)
+
+    client = Racing()
+    with RegistryLock(client, "m", poll=0.01, timeout=5) as lock:  # type: ignore[arg-type]
+        assert lock.held and client.creates == 2 and "m.lock" in client.models
+    assert "m.lock" not in client.models
