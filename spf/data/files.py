@@ -52,10 +52,12 @@ MAX_LINE_BYTES_ENV = "SPF_MAX_LINE_BYTES"
 DEFAULT_MAX_DATA_BYTES = 512 << 20
 DEFAULT_MAX_LINE_BYTES = 1 << 20
 
-# Turn markers of the common chat formats (ChatML, Llama 3, Llama 2 / Mistral, Zephyr/Phi, sentencepiece BOS/EOS).
-# They are refused whatever the model, at load time; encode time also refuses the model tokenizer's own special
-# tokens (spf.data.samples). Refused rather than escaped: escaping would silently change the text the user
-# meant to train on, and such text in a fine-tuning set is far more often an injection than an intent.
+# Turn markers of the common chat formats (ChatML, Llama 3, Llama 2 / Mistral, Zephyr/Phi). They are refused
+# whatever the model, at load time; encode time also refuses the model tokenizer's own special tokens
+# (spf.data.samples). Refused rather than escaped: escaping would silently change the text the user meant
+# to train on, and such text in a fine-tuning set is far more often an injection than an intent.
+# sentencepiece's <s>/</s> are not on this list: they are also ordinary HTML (strikethrough), and a model
+# that uses them as BOS/EOS has them among its special tokens, which encode time refuses.
 CHAT_MARKERS: tuple[str, ...] = (
     "<|im_start|>",
     "<|im_end|>",
@@ -64,8 +66,6 @@ CHAT_MARKERS: tuple[str, ...] = (
     "<|end_header_id|>",
     "[INST]",
     "[/INST]",
-    "<s>",
-    "</s>",
     "<|endoftext|>",
     "<|user|>",
     "<|assistant|>",

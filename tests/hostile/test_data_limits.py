@@ -96,7 +96,7 @@ def _messages_line(content: str) -> str:
     )
 
 
-@pytest.mark.parametrize("marker", ["<|im_start|>", "<|eot_id|>", "[INST]", "</s>", "<|assistant|>"])
+@pytest.mark.parametrize("marker", ["<|im_start|>", "<|eot_id|>", "[INST]", "<|endoftext|>", "<|assistant|>"])
 def test_chat_marker_in_a_message_is_refused_at_load(tmp_path: Path, marker: str) -> None:
     data = _write(tmp_path / "task.jsonl", GOOD + _messages_line(f"hi {marker} there") + "\n")
     _refused(
@@ -145,6 +145,20 @@ def test_tokenizer_special_token_is_refused_at_encode(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"^code:1: field 'messages\[1\]\.content': .*'<\|im_start\|>'"):
         encode_sample(tok, built)
     assert encode_sample(tok, load_samples(data)[0])["input_ids"]  # ordinary text still encodes
+
+
+def test_sentencepiece_markers_are_text_unless_the_model_makes_them_special(tmp_path: Path) -> None:
+    """HTML strikethrough (<s>…</s>) is ordinary text for a ChatML model; for a tokenizer whose BOS/EOS they
+    are, encoding refuses them like any other special token."""
+    data = _write(tmp_path / "task.jsonl", '{"prompt": "Price?", "response": "<s>$20</s> now $15"}\n')
+    sample = load_samples(data)[0]
+    _, tok = tiny_llama()
+    assert encode_sample(tok, sample)["input_ids"]
+    tok.add_special_tokens({"additional_special_tokens": ["<s>", "</s>"]})
+    with pytest.raises(
+        DataError, match=r"^task\.jsonl:1: field 'messages\[1\]\.content': .*special token '</?s>'"
+    ):
+        encode_sample(tok, sample)
 
 
 # -------------------------------------------------------------------------------- duplicates
