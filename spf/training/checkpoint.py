@@ -34,7 +34,7 @@ from torch import nn
 
 from spf.core.subspace import SafetySubspace
 from spf.io import OutputError
-from spf.training.config import TrainConfig
+from spf.training.config import TrainConfig, shown
 
 logger = logging.getLogger(__name__)
 
@@ -89,7 +89,8 @@ def check_finished_run(out: Path, cfg: TrainConfig) -> None:
         saved = None
     if isinstance(saved, dict):
         new = json.loads(json.dumps(resume_config(cfg), default=str))  # tuples → lists, as in the file
-        found = _first_change(_result_key(saved), new, "")
+        diff = _first_difference(_result_key(saved), new, "", shared_only=True)
+        found = None if diff is None else f"{diff[0]}: {shown(diff[1])} → {shown(diff[2])}"
     else:
         found = f"{FINISHED_CONFIG} unreadable"
     if found is None:
@@ -103,43 +104,34 @@ def check_finished_run(out: Path, cfg: TrainConfig) -> None:
     )
 
 
-def _first_change(saved: Any, new: Any, prefix: str) -> str | None:
-    """'key: old → new' of the first (sorted, dotted) key both configurations have and that differs."""
-    if isinstance(saved, dict) and isinstance(new, dict):
-        for key in sorted(set(saved) & set(new)):
-            found = _first_change(saved[key], new[key], f"{prefix}{key}.")
-            if found:
-                return found
-        return None
-    return None if saved == new else f"{prefix.rstrip('.')}: {_short(saved)} → {_short(new)}"
-
-
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
 def check_resume_config(ckpt: Path, saved: dict[str, Any] | None, cfg: TrainConfig) -> None:
     """A checkpoint continues only the run that wrote it: any field that changes the result must match."""
     if saved is None:
         logger.warning("%s records no configuration (written by an older version): not checked", ckpt)
         return
-    found = _first_difference(saved, resume_config(cfg), "")
-    if found:
+    diff = _first_difference(saved, resume_config(cfg), "")
+    if diff is not None:
+        key, old, new = diff
         raise ValueError(
-            f"{ckpt} was written by a run with another configuration ({found}); "
+            f"{ckpt} was written by a run with another configuration ({key}: checkpoint {old!r}, this run "
+            f"{new!r}); "
             "resume with the same settings, use another output folder, or start over (resume=False / --no-resume)"
         )
 
 
-def _first_difference(a: Any, b: Any, prefix: str) -> str | None:
+def _first_difference(
+    a: Any, b: Any, prefix: str, *, shared_only: bool = False
+) -> tuple[str, Any, Any] | None:
+    """(dotted key, a's value, b's value) of the first (sorted) key where two configurations differ;
+    ``shared_only``: compare only keys both have (a file written by an older version lacks newer keys)."""
     if isinstance(a, dict) and isinstance(b, dict):
-        for key in sorted(set(a) | set(b)):
-            found = _first_difference(a.get(key), b.get(key), f"{prefix}{key}.")
+        keys = set(a) & set(b) if shared_only else set(a) | set(b)
+        for key in sorted(keys):
+            found = _first_difference(a.get(key), b.get(key), f"{prefix}{key}.", shared_only=shared_only)
             if found:
                 return found
         return None
-    return None if a == b else f"{prefix.rstrip('.')}: checkpoint {a!r}, this run {b!r}"
+    return None if a == b else (prefix.rstrip("."), a, b)
 
 
 def _flatten_optimizer_state(sd: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

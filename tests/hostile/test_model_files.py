@@ -70,17 +70,17 @@ MODEL_CASES = [
      "config.json", "expected a JSON object, got list"),
     ("config-unknown-model-type", lambda f: (f / "config.json").write_text('{"model_type": "nonexistent"}'),
      "config.json", "rejected by transformers"),
-    ("config-field-of-wrong-type", lambda f: _edit_config(f, hidden_size="abc"),
+    ("config-field-of-wrong-type", lambda f: _edit_json(f / "config.json", hidden_size="abc"),
      "config.json", "rejected by transformers .*hidden_size"),
     ("config-without-model-type", lambda f: (f / "config.json").write_text("{}"),
      "config.json", "rejected by transformers"),
 ]  # fmt: skip
 
 
-def _edit_config(folder: Path, **values) -> None:
-    config = json.loads((folder / "config.json").read_text())
+def _edit_json(path: Path, **values) -> None:
+    config = json.loads(path.read_text())
     config.update(values)
-    (folder / "config.json").write_text(json.dumps(config))
+    path.write_text(json.dumps(config))
 
 
 @pytest.mark.parametrize(
@@ -131,7 +131,7 @@ ADAPTER_CASES = [
      "adapter_config.json", "expected a JSON object, got int"),
     ("config-without-peft-type", lambda f: (f / "adapter_config.json").write_text('{"r": 2}'),
      "adapter_config.json", "'peft_type' missing"),
-    ("config-unknown-peft-type", lambda f: _edit_adapter_config(f, peft_type="NOPE"),
+    ("config-unknown-peft-type", lambda f: _edit_json(f / "adapter_config.json", peft_type="NOPE"),
      "adapter", "could not load the adapter"),
 ]  # fmt: skip
 
@@ -143,12 +143,6 @@ def _widen_first(t: dict) -> None:
 
 def _drop_first(t: dict) -> None:
     del t[sorted(t)[0]]
-
-
-def _edit_adapter_config(folder: Path, **values) -> None:
-    config = json.loads((folder / "adapter_config.json").read_text())
-    config.update(values)
-    (folder / "adapter_config.json").write_text(json.dumps(config))
 
 
 @pytest.mark.parametrize(
