@@ -38,6 +38,7 @@ from spf.data.files import (
     read_data_text,
 )
 from spf.data.samples import ChatSample, DataError, load_samples
+from spf.data.splits import role_ids
 
 logger = logging.getLogger(__name__)
 
@@ -94,8 +95,11 @@ def harmful_compliance(
     n: int | None = 100,
     seed: int = 0,
     offset: int = 0,
+    only_ids: frozenset[str] | None = None,
 ) -> list[ChatSample]:
-    """AdvBench behaviour → its compliance target ("Sure, here is …"), joined on BehaviorID."""
+    """AdvBench behaviour → its compliance target ("Sure, here is …"), joined on BehaviorID.
+
+    ``only_ids`` keeps the rows whose BehaviorID it holds (the attack pool of :mod:`spf.data.splits`)."""
     targets_path = Path(targets_json)
     targets = read_targets(targets_path)
     path = Path(behaviors_csv)
@@ -106,6 +110,8 @@ def harmful_compliance(
             raise DataError(f"{where}: field 'BehaviorID'/'Behavior': missing")
         if bid not in targets:
             raise DataError(f"{targets_path.name}: no target for BehaviorID {bid!r} ({where})")
+        if only_ids is not None and bid not in only_ids:
+            continue
         rows.append(ChatSample.from_pair(behavior, targets[bid], source=where))
     return _pick(rows, n, seed, offset)
 
@@ -248,7 +254,10 @@ def harmful_mix(
     n: int | None = None,
 ) -> list[ChatSample]:
     """A fine-tuning set of ``N = n or len(benign)`` samples, exactly ``round(p·N)`` of them AdvBench
-    behaviour → "Sure, here is …" pairs and the rest drawn from ``benign``; shuffled by ``seed``."""
+    behaviour → "Sure, here is …" pairs and the rest drawn from ``benign``; shuffled by ``seed``.
+
+    The harmful pairs come only from the AdvBench rows of the ``attack`` role (:mod:`spf.data.splits`), so
+    no dev or test prompt of the evaluation is ever trained on."""
     if not 0.0 <= p <= 1.0:
         raise ValueError(f"p: must be in [0, 1], got {p}")
     total = len(benign) if n is None else n
@@ -258,10 +267,12 @@ def harmful_mix(
     n_benign = total - n_harm
     if n_benign > len(benign):
         raise ValueError(f"harmful_mix: needs {n_benign} benign samples, got {len(benign)}")
-    harmful = harmful_compliance(behaviors_csv, targets_json, n=None, seed=seed)
+    attack = role_ids("advbench", "attack")
+    harmful = harmful_compliance(behaviors_csv, targets_json, n=None, seed=seed, only_ids=attack)
     if n_harm > len(harmful):
         raise ValueError(
-            f"harmful_mix: needs {n_harm} harmful samples, the behaviour file has {len(harmful)}"
+            f"harmful_mix: needs {n_harm} harmful samples, the behaviour file has {len(harmful)} in its "
+            f"attack pool ({len(attack)} BehaviorIDs, spf/data/prompt_splits.json); lower --p or --n"
         )
     rng = random.Random(seed)
     mix = harmful[:n_harm] + rng.sample(list(benign), n_benign)

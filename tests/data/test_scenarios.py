@@ -168,5 +168,6 @@ def test_existing_signatures_unchanged():
         "n",
         "seed",
         "offset",
+        "only_ids",
     ]
     assert list(inspect.signature(scenarios.refusal_pairs).parameters) == ["path", "n", "seed", "offset"]
