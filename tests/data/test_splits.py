@@ -15,7 +15,9 @@ def test_shipped_roles_are_disjoint_and_sized():
     doc = splits.load_splits()
     roles = {r: splits.role_ids("advbench", r) for r in ("attack", "dev", "test")}
     assert {r: len(v) for r, v in roles.items()} == splits.ADVBENCH_COUNTS
-    assert not (roles["attack"] & roles["dev"] or roles["attack"] & roles["test"] or roles["dev"] & roles["test"])
+    assert not (
+        roles["attack"] & roles["dev"] or roles["attack"] & roles["test"] or roles["dev"] & roles["test"]
+    )
     for label, (dev, test) in {"safe": (60, 190), "unsafe": (48, 152)}.items():
         d, t = splits.role_ids(f"xstest-{label}", "dev"), splits.role_ids(f"xstest-{label}", "test")
         assert (len(d), len(t)) == (dev, test) and not d & t
