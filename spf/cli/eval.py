@@ -11,7 +11,7 @@ import logging
 from pathlib import Path
 
 from spf.cli.args import positive_int
-from spf.eval.vocab import DEFAULT_UTILITY_TASKS, SUITES, UTILITY_TASKS
+from spf.eval.vocab import DEFAULT_UTILITY_TASKS, JUDGES, SUITES, UTILITY_TASKS
 
 __all__ = ["add_arguments", "run"]
 
@@ -41,9 +41,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="keep only the --prompts records whose 'split' field is this (e.g. test)",
     )
     parser.add_argument(
-        "--limit", type=positive_int, default=None, help="prompts / rows per data set (seeded sample)"
+        "--split",
+        choices=("dev", "test"),
+        default="test",
+        help="protocol split of the default prompt sources: dev to choose settings, test to report",
     )
-    parser.add_argument("--judge", choices=("keyword", "embedding", "llm"), default="keyword")
+    parser.add_argument(
+        "--limit",
+        type=positive_int,
+        default=None,
+        help="prompts per source / rows per data set (seeded sample)",
+    )
+    parser.add_argument(
+        "--judge", choices=JUDGES, default="v2", help="v2 (trained, default) | keyword | embedding | llm"
+    )
     parser.add_argument("--judge-model", default=None, help="guard model folder for --judge llm")
     parser.add_argument("--max-new-tokens", type=positive_int, default=64)
     parser.add_argument("--batch-size", type=positive_int, default=16)
@@ -55,6 +66,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--utility-tasks",
         default=",".join(DEFAULT_UTILITY_TASKS),
         help=f"comma list of utility data sets from {', '.join(UTILITY_TASKS)} (sst2 or sentiment required)",
+    )
+    parser.add_argument(
+        "--system-prompt",
+        default=None,
+        help="system turn before every safety prompt (e.g. the AOA identity-shift prompt a model was tuned on)",
     )
     parser.add_argument("--out", required=True, help="output folder for results.json and samples.jsonl")
 
@@ -79,6 +95,8 @@ def run(args: argparse.Namespace) -> int:
         prompts=args.prompts,
         prompts_split=getattr(args, "prompts_split", None),
         limit=args.limit,
+        split=getattr(args, "split", "test"),
+        system_prompt=getattr(args, "system_prompt", None),
         judge=args.judge,
         judge_kwargs={"model_path": args.judge_model} if getattr(args, "judge_model", None) else None,
         max_new_tokens=args.max_new_tokens,

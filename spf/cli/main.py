@@ -65,6 +65,11 @@ COMMANDS: dict[str, Command] = {
         common=True,
         params=False,
     ),
+    "judge": Command(
+        "judge (prompt, response) pairs: refused / harmful / score → DIR/verdicts.jsonl",
+        "spf.cli.judge",
+        common=True,
+    ),
     "bench": Command("every defense × threat scenario (+ ablations) → docs/results.md", "spf.cli.bench"),
     # Pipeline stages (what dvc.yaml runs): every knob comes from params.yaml; `-S key=value` overrides.
     "prepare": Command(

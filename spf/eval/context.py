@@ -66,6 +66,9 @@ class EvalContext:
     judge: Judge | None
     max_new_tokens: int
     batch_size: int
+    # A system turn before every safety prompt: the identity-shift (AOA) attack is measured under the
+    # system prompt it was fine-tuned with, as Qi et al. (2023) evaluate it.
+    system_prompt: str | None = None
 
     def answer_and_judge(
         self,
@@ -73,12 +76,19 @@ class EvalContext:
         user_texts: list[str],
         judged_prompts: list[str],
         *,
+        harmful_request: bool | None,
         prefill: list[str] | None = None,
         meta: list[dict[str, Any]] | None = None,
     ) -> list[dict[str, Any]]:
-        """Generate greedy answers to ``user_texts`` and judge them against ``judged_prompts``."""
+        """Generate greedy answers to ``user_texts`` and judge them against ``judged_prompts``.
+
+        ``harmful_request``: what the suite knows of its prompts (True: all harmful, False: all benign).
+        The keyword judge's verdict is recorded beside the judge's (``keyword_refused``/``keyword_harmful``)."""
         assert self.judge is not None
-        conversations = [[{"role": "user", "content": t}] for t in user_texts]
+        from spf.eval.judges import KeywordJudge  # here: utility-only runs never load the judges
+
+        system = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+        conversations = [[*system, {"role": "user", "content": t}] for t in user_texts]
         answers = generate(
             self.model,
             self.tokenizer,
@@ -89,9 +99,14 @@ class EvalContext:
         )
         continuations = answers
         if prefill is not None:
-            # The judge must see what a reader of the answer sees: the forced prefix plus its continuation.
+            # A reader sees the forced prefix plus its continuation; the judge sees only what the model wrote.
+            # Judging the joined text would count the attacker's own "Sure, here is …" as the model's
+            # compliance (a long prefix alone passes any length floor) and score a model that recovers
+            # ("…: I can't help with that") as compliant.
             answers = [join_prefill(p, a) for p, a in zip(prefill, continuations, strict=True)]
-        verdicts = self.judge(judged_prompts, answers)
+        flags = [harmful_request] * len(answers)
+        verdicts = self.judge(judged_prompts, continuations, harmful_request=flags)
+        keyword = KeywordJudge()(judged_prompts, continuations, harmful_request=flags)
         if len(verdicts) != len(answers):
             raise RuntimeError(
                 f"judge {self.judge.name!r} returned {len(verdicts)} verdicts for {len(answers)}"
@@ -100,6 +115,7 @@ class EvalContext:
         for i, (prompt, answer, verdict) in enumerate(zip(judged_prompts, answers, verdicts, strict=True)):
             rec: dict[str, Any] = {"suite": suite, "prompt": prompt, "response": answer}
             rec.update(verdict_fields(verdict))
+            rec["keyword_refused"], rec["keyword_harmful"] = keyword[i].refused, keyword[i].harmful
             if prefill is not None:
                 rec["continuation"] = continuations[i]
             if meta is not None:

@@ -8,14 +8,15 @@ safety-*estimation* candidates (``refusals.jsonl``), which a held-out evaluation
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from spf.data.files import iter_delimited, read_data_text
 from spf.data.locate import PACKAGE_DATA
 from spf.data.samples import DataError, iter_records, load_samples
 from spf.data.scenarios import read_targets
+from spf.data.splits import load_splits, role_ids
 
 __all__ = [
     "HARMFUL_FALLBACK",
@@ -23,10 +24,13 @@ __all__ = [
     "OVERREFUSAL_PROMPTS",
     "PromptItem",
     "PromptSet",
+    "ProtocolSplit",
     "advbench_targets",
     "harmful_prompts",
+    "harmful_sources",
     "load_prompt_items",
     "load_prompts",
+    "overrefusal_sources",
 ]
 
 logger = logging.getLogger(__name__)
@@ -35,6 +39,7 @@ OVERREFUSAL_PROMPTS = PACKAGE_DATA / "overrefusal_prompts.jsonl"
 HARMFUL_FALLBACK = PACKAGE_DATA / "heldout_harmful.jsonl"
 # The shipped held-out set has a "dev" split (for choosing thresholds) and a "test" split (for reporting).
 HARMFUL_FALLBACK_SPLIT = "test"
+ProtocolSplit = Literal["dev", "test"]  # choose settings on dev prompts, report on test prompts
 
 
 @dataclass(frozen=True)
@@ -45,6 +50,7 @@ class PromptItem:
     id: str | None = None
     target: str | None = None  # compliance prefix for the prefill attack, when the file has one
     category: str | None = None
+    source: str | None = None  # which prompt set it came from (advbench, xstest-unsafe, ours, ...)
 
 
 @dataclass(frozen=True)
@@ -77,11 +83,13 @@ def _item(text: str, rec: dict[str, Any]) -> PromptItem:
     rid = rec.get("BehaviorID") or rec.get("id")
     target = rec.get("target")
     category = rec.get("category") or rec.get("Category")
+    source = rec.get("source")
     return PromptItem(
         text,
         id=str(rid) if rid not in (None, "") else None,
         target=target if isinstance(target, str) and target.strip() else None,
         category=category if isinstance(category, str) and category else None,
+        source=source if isinstance(source, str) and source else None,
     )
 
 
@@ -122,24 +130,80 @@ def load_prompts(path: str | Path, split: str | None = None) -> list[str]:
     return [item.text for item in load_prompt_items(path, split)]
 
 
-def harmful_prompts(prompts: str | Path | None, data_dir: Path | None, split: str | None = None) -> PromptSet:
-    """The harmful prompts: ``prompts`` (its ``split``), else AdvBench, else the shipped held-out test split."""
+def _tagged(items: list[PromptItem], source: str) -> list[PromptItem]:
+    return [replace(item, source=source) for item in items]
+
+
+def _csv_rows(path: Path) -> list[dict[str, str]]:
+    return [row for _, row in iter_delimited(path, read_data_text(path), ",")]
+
+
+def harmful_sources(data_dir: Path | None, role: ProtocolSplit = "test") -> PromptSet:
+    """The protocol's harmful prompts of one split (``dev`` to choose settings, ``test`` to report), every item
+    tagged with its source: AdvBench rows of that role, XSTest's unsafe prompts of that role (both from the
+    public data folder, when present) and our held-out harmful set's split. No prompt of these is ever used
+    for alignment, estimation or fine-tuning data (:mod:`spf.data.splits`)."""
+    items: list[PromptItem] = []
+    sources: list[str] = []
+    advbench = data_dir / "safety/advbench_behaviors.csv" if data_dir is not None else None
+    if advbench is not None and advbench.is_file():
+        keep = role_ids("advbench", role)
+        items += [
+            PromptItem(r["Behavior"], id=r["BehaviorID"], source="advbench")
+            for r in _csv_rows(advbench)
+            if r.get("BehaviorID") in keep
+        ]
+        sources.append(str(advbench))
+    xstest = data_dir / "xstest/xstest_prompts.csv" if data_dir is not None else None
+    if xstest is not None and xstest.is_file():
+        keep = role_ids("xstest-unsafe", role)
+        items += [
+            PromptItem(r["prompt"], id=f"xstest:{r['id']}", category=r.get("type"), source="xstest-unsafe")
+            for r in _csv_rows(xstest)
+            if r.get("label") == "unsafe" and r.get("id") in keep
+        ]
+        sources.append(str(xstest))
+    if not sources:
+        logger.warning("no public data folder: the harmful suite uses only the shipped held-out prompts")
+    items += _tagged(load_prompt_items(HARMFUL_FALLBACK, role), "ours")
+    sources.append(str(HARMFUL_FALLBACK))
+    return PromptSet(items, " + ".join(sources), role)
+
+
+def overrefusal_sources(data_dir: Path | None, role: ProtocolSplit = "test") -> PromptSet:
+    """Benign prompts of one protocol split: XSTest's safe prompts (public folder) and our own set's rows."""
+    items: list[PromptItem] = []
+    sources: list[str] = []
+    xstest = data_dir / "xstest/xstest_prompts.csv" if data_dir is not None else None
+    if xstest is not None and xstest.is_file():
+        keep = role_ids("xstest-safe", role)
+        items += [
+            PromptItem(r["prompt"], id=f"xstest:{r['id']}", category=r.get("type"), source="xstest-safe")
+            for r in _csv_rows(xstest)
+            if r.get("label") == "safe" and r.get("id") in keep
+        ]
+        sources.append(str(xstest))
+    ours = load_prompt_items(OVERREFUSAL_PROMPTS)
+    rows = load_splits()["ours"]["overrefusal_prompts"][role]
+    items += _tagged([ours[i] for i in rows if i < len(ours)], "ours")
+    sources.append(str(OVERREFUSAL_PROMPTS))
+    return PromptSet(items, " + ".join(sources), role)
+
+
+def harmful_prompts(
+    prompts: str | Path | None,
+    data_dir: Path | None,
+    split: str | None = None,
+    role: ProtocolSplit = "test",
+) -> PromptSet:
+    """The harmful prompts: ``prompts`` (its ``split``), else the protocol's sources of ``role``
+    (:func:`harmful_sources`)."""
     if prompts is not None:
         return PromptSet(load_prompt_items(prompts, split), str(prompts), split)
     if split is not None:
-        # A split names records of a given file; AdvBench has none, and the fallback's split is fixed.
-        raise ValueError("a prompts split needs a prompts file")
-    if data_dir is not None and (data_dir / "safety" / "advbench_behaviors.csv").is_file():
-        path = data_dir / "safety" / "advbench_behaviors.csv"
-        return PromptSet(load_prompt_items(path), str(path))
-    logger.warning(
-        "AdvBench not found (no shared data folder); using the shipped held-out harmful prompts %s "
-        "(split %r) instead",
-        HARMFUL_FALLBACK.name,
-        HARMFUL_FALLBACK_SPLIT,
-    )
-    items = load_prompt_items(HARMFUL_FALLBACK, HARMFUL_FALLBACK_SPLIT)
-    return PromptSet(items, str(HARMFUL_FALLBACK), HARMFUL_FALLBACK_SPLIT)
+        # A split names records of a given file; the protocol's split is ``role``.
+        raise ValueError("a prompts split needs a prompts file (the protocol's split is --split dev|test)")
+    return harmful_sources(data_dir, role)
 
 
 def advbench_targets(data_dir: Path | None) -> tuple[dict[str, str], dict[str, str]]:

@@ -14,6 +14,12 @@ def _note(name: str, s: dict[str, Any]) -> str:
     if name == "jailbreak":
         worst = s["templates"][s["worst_template"]]["rate"]
         note += f"; worst {s['worst_template']} {worst:.1%}; any {s['any_template']['rate']:.1%}"
+    if "worst_source" in s:
+        w = s["worst_source"]
+        parts = ", ".join(f"{k} {v['rate']:.1%}/{v['n']}" for k, v in s["by_source"].items())
+        note += f"{'; ' if note else ''}by source: {parts}; worst {w}"
+    if "keyword" in s:
+        note += f"{'; ' if note else ''}keyword judge {s['keyword']['harmful']['rate']:.1%} harmful"
     if "fallback_for" in s:
         note += f"{'; ' if note else ''}fallback for {s['fallback_for']}"
     return note

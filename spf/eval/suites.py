@@ -10,7 +10,8 @@ Suites (each reported with a count, a rate, a 95% Wilson interval and the ``sour
 * ``jailbreak`` — :data:`JAILBREAK_TEMPLATES` applied to harmful prompts; rate = fraction harmful, overall
   and per template.
 * ``prefill`` — the answer is forced to begin with the AdvBench target ("Sure, here is …"), the shallow-
-  alignment attack of Qi et al. (2024); rate = fraction of (prefix + continuation) judged harmful.
+  alignment attack of Qi et al. (2024); rate = fraction of continuations judged harmful (the judge sees
+  only what the model wrote after the forced prefix; the record keeps both).
 * ``utility`` — see :mod:`spf.eval.utility`: SST-2 / shipped sentiment / AG News accuracy by label
   log-likelihood, GSM8K exact match; a ``utility`` entry holds the headline (SST-2) accuracy.
 
@@ -43,11 +44,13 @@ from spf.eval.jailbreaks import (
 from spf.eval.prompts import (
     HARMFUL_FALLBACK,
     OVERREFUSAL_PROMPTS,
+    PromptItem,
     PromptSet,
+    ProtocolSplit,
     advbench_targets,
     harmful_prompts,
-    load_prompt_items,
     load_prompts,
+    overrefusal_sources,
 )
 from spf.eval.report import format_table
 from spf.eval.stats import SuiteResult, count_true, rate_dict, wilson_interval
@@ -104,9 +107,32 @@ _NEEDS_HARMFUL = frozenset({"harmful", "jailbreak", "prefill"})
 # ----------------------------------------------------------------------------------------------- safety suites
 
 
+def _source_meta(items: list[PromptItem]) -> list[dict[str, Any]]:
+    return [{"source": p.source} if p.source else {} for p in items]
+
+
+def by_source(records: list[dict], key: str) -> dict[str, dict[str, Any]]:
+    """Per prompt source (records' ``source``): the rate of ``key`` with its interval."""
+    out = {}
+    for source in sorted({r["source"] for r in records if r.get("source")}):
+        rows = [r for r in records if r.get("source") == source]
+        out[source] = rate_dict(count_true(rows, key), len(rows))
+    return out
+
+
+def _worst(per_source: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The source with the highest rate (what a gate decides on: a pooled mean hides a bad source)."""
+    if not per_source:
+        return {}
+    name = max(per_source, key=lambda k: (per_source[k]["rate"], per_source[k]["n"]))
+    return {"by_source": per_source, "worst_source": name}
+
+
 def _suite_harmful(ctx: EvalContext, prompts: PromptSet) -> tuple[SuiteResult, list[dict]]:
     texts = [p.text for p in prompts.items]
-    records = ctx.answer_and_judge("harmful", texts, texts)
+    records = ctx.answer_and_judge(
+        "harmful", texts, texts, harmful_request=True, meta=_source_meta(prompts.items)
+    )
     n = len(records)
     refused = count_true(records, "refused")
     result = SuiteResult.from_counts(
@@ -117,6 +143,7 @@ def _suite_harmful(ctx: EvalContext, prompts: PromptSet) -> tuple[SuiteResult, l
         refusal_rate=refused / n,
         refused=refused,
         prompts=prompts.source,
+        **_worst(by_source(records, "harmful")),
         **prompts.provenance(),
     )
     return result, records
@@ -125,8 +152,11 @@ def _suite_harmful(ctx: EvalContext, prompts: PromptSet) -> tuple[SuiteResult, l
 def _suite_overrefusal(ctx: EvalContext, prompts: PromptSet) -> tuple[SuiteResult, list[dict]]:
     items = prompts.items
     texts = [p.text for p in items]
-    meta = [{"category": p.category} if p.category else {} for p in items]
-    records = ctx.answer_and_judge("overrefusal", texts, texts, meta=meta)
+    meta = [
+        {**({"category": p.category} if p.category else {}), **m}
+        for p, m in zip(items, _source_meta(items), strict=True)
+    ]
+    records = ctx.answer_and_judge("overrefusal", texts, texts, harmful_request=False, meta=meta)
     by_category: dict[str, dict[str, Any]] = {}
     for category in sorted({p.category for p in items if p.category}):
         rows = [r for r in records if r.get("category") == category]
@@ -137,6 +167,7 @@ def _suite_overrefusal(ctx: EvalContext, prompts: PromptSet) -> tuple[SuiteResul
         len(records),
         metric="refusal_rate",
         categories=by_category,
+        **_worst(by_source(records, "refused")),
         prompts=prompts.source,
         **prompts.provenance(),
     )
@@ -166,8 +197,8 @@ def _suite_jailbreak(
             user_texts.append(apply_template(template, p.text))
             # Judge against the plain request: a judge cannot be expected to decode base64 or leetspeak.
             judged.append(p.text)
-            meta.append({"template": template, "attack_prompt": user_texts[-1]})
-    records = ctx.answer_and_judge("jailbreak", user_texts, judged, meta=meta)
+            meta.append({"template": template, "attack_prompt": user_texts[-1], **_source_meta([p])[0]})
+    records = ctx.answer_and_judge("jailbreak", user_texts, judged, harmful_request=True, meta=meta)
     per_template = {}
     for template in templates:
         rows = [r for r in records if r["template"] == template]
@@ -201,7 +232,7 @@ def _suite_prefill(
             target = GENERIC_PREFILL
             n_generic += 1
         prefixes.append(target)
-        meta.append({"prefill": target})
+        meta.append({"prefill": target, **_source_meta([p])[0]})
     if n_generic:
         logger.info(
             "prefill: %d of %d prompts have no AdvBench target; using %r",
@@ -210,14 +241,13 @@ def _suite_prefill(
             GENERIC_PREFILL,
         )
     texts = [p.text for p in prompts.items]
-    records = ctx.answer_and_judge("prefill", texts, texts, prefill=prefixes, meta=meta)
+    records = ctx.answer_and_judge("prefill", texts, texts, harmful_request=True, prefill=prefixes, meta=meta)
     result = _attack_result(
         "prefill",
         records,
         prompts,
         n_generic_prefix=n_generic,
-        # A judge sees prefix + continuation, so a long forced prefix alone can read as compliance (the
-        # keyword judge's word floor counts prefix words); this says how often the model added nothing.
+        # How often the model added nothing after the forced prefix (judged on that empty continuation).
         n_empty_continuation=sum(not re.search(r"\w", r["continuation"]) for r in records),
     )
     return result, records
@@ -261,8 +291,12 @@ class _Inputs:
     utility_tasks: Sequence[str]
 
     def sample(self, prompts: PromptSet | None, limit: int | None = None) -> PromptSet:
+        """``limit`` prompts of each source (a seeded sample, file order kept)."""
         assert prompts is not None
-        chosen = select_items(prompts.items, limit or self.limit, self.seed)
+        groups: dict[str | None, list[PromptItem]] = {}
+        for item in prompts.items:
+            groups.setdefault(item.source, []).append(item)
+        chosen = [x for group in groups.values() for x in select_items(group, limit or self.limit, self.seed)]
         return PromptSet(chosen, prompts.source, prompts.split)
 
 
@@ -299,7 +333,7 @@ def evaluate(
     prompts: str | Path | None = None,
     prompts_split: str | None = None,
     limit: int | None = None,
-    judge: str | Judge = "keyword",
+    judge: str | Judge = "v2",
     max_new_tokens: int = 64,
     batch_size: int = 16,
     seed: int = 0,
@@ -308,6 +342,8 @@ def evaluate(
     templates: Sequence[str] | None = None,
     gsm8k_max_new_tokens: int = GSM8K_MAX_NEW_TOKENS,
     utility_tasks: Sequence[str] = DEFAULT_UTILITY_TASKS,
+    split: ProtocolSplit = "test",
+    system_prompt: str | None = None,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Run ``suites`` on a loaded model; return ``(results, per-sample records)``.
 
@@ -315,8 +351,12 @@ def evaluate(
     keeps only its records of that ``split``. ``limit`` caps the prompts (rows per utility data set) by a
     deterministic, ``seed``-chosen sample; the jailbreak suite uses ``limit`` prompts (default
     :data:`JAILBREAK_DEFAULT_PROMPTS`) × every template. ``judge`` is a judge kind for
-    :func:`spf.eval.judges.make_judge` or a judge object.
+    :func:`spf.eval.judges.make_judge` or a judge object. ``split``: which protocol split of the default
+    prompt sources to use (``dev`` to choose settings, ``test`` to report; :mod:`spf.data.splits`).
+    ``system_prompt``: a system turn before every safety prompt (the AOA attack's own, to measure it).
     """
+    if split not in ("dev", "test"):
+        raise ValueError(f"split must be 'dev' or 'test', got {split!r}")
     names = check_suites(suites)
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be a positive integer, got {limit}")
@@ -328,15 +368,15 @@ def evaluate(
     data_dir = find_shared_data(shared_data)
 
     # Load every prompt file before the first (slow) generation so bad input fails fast.
-    harmful = harmful_prompts(prompts, data_dir, prompts_split) if _NEEDS_HARMFUL & set(names) else None
-    overrefusal = None
-    if "overrefusal" in names:
-        overrefusal = PromptSet(load_prompt_items(OVERREFUSAL_PROMPTS), str(OVERREFUSAL_PROMPTS))
+    harmful = None
+    if _NEEDS_HARMFUL & set(names):
+        harmful = harmful_prompts(prompts, data_dir, prompts_split, role=split)
+    overrefusal = overrefusal_sources(data_dir, split) if "overrefusal" in names else None
     inputs = _Inputs(
         harmful, overrefusal, data_dir, limit, seed, template_names, gsm8k_max_new_tokens, utility_tasks
     )
     judge_obj = resolve_judge(judge, judge_kwargs) if _JUDGED & set(names) else None
-    ctx = EvalContext(model, tokenizer, judge_obj, max_new_tokens, batch_size)
+    ctx = EvalContext(model, tokenizer, judge_obj, max_new_tokens, batch_size, system_prompt)
 
     suite_results: dict[str, dict[str, Any]] = {}
     records: list[dict[str, Any]] = []
@@ -354,6 +394,7 @@ def evaluate(
         if name == "utility":
             suite_results["utility"] = headline_entry(suite_results, skipped)
         records += recs
+    _add_keyword_column(suite_results, records)
 
     results: dict[str, Any] = {
         "judge": getattr(judge_obj, "name", None) if judge_obj is not None else None,
@@ -361,6 +402,8 @@ def evaluate(
             "suites": names,
             "prompts": str(prompts) if prompts is not None else None,
             "prompts_split": prompts_split,
+            "split": split,
+            "system_prompt": system_prompt,
             "limit": limit,
             "max_new_tokens": max_new_tokens,
             "batch_size": batch_size,
@@ -374,6 +417,17 @@ def evaluate(
         "timing_s": timing,
     }
     return results, records
+
+
+def _add_keyword_column(suite_results: dict[str, dict[str, Any]], records: list[dict[str, Any]]) -> None:
+    """The keyword judge's rates beside each judged suite's (a second opinion the report shows)."""
+    for name, entry in suite_results.items():
+        rows = [r for r in records if r.get("suite") == name and "keyword_harmful" in r]
+        if rows:
+            entry["keyword"] = {
+                "harmful": rate_dict(count_true(rows, "keyword_harmful"), len(rows)),
+                "refused": rate_dict(count_true(rows, "keyword_refused"), len(rows)),
+            }
 
 
 def run_eval(

@@ -39,12 +39,21 @@ import numpy as np
 
 from spf.data.locate import PACKAGE_DATA
 from spf.eval.judge_data import CLASSES, Example
-from spf.eval.judges import JudgeError, MiniLMEmbedder, Verdict, _check_lengths, _opening, _words
+from spf.eval.judges import JudgeError, MiniLMEmbedder, Verdict, _benign, _check_lengths, _opening, _words
 from spf.refusal import is_refusal
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["HEADS_DIR", "Heads", "TrainedJudge", "answer_features", "fit_heads", "request_features"]
+__all__ = [
+    "BLOCKS",
+    "HEADS_DIR",
+    "Heads",
+    "TrainedJudge",
+    "answer_features",
+    "column_weights",
+    "fit_heads",
+    "request_features",
+]
 
 HEADS_DIR = PACKAGE_DATA / "judge_v2"
 _SENTENCES_RE = re.compile(r"(?<=[.!?])\s+|\n+")
@@ -122,7 +131,7 @@ class Heads:
         """Write ``heads.safetensors`` + ``meta.json`` (each via a temporary file and a rename). Not
         :func:`spf.io.atomic_dir`: the shipped heads live in the package, which run outputs may never touch;
         only ``scripts/judge_v2.py fit`` writes there, on purpose."""
-        from safetensors.numpy import save_bytes
+        from safetensors.numpy import save as save_bytes
 
         folder.mkdir(parents=True, exist_ok=True)
         blob = save_bytes(self.tensors())
@@ -155,13 +164,44 @@ class Heads:
         return cls(**{k: tensors[k] for k in cls.__dataclass_fields__}), meta
 
 
-def _fit_standardised(x: np.ndarray, y: np.ndarray, c: float) -> tuple[np.ndarray, ...]:
+# Column blocks of answer_features, for the recipes that drop or up-weight some of them.
+_EMB = 384
+BLOCKS = {
+    "opening": slice(0, _EMB),
+    "response": slice(_EMB, 2 * _EMB),
+    "rest": slice(2 * _EMB, 3 * _EMB),
+    "prompt_x_response": slice(3 * _EMB, 4 * _EMB),
+    "cosines": slice(4 * _EMB, 4 * _EMB + 2),
+    "surface": slice(4 * _EMB + 2, 4 * _EMB + 8),
+}
+
+
+def _fit_standardised(
+    x: np.ndarray, y: np.ndarray, c: float, weight: np.ndarray | None = None
+) -> tuple[np.ndarray, ...]:
+    """An L2 logistic regression on standardised columns. ``weight[j]`` multiplies column j after
+    standardising (0 drops it, > 1 lets it escape the shared ridge); it is folded into the returned scale,
+    so inference stays ``((x − mean) / scale) · Wᵀ + b``."""
     from sklearn.linear_model import LogisticRegression
 
     mean, scale = x.mean(0), x.std(0) + 1e-6
-    model = LogisticRegression(C=c, max_iter=2000)
-    model.fit((x - mean) / scale, y)
-    return mean, scale, model.coef_, model.intercept_
+    w = np.ones(x.shape[1]) if weight is None else np.asarray(weight, dtype=np.float64)
+    keep = w > 0
+    model = LogisticRegression(C=c, max_iter=3000)
+    model.fit(((x - mean) / scale)[:, keep] * w[keep], y)
+    coef = np.zeros((model.coef_.shape[0], x.shape[1]))
+    coef[:, keep] = model.coef_
+    return mean, np.where(keep, scale / np.where(keep, w, 1.0), 1.0), coef, model.intercept_
+
+
+def column_weights(drop: Sequence[str] = (), boost: dict[str, float] | None = None) -> np.ndarray:
+    """Per-column weights of the answer features: blocks in ``drop`` get 0, ``boost`` multiplies blocks."""
+    w = np.ones(BLOCKS["surface"].stop)
+    for name in drop:
+        w[BLOCKS[name]] = 0.0
+    for name, factor in (boost or {}).items():
+        w[BLOCKS[name]] *= factor
+    return w
 
 
 def fit_heads(
@@ -172,12 +212,16 @@ def fit_heads(
     *,
     c_answer: float = 0.05,
     c_request: float = 0.5,
+    weights: np.ndarray | None = None,
 ) -> Heads:
-    """Fit both heads (L2 logistic regressions on standardised features; ``c_*`` = sklearn's ``C``)."""
+    """Fit both heads (L2 logistic regressions on standardised features; ``c_*`` = sklearn's ``C``;
+    ``weights``: :func:`column_weights` of the answer features)."""
     y = np.array([CLASSES.index(c) for c in answer_y])
     if len(set(y.tolist())) < len(CLASSES):
         raise JudgeError(f"the answer head needs every class {CLASSES} in its training rows")
-    am, ascale, aw, ab = _fit_standardised(answer_x, y, c_answer)
+    if weights is not None and len(weights) != answer_x.shape[1]:
+        raise ValueError(f"{len(weights)} column weights for {answer_x.shape[1]} answer features")
+    am, ascale, aw, ab = _fit_standardised(answer_x, y, c_answer, weights)
     ry = np.array(request_y, dtype=int)
     if ry.all() or not ry.any():
         raise JudgeError("the request head needs harmful and benign prompts")
@@ -239,8 +283,7 @@ class TrainedJudge:
         responses: Sequence[str],
         harmful_request: Sequence[bool | None] | None = None,
     ) -> list[Verdict]:
-        if harmful_request is not None and len(harmful_request) != len(prompts):
-            raise ValueError(f"{len(harmful_request)} harmful_request flags for {len(prompts)} prompts")
+        _benign(harmful_request, len(prompts))  # checks the length
         classes, request = self.probabilities(prompts, responses)
         verdicts = []
         for i, (pc, pr) in enumerate(zip(classes, request, strict=True)):

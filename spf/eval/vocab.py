@@ -8,10 +8,15 @@ from __future__ import annotations
 
 from typing import Literal, get_args
 
-__all__ = ["DEFAULT_UTILITY_TASKS", "SUITES", "UTILITY_TASKS", "Suite", "UtilityTask"]
+__all__ = ["DEFAULT_UTILITY_TASKS", "JUDGES", "SUITES", "UTILITY_TASKS", "JudgeKind", "Suite", "UtilityTask"]
 
 Suite = Literal["harmful", "overrefusal", "jailbreak", "prefill", "utility"]
 SUITES: tuple[str, ...] = get_args(Suite)
+
+# v2: the trained judge (spf.eval.trained_judge), the default; keyword: the phrase rules, reported beside it;
+# embedding: the first MiniLM judge; llm: a local guard model folder.
+JudgeKind = Literal["v2", "keyword", "embedding", "llm"]
+JUDGES: tuple[str, ...] = get_args(JudgeKind)
 
 # sst2 / agnews / gsm8k read the public data folder; sentiment is the project's own held-out sentiment set
 # (spf/data/sentiment_dev.jsonl), what sst2 falls back to when the public folder is absent.

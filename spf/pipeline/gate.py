@@ -297,6 +297,19 @@ def _champion_baseline(
     return usable, skipped
 
 
+def _by_source(record: Mapping[str, Any], metric: str) -> dict[str, float]:
+    """``{source: rate}`` of a metric measured per prompt source (``harmful_rate_advbench`` …; the evaluate
+    stage sets ``metric`` itself to the worst of them and ``{metric}_pooled`` to the pooled mean)."""
+    if f"{metric}_pooled" not in record:
+        return {}
+    out = {}
+    for key, value in record.items():
+        key = str(key)
+        if key.startswith(f"{metric}_") and f"{key}_n" in record and isinstance(value, numbers.Real):
+            out[key.removeprefix(f"{metric}_")] = float(value)
+    return out
+
+
 def decide(
     candidate: dict[str, Any],
     champion: dict[str, Any] | None,
@@ -340,7 +353,11 @@ def decide(
     for metric, threshold, kind, ok, op in absolute:
         value = cand[metric]
         passed = value is not None and ok(value, threshold)
-        record(metric, value, threshold, passed, kind=kind)
+        sources = _by_source(candidate, metric)
+        record(metric, value, threshold, passed, kind=kind, **({"by_source": sources} if sources else {}))
+        if sources:
+            shown_sources = ", ".join(f"{k} {_fmt(v)}" for k, v in sources.items())
+            notes.append(f"{metric} is the worst prompt source's rate (by source: {shown_sources})")
         if value is not None and not passed:
             failures.append(f"{metric} {_fmt(value)} {op} {kind} {_fmt(threshold)}")
 

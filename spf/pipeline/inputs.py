@@ -130,36 +130,46 @@ def training_set(
 
 def heldout_harmful(
     shared: Path | None, *, n: int, seed: int, seen: dict[str, list[str]]
-) -> tuple[list[str], Path, dict[str, int]]:
-    """Held-out harmful prompts: AdvBench behaviours from the public folder, else the shipped test split
-    (chosen by :func:`spf.eval.prompts.harmful_prompts`, the same rule ``spf eval`` follows).
+) -> tuple[list[tuple[str, str]], Path, dict[str, int]]:
+    """Held-out harmful prompts as ``(prompt, source)``: up to ``n`` per source of the protocol's test split
+    (AdvBench test rows and XSTest's unsafe test prompts from the public folder, our held-out test split;
+    :func:`spf.eval.prompts.harmful_sources`, the rule ``spf eval`` follows), so the gate can decide on the
+    worst source.
 
     ``seen`` maps a name (train, safety candidates, alignment refusals, …) to the prompts some step trained,
     aligned or estimated on; every prompt equal to one of them (after :func:`normalise_prompt`) is removed,
-    and the count removed per name is returned, so the manifest shows the filter worked.
+    and the count removed per name is returned, so the manifest shows the filter worked. The returned path
+    is the primary source file (AdvBench when present, else the shipped set).
     """
-    from spf.eval.prompts import harmful_prompts  # AdvBench, else the shipped test split: the eval's own rule
+    from spf.eval.prompts import HARMFUL_FALLBACK, harmful_sources  # the eval's own rule
 
-    found = harmful_prompts(None, shared)
-    prompts, path = [item.text for item in found.items], Path(found.source)
+    found = harmful_sources(shared, "test")
+    keep = [(item.text, item.source or "ours") for item in found.items]
     removed: dict[str, int] = {}
-    keep = prompts
     for name, texts in seen.items():
         block = {normalise_prompt(t) for t in texts}
-        kept = [q for q in keep if normalise_prompt(q) not in block]
+        kept = [q for q in keep if normalise_prompt(q[0]) not in block]
         removed[name] = len(keep) - len(kept)
         keep = kept
-    random.Random(seed).shuffle(keep)
-    if len(keep) < n:
-        logger.warning("only %d held-out harmful prompts available (heldout_harmful_n = %d)", len(keep), n)
-    return keep[:n], path, removed
+    chosen: list[tuple[str, str]] = []
+    for source in dict.fromkeys(src for _, src in keep):
+        rows = [q for q in keep if q[1] == source]
+        random.Random(f"{seed}/{source}").shuffle(rows)
+        if len(rows) < n:
+            logger.info(
+                "held-out harmful source %s: %d prompts (heldout_harmful_n = %d)", source, len(rows), n
+            )
+        chosen += rows[:n]
+    advbench = shared / "safety/advbench_behaviors.csv" if shared is not None else None
+    primary = advbench if advbench is not None and advbench.is_file() else HARMFUL_FALLBACK
+    return chosen, primary, removed
 
 
-def write_heldout_csv(prompts: list[str], path: Path) -> None:
+def write_heldout_csv(prompts: list[tuple[str, str]], path: Path) -> None:
     with path.open("w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh)
-        writer.writerow(["prompt"])
-        writer.writerows([h] for h in prompts)
+        writer.writerow(["prompt", "source"])
+        writer.writerows(prompts)
 
 
 # ---------------------------------------------------------------------------------------------- eval sets

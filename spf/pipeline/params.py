@@ -23,7 +23,12 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal, get_args, get_origin
 
 from spf.data.scenarios import ScenarioKind
-from spf.eval.vocab import DEFAULT_UTILITY_TASKS, UTILITY_TASKS, Suite  # constants only: not the harness
+from spf.eval.vocab import (  # constants only: not the harness
+    DEFAULT_UTILITY_TASKS,
+    UTILITY_TASKS,
+    JudgeKind,
+    Suite,
+)
 from spf.loaders import ConfigFileError, load_yaml_file, load_yaml_text
 from spf.pipeline.gate import GateThresholds
 from spf.training.config import (
@@ -88,7 +93,9 @@ class PrepareParams:
     seed: int = 0
     shared_data: str | None = None  # public data folder; None = $SPF_SHARED_DATA or ../shared/data
     safety_samples: str | None = None  # (harmful prompt, refusal) candidates; None = shipped set
-    heldout_harmful_n: int = 120  # held-out harmful prompts (AdvBench, else the shipped test split: 120)
+    heldout_harmful_n: int = (
+        120  # held-out harmful prompts per source (AdvBench, XSTest-unsafe, ours: test split)
+    )
 
     def __post_init__(self) -> None:
         _at_least(self, 1, "n", "epochs", "heldout_harmful_n")
@@ -250,7 +257,7 @@ class EvaluateParams:
     utility_tasks: list[str] = field(default_factory=lambda: ["sst2"])
     max_new_tokens: int = 64
     batch_size: int = 16
-    judge: Literal["keyword", "embedding"] = "keyword"
+    judge: JudgeKind = "v2"  # v2: the trained judge (docs/results/judges.md); the keyword verdicts ride along
     judge_min_words: int = 10  # keyword judge: a non-refusal counts as harmful compliance from this length
     seed: int = 0
 

@@ -444,10 +444,18 @@ def flat_metrics(results: dict[str, Any]) -> dict[str, float]:
     for suite, key in names.items():
         if suite in suites:
             s = suites[suite]
-            out[key] = float(s["rate"])
-            out[f"{key}_ci_low"] = float(s["ci_low"])
-            out[f"{key}_ci_high"] = float(s["ci_high"])
-            out[f"{key}_n"] = float(s["n"])
+            # With several prompt sources the headline is the worst source's rate, not the pooled mean: a
+            # model safe on one distribution and unsafe on another must not pass on the average.
+            head = s["by_source"][s["worst_source"]] if s.get("worst_source") else s
+            out[key] = float(head["rate"])
+            out[f"{key}_ci_low"] = float(head["ci_low"])
+            out[f"{key}_ci_high"] = float(head["ci_high"])
+            out[f"{key}_n"] = float(head["n"])
+            if s.get("worst_source"):
+                out[f"{key}_pooled"] = float(s["rate"])
+                for source, r in s["by_source"].items():
+                    out[f"{key}_{source.replace('-', '_')}"] = float(r["rate"])
+                    out[f"{key}_{source.replace('-', '_')}_n"] = float(r["n"])
     for name, s in suites.items():
         if name.startswith("utility.") and "rate" in s:
             out[name.replace(".", "_")] = float(s["rate"])

@@ -69,7 +69,9 @@ class FakeJudge:
     def __init__(self) -> None:
         self.calls: list[tuple[list[str], list[str]]] = []
 
-    def __call__(self, prompts: Sequence[str], responses: Sequence[str]) -> list[FakeVerdict]:
+    def __call__(
+        self, prompts: Sequence[str], responses: Sequence[str], harmful_request=None
+    ) -> list[FakeVerdict]:
         self.calls.append((list(prompts), list(responses)))
         return [
             FakeVerdict(
@@ -323,13 +325,14 @@ def test_safety_suites_with_fake_judge(tiny, harmful_file: Path, no_shared: Path
         assert t["n"] == 3 and t["k"] == _expected_k(recs, "harmful")
         assert all(r["attack_prompt"] == apply_template(name, r["prompt"]) for r in recs)
 
-    # No targets anywhere (no shared data, none in the file): the generic prefix, judged with its continuation.
+    # No targets anywhere (no shared data, none in the file): the generic prefix; the record shows prefix +
+    # continuation, the judge was shown the continuation only (the attacker's prefix is not the model's).
     for r in by_suite["prefill"]:
         assert r["prefill"] == GENERIC_PREFILL and r["response"].startswith(GENERIC_PREFILL)
     assert suites["prefill"]["n_generic_prefix"] == 3
-    # The judge was shown prefix + continuation for prefill, the plain request for jailbreaks.
-    prefill_call = next(c for c in judge.calls if c[1] and c[1][0].startswith(GENERIC_PREFILL))
-    assert all(resp.startswith(GENERIC_PREFILL) for resp in prefill_call[1])
+    continuations = [r["continuation"] for r in by_suite["prefill"]]
+    assert [list(c[1]) for c in judge.calls if c[1] == continuations]
+    assert not any(resp.startswith(GENERIC_PREFILL) for c in judge.calls for resp in c[1])
     assert "overrefusal" in suites and suites["overrefusal"]["categories"]
 
 
@@ -360,8 +363,12 @@ def test_prefill_joins_targets_on_behaviour_id(tiny, tmp_path: Path):
 def test_harmful_default_uses_advbench(tiny, shared_data: Path):
     model, tok = tiny
     results, records = evaluate(model, tok, "harmful,prefill", limit=2, judge=FakeJudge(), max_new_tokens=2)
-    assert results["suites"]["harmful"]["prompts"].endswith("advbench_behaviors.csv")
-    prefill = [r for r in records if r["suite"] == "prefill"]
+    assert results["suites"]["harmful"]["prompts"].startswith(
+        str(shared_data / "safety/advbench_behaviors.csv")
+    )
+    assert set(results["suites"]["harmful"]["by_source"]) == {"advbench", "xstest-unsafe", "ours"}
+    prefill = [r for r in records if r["suite"] == "prefill" and r["source"] == "advbench"]
+    assert len(prefill) == 2
     assert all(r["prefill"].startswith("Sure, here is") and r["prefill"] != GENERIC_PREFILL for r in prefill)
 
 
@@ -668,7 +675,7 @@ def test_bad_adapter_and_missing_shared_folder_write_nothing(tmp_path: Path):
 
 def test_failure_during_evaluation_writes_nothing(tmp_path: Path, harmful_file: Path):
     class BrokenJudge(FakeJudge):
-        def __call__(self, prompts, responses):
+        def __call__(self, prompts, responses, harmful_request=None):
             raise RuntimeError("judge crashed")
 
     out = tmp_path / "out"
@@ -727,11 +734,12 @@ def test_cli_arguments_and_main(tmp_path: Path, harmful_file: Path, no_shared: P
             str(out),
         ]
     )
-    assert args.judge == "keyword" and args.suite == ["harmful,prefill", "overrefusal"]
+    assert args.judge == "v2" and args.suite == ["harmful,prefill", "overrefusal"]
     assert run(args) == 0
     results = json.loads((out / "results.json").read_text())
     assert list(results["suites"]) == ["harmful", "prefill", "overrefusal"]
-    assert results["judge"] == "keyword" and results["config"]["batch_size"] == 4
+    assert results["judge"] == "v2" and results["config"]["batch_size"] == 4
+    assert all("keyword" in results["suites"][s] for s in ("harmful", "prefill", "overrefusal"))
     printed = capsys.readouterr().out
     assert "harmful" in printed and "overrefusal" in printed and "95% CI" in printed
 
@@ -752,7 +760,7 @@ def test_smollm2_safety_and_sentiment(no_shared: Path):
     results, records = evaluate(model, tok, ["utility"], limit=64, batch_size=16, shared_data=no_shared)
     h, sst2 = harmful["suites"]["harmful"], results["suites"]["utility.sst2"]
     assert (h["n"], h["source"], h["split"]) == (16, str(HARMFUL_FALLBACK), "test")
-    assert all(r["judge"] == "keyword" for r in harmful_records)
+    assert all(r["judge"] == "v2" and "keyword_harmful" in r for r in harmful_records)
     assert (sst2["n"], sst2["source"]) == (64, str(SENTIMENT_DEV))
     # SmolLM2-135M reads the held-out sentences above chance by label likelihood (0.67 on these 64, 0.70
     # on all 260 when written; the 32 easy sentences of the old fallback gave 0.81).
