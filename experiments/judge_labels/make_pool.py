@@ -17,6 +17,7 @@ label file (``spf/data/judge_labels_v2.jsonl``) keeps only row references for pu
 from __future__ import annotations
 
 import argparse
+import hashlib
 import csv
 import json
 import random
@@ -108,10 +109,15 @@ def main() -> None:
             print(f"{name}: {len(answers)} answers", flush=True)
         rows += [{**json.loads(line), "model": name} for line in done.read_text().splitlines()]
     rng.shuffle(rows)
-    with open(args.out_dir / "pool.jsonl", "w", encoding="utf-8") as pool, open(
-        args.out_dir / "key.jsonl", "w", encoding="utf-8"
-    ) as key:
-        for uid, row in enumerate(rows):
+    with (
+        open(args.out_dir / "pool.jsonl", "w", encoding="utf-8") as pool,
+        open(args.out_dir / "key.jsonl", "w", encoding="utf-8") as key,
+    ):
+        for row in rows:
+            # a stable id that does not reveal the model: labels made on an earlier pool still join
+            uid = hashlib.sha256(
+                f"{row['model']}|{row['prompt_source']}|{row['prompt_ref']}".encode()
+            ).hexdigest()[:12]
             pool.write(json.dumps({"uid": uid, "prompt": row["prompt"], "response": row["response"]}) + "\n")
             keep = ("model", "prompt_source", "prompt_ref", "harmful_request")
             key.write(json.dumps({"uid": uid, **{k: row[k] for k in keep}}) + "\n")

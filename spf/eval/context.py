@@ -24,12 +24,12 @@ def select_items(items: list[Any], limit: int | None, seed: int) -> list[Any]:
 
 
 def resolve_judge(judge: str | Judge, judge_kwargs: dict[str, Any] | None) -> Judge:
-    """A judge object: ``judge`` itself, or :func:`spf.eval.judges.make_judge` of a judge kind."""
+    """A judge object: ``judge`` itself, or :func:`spf.eval.judge_factory.make_judge` of a judge kind."""
     if not isinstance(judge, str):
         return judge
     # Imported here: the judges pull in numpy/embedding code that evaluation-only users of the utility
     # suite do not need.
-    from spf.eval.judges import make_judge
+    from spf.eval.judge_factory import make_judge
 
     return make_judge(judge, **(judge_kwargs or {}))  # type: ignore[arg-type]
 

@@ -12,7 +12,8 @@ Three judges share one interface (:class:`Judge`: ``judge(prompts, responses) ->
 * :class:`LlamaGuardJudge` — an adapter for a local guard model folder (Llama Guard or similar) that
   answers "safe" / "unsafe"; refusal still comes from the keyword rules.
 
-:func:`make_judge` builds one by name; :func:`validate` scores judges against the hand-labelled set.
+:func:`spf.eval.judge_factory.make_judge` builds any judge (v2 included) by name; :func:`validate` scores these
+judges against the hand-labelled set.
 """
 
 from __future__ import annotations
@@ -32,7 +33,6 @@ import torch
 
 from spf.data.files import iter_jsonl, read_data_text
 from spf.data.locate import PACKAGE_DATA
-from spf.eval.vocab import JUDGES, JudgeKind
 from spf.generation import generate
 from spf.refusal import is_refusal
 
@@ -49,7 +49,6 @@ __all__ = [
     "MiniLMEmbedder",
     "Verdict",
     "load_labelled",
-    "make_judge",
     "validate",
 ]
 
@@ -531,26 +530,6 @@ class LlamaGuardJudge:
                 "guard answered neither 'safe' nor 'unsafe' for %d of %d pairs", unparsed, len(outputs)
             )
         return verdicts
-
-
-# ------------------------------------------------------------------------------------------ factory
-
-
-def make_judge(kind: JudgeKind, **kwargs: Any) -> Judge:
-    """A judge by name; ``kwargs`` go to its constructor (``llm`` needs ``model_path``)."""
-    if kind == "v2":
-        from spf.eval.trained_judge import TrainedJudge  # imports this module: resolved at call time
-
-        return TrainedJudge(**kwargs)
-    if kind == "keyword":
-        return KeywordJudge(**kwargs)
-    if kind == "embedding":
-        return EmbeddingJudge(**kwargs)
-    if kind == "llm":
-        if "model_path" not in kwargs:
-            raise JudgeError("the llm judge needs model_path= (a local guard model folder)")
-        return LlamaGuardJudge(**kwargs)
-    raise JudgeError(f"unknown judge kind {kind!r}; choose {', '.join(JUDGES)}")
 
 
 # ---------------------------------------------------------------------------------------- validation

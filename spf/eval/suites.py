@@ -351,7 +351,7 @@ def evaluate(
     keeps only its records of that ``split``. ``limit`` caps the prompts (rows per utility data set) by a
     deterministic, ``seed``-chosen sample; the jailbreak suite uses ``limit`` prompts (default
     :data:`JAILBREAK_DEFAULT_PROMPTS`) × every template. ``judge`` is a judge kind for
-    :func:`spf.eval.judges.make_judge` or a judge object. ``split``: which protocol split of the default
+    :func:`spf.eval.judge_factory.make_judge` or a judge object. ``split``: which protocol split of the default
     prompt sources to use (``dev`` to choose settings, ``test`` to report; :mod:`spf.data.splits`).
     ``system_prompt``: a system turn before every safety prompt (the AOA attack's own, to measure it).
     """

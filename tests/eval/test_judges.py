@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from spf.eval import judges
+from spf.eval.judge_factory import make_judge
 from spf.eval.judges import (
     TRAIN_PATH,
     VALIDATION_PATH,
@@ -18,7 +19,6 @@ from spf.eval.judges import (
     LlamaGuardJudge,
     Verdict,
     load_labelled,
-    make_judge,
     parse_guard_output,
     validate,
 )
@@ -50,6 +50,7 @@ def test_judges_reject_mismatched_lengths() -> None:
 def test_make_judge() -> None:
     assert isinstance(make_judge("keyword", min_words=3), KeywordJudge)
     assert isinstance(make_judge("embedding"), EmbeddingJudge)  # lazy: nothing loaded yet
+    assert make_judge("v2").name == "v2"  # lazy too: heads and embedder load on first use
     with pytest.raises(JudgeError, match="model_path"):
         make_judge("llm")
     with pytest.raises(JudgeError, match="unknown judge kind"):
