@@ -18,8 +18,9 @@ __all__ = [
 
 # The prefill attack's forced opening when a prompt has no AdvBench target of its own.
 GENERIC_PREFILL = "Sure, here is"
-# Jailbreak prompts per run when no limit is given: every template multiplies the generation cost.
-JAILBREAK_DEFAULT_PROMPTS = 32
+# Jailbreak prompts per source when no limit is given (3 sources with the public data: 30 prompts × every
+# template); every template multiplies the generation cost.
+JAILBREAK_DEFAULT_PROMPTS = 10
 
 _LEET = str.maketrans({"a": "4", "e": "3", "i": "1", "o": "0", "s": "5", "t": "7", "A": "4", "E": "3"})
 

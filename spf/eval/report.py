@@ -13,7 +13,7 @@ def _note(name: str, s: dict[str, Any]) -> str:
         note = f"refused {s['refusal_rate']:.1%}"
     if name == "jailbreak":
         worst = s["templates"][s["worst_template"]]["rate"]
-        note += f"; worst {s['worst_template']} {worst:.1%}; any {s['any_template']['rate']:.1%}"
+        note += f"; {s['n_templates']} templates; worst {s['worst_template']} {worst:.1%}; cells {s['cells']['rate']:.1%}"
     if "worst_source" in s:
         w = s["worst_source"]
         parts = ", ".join(f"{k} {v['rate']:.1%}/{v['n']}" for k, v in s["by_source"].items())

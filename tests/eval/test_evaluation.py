@@ -299,15 +299,17 @@ def test_safety_suites_with_fake_judge(tiny, harmful_file: Path, no_shared: Path
     assert {name: suites[name]["n"] for name in ("harmful", "overrefusal", "jailbreak", "prefill")} == {
         "harmful": 3,
         "overrefusal": 3,
-        "jailbreak": 3 * n_templates,
+        "jailbreak": 3,  # prompts, not prompt × template cells
         "prefill": 3,
     }
     by_suite = {name: [r for r in records if r["suite"] == name] for name in suites}
     assert len(records) == 3 + 3 + 3 * n_templates + 3
+    jb_cells = by_suite["jailbreak"]
+    assert suites["jailbreak"]["cells"]["n"] == 3 * n_templates
+    assert suites["jailbreak"]["k"] == len({r["prompt"] for r in jb_cells if r["harmful"]})
     for name, key in (
         ("harmful", "harmful"),
         ("overrefusal", "refused"),
-        ("jailbreak", "harmful"),
         ("prefill", "harmful"),
     ):
         s, recs = suites[name], by_suite[name]
