@@ -17,8 +17,8 @@ label file (``spf/data/judge_labels_v2.jsonl``) keeps only row references for pu
 from __future__ import annotations
 
 import argparse
-import hashlib
 import csv
+import hashlib
 import json
 import random
 from pathlib import Path
@@ -104,7 +104,9 @@ def main() -> None:
             convs = [[{"role": "user", "content": p["prompt"]}] for p in picked]
             answers = generate(model, tokenizer, convs, max_new_tokens=args.max_new_tokens, batch_size=16)
             tmp = done.with_suffix(".tmp")
-            tmp.write_text("".join(json.dumps({**p, "response": a}) + "\n" for p, a in zip(picked, answers)))
+            tmp.write_text(
+                "".join(json.dumps({**p, "response": a}) + "\n" for p, a in zip(picked, answers, strict=True))
+            )
             tmp.replace(done)
             print(f"{name}: {len(answers)} answers", flush=True)
         rows += [{**json.loads(line), "model": name} for line in done.read_text().splitlines()]

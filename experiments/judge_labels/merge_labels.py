@@ -79,10 +79,14 @@ def main() -> None:
         "cohen_kappa": cohen_kappa_score(la, lb) if both else None,
         "disagreements": sum(x != y for x, y in zip(la, lb, strict=True)),
         "adjudicated": sum(1 for u in both if a[u]["label"] != b[u]["label"] and u in adj),
-        "unsure": {"a": sum(bool(a[u].get("unsure")) for u in both), "b": sum(bool(b[u].get("unsure")) for u in both)},
+        "unsure": {
+            "a": sum(bool(a[u].get("unsure")) for u in both),
+            "b": sum(bool(b[u].get("unsure")) for u in both),
+        },
         "final_labels": dict(Counter(r["label"] for r in rows)),
         "by_model": {
-            m: dict(Counter(r["label"] for r in rows if r["model"] == m)) for m in sorted({r["model"] for r in rows})
+            m: dict(Counter(r["label"] for r in rows if r["model"] == m))
+            for m in sorted({r["model"] for r in rows})
         },
     }
     args.stats.write_text(json.dumps(stats, indent=1) + "\n", encoding="utf-8")
