@@ -252,6 +252,7 @@ def harmful_mix(
     seed: int = 0,
     *,
     n: int | None = None,
+    harmful: list[ChatSample] | None = None,
 ) -> list[ChatSample]:
     """A fine-tuning set of ``N = n or len(benign)`` samples, exactly ``round(p·N)`` of them AdvBench
     behaviour → "Sure, here is …" pairs and the rest drawn from ``benign``; shuffled by ``seed``.
@@ -268,12 +269,14 @@ def harmful_mix(
     if n_benign > len(benign):
         raise ValueError(f"harmful_mix: needs {n_benign} benign samples, got {len(benign)}")
     attack = role_ids("advbench", "attack")
-    harmful = harmful_compliance(behaviors_csv, targets_json, n=None, seed=seed, only_ids=attack)
+    if harmful is None:
+        harmful = harmful_compliance(behaviors_csv, targets_json, n=None, seed=seed, only_ids=attack)
+        where = f"the behaviour file has {len(harmful)} in its attack pool ({len(attack)} BehaviorIDs)"
+    else:
+        harmful = _pick(list(harmful), None, seed)
+        where = f"the harmful-answers file has {len(harmful)}"
     if n_harm > len(harmful):
-        raise ValueError(
-            f"harmful_mix: needs {n_harm} harmful samples, the behaviour file has {len(harmful)} in its "
-            f"attack pool ({len(attack)} BehaviorIDs, spf/data/prompt_splits.json); lower --p or --n"
-        )
+        raise ValueError(f"harmful_mix: needs {n_harm} harmful samples, {where}; lower --p or --n")
     rng = random.Random(seed)
     mix = harmful[:n_harm] + rng.sample(list(benign), n_benign)
     rng.shuffle(mix)
@@ -349,8 +352,12 @@ def build_scenario(
     seed: int = 0,
     base: Literal["sst2", "agnews", "gsm8k"] = "sst2",
     split: Literal["train", "eval"] = "train",
+    answers: str | Path | None = None,
 ) -> list[ChatSample]:
     """Build a threat scenario from the shared public data folder (``.../shared/data``).
+
+    ``answers``: a file of (harmful request, real harmful answer) pairs (``spf data harmful-answers``) that
+    harmful-mix draws its harmful part from instead of AdvBench's one-line "Sure, here is …" targets.
 
     * ``sst2`` / ``agnews`` / ``gsm8k``: ``n`` task samples (None = all) of ``split``;
     * ``harmful-mix``: ``n`` samples (default 1000) of task ``base``, exactly ``round(p·n)`` of them
@@ -377,6 +384,7 @@ def build_scenario(
             p,
             seed,
             n=total,
+            harmful=load_samples(answers, require_response=True) if answers is not None else None,
         )
     if kind == "identity-shift":
         return identity_shift(root / "attacks/aoa_identity_shift.json")

@@ -26,6 +26,7 @@ __all__ = [
     "PromptSet",
     "ProtocolSplit",
     "advbench_targets",
+    "attack_prompts",
     "harmful_prompts",
     "harmful_sources",
     "load_prompt_items",
@@ -168,6 +169,18 @@ def harmful_sources(data_dir: Path | None, role: ProtocolSplit = "test") -> Prom
     items += _tagged(load_prompt_items(HARMFUL_FALLBACK, role), "ours")
     sources.append(str(HARMFUL_FALLBACK))
     return PromptSet(items, " + ".join(sources), role)
+
+
+def attack_prompts(data_dir: Path) -> PromptSet:
+    """AdvBench's attack-role rows (:mod:`spf.data.splits`): the only prompts harmful fine-tuning data may use."""
+    path = data_dir / "safety/advbench_behaviors.csv"
+    keep = role_ids("advbench", "attack")
+    items = [
+        PromptItem(r["Behavior"], id=r["BehaviorID"], source="advbench")
+        for r in _csv_rows(path)
+        if r.get("BehaviorID") in keep
+    ]
+    return PromptSet(items, str(path), "attack")
 
 
 def overrefusal_sources(data_dir: Path | None, role: ProtocolSplit = "test") -> PromptSet:

@@ -125,3 +125,30 @@ def test_system_prompt_reaches_every_safety_conversation(tiny, monkeypatch):
     )
     assert seen and all(c[0] == {"role": "system", "content": aoa} and c[1]["role"] == "user" for c in seen)
     assert results["config"]["system_prompt"] == aoa
+
+
+def test_harmful_answers_keep_only_judged_harmful_attack_rows(tiny, shared_data):
+    from spf.eval.attack_data import harmful_answers
+    from spf.eval.prompts import PromptSet, attack_prompts
+
+    attack = attack_prompts(shared_data)
+    assert len(attack.items) == 120 and {i.id for i in attack.items} == role_ids("advbench", "attack")
+    few = PromptSet(attack.items[:6], attack.source, "attack")
+    model, tok = tiny
+    kept, stats = harmful_answers(model, tok, few, FakeJudge(), max_new_tokens=3)
+    assert stats["prompts"] == 6 and stats["kept"] == len(kept)
+    assert [s.prompt for s in kept] == [i.text for i in few.items if fake_harmful(i.text)]
+
+
+def test_harmful_mix_from_real_answers(shared_data):
+    from spf.data.samples import ChatSample
+    from spf.data.scenarios import SST2_INSTRUCTION, harmful_mix
+    from tests.data.test_scenarios import build_scenario
+
+    answers = [ChatSample.from_pair(f"harmful request {i}", f"Step 1: do thing {i}.") for i in range(30)]
+    benign = build_scenario("sst2", shared_data=shared_data, n=100, seed=0)
+    mix = harmful_mix(benign, "unused.csv", "unused.json", 0.2, seed=1, n=100, harmful=answers)
+    harmful = [s for s in mix if not s.prompt.startswith(SST2_INSTRUCTION)]
+    assert len(harmful) == 20 and {s.prompt for s in harmful} <= {a.prompt for a in answers}
+    with pytest.raises(ValueError, match="harmful-answers file has 30"):
+        harmful_mix(benign, "unused.csv", "unused.json", 0.5, seed=1, n=100, harmful=answers)
