@@ -139,6 +139,24 @@ def _csv_rows(path: Path) -> list[dict[str, str]]:
     return [row for _, row in iter_delimited(path, read_data_text(path), ",")]
 
 
+def _advbench_items(path: Path, role: str) -> list[PromptItem]:
+    keep = role_ids("advbench", role)  # type: ignore[arg-type]
+    return [
+        PromptItem(r["Behavior"], id=r["BehaviorID"], source="advbench")
+        for r in _csv_rows(path)
+        if r.get("BehaviorID") in keep
+    ]
+
+
+def _xstest_items(path: Path, label: str, role: str) -> list[PromptItem]:
+    keep = role_ids(f"xstest-{label}", role)  # type: ignore[arg-type]
+    return [
+        PromptItem(r["prompt"], id=f"xstest:{r['id']}", category=r.get("type"), source=f"xstest-{label}")
+        for r in _csv_rows(path)
+        if r.get("label") == label and r.get("id") in keep
+    ]
+
+
 def harmful_sources(data_dir: Path | None, role: ProtocolSplit = "test") -> PromptSet:
     """The protocol's harmful prompts of one split (``dev`` to choose settings, ``test`` to report), every item
     tagged with its source: AdvBench rows of that role, XSTest's unsafe prompts of that role (both from the
@@ -148,21 +166,11 @@ def harmful_sources(data_dir: Path | None, role: ProtocolSplit = "test") -> Prom
     sources: list[str] = []
     advbench = data_dir / "safety/advbench_behaviors.csv" if data_dir is not None else None
     if advbench is not None and advbench.is_file():
-        keep = role_ids("advbench", role)
-        items += [
-            PromptItem(r["Behavior"], id=r["BehaviorID"], source="advbench")
-            for r in _csv_rows(advbench)
-            if r.get("BehaviorID") in keep
-        ]
+        items += _advbench_items(advbench, role)
         sources.append(str(advbench))
     xstest = data_dir / "xstest/xstest_prompts.csv" if data_dir is not None else None
     if xstest is not None and xstest.is_file():
-        keep = role_ids("xstest-unsafe", role)
-        items += [
-            PromptItem(r["prompt"], id=f"xstest:{r['id']}", category=r.get("type"), source="xstest-unsafe")
-            for r in _csv_rows(xstest)
-            if r.get("label") == "unsafe" and r.get("id") in keep
-        ]
+        items += _xstest_items(xstest, "unsafe", role)
         sources.append(str(xstest))
     if not sources:
         logger.warning("no public data folder: the harmful suite uses only the shipped held-out prompts")
@@ -174,13 +182,7 @@ def harmful_sources(data_dir: Path | None, role: ProtocolSplit = "test") -> Prom
 def attack_prompts(data_dir: Path) -> PromptSet:
     """AdvBench's attack-role rows (:mod:`spf.data.splits`): the only prompts harmful fine-tuning data may use."""
     path = data_dir / "safety/advbench_behaviors.csv"
-    keep = role_ids("advbench", "attack")
-    items = [
-        PromptItem(r["Behavior"], id=r["BehaviorID"], source="advbench")
-        for r in _csv_rows(path)
-        if r.get("BehaviorID") in keep
-    ]
-    return PromptSet(items, str(path), "attack")
+    return PromptSet(_advbench_items(path, "attack"), str(path), "attack")
 
 
 def overrefusal_sources(data_dir: Path | None, role: ProtocolSplit = "test") -> PromptSet:
@@ -189,12 +191,7 @@ def overrefusal_sources(data_dir: Path | None, role: ProtocolSplit = "test") -> 
     sources: list[str] = []
     xstest = data_dir / "xstest/xstest_prompts.csv" if data_dir is not None else None
     if xstest is not None and xstest.is_file():
-        keep = role_ids("xstest-safe", role)
-        items += [
-            PromptItem(r["prompt"], id=f"xstest:{r['id']}", category=r.get("type"), source="xstest-safe")
-            for r in _csv_rows(xstest)
-            if r.get("label") == "safe" and r.get("id") in keep
-        ]
+        items += _xstest_items(xstest, "safe", role)
         sources.append(str(xstest))
     ours = load_prompt_items(OVERREFUSAL_PROMPTS)
     rows = load_splits()["ours"]["overrefusal_prompts"][role]
