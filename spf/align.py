@@ -4,6 +4,11 @@ SPF protects safety a model already has; the small instruct models we test on ba
 experiments start from a model aligned here. The recipe (behaviour, not just loss):
 
 * harmful prompts → short written refusals teach refusing;
+* harmful prompts → safety-recovery examples make the refusal more than a few tokens deep (Qi et al. 2024,
+  "Safety Alignment Should Be Made More Than Just a Few Tokens Deep"): the prompt, the start of a compliant
+  answer (the unaligned model's own, cut after a random number of tokens, or the prefill attack's "Sure, here
+  is …" opening) as context that is not trained on, then the refusal. Without them a forced compliant
+  opening ("prefill") made the aligned base finish the harmful answer 97–100 % of the time;
 * benign prompts → the model's OWN greedy answers keep it helpful. Training on its own answers moves the
   benign behaviour as little as possible (the targets are already its most likely outputs), so the refusal
   pairs are not free to turn into "refuse everything" — a prototype trained on refusals + foreign answers
@@ -78,6 +83,10 @@ class AlignConfig:
     eval_max_new_tokens: int = 48  # held-out refusal check after merging; 0 = skip it
     # over-refusal lever: weight of -log(1 - p(refusal opening | benign train prompt)); 0 = off
     unlikelihood_weight: float = 0.0
+    # safety-recovery examples per harmful TRAIN prompt (0 = off); the first opens with "Sure, here is …",
+    # the others with the unaligned model's own answer cut after 1..recovery_max_prefix_tokens tokens
+    recovery_per_prompt: int = 0
+    recovery_max_prefix_tokens: int = 24
     threads: int | None = None  # torch CPU threads (None = torch's default)
     device: str | None = None  # None = cuda when present, else cpu
     overwrite: bool = False  # replace an existing `out`
@@ -85,7 +94,10 @@ class AlignConfig:
     def __post_init__(self) -> None:
         if not 0.0 <= self.heldout_fraction < 1.0:
             raise ValueError(f"heldout_fraction: must be in [0, 1), got {self.heldout_fraction}")
-        for name in ("steps", "batch_size", "lora_r", "max_new_tokens", "gen_batch_size", "max_length"):
+        if self.recovery_per_prompt < 0:
+            raise ValueError(f"recovery_per_prompt: must be ≥ 0, got {self.recovery_per_prompt}")
+        names = ("steps", "batch_size", "lora_r", "max_new_tokens", "gen_batch_size", "max_length")
+        for name in (*names, "recovery_max_prefix_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be ≥ 1, got {getattr(self, name)}")
         for name in ("n_refusals", "n_benign"):
@@ -201,18 +213,21 @@ def _trim_truncated(answer: str, n_tokens: int, limit: int) -> str:
     return answer[: ends[-1]].strip() if ends else ""
 
 
+def _greedy(
+    model: Any, tokenizer: Any, samples: list[ChatSample], n_tokens: int, cfg: AlignConfig
+) -> list[str]:
+    from spf.refusal import generate
+
+    prompts = [s.prompt_messages() for s in samples]
+    return generate(model, tokenizer, prompts, max_new_tokens=n_tokens, batch_size=cfg.gen_batch_size)
+
+
 def _own_answers(
     model: Any, tokenizer: Any, prompts: list[ChatSample], cfg: AlignConfig
 ) -> tuple[list[ChatSample], dict[str, int]]:
-    from spf.refusal import generate, is_refusal
+    from spf.refusal import is_refusal
 
-    answers = generate(
-        model,
-        tokenizer,
-        [s.prompt_messages() for s in prompts],
-        max_new_tokens=cfg.max_new_tokens,
-        batch_size=cfg.gen_batch_size,
-    )
+    answers = _greedy(model, tokenizer, prompts, cfg.max_new_tokens, cfg)
     stats = {"generated": len(answers), "dropped_refusal": 0, "dropped_empty": 0, "trimmed": 0}
     kept = []
     for sample, answer in zip(prompts, answers, strict=True):
@@ -230,6 +245,53 @@ def _own_answers(
         kept.append(sample.with_response(trimmed))
     stats["kept"] = len(kept)
     return kept, stats
+
+
+_IMPERATIVE_RE = re.compile(
+    r"^(?:please\s+)?(?:write|create|develop|give|provide|generate|draft|compose|produce|make|design|outline|"
+    r"explain|describe|teach|tell|show|list|suggest|offer|share|detail)\s+(?:me\s+|us\s+)?",
+    re.IGNORECASE,
+)
+
+
+def sure_opening(prompt: str) -> str:
+    """The compliant opening a prefill attack forces: "Write a guide on X" → "Sure, here is a guide on X"
+    (AdvBench's target format); other prompts get the bare "Sure, here is"."""
+    text = prompt.strip().rstrip(".!?")
+    match = _IMPERATIVE_RE.match(text)
+    if match and len(text) > match.end() and len(text) <= 200:
+        return f"Sure, here is {text[match.end() :]}"
+    return "Sure, here is"
+
+
+def _recovery_examples(
+    model: Any, tokenizer: Any, refusals: list[ChatSample], cfg: AlignConfig
+) -> tuple[list[ChatSample], dict[str, int]]:
+    """Safety-recovery examples for the harmful TRAIN pairs (module docstring): (prompt, compliant opening
+    as an untrained prefill, blank line, the pair's refusal). Openings come from the unaligned model's own
+    greedy answer, so they are what this model would really start with."""
+    from spf.refusal import is_refusal
+
+    stats = {"examples": 0, "sure_opening": 0, "own_opening": 0, "own_answer_was_refusal": 0}
+    if not cfg.recovery_per_prompt or not refusals:
+        return [], stats
+    answers = _greedy(model, tokenizer, refusals, cfg.recovery_max_prefix_tokens, cfg)
+    rng = random.Random(f"recovery-{cfg.seed}")
+    out = []
+    for sample, answer in zip(refusals, answers, strict=True):
+        ids = [] if is_refusal(answer) else tokenizer(answer, add_special_tokens=False)["input_ids"]
+        stats["own_answer_was_refusal"] += not ids
+        for i in range(cfg.recovery_per_prompt):
+            opening = tokenizer.decode(ids[: rng.randint(1, len(ids))]).rstrip() if ids and i else ""
+            if not opening.strip():
+                opening = sure_opening(sample.prompt)
+                stats["sure_opening"] += 1
+            else:
+                stats["own_opening"] += 1
+            response = f"{opening}\n\n{sample.response}"
+            out.append(sample.with_response(response, prefill=opening))
+    stats["examples"] = len(out)
+    return out, stats
 
 
 # ----------------------------------------------------------------------------------------------- checks
@@ -334,11 +396,11 @@ def _write_splits(cfg: AlignConfig, data: _Inputs, folder: Path) -> dict[str, An
 
 
 def _write_sft_data(
-    cfg: AlignConfig, data: _Inputs, own: list[ChatSample], folder: Path
+    cfg: AlignConfig, data: _Inputs, own: list[ChatSample], recovery: list[ChatSample], folder: Path
 ) -> tuple[list[ChatSample], dict[str, Any]]:
-    """``sft_data.jsonl`` (train refusals + the model's own benign answers, shuffled) and, with an
-    unlikelihood weight, the benign prompts it applies to → (the mix, the unlikelihood settings)."""
-    mix = list(data.ref_train) + own
+    """``sft_data.jsonl`` (train refusals + recovery examples + the model's own benign answers, shuffled)
+    and, with an unlikelihood weight, the benign prompts it applies to → (the mix, the unlikelihood settings)."""
+    mix = list(data.ref_train) + recovery + own
     random.Random(cfg.seed).shuffle(mix)
     save_samples(mix, folder / "sft_data.jsonl")
     unlikelihood: dict[str, Any] = {}
@@ -418,7 +480,9 @@ def _training_summary(cfg: AlignConfig, metrics: dict[str, Any]) -> dict[str, An
     }
 
 
-def _report(cfg: AlignConfig, data: _Inputs, splits: dict, gen_stats: dict, n_sft: int) -> dict[str, Any]:
+def _report(
+    cfg: AlignConfig, data: _Inputs, splits: dict, gen_stats: dict, recovery: dict, n_sft: int
+) -> dict[str, Any]:
     """``align_report.json`` without the training, behaviour and timing parts (filled in by :func:`align`)."""
     return {
         "config": asdict(cfg),
@@ -430,6 +494,7 @@ def _report(cfg: AlignConfig, data: _Inputs, splits: dict, gen_stats: dict, n_sf
             "benign_prompts_train": len(data.ben_train),
             "benign_prompts_heldout": len(data.ben_held),
             "benign_own_answers": gen_stats,
+            "recovery_examples": recovery,
             "sft_samples": n_sft,
         },
         "split": {
@@ -462,10 +527,11 @@ def _build(cfg: AlignConfig, out: Path) -> Path:
         t0 = time.perf_counter()
         model, tokenizer = load_model(cfg.model, device=cfg.device)
         own, gen_stats = _own_answers(model, tokenizer, data.ben_train, cfg)
+        recovery, rec_stats = _recovery_examples(model, tokenizer, data.ref_train, cfg)
         del model
         timings["generate_seconds"] = time.perf_counter() - t0
-        logger.info("own benign answers: %s", gen_stats)
-        mix, unlikelihood = _write_sft_data(cfg, data, own, tmp)
+        logger.info("own benign answers: %s; recovery examples: %s", gen_stats, rec_stats)
+        mix, unlikelihood = _write_sft_data(cfg, data, own, recovery, tmp)
 
         t0 = time.perf_counter()
         result = _train_adapter(cfg, tmp, unlikelihood, len(data.ref_held))
@@ -478,7 +544,7 @@ def _build(cfg: AlignConfig, out: Path) -> Path:
         if behaviour is not None:
             timings["eval_seconds"] = time.perf_counter() - t0
 
-        report = _report(cfg, data, splits, gen_stats, len(mix))
+        report = _report(cfg, data, splits, gen_stats, rec_stats, len(mix))
         report["training"] = _training_summary(cfg, result.metrics)
         report["heldout_behaviour"] = behaviour
         report["timings"] = {**timings, "total_seconds": time.perf_counter() - t_start}

@@ -58,6 +58,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=d.unlikelihood_weight,
         help="push refusal openings down on benign train prompts (over-refusal lever; 0 = off)",
     )
+    parser.add_argument(
+        "--recovery-per-prompt",
+        type=non_negative_int,
+        default=d.recovery_per_prompt,
+        help="safety-recovery examples per harmful train prompt (deep alignment; 0 = off)",
+    )
+    parser.add_argument(
+        "--recovery-max-prefix-tokens", type=positive_int, default=d.recovery_max_prefix_tokens
+    )
     parser.add_argument("--threads", type=positive_int, default=None)
     parser.add_argument("--device", type=device, default=None)
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
@@ -66,7 +75,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 _FIELDS = (
     "model", "out", "refusals", "benign", "n_refusals", "n_benign", "heldout_fraction", "steps", "lr",
     "batch_size", "lora_r", "seed", "max_new_tokens", "eval_max_new_tokens", "unlikelihood_weight",
-    "threads", "device", "overwrite",
+    "recovery_per_prompt", "recovery_max_prefix_tokens", "threads", "device", "overwrite",
 )  # fmt: skip
 
 

@@ -90,9 +90,15 @@ class ChatSample:
 
     messages: tuple[dict[str, str], ...]
     source: str = ""
+    # Context at the start of the response that is NOT trained on: the response's first ``len(prefill)``
+    # characters are conditioned on like the prompt (e.g. the harmful opening of a safety-recovery example,
+    # Qi et al. 2024 — the model learns to recover from it, not to write it). "" = supervise the whole response.
+    prefill: str = ""
 
     def __post_init__(self) -> None:
         where = self.source or "<sample>"
+        if not isinstance(self.prefill, str):
+            raise _err(where, f"expected a string, got {_type_name(self.prefill)}", "prefill")
         if isinstance(self.messages, (str, bytes, Mapping)) or not isinstance(self.messages, Sequence):
             raise _err(where, f"expected a list of messages, got {_type_name(self.messages)}", "messages")
         copied: list[dict[str, str]] = []
@@ -125,6 +131,18 @@ class ChatSample:
             raise _err(where, "the last message before the response must be a user message", "messages")
         if not prompt_part[-1]["content"].strip():
             raise _err(where, "prompt is empty", f"messages[{len(prompt_part) - 1}].content")
+        if self.prefill:
+            answer = copied[-1]["content"] if copied[-1]["role"] == "assistant" else None
+            if (
+                answer is None
+                or not answer.startswith(self.prefill)
+                or not answer[len(self.prefill) :].strip()
+            ):
+                raise _err(
+                    where,
+                    "the response must start with the prefill and go on after it (only the rest is trained on)",
+                    "prefill",
+                )
         object.__setattr__(self, "messages", tuple(copied))
 
     def __hash__(self) -> int:
@@ -162,19 +180,25 @@ class ChatSample:
     def to_messages(self) -> list[dict[str, str]]:
         return [dict(m) for m in self.messages]
 
-    def with_response(self, response: str) -> ChatSample:
+    def with_response(self, response: str, prefill: str = "") -> ChatSample:
         """Return a copy whose final assistant message is ``response`` (replaced, or appended if absent)."""
         messages = self.prompt_messages()
         messages.append({"role": "assistant", "content": response})
-        return ChatSample(tuple(messages), self.source)
+        return ChatSample(tuple(messages), self.source, prefill)
 
     def sha256(self) -> str:
         """Stable content hash (ignores ``source``), e.g. to de-duplicate or to check train/eval overlap."""
-        canonical = json.dumps(self.to_messages(), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        content: Any = self.to_messages()
+        if self.prefill:  # a different training target than the same text without it
+            content = {"messages": content, "prefill": self.prefill}
+        canonical = json.dumps(content, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
         return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
     def to_dict(self) -> dict[str, Any]:
-        return {"messages": self.to_messages()}
+        out: dict[str, Any] = {"messages": self.to_messages()}
+        if self.prefill:
+            out["prefill"] = self.prefill
+        return out
 
 
 # --------------------------------------------------------------------------------------------------- loading
@@ -203,7 +227,7 @@ def _record_to_sample(
         messages = record["messages"]
         if not isinstance(messages, list):
             raise _err(where, f"expected a list of messages, got {_type_name(messages)}", "messages")
-        return ChatSample(tuple(messages), where), "messages"
+        return ChatSample(tuple(messages), where, record.get("prefill") or ""), "messages"
 
     columns = [str(k) for k in record if k is not None]
     if prompt_field is not None:
@@ -437,15 +461,20 @@ def encode_sample(tokenizer: Any, sample: ChatSample, *, max_length: int = 512) 
     _check_special_tokens(tokenizer, sample, sample.to_messages())
 
     prompt_ids = _chat_ids(tokenizer, sample.prompt_messages(), add_generation_prompt=True)
+    if sample.prefill:
+        # conditioned on, not supervised: tokenised after the generation prompt as a prefill attack is
+        prompt_ids += list(tokenizer(sample.prefill, add_special_tokens=False)["input_ids"])
     full_ids = _chat_ids(tokenizer, sample.to_messages(), add_generation_prompt=False)
     if len(full_ids) > len(prompt_ids) and full_ids[: len(prompt_ids)] == prompt_ids:
         response_ids = full_ids[len(prompt_ids) :]
     else:
         # Some templates render history differently from a fresh generation prompt (e.g. they strip reasoning
-        # blocks or add a date), so the prompt is not a prefix; then build the sequence the way it is
-        # generated at inference time: generation prompt, response, end of sequence.
+        # blocks or add a date), so the prompt is not a prefix (nor is a prefill whose last token merges with
+        # the text after it); then build the sequence the way it is generated at inference time: generation
+        # prompt (+ prefill), response, end of sequence.
         logger.debug("%s: chat template is not prefix-stable; using prompt + response + eos", sample.source)
-        response_ids = list(tokenizer(response, add_special_tokens=False)["input_ids"])
+        rest = response[len(sample.prefill) :]
+        response_ids = list(tokenizer(rest, add_special_tokens=False)["input_ids"])
         if tokenizer.eos_token_id is not None:
             response_ids.append(int(tokenizer.eos_token_id))
     if not response_ids:

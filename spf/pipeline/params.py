@@ -118,10 +118,13 @@ class AlignParams:
     max_new_tokens: int = 64  # length of the model's own benign answers
     eval_max_new_tokens: int = 48  # held-out check after merging (0 = skip)
     unlikelihood_weight: float = 0.0  # push refusal openings down on benign train prompts (0 = off)
+    recovery_per_prompt: int = 0  # safety-recovery examples per harmful train prompt (deep alignment)
+    recovery_max_prefix_tokens: int = 24
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _at_least(self, 1, "steps", "batch_size", "lora_r", "max_new_tokens")
+        _at_least(self, 1, "steps", "batch_size", "lora_r", "max_new_tokens", "recovery_max_prefix_tokens")
+        _at_least(self, 0, "recovery_per_prompt")
         _at_least(self, 0, "eval_max_new_tokens")
         _at_least(self, 1, "n_refusals", "n_benign", nullable=True)
         _finite_positive(self, "lr")

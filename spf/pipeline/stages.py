@@ -166,6 +166,8 @@ def align_stage(p: PipelineParams) -> dict[str, Any]:
         max_new_tokens=a.max_new_tokens,
         eval_max_new_tokens=a.eval_max_new_tokens,
         unlikelihood_weight=a.unlikelihood_weight,
+        recovery_per_prompt=a.recovery_per_prompt,
+        recovery_max_prefix_tokens=a.recovery_max_prefix_tokens,
         threads=p.runtime.threads,
         device=p.runtime.device,
         overwrite=True,

@@ -412,6 +412,50 @@ def test_encode_sample_fallback_when_template_not_prefix_stable():
     assert tok.decode(enc["input_ids"]).endswith("<|im_start|>assistant\n<think></think>\nAns<|im_end|>")
 
 
+def test_encode_sample_prefill_is_context_not_target(tiny_tok):
+    # a safety-recovery example: the harmful opening is conditioned on, only the recovery is learned
+    sample = ChatSample.from_pair("Q?", "Sure, here is how\n\nNo, I can't help with that.").with_response(
+        "Sure, here is how\n\nNo, I can't help with that.", prefill="Sure, here is how"
+    )
+    enc = encode_sample(tiny_tok, sample)
+    supervised = tiny_tok.decode([t for t in enc["labels"] if t != -100])
+    assert supervised == "\n\nNo, I can't help with that.<|im_end|>\n"
+    assert tiny_tok.decode(enc["input_ids"]) == tiny_tok.apply_chat_template(
+        sample.to_messages(), tokenize=False
+    )
+    plain = encode_sample(tiny_tok, ChatSample(sample.messages))
+    assert plain["input_ids"] == enc["input_ids"] and plain["labels"] != enc["labels"]
+
+
+def test_encode_sample_prefill_fallback_template():
+    tok = _tiny_tokenizer(NON_PREFIX_TEMPLATE)
+    sample = ChatSample.from_pair("Q", "Sure thing. No.").with_response(
+        "Sure thing. No.", prefill="Sure thing."
+    )
+    enc = encode_sample(tok, sample)
+    assert tok.decode([t for t in enc["labels"] if t != -100]) == " No.<|im_end|>"
+    assert tok.decode(enc["input_ids"]).endswith("Sure thing. No.<|im_end|>")
+
+
+@pytest.mark.parametrize(
+    ("response", "prefill"), [("Hello there", "Goodbye"), ("Sure, here is", "Sure, here is"), (None, "Sure")]
+)
+def test_prefill_must_open_the_response_and_leave_something_to_learn(response, prefill):
+    messages = [{"role": "user", "content": "Q"}] + (
+        [{"role": "assistant", "content": response}] if response else []
+    )
+    with pytest.raises(DataError, match=r"f\.jsonl:3.*prefill"):
+        ChatSample(tuple(messages), "f.jsonl:3", prefill)
+
+
+def test_prefill_round_trips_through_jsonl(tmp_path):
+    s = ChatSample.from_pair("Q", "Sure. No.").with_response("Sure. No.", prefill="Sure.")
+    save_samples([s, ChatSample.from_pair("Q", "Sure. No.")], tmp_path / "d.jsonl")
+    back = load_samples(tmp_path / "d.jsonl")
+    assert [b.prefill for b in back] == ["Sure.", ""]
+    assert back[0].sha256() == s.sha256() != back[1].sha256()
+
+
 def test_encode_truncates_prompt_from_the_left(tiny_tok):
     sample = ChatSample.from_pair("x" * 200 + "END", "short answer")
     full = encode_sample(tiny_tok, sample, max_length=10_000)

@@ -38,6 +38,8 @@ BIN = Path(sys.executable).parent
 TINY = {
     **smoke_params(),
     "evaluate": {
+        # the keyword judge: the gate test below flips its word floor to make a candidate unsafe on purpose
+        "judge": "keyword",
         "suites": ["harmful", "overrefusal", "utility"],
         "limit": 3,
         "utility_limit": 8,

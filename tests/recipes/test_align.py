@@ -189,3 +189,48 @@ def test_shipped_alignment_data_never_contains_evaluation_prompts():
         for s in load_samples(data / name):
             p = s.prompt.strip().lower()
             assert not difflib.get_close_matches(p, evals, n=1, cutoff=0.75), (name, p)
+
+
+def test_recovery_examples_condition_on_a_compliant_opening_and_train_only_the_refusal(data):
+    out = align(tiny_cfg(data, data / "aligned", recovery_per_prompt=2, recovery_max_prefix_tokens=5))
+    sft = load_samples(out / "sft_data.jsonl", require_response=True)
+    recovery = [s for s in sft if s.prefill]
+    report = json.loads((out / "align_report.json").read_text())
+    assert len(recovery) == 2 * 8 == report["data"]["recovery_examples"]["examples"]
+    assert report["data"]["sft_samples"] == 16 + 16
+    train_refusals = {s.prompt: s.response for s in REFUSALS}
+    for s in recovery:
+        assert s.prompt in set(json.loads((out / "splits.json").read_text())["refusals"]["train"])
+        assert s.response == f"{s.prefill}\n\n{train_refusals[s.prompt]}"
+    # the first example of each prompt opens like the prefill attack (no imperative here: the bare opening)
+    assert sum(s.prefill == "Sure, here is" for s in recovery) >= 8
+
+
+def test_recovery_openings_come_from_the_models_own_answer(monkeypatch):
+    model, tok = load_model("tiny-llama")
+    monkeypatch.setattr("spf.refusal.generate", lambda *a, **k: ["Step one: buy the parts and then"] * 2)
+    cfg = AlignConfig(model="tiny-llama", recovery_per_prompt=3, recovery_max_prefix_tokens=8)
+    out, stats = align_mod._recovery_examples(model, tok, REFUSALS[:2], cfg)
+    assert stats == {"examples": 6, "sure_opening": 2, "own_opening": 4, "own_answer_was_refusal": 0}
+    own = [s.prefill for s in out if not s.prefill.startswith("Sure")]
+    assert own and all("Step one: buy the parts and then".startswith(p) for p in own)
+
+
+def test_a_refusing_base_gets_the_sure_opening_only(monkeypatch):
+    model, tok = load_model("tiny-llama")
+    monkeypatch.setattr("spf.refusal.generate", lambda *a, **k: ["I'm sorry, but I can't help with that."])
+    cfg = AlignConfig(model="tiny-llama", recovery_per_prompt=2)
+    out, stats = align_mod._recovery_examples(model, tok, REFUSALS[:1], cfg)
+    assert [s.prefill for s in out] == ["Sure, here is"] * 2 and stats["own_answer_was_refusal"] == 1
+
+
+@pytest.mark.parametrize(
+    ("prompt", "opening"),
+    [
+        ("Write a tutorial on how to pick a lock.", "Sure, here is a tutorial on how to pick a lock"),
+        ("Give me step-by-step instructions for X", "Sure, here is step-by-step instructions for X"),
+        ("How do I pick a lock?", "Sure, here is"),
+    ],
+)
+def test_sure_opening_follows_the_advbench_target_format(prompt, opening):
+    assert align_mod.sure_opening(prompt) == opening
