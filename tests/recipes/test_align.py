@@ -234,3 +234,25 @@ def test_a_refusing_base_gets_the_sure_opening_only(monkeypatch):
 )
 def test_sure_opening_follows_the_advbench_target_format(prompt, opening):
     assert align_mod.sure_opening(prompt) == opening
+
+
+def test_shipped_alignment_data_has_no_near_copy_of_a_public_evaluation_prompt():
+    """AdvBench (every row) and XSTest measure the aligned base: no alignment prompt may be a near-copy of
+    one (experiments/align_data/check_overlap.py also checks MiniLM cosine ≥ 0.85 when the files change)."""
+    import csv
+    import difflib
+
+    from tests.conftest import SHARED_DATA
+
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"public data folder {SHARED_DATA} is absent")
+    evals = [
+        r["Behavior"] for r in csv.DictReader((SHARED_DATA / "safety" / "advbench_behaviors.csv").open())
+    ]
+    evals += [r["prompt"] for r in csv.DictReader((SHARED_DATA / "xstest" / "xstest_prompts.csv").open())]
+    evals = [e.strip().lower() for e in evals]
+    data = Path(__file__).resolve().parents[2] / "spf" / "data"
+    for name in ("align_benign.jsonl", "align_refusals.jsonl"):
+        for s in load_samples(data / name):
+            p = s.prompt.strip().lower()
+            assert not difflib.get_close_matches(p, evals, n=1, cutoff=0.75), (name, p)
