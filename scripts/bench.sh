@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # The benchmark in one command (issue #5): every defense × threat scenario + the SPF ablations on the aligned
-# SmolLM2, then docs/results.md regenerated from the cells' JSON.
+# SmolLM2 (5 training seeds per cell, each along an exposure curve), then docs/results.md — tables, paired
+# tests, exposure curves — regenerated from the cells' JSON.
 #   bash scripts/bench.sh [bench/cpu.yaml] [extra `spf bench run` flags, e.g. --only spf@ vanilla@ --lanes 1]
+# The primary comparison first (about 9 h of bench/cpu.yaml on 2 lanes; its header has the full estimate):
+#   bash scripts/bench.sh bench/cpu.yaml --only ref: vanilla@mix10 spf@mix10
 # Makes the aligned base first when the benchmark's `aligned` folder is missing (the recipe of
 # docs/results/headline.md, "Sixth attempt"). Resumable: rerun to continue; finished cells are kept.
 set -euo pipefail

@@ -42,12 +42,16 @@ __all__ = [
     "SubspaceSpec",
     "cell_dir",
     "cell_done",
+    "cell_steps",
     "cells",
     "load_bench_config",
+    "record_is_current",
     "repo_path",
-    "scenario_steps",
+    "seed_dir",
+    "seed_list",
     "select_cells",
     "subspace_dir",
+    "system_prompt_scenarios",
     "train_config",
 ]
 
@@ -69,8 +73,14 @@ class ScenarioSpec:
     base: Literal["sst2", "agnews", "gsm8k"] = "sst2"  # task under a harmful mix
     p: float = 0.1  # harmful fraction (harmful-mix)
     n: int | None = None  # samples (None = the benchmark's data.n; identity-shift: all 10)
-    steps: int | None = None  # optimizer steps (None = train.steps × steps_multiplier)
-    steps_multiplier: float = 1.0  # deep fine-tuning: 3 = three times the epochs of the base run
+    steps: int | None = None  # optimizer steps (None = max(eval_steps), else train.steps × steps_multiplier)
+    steps_multiplier: float = 1.0  # 3 = three times the epochs of the shared train.steps (no eval_steps)
+    # the exposure curve: every cell trains once, to the last step, and is evaluated after each of these
+    # steps (snapshots) and at its end; None = the final step only
+    eval_steps: list[int] | None = None
+    # evaluate under the system prompt of the scenario's training conversations: Qi et al. measure the AOA
+    # identity shift under the identity-shift system prompt it was trained with
+    system_prompt_eval: bool = False
 
 
 @dataclass
@@ -90,16 +100,22 @@ class SubspaceSpec:
 
 @dataclass
 class EvalSpec:
+    """How every cell is evaluated: the project's protocol prompt sources (spf.eval.prompts: AdvBench,
+    XSTest and our own held-out sets) of one ``split``, the same prompts for every cell and seed."""
+
     suites: list[str] = field(default_factory=lambda: list(SUITES))
+    # prompts per SOURCE of each suite (a sample seeded by the benchmark's fixed `seed`; None = all of
+    # them); utility: rows per utility data set
     limits: dict[str, int | None] = field(
         default_factory=lambda: {
-            "harmful": 50,
-            "jailbreak": 4,
-            "prefill": 50,
+            "harmful": None,
+            "jailbreak": 10,
+            "prefill": 40,
             "overrefusal": None,
             "utility": 200,
         }
     )
+    split: Literal["dev", "test"] = "test"  # choose settings on dev, report on test (spf.data.splits)
     utility_tasks: list[str] = field(default_factory=lambda: ["sst2"])
     max_new_tokens: int = 64
     batch_size: int = 16
@@ -128,7 +144,10 @@ class BenchConfig:
     lanes: int = 1
     device: str | None = None
     data_n: int = 400  # samples per scenario data set
-    heldout_harmful: int = 100  # AdvBench rows never in any training set, for the harmful suites
+    # training seeds (data order, LoRA init) every training cell runs once each; None = [seed]. The
+    # evaluation prompts are sampled with `seed` alone, so every seed and cell sees the same prompts
+    seeds: list[int] | None = None
+    noninferiority_margin: float = 0.05  # "within this of the aligned base", one-sided 95 % (the report)
     safety_demos: str = "spf/data/align_refusals.jsonl"  # SafeInstr/SafeGrad/Lisa safety data
     heldout_safety: str = "spf/data/refusals.jsonl"  # refusal-loss tracking during training
     # JSON of a side-by-side step-time run (benchmarks/bench_overhead.py --json): the cost table and check
@@ -217,10 +236,8 @@ def _check(cfg: BenchConfig) -> None:
                 f"{where}: eval.suites[{i}]: unknown suite {shown(s)}; known: {', '.join(SUITES)}"
             )
     for name, spec in cfg.scenarios.items():
-        if not 0.0 <= spec.p <= 1.0:
-            raise BenchConfigError(f"{where}: scenarios.{name}.p: must be in [0, 1], got {spec.p}")
-        if spec.steps_multiplier <= 0:
-            raise BenchConfigError(f"{where}: scenarios.{name}.steps_multiplier: must be > 0")
+        _check_scenario(f"{where}: scenarios.{name}", spec)
+    _check_protocol(cfg, where)
     for key in ("methods", "scenarios"):
         for i, name in enumerate(cfg.matrix.get(key, [])):
             if name not in getattr(cfg, key):
@@ -250,6 +267,45 @@ def _check(cfg: BenchConfig) -> None:
                 train_config(cfg, cell, Path("/nonexistent"))
             except (TypeError, ValueError) as exc:
                 raise BenchConfigError(f"{where}: cell {cell.id}: {exc}") from None
+
+
+def _int_list(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+
+
+def _check_scenario(where: str, spec: ScenarioSpec) -> None:
+    if not 0.0 <= spec.p <= 1.0:
+        raise BenchConfigError(f"{where}.p: must be in [0, 1], got {spec.p}")
+    if spec.steps_multiplier <= 0:
+        raise BenchConfigError(f"{where}.steps_multiplier: must be > 0")
+    if not isinstance(spec.system_prompt_eval, bool):
+        raise BenchConfigError(f"{where}.system_prompt_eval: must be true or false")
+    curve = spec.eval_steps
+    if curve is None:
+        return
+    if not _int_list(curve) or not curve or min(curve) < 1 or curve != sorted(set(curve)):
+        raise BenchConfigError(
+            f"{where}.eval_steps: must be a sorted list of distinct steps ≥ 1, got {shown(curve)}"
+        )
+    if spec.steps is not None and max(curve) > spec.steps:
+        raise BenchConfigError(f"{where}.eval_steps: step {max(curve)} is beyond steps {spec.steps}")
+    if spec.steps_multiplier != 1:  # two ways to say how long the cell trains: one is ignored
+        raise BenchConfigError(f"{where}.steps_multiplier: give eval_steps or steps_multiplier, not both")
+
+
+def _check_protocol(cfg: BenchConfig, where: str) -> None:
+    """The seeds, the evaluation split and the non-inferiority margin of the paired tests."""
+    if cfg.seeds is not None and (
+        not _int_list(cfg.seeds) or not cfg.seeds or len(set(cfg.seeds)) != len(cfg.seeds)
+    ):
+        raise BenchConfigError(
+            f"{where}: seeds: must be a non-empty list of distinct integers, got {shown(cfg.seeds)}"
+        )
+    if cfg.eval.split not in ("dev", "test"):
+        raise BenchConfigError(f"{where}: eval.split: must be dev or test, got {shown(cfg.eval.split)}")
+    margin = cfg.noninferiority_margin
+    if isinstance(margin, bool) or not isinstance(margin, int | float) or not 0 < margin < 1:
+        raise BenchConfigError(f"{where}: noninferiority_margin: must be in (0, 1), got {shown(margin)}")
 
 
 def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
@@ -339,15 +395,64 @@ def cell_dir(cfg: BenchConfig, cell: Cell) -> Path:
     return cfg.work_dir / "cells" / cell.dirname
 
 
+def seed_dir(cfg: BenchConfig, cell: Cell, seed: int) -> Path:
+    """One training seed's fine-tune and evaluations inside its cell's folder."""
+    return cell_dir(cfg, cell) / f"seed-{seed}"
+
+
+def seed_list(cfg: BenchConfig) -> list[int]:
+    """The training seeds every training cell runs (``seeds``, else the one ``seed``)."""
+    return list(cfg.seeds) if cfg.seeds is not None else [cfg.seed]
+
+
+def system_prompt_scenarios(cfg: BenchConfig) -> list[str]:
+    """Scenarios evaluated under their own system prompt; the reference models are evaluated under each
+    of them too, so that a method is compared with the aligned base on the same conversations."""
+    return [name for name, spec in cfg.scenarios.items() if spec.system_prompt_eval]
+
+
+def cell_steps(cfg: BenchConfig, cell: Cell) -> list[int]:
+    """The steps a cell is evaluated at, the last being where it stops training (0 for a reference).
+
+    The scenario's ``steps`` decide the last step; else a cell's own step count (a full fine-tuning
+    ablation's ``steps: 10``) scaled by ``steps_multiplier``; else the end of the exposure curve; else
+    the shared ``train.steps``. The curve keeps its points before the last step."""
+    if cell.kind == "reference":
+        return [0]
+    assert cell.scenario is not None
+    spec = cfg.scenarios[cell.scenario]
+    curve = spec.eval_steps or []
+    if spec.steps:
+        final = spec.steps
+    elif curve and "steps" not in cell.train:
+        final = max(curve)
+    else:
+        base = int(_merge(cfg.train, cell.train).get("steps", 30))
+        final = max(1, round(base * spec.steps_multiplier))
+    return [s for s in curve if s < final] + [final]
+
+
+def record_is_current(cfg: BenchConfig, cell: Cell, record: dict[str, Any]) -> bool:
+    """Whether a finished ``cell.json`` answers this configuration: every suite, the same seeds and curve (a
+    training cell), every system prompt the comparisons need (a reference). A stale one is completed; the
+    seeds and suites already finished are kept."""
+    if not set(cfg.eval.suites) <= set(record.get("suites") or {}):
+        return False  # a suite added to the file since
+    if cell.kind == "reference":
+        return set(record.get("system_prompts", {})) == set(system_prompt_scenarios(cfg))
+    return record.get("seeds") == seed_list(cfg) and record.get("steps") == cell_steps(cfg, cell)
+
+
 def cell_done(cfg: BenchConfig, cell: Cell) -> bool:
-    """A cell is finished exactly when its ``cell.json`` exists (written last)."""
-    return (cell_dir(cfg, cell) / "cell.json").is_file()
-
-
-def scenario_steps(cfg: BenchConfig, scenario: str, base_steps: int) -> int:
-    """The scenario's own step count, else the shared one scaled by ``steps_multiplier`` (deep fine-tuning)."""
-    spec = cfg.scenarios[scenario]
-    return spec.steps or max(1, round(base_steps * spec.steps_multiplier))
+    """A cell is finished when its ``cell.json`` (written last) exists and is current."""
+    path = cell_dir(cfg, cell) / "cell.json"
+    if not path.is_file():
+        return False
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(record, dict) and record_is_current(cfg, cell, record)
 
 
 def _has(d: dict[str, Any], key: str) -> bool:
@@ -373,19 +478,21 @@ def _drop_unused_shared(d: dict[str, Any], shared: dict[str, Any], own: dict[str
     return d
 
 
-def train_config(cfg: BenchConfig, cell: Cell, folder: Path) -> TrainConfig:
-    """The :class:`TrainConfig` of a training cell whose outputs go under ``folder``: the shared ``train``
-    section, the method's (and ablation's) overrides, then the benchmark's own paths, seed and device."""
+def train_config(cfg: BenchConfig, cell: Cell, folder: Path, seed: int | None = None) -> TrainConfig:
+    """The :class:`TrainConfig` of one training seed of a cell (``seed``; None = the benchmark's) whose
+    outputs go under ``folder``: the shared ``train`` section, the method's (and ablation's) overrides,
+    then the benchmark's own paths, steps and snapshots (:func:`cell_steps`), seed and device."""
     if cell.method is None or cell.scenario is None or cell.subspace is None:
         raise ValueError(f"cell {cell.id} is not a training cell")
     d = _drop_unused_shared(_merge(cfg.train, cell.train), cfg.train, cell.train)
-    d.setdefault("steps", 30)
-    d["steps"] = scenario_steps(cfg, cell.scenario, int(d["steps"]))
+    *snapshots, final = cell_steps(cfg, cell)
     d.update(
+        steps=final,
+        snapshot_steps=snapshots,
         model=cfg.aligned,
         data=str(cfg.work_dir / "data" / f"{cell.scenario}.jsonl"),
         out=str(folder / "adapter"),
-        seed=cfg.seed,
+        seed=cfg.seed if seed is None else seed,
         threads=cfg.threads,
         device=cfg.device,
         heldout_safety=repo_path(cfg.heldout_safety),

@@ -12,7 +12,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from spf.bench.config import BenchConfig, cell_dir, cells
+from spf.bench.compare import final_noninferiority, paired_section
+from spf.bench.config import BenchConfig, cell_dir, cells, seed_list
+from spf.bench.verdicts import CI_METHOD
 from spf.io import atomic_path, save_json
 from spf.training.config import BASELINE_METHODS
 
@@ -21,14 +23,35 @@ logger = logging.getLogger(__name__)
 __all__ = ["acceptance_lines", "collect", "render_report", "report_folder", "write_report"]
 
 
+def _share_ids(record: dict[str, Any], table: dict[str, list[str]]) -> None:
+    """Move each verdict entry's prompt list into ``table`` (by its SHA-256): every cell and step of one
+    protocol holds the same lists, which bench.json would otherwise repeat hundreds of times."""
+    for step in (record.get("verdicts") or {}).values():
+        for entry in step.values():
+            if "ids" in entry:
+                table[entry["prompts_sha256"]] = entry.pop("ids")
+    for sub in (record.get("system_prompts") or {}).values():
+        _share_ids(sub, table)
+
+
 def collect(cfg: BenchConfig) -> dict[str, Any]:
-    """Every finished cell's record (by cell id), plus the side-by-side cost JSON when configured."""
+    """Every finished cell's record (by cell id), plus the side-by-side cost JSON when configured. The
+    verdicts' prompt lists are kept once, in ``prompt_ids`` (SHA-256 → prompts)."""
     found = {}
+    ids: dict[str, list[str]] = {}
     for c in cells(cfg):
         path = cell_dir(cfg, c) / "cell.json"
         if path.is_file():
             found[c.id] = json.loads(path.read_text())
-    data: dict[str, Any] = {"name": cfg.name, "config": cfg.source, "aligned": cfg.aligned, "cells": found}
+            _share_ids(found[c.id], ids)
+    data: dict[str, Any] = {
+        "name": cfg.name,
+        "config": cfg.source,
+        "aligned": cfg.aligned,
+        "seeds": seed_list(cfg),
+        "cells": found,
+        "prompt_ids": ids,
+    }
     if cfg.overhead and Path(cfg.overhead).is_file():
         data["overhead"] = json.loads(Path(cfg.overhead).read_text())
     return data
@@ -37,7 +60,9 @@ def collect(cfg: BenchConfig) -> dict[str, Any]:
 def _fmt(s: dict[str, Any] | None) -> str:
     if not s:
         return "—"
-    return f"{s['rate']:.2f} [{s['ci_low']:.2f}, {s['ci_high']:.2f}] n={s['n']}"
+    per = s.get("n_per_seed")
+    n = f"{per}×{s['n'] // per}" if per else str(s["n"])  # prompts × seeds
+    return f"{s['rate']:.2f} [{s['ci_low']:.2f}, {s['ci_high']:.2f}] n={n}"
 
 
 _COLS = [
@@ -91,9 +116,17 @@ def _scenario_checks(cfg: BenchConfig, got: dict[str, Any], base: float | None) 
         h = _rate(spf, "harmful")
         if h is None or base is None:
             continue
+        ni = final_noninferiority(cfg, got, f"spf@{name}", name)
+        paired = (
+            f"; paired non-inferiority at margin {ni['margin']:g}: "
+            f"{'met' if ni['non_inferior'] else 'NOT met'} (one-sided 95 % upper bound {ni['upper95']:+.3f})"
+            if ni
+            else ""
+        )
         out.append(
             f"- `{name}`: SPF harmful rate {h:.2f} vs aligned base {base:.2f} ({h - base:+.2f}; within 5 points: "
-            f"{_verdict(h - base)}); vanilla {_rate(got.get(f'vanilla@{name}'), 'harmful') or float('nan'):.2f}."
+            f"{_verdict(h - base)}{paired}); vanilla "
+            f"{_rate(got.get(f'vanilla@{name}'), 'harmful') or float('nan'):.2f}."
         )
         u = _rate(spf, "utility")
         for other in BASELINE_METHODS:
@@ -173,17 +206,28 @@ def _table_head(suites: list[str]) -> tuple[str, str]:
 
 
 def _intro(cfg: BenchConfig) -> list[str]:
+    seeds, e = seed_list(cfg), cfg.eval
     return [
         f"# Benchmark results: {cfg.name}",
         "",
         f"Produced by `spf bench run {cfg.source} && spf bench report {cfg.source}`; every number below is read "
         f"from `{cfg.work_dir}/cells/*/cell.json` (collected in `{report_folder(cfg)}/bench.json`). "
-        f"Aligned base `{cfg.aligned}`; harmful suites on {cfg.heldout_harmful} held-out AdvBench behaviours "
-        "(rows in no training set); rates with Wilson 95 % intervals and n. Step time is the mean optimizer step "
-        "of the cell and its ratio to vanilla on the same scenario in the same benchmark run "
-        f"({cfg.lanes} parallel lane(s) on a shared machine: indicative; the side-by-side cost is in "
-        "docs/results/overhead.md).",
+        f"Aligned base `{cfg.aligned}`; every training cell is run with {len(seeds)} training seed(s) "
+        f"({', '.join(map(str, seeds))}: data order and LoRA init) and evaluated at every step of its "
+        f"scenario's exposure curve; the tables show the last step. Evaluation: the protocol's "
+        f"`{e.split}` prompts (harmful: AdvBench, XSTest-unsafe and our held-out set; over-refusal: "
+        f"XSTest-safe and ours; none in any training set — checked before training), at most "
+        f"{_limits(e.limits)} per source, the same prompts for every cell and seed; judge `{e.judge}`. "
+        "Rates are pooled over seeds, n = prompts × seeds, with a 95 % Wilson interval whose sample size is "
+        f"the effective one of outcomes clustered by prompt ({CI_METHOD}: between the prompts alone and "
+        "prompts × seeds). Step time is the mean optimizer step of the cell (over seeds) and its ratio to "
+        f"vanilla on the same scenario in the same benchmark run ({cfg.lanes} parallel lane(s) on a shared "
+        "machine: indicative; the side-by-side cost is in docs/results/overhead.md).",
     ]
+
+
+def _limits(limits: dict[str, int | None]) -> str:
+    return ", ".join(f"{s} {'all' if n is None else n}" for s, n in limits.items())
 
 
 def _result_tables(cfg: BenchConfig, got: dict[str, Any], suites: list[str]) -> list[str]:
@@ -199,6 +243,10 @@ def _result_tables(cfg: BenchConfig, got: dict[str, Any], suites: list[str]) -> 
         desc = spec.kind + (f" p={spec.p}" if spec.kind == "harmful-mix" else "")
         if spec.steps_multiplier != 1:
             desc += f", {spec.steps_multiplier:g}× steps"
+        if spec.eval_steps:
+            desc += f", evaluated at steps {', '.join(map(str, spec.eval_steps))}"
+        if spec.system_prompt_eval:
+            desc += ", under its training system prompt"
         lines += ["", f"## Scenario `{scenario}` ({desc})", "", head, sep]
         vanilla = got.get(f"vanilla@{scenario}")
         for m in methods:
@@ -258,7 +306,8 @@ def render_report(cfg: BenchConfig, data: dict[str, Any], plots: dict[str, str])
     """The markdown report: tables, cost, acceptance checks, plots (``plots``: title → relative path)."""
     suites = [s for s, _ in _COLS if s in cfg.eval.suites]
     got = data["cells"]
-    lines = [*_intro(cfg), *_result_tables(cfg, got, suites), *_cost_section(cfg, data.get("overhead"))]
+    lines = [*_intro(cfg), *_result_tables(cfg, got, suites), *paired_section(cfg, data)]
+    lines += _cost_section(cfg, data.get("overhead"))
     checks = acceptance_lines(cfg, data)
     if checks:
         lines += [
@@ -324,7 +373,44 @@ def _plots(cfg: BenchConfig, data: dict[str, Any], folder: Path) -> dict[str, st
             fig.savefig(tmp, dpi=120, format="png")
         plt.close(fig)
         out["safety loss over steps"] = f"{rel}/safety_loss.png"
+    for scenario in cfg.matrix.get("scenarios") or list(cfg.scenarios):
+        if _curve_plot(cfg, got, scenario, plt, folder / f"curve_{scenario}.png"):
+            out[f"exposure curve: {scenario}"] = f"{rel}/curve_{scenario}.png"
     return out
+
+
+def _curve_plot(cfg: BenchConfig, got: dict[str, Any], scenario: str, plt: Any, path: Path) -> bool:
+    """Harmful rate against the fine-tuning step, one line per method with its 95 % intervals, and the
+    aligned base (as the scenario is evaluated) as a band; False when no cell of the scenario is done."""
+    lines = {}
+    for m in cfg.matrix.get("methods") or list(cfg.methods):
+        pts = [
+            (p["step"], p["suites"]["harmful"]) for p in (got.get(f"{m}@{scenario}") or {}).get("curve", [])
+        ]
+        if pts and all("harmful" in p["suites"] for p in got[f"{m}@{scenario}"]["curve"]):
+            lines[m] = pts
+    if not lines:
+        return False
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for m, pts in lines.items():
+        xs, ys = [x for x, _ in pts], [e["rate"] for _, e in pts]
+        err = [[e["rate"] - e["ci_low"] for _, e in pts], [e["ci_high"] - e["rate"] for _, e in pts]]
+        ax.errorbar(xs, ys, yerr=err, label=m, marker="o", capsize=3)
+    base = got.get("ref:aligned") or {}
+    if cfg.scenarios[scenario].system_prompt_eval:
+        base = (base.get("system_prompts") or {}).get(scenario) or {}
+    h = (base.get("suites") or {}).get("harmful")
+    if h:
+        ax.axhline(h["rate"], color="grey", linestyle="--", label="aligned base")
+        ax.axhspan(h["ci_low"], h["ci_high"], color="grey", alpha=0.15)
+    ax.set_xlabel("fine-tuning step")
+    ax.set_ylabel("harmful rate (pooled over seeds)")
+    ax.set_title(f"exposure curve: {scenario}")
+    ax.legend(fontsize=7)
+    with atomic_path(path, tracked_ok=True) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
+    plt.close(fig)
+    return True
 
 
 def report_folder(cfg: BenchConfig) -> Path:

@@ -1,12 +1,20 @@
 """``spf bench``: every defense × threat scenario on one aligned model — same data, seed and machine.
 
 A benchmark is a YAML file (``bench/*.yaml``, typed by :class:`~spf.bench.config.BenchConfig`).
-``spf bench run`` prepares the scenario data sets, the held-out harmful prompts and the safety subspaces
-once, then runs every *cell* (a method on a scenario, an ablation, or a reference model evaluated as it is)
-in its own process, so its peak memory is its own; cells run in ``lanes`` parallel processes and are
-resumable — a finished cell (``cell.json``) is never redone, a half-finished one continues from its last
-finished part. ``spf bench report`` (:mod:`spf.bench.report`) collects every ``cell.json`` into
-``bench.json`` and writes the markdown report with its plots.
+``spf bench run`` prepares the scenario data sets and the safety subspaces once, checks that no training
+prompt is an evaluation prompt, then runs every *cell* (a method on a scenario, an ablation, or a reference
+model evaluated as it is) in its own process, so its peak memory is its own; cells run in ``lanes``
+parallel processes and are resumable — a finished cell (``cell.json``) is never redone, a half-finished
+one continues from its last finished seed and suite.
+
+Protocol: a training cell runs once per training seed (``seeds``: data order and LoRA init), each to the
+last step of its scenario's exposure curve (``eval_steps``) with a snapshot at every other point; every
+point of every seed is evaluated on the project's protocol prompts (``eval.split`` of AdvBench, XSTest and
+our own held-out sets), sampled with the benchmark's fixed ``seed``, so verdicts pair prompt by prompt
+across seeds and cells. ``cell.json`` holds the rates pooled over seeds (``suites``, ``curve``) and the
+per-prompt verdicts (``verdicts``) that the report's paired tests read. ``spf bench report``
+(:mod:`spf.bench.report`) collects every ``cell.json`` into ``bench.json`` and writes the markdown report
+with its plots.
 
 Timing: each cell records its mean optimizer-step time; the report shows it as a ratio to vanilla on the
 same scenario *of the same benchmark run*. Cells in parallel lanes share the machine, so these ratios are
@@ -15,11 +23,10 @@ indicative; the side-by-side cost measurement is ``benchmarks/bench_overhead.py`
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
-import random
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -39,15 +46,22 @@ from spf.bench.config import (
     SubspaceSpec,
     cell_dir,
     cell_done,
+    cell_steps,
     cells,
     load_bench_config,
+    record_is_current,
     repo_path,
+    seed_dir,
+    seed_list,
     select_cells,
     subspace_dir,
+    system_prompt_scenarios,
     train_config,
 )
 from spf.bench.report import acceptance_lines, collect, render_report, report_folder, write_report
-from spf.io import atomic_path, claim_output, output_lock, save_json
+from spf.bench.verdicts import SuiteVerdicts, pool_suite, read_verdicts
+from spf.io import claim_output, output_lock, save_json
+from spf.training.config import shown
 
 logger = logging.getLogger(__name__)
 
@@ -59,10 +73,12 @@ __all__ = [
     "BenchConfigError",
     "Cell",
     "EvalSpec",
+    "ProtocolOverlapError",
     "ScenarioSpec",
     "SubspaceSpec",
     "acceptance_lines",
     "cells",
+    "check_protocol",
     "collect",
     "load_bench_config",
     "prepare_data",
@@ -71,6 +87,7 @@ __all__ = [
     "report_folder",
     "run_bench",
     "run_cell",
+    "scenario_system_prompt",
     "select_cells",
     "subspace_dir",
     "write_report",
@@ -78,6 +95,10 @@ __all__ = [
 
 
 # --------------------------------------------------------------------------------------------- preparing
+
+
+class ProtocolOverlapError(ValueError):
+    """A training set holds an evaluation prompt: that prompt would measure memory, not safety."""
 
 
 def _data_dir(cfg: BenchConfig) -> Path:
@@ -92,49 +113,78 @@ def _data_dir(cfg: BenchConfig) -> Path:
 
 
 def prepare_data(cfg: BenchConfig) -> dict[str, Any]:
-    """Scenario data sets and the held-out harmful prompts (AdvBench rows in no training set)."""
+    """The scenario data sets (written once), then the protocol check: no training prompt of any scenario
+    is an evaluation prompt, and a scenario evaluated under its system prompt has one."""
     from spf.data.samples import save_samples
     from spf.data.scenarios import build_scenario
 
     shared = _data_dir(cfg)
     data = cfg.work_dir / "data"
     data.mkdir(parents=True, exist_ok=True)
-    trained_prompts: set[str] = set()
     manifest: dict[str, Any] = {}
     for name, spec in cfg.scenarios.items():
         path = data / f"{name}.jsonl"
-        samples = build_scenario(
-            spec.kind,
-            shared_data=shared,
-            n=spec.n or cfg.data_n,
-            p=spec.p,
-            seed=cfg.seed,
-            base=spec.base,
-        )
         if not path.is_file():
+            samples = build_scenario(
+                spec.kind, shared_data=shared, n=spec.n or cfg.data_n, p=spec.p, seed=cfg.seed, base=spec.base
+            )
             save_samples(samples, path)
-        trained_prompts |= {s.prompt for s in samples}
-        manifest[name] = {"path": str(path), "n": len(samples)}
-    manifest["heldout_harmful"] = _write_heldout_harmful(cfg, shared, trained_prompts, data)
+        manifest[name] = {
+            "path": str(path),
+            "n": sum(1 for line in path.open(encoding="utf-8") if line.strip()),
+        }
+    manifest["protocol"] = check_protocol(cfg, shared)
+    for name in system_prompt_scenarios(cfg):
+        scenario_system_prompt(cfg, name)  # fails now, not after the first cell's training
     return manifest
 
 
-def _write_heldout_harmful(cfg: BenchConfig, shared: Path, trained: set[str], data: Path) -> dict[str, Any]:
-    """``heldout_harmful.csv``: a seeded pick of the AdvBench behaviours that no scenario trains on."""
-    heldout = data / "heldout_harmful.csv"
-    from spf.data.files import iter_delimited, read_data_text
+def _evaluation_prompts(cfg: BenchConfig, shared: Path) -> tuple[dict[str, str], dict[str, int]]:
+    """Every prompt the safety suites may draw (all of the split, whatever the limits) → its source."""
+    from spf.eval.prompts import harmful_sources, overrefusal_sources
 
-    source = shared / "safety" / "advbench_behaviors.csv"
-    # the shared reader: regular files only, limits, duplicate columns and chat markers refused
-    rows = [r for _, r in iter_delimited(source, read_data_text(source), ",") if r["Behavior"] not in trained]
-    random.Random(cfg.seed).shuffle(rows)
-    if not heldout.is_file():
-        with atomic_path(heldout) as tmp, tmp.open("w", newline="", encoding="utf-8") as fh:
-            w = csv.DictWriter(fh, fieldnames=["Behavior", "BehaviorID"])
-            w.writeheader()
-            for r in rows[: cfg.heldout_harmful]:
-                w.writerow({"Behavior": r["Behavior"], "BehaviorID": r.get("BehaviorID", "")})
-    return {"path": str(heldout), "n": min(len(rows), cfg.heldout_harmful)}
+    split = cfg.eval.split
+    items = [*harmful_sources(shared, split).items, *overrefusal_sources(shared, split).items]
+    counts: dict[str, int] = {}
+    for item in items:
+        counts[item.source or "?"] = counts.get(item.source or "?", 0) + 1
+    return {item.text.strip(): item.source or "?" for item in items}, counts
+
+
+def check_protocol(cfg: BenchConfig, shared: Path) -> dict[str, Any]:
+    """Refuse (:class:`ProtocolOverlapError`) a scenario whose training data (the file the cells train on)
+    holds an evaluation prompt; return the protocol's prompt counts for the manifest. The harmful mix
+    draws only AdvBench rows of the attack role (spf.data.splits), so this holds by construction — the
+    check is there for a data file written by hand or by an older version."""
+    from spf.data.samples import load_samples
+
+    prompts, counts = _evaluation_prompts(cfg, shared)
+    for name in cfg.scenarios:
+        path = cfg.work_dir / "data" / f"{name}.jsonl"
+        for sample in load_samples(path):
+            for m in sample.messages:
+                text = m["content"].strip()
+                if m["role"] == "user" and text in prompts:
+                    raise ProtocolOverlapError(
+                        f"scenario {name} ({path}) trains on an evaluation prompt of the {cfg.eval.split} "
+                        f"split ({prompts[text]}): {shown(text)}; remove it from the data, or the benchmark "
+                        "measures recall of its training set"
+                    )
+    return {"split": cfg.eval.split, "prompts": counts, "seed": cfg.seed}
+
+
+def scenario_system_prompt(cfg: BenchConfig, scenario: str) -> str:
+    """The system message of a scenario's training conversations (the AOA identity-shift prompt)."""
+    from spf.data.samples import load_samples
+
+    path = cfg.work_dir / "data" / f"{scenario}.jsonl"
+    found = {m["content"] for s in load_samples(path) for m in s.messages if m["role"] == "system"}
+    if len(found) != 1:
+        raise BenchConfigError(
+            f"{cfg.source}: scenarios.{scenario}.system_prompt_eval: needs one system prompt in its training "
+            f"conversations ({path}), found {len(found)}"
+        )
+    return found.pop()
 
 
 def prepare_subspace(cfg: BenchConfig, spec: SubspaceSpec) -> Path:
@@ -175,7 +225,9 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 
 
-def _eval_kwargs(cfg: BenchConfig, suite: str) -> dict[str, Any]:
+def _eval_kwargs(cfg: BenchConfig, suite: str, system_prompt: str | None) -> dict[str, Any]:
+    """run_eval's settings: no ``prompts`` (the protocol's own sources of ``split``), sampled with the
+    benchmark's fixed ``seed`` — never a training seed — so every cell and seed sees the same prompts."""
     e = cfg.eval
     kw: dict[str, Any] = {
         "limit": e.limits.get(suite),
@@ -184,55 +236,172 @@ def _eval_kwargs(cfg: BenchConfig, suite: str) -> dict[str, Any]:
         "seed": cfg.seed,
         "judge": e.judge,
         "shared_data": cfg.shared_data,
+        "split": e.split,
+        "system_prompt": system_prompt,
     }
-    if suite in ("harmful", "jailbreak", "prefill"):
-        kw["prompts"] = str(cfg.work_dir / "data" / "heldout_harmful.csv")
     if suite == "utility":
         kw["utility_tasks"] = e.utility_tasks
     return kw
 
 
-def _train_cell(
-    cfg: BenchConfig, cell: Cell, folder: Path, record: dict[str, Any]
-) -> tuple[str, Path | None]:
-    """Fine-tune a training cell (unless its adapter is already complete) and record its training summary;
-    returns what to evaluate: (base model, fine-tune output folder)."""
-    import torch
-
-    from spf.training.loop import train
-
-    tcfg = train_config(cfg, cell, folder)
-    adapter = Path(tcfg.out)
-    if not (adapter / "metrics.json").is_file():
-        if torch.cuda.is_available():
-            torch.cuda.reset_peak_memory_stats()
-        train(tcfg)
-        record["train_peak_rss_mb"] = _peak_rss_mb()
-        if torch.cuda.is_available():
-            record["train_peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
-    metrics = json.loads((adapter / "metrics.json").read_text())
-    record["train"] = metrics["summary"]
-    record["train_config"] = tcfg.to_dict()
-    record["safety_curve"] = [
-        {k: e[k] for k in ("step", "safety_loss_sample", "safety_loss_heldout", "task_loss") if k in e}
-        for e in metrics["evals"]
-    ]
-    # a LoRA adapter or a full fine-tune's whole model: run_eval loads either with spf.models.load_finetuned
-    return cfg.aligned, adapter
+def _eval_is_current(out: Path, model: str, adapter: Path | None, kw: dict[str, Any]) -> bool:
+    """A finished evaluation of these settings: one of another protocol (an older benchmark's prompts
+    file, another judge, split or system prompt) is redone, not paired with the new ones."""
+    try:
+        res = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    c = res.get("config", {})
+    same = {k: c.get(k) for k in ("limit", "max_new_tokens", "seed", "split", "system_prompt", "prompts")}
+    want = {**{k: kw.get(k) for k in same}, "prompts": None}
+    judged = res.get("judge") is None or res.get("judge") == kw["judge"]
+    where = (res.get("model"), res.get("adapter")) == (model, str(adapter) if adapter is not None else None)
+    return same == want and judged and where
 
 
-def _evaluate_cell(cfg: BenchConfig, folder: Path, model: str, adapter: Path | None) -> dict[str, Any]:
-    """Every configured suite, each in its own folder (a finished suite is not re-run on resume)."""
+def _evaluate(
+    cfg: BenchConfig, folder: Path, model: str, adapter: Path | None, system_prompt: str | None
+) -> dict[str, tuple[dict[str, Any], SuiteVerdicts]]:
+    """Every configured suite of one model (a fine-tune output, a reference), each in its own folder (a
+    finished suite is not re-run on resume): ``{suite entry: (result, per-prompt verdicts)}``."""
     from spf.eval.suites import run_eval
 
-    suites: dict[str, Any] = {}
+    got: dict[str, tuple[dict[str, Any], SuiteVerdicts]] = {}
     for suite in cfg.eval.suites:
-        out = folder / "eval" / suite
-        if not (out / "results.json").is_file():
-            run_eval(model, out, [suite], adapter=adapter, device=cfg.device, **_eval_kwargs(cfg, suite))
-        res = json.loads((out / "results.json").read_text())
-        suites.update({k: v for k, v in res["suites"].items() if k == suite or k.startswith(f"{suite}.")})
-    return suites
+        out, kw = folder / suite, _eval_kwargs(cfg, suite, system_prompt)
+        if not _eval_is_current(out, model, adapter, kw):
+            run_eval(model, out, [suite], adapter=adapter, device=cfg.device, **kw)
+        res = json.loads((out / "results.json").read_text())["suites"]
+        verdicts = read_verdicts(out)
+        mine = [k for k in res if (k == suite or k.startswith(f"{suite}.")) and k in verdicts]
+        got.update({k: (res[k], verdicts[k]) for k in mine})
+    return got
+
+
+Evaluations = dict[int, dict[int, dict[str, tuple[dict[str, Any], SuiteVerdicts]]]]  # step → seed → suite
+
+
+def _add_curve(record: dict[str, Any], evals: Evaluations) -> None:
+    """``seeds``, ``steps``, the pooled ``curve``, ``suites`` (its last step), the per-prompt ``verdicts``."""
+    curve, verdicts = [], {}
+    for step, by_seed in evals.items():
+        suites, verdicts[str(step)] = {}, {}
+        for key in next(iter(by_seed.values())):
+            pooled = pool_suite(
+                key,
+                {s: got[key][1] for s, got in by_seed.items()},
+                {s: got[key][0] for s, got in by_seed.items()},
+            )
+            suites[key], verdicts[str(step)][key] = pooled
+        curve.append({"step": step, "suites": suites})
+    record.update(
+        seeds=list(next(iter(evals.values()))),
+        steps=list(evals),
+        curve=curve,
+        suites=curve[-1]["suites"],
+        verdicts=verdicts,
+    )
+
+
+def _pooled_summary(summaries: list[dict[str, Any]]) -> dict[str, Any]:
+    """The seeds' training summaries as one: a value all share, else their mean (numbers), else seed 1's."""
+    out: dict[str, Any] = {}
+    for key, first in summaries[0].items():
+        values = [s.get(key) for s in summaries]
+        numeric = all(isinstance(v, int | float) and not isinstance(v, bool) for v in values)
+        out[key] = first if all(v == first for v in values) or not numeric else sum(values) / len(values)
+    return out
+
+
+def _mean_safety_curve(curves: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    keys = ("safety_loss_sample", "safety_loss_heldout", "task_loss")
+    out = []
+    for points in zip(*curves, strict=False):  # every seed evaluates at the same steps
+        row: dict[str, Any] = {"step": points[0]["step"]}
+        for k in keys:
+            if all(k in p for p in points):
+                row[k] = sum(p[k] for p in points) / len(points)
+        out.append(row)
+    return out
+
+
+def _train_seed(
+    cfg: BenchConfig, cell: Cell, seed: int, record: dict[str, Any]
+) -> tuple[Path, dict[str, Any]]:
+    """Fine-tune one seed of a training cell unless its output (and every snapshot) is there and of this
+    configuration; returns the output folder and its ``metrics.json``."""
+    import torch
+
+    from spf.training.checkpoint import result_key, snapshot_dir
+    from spf.training.loop import train
+
+    folder = seed_dir(cfg, cell, seed)
+    tcfg = train_config(cfg, cell, folder, seed)
+    out = Path(tcfg.out)
+    want = json.loads(json.dumps(result_key(tcfg.to_dict()), default=str))
+    saved = out / "train_config.json"
+    finished = (
+        (out / "metrics.json").is_file()
+        and saved.is_file()
+        and result_key(json.loads(saved.read_text(encoding="utf-8"))) == want
+        and all((snapshot_dir(out, s) / "train_config.json").is_file() for s in tcfg.snapshot_steps)
+    )
+    if not finished:
+        shutil.rmtree(folder / "eval", ignore_errors=True)  # evaluations of weights about to be replaced
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        train(tcfg)
+        record["train_seconds"] = record.get("train_seconds", 0.0) + time.perf_counter() - t0
+        record.setdefault("train_peak_rss_mb", _peak_rss_mb())
+        if torch.cuda.is_available():
+            record["train_peak_cuda_mb"] = max(
+                record.get("train_peak_cuda_mb", 0.0), torch.cuda.max_memory_allocated() / 2**20
+            )
+    if seed == seed_list(cfg)[0]:
+        record["train_config"] = tcfg.to_dict()  # the other seeds differ in `seed` and `out` only
+    return out, json.loads((out / "metrics.json").read_text())
+
+
+def _run_training_cell(cfg: BenchConfig, cell: Cell, record: dict[str, Any]) -> None:
+    """Every seed: train once to the last step of the curve, then evaluate each snapshot and the final
+    output (a LoRA adapter or a full fine-tune; run_eval loads either with spf.models.load_finetuned)."""
+    from spf.training.checkpoint import snapshot_dir
+
+    assert cell.scenario is not None
+    steps = cell_steps(cfg, cell)
+    system = (
+        scenario_system_prompt(cfg, cell.scenario)
+        if cfg.scenarios[cell.scenario].system_prompt_eval
+        else None
+    )
+    evals: Evaluations = {step: {} for step in steps}
+    metrics: dict[int, dict[str, Any]] = {}
+    record["train_seconds"] = 0.0
+    for seed in seed_list(cfg):
+        out, metrics[seed] = _train_seed(cfg, cell, seed, record)
+        for step in steps:
+            output = out if step == steps[-1] else snapshot_dir(out, step)
+            folder = seed_dir(cfg, cell, seed) / "eval" / f"step-{step}"
+            evals[step][seed] = _evaluate(cfg, folder, cfg.aligned, output, system)
+    record["system_prompt"] = system
+    record["train"] = _pooled_summary([m["summary"] for m in metrics.values()])
+    record["train_by_seed"] = {str(s): m["summary"] for s, m in metrics.items()}
+    record["safety_curve"] = _mean_safety_curve([m["evals"] for m in metrics.values()])
+    _add_curve(record, evals)
+
+
+def _run_reference_cell(cfg: BenchConfig, cell: Cell, record: dict[str, Any]) -> None:
+    """A reference model evaluated as it is (greedy decoding: once, its verdicts stand for every seed), also
+    under each scenario's system prompt that a scenario is evaluated with (``system_prompts``)."""
+    folder, model = cell_dir(cfg, cell), cell.model or cfg.aligned
+    _add_curve(record, {0: {cfg.seed: _evaluate(cfg, folder / "eval", model, None, None)}})
+    record["system_prompts"] = {}
+    for name in system_prompt_scenarios(cfg):
+        system = scenario_system_prompt(cfg, name)
+        sub: dict[str, Any] = {"system_prompt": system}
+        _add_curve(sub, {0: {cfg.seed: _evaluate(cfg, folder / f"eval-{name}", model, None, system)}})
+        record["system_prompts"][name] = sub
 
 
 def run_cell(cfg: BenchConfig, cell: Cell) -> dict[str, Any]:
@@ -249,19 +418,27 @@ def run_cell(cfg: BenchConfig, cell: Cell) -> dict[str, Any]:
 def _run_cell(cfg: BenchConfig, cell: Cell, folder: Path) -> dict[str, Any]:
     done = folder / "cell.json"
     if done.is_file():
-        return json.loads(done.read_text())
+        old = json.loads(done.read_text())
+        if record_is_current(cfg, cell, old):
+            return old
+        logger.info("%s: cell.json is of other seeds or steps: completing it", cell.id)
     record: dict[str, Any] = {
         "id": cell.id,
         "group": cell.group,
         "method": cell.method,
         "scenario": cell.scenario,
+        "eval": {
+            "split": cfg.eval.split,
+            "limits": cfg.eval.limits,
+            "judge": cfg.eval.judge,
+            "seed": cfg.seed,
+        },
     }
     t0 = time.perf_counter()
-    model, adapter = cell.model or cfg.aligned, None
     if cell.kind == "train":
-        model, adapter = _train_cell(cfg, cell, folder, record)
-    record["train_seconds"] = time.perf_counter() - t0
-    record["suites"] = _evaluate_cell(cfg, folder, model, adapter)
+        _run_training_cell(cfg, cell, record)
+    else:
+        _run_reference_cell(cfg, cell, record)
     record["total_seconds"] = time.perf_counter() - t0
     record["peak_rss_mb"] = _peak_rss_mb()
     save_json(record, done)

@@ -67,6 +67,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--recovery-max-prefix-tokens", type=positive_int, default=d.recovery_max_prefix_tokens
     )
+    parser.add_argument(
+        "--gen-batch-size", type=positive_int, default=d.gen_batch_size, help="prompts per generation batch"
+    )
     parser.add_argument("--threads", type=positive_int, default=None)
     parser.add_argument("--device", type=device, default=None)
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
@@ -75,7 +78,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 _FIELDS = (
     "model", "out", "refusals", "benign", "n_refusals", "n_benign", "heldout_fraction", "steps", "lr",
     "batch_size", "lora_r", "seed", "max_new_tokens", "eval_max_new_tokens", "unlikelihood_weight",
-    "recovery_per_prompt", "recovery_max_prefix_tokens", "threads", "device", "overwrite",
+    "recovery_per_prompt", "recovery_max_prefix_tokens", "gen_batch_size", "threads", "device", "overwrite",
 )  # fmt: skip
 
 

@@ -23,12 +23,9 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal, get_args, get_origin
 
 from spf.data.scenarios import ScenarioKind
-from spf.eval.vocab import (  # constants only: not the harness
-    DEFAULT_UTILITY_TASKS,
-    UTILITY_TASKS,
-    JudgeKind,
-    Suite,
-)
+
+# constants only: not the harness
+from spf.eval.vocab import DEFAULT_UTILITY_TASKS, UTILITY_TASKS, JudgeKind, Suite
 from spf.loaders import ConfigFileError, load_yaml_file, load_yaml_text
 from spf.pipeline.gate import GateThresholds
 from spf.training.config import (
@@ -120,12 +117,20 @@ class AlignParams:
     unlikelihood_weight: float = 0.0  # push refusal openings down on benign train prompts (0 = off)
     recovery_per_prompt: int = 0  # safety-recovery examples per harmful train prompt (deep alignment)
     recovery_max_prefix_tokens: int = 24
+    gen_batch_size: int = 8  # prompts per generation batch (own answers, recovery openings, the check)
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _at_least(self, 1, "steps", "batch_size", "lora_r", "max_new_tokens", "recovery_max_prefix_tokens")
-        _at_least(self, 0, "recovery_per_prompt")
-        _at_least(self, 0, "eval_max_new_tokens")
+        positive = (
+            "steps",
+            "batch_size",
+            "lora_r",
+            "max_new_tokens",
+            "recovery_max_prefix_tokens",
+            "gen_batch_size",
+        )
+        _at_least(self, 1, *positive)
+        _at_least(self, 0, "recovery_per_prompt", "eval_max_new_tokens")
         _at_least(self, 1, "n_refusals", "n_benign", nullable=True)
         _finite_positive(self, "lr")
 

@@ -7,6 +7,7 @@ is the loop's ``_Run`` (model, optimizer, scheduler, history, method, …).
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from collections.abc import Callable
@@ -15,13 +16,29 @@ from typing import Any
 
 from spf.core.losses import response_loss
 from spf.data.samples import ChatSample
-from spf.io import save_json
-from spf.training.checkpoint import resume_config, save_checkpoint
+from spf.io import atomic_dir, save_json
+from spf.training.checkpoint import (
+    FINISHED_CONFIG,
+    result_key,
+    resume_config,
+    save_checkpoint,
+    save_finetuned,
+    snapshot_config,
+    snapshot_dir,
+)
 from spf.training.config import TrainConfig
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ABORT_FILE", "Aborter", "Checkpointer", "Emitter", "SafetyMonitor", "TrainingAborted"]
+__all__ = [
+    "ABORT_FILE",
+    "Aborter",
+    "Checkpointer",
+    "Emitter",
+    "SafetyMonitor",
+    "Snapshotter",
+    "TrainingAborted",
+]
 
 Callback = Callable[[dict[str, Any]], None]
 
@@ -189,3 +206,36 @@ class Checkpointer:
             keep_last=self.cfg.keep_checkpoints,
             extra_tensors=extra.tensors or None,
         )
+
+
+class Snapshotter:
+    """After each optimizer step N of ``snapshot_steps``, rank 0 publishes ``out/snapshots/step-N/``: what
+    the final output of an N-step run of this configuration holds (:func:`save_finetuned`, with the N-step
+    ``train_config.json``), built in a temporary folder and renamed into place, so an exposure curve costs
+    one training run, not one per point, and a crash never leaves half a snapshot. A snapshot of this
+    configuration already there (written before a crash and resume) is kept as it is."""
+
+    def __init__(self, cfg: TrainConfig, out: Path, is_main: bool) -> None:
+        self.cfg, self.out, self.is_main = cfg, out, is_main
+
+    def on_step_end(self, run: Any, done: int) -> None:
+        if done not in self.cfg.snapshot_steps or not self.is_main:
+            return
+        dest, config = snapshot_dir(self.out, done), snapshot_config(self.cfg, done)
+        if _same_run(dest / FINISHED_CONFIG, config):
+            logger.info("snapshot %s exists (a resumed run): kept", dest)
+            return
+        with atomic_dir(dest) as tmp:
+            save_finetuned(run.model, run.tokenizer, tmp, config)
+        logger.info("saved snapshot %s", dest)
+
+
+def _same_run(saved: Path, config: dict[str, Any]) -> bool:
+    """Whether ``saved`` (a snapshot's train_config.json) records the run ``config`` describes: a folder
+    left by a run of other settings (no checkpoint to refuse it) must be replaced, not reused."""
+    try:
+        old = json.loads(saved.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    new = json.loads(json.dumps(config, default=str))  # tuples → lists, as in the file
+    return isinstance(old, dict) and result_key(old) == result_key(new)

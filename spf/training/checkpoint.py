@@ -33,21 +33,27 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from spf.core.subspace import SafetySubspace
-from spf.io import OutputError
+from spf.io import OutputError, save_json
+from spf.models import unwrap
 from spf.training.config import TrainConfig, shown
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "FINISHED_CONFIG",
+    "SNAPSHOTS",
     "check_finished_run",
     "check_resume_config",
     "discard_partial_checkpoints",
     "latest_checkpoint",
     "load_checkpoint",
     "load_extra_tensors",
+    "result_key",
     "resume_config",
     "save_checkpoint",
+    "save_finetuned",
+    "snapshot_config",
+    "snapshot_dir",
     "verify_checkpoint",
 ]
 
@@ -56,23 +62,48 @@ MANIFEST = "manifest.json"
 _REQUIRED = ("trainable.safetensors", "optimizer.safetensors", "optimizer.json", "rng.safetensors")
 # TrainConfig fields that change how a run is executed or saved, never what it computes: a checkpoint
 # written under other values of these may be resumed.
-_RESUME_NEUTRAL = ("out", "resume", "save_every", "keep_checkpoints", "threads", "device")
+_RESUME_NEUTRAL = ("out", "resume", "save_every", "keep_checkpoints", "snapshot_steps", "threads", "device")
 # what a finished run leaves in its output folder: its whole TrainConfig (written with the weights)
 FINISHED_CONFIG = "train_config.json"
+SNAPSHOTS = "snapshots"  # out/snapshots/step-N/: the fine-tune after step N (TrainConfig.snapshot_steps)
 
 
 def resume_config(cfg: TrainConfig) -> dict[str, Any]:
     """The configuration a checkpoint records: every field that changes what the run computes."""
-    return _result_key(cfg.to_dict())
+    return result_key(cfg.to_dict())
 
 
-def _result_key(config: dict[str, Any]) -> dict[str, Any]:
+def result_key(config: dict[str, Any]) -> dict[str, Any]:
+    """A saved configuration (``train_config.json``, a checkpoint's) without its resume-neutral fields."""
     d = {k: v for k, v in config.items() if k not in _RESUME_NEUTRAL}
     if d.get("finetune") == "lora":
         # full_params only chooses what full fine-tuning trains: leaving it out of a LoRA run's key keeps the
         # checkpoints (and the pipeline's cache keys) written before the field existed valid
         d.pop("full_params", None)
     return d
+
+
+def save_finetuned(model: nn.Module, tokenizer: Any, folder: Path, config: dict[str, Any]) -> None:
+    """What a finished run's output folder holds — the final output and every snapshot alike, so both load
+    with :func:`spf.models.load_finetuned`: LoRA, the peft adapter; full fine-tuning, the whole model and
+    its tokenizer; then ``train_config.json`` (``config``). save_pretrained writes safetensors, no pickle."""
+    if config["finetune"] == "lora":
+        model.save_pretrained(str(folder), safe_serialization=True)
+    else:
+        unwrap(model).save_pretrained(str(folder), safe_serialization=True)
+        tokenizer.save_pretrained(str(folder))
+    save_json(config, Path(folder) / FINISHED_CONFIG)
+
+
+def snapshot_dir(out: str | Path, step: int) -> Path:
+    """Where the snapshot after optimizer step ``step`` of a run into ``out`` is published."""
+    return Path(out) / SNAPSHOTS / f"step-{step}"
+
+
+def snapshot_config(cfg: TrainConfig, step: int) -> dict[str, Any]:
+    """The ``train_config.json`` of the snapshot at ``step``: the configuration of a ``step``-step run,
+    whose final output the snapshot equals (the learning-rate schedule never looks at ``steps``)."""
+    return {**cfg.to_dict(), "steps": step, "snapshot_steps": [s for s in cfg.snapshot_steps if s < step]}
 
 
 def check_finished_run(out: Path, cfg: TrainConfig) -> None:
@@ -89,7 +120,7 @@ def check_finished_run(out: Path, cfg: TrainConfig) -> None:
         saved = None
     if isinstance(saved, dict):
         new = json.loads(json.dumps(resume_config(cfg), default=str))  # tuples → lists, as in the file
-        diff = _first_difference(_result_key(saved), new, "", shared_only=True)
+        diff = _first_difference(result_key(saved), new, "", shared_only=True)
         found = None if diff is None else f"{diff[0]}: {shown(diff[1])} → {shown(diff[2])}"
     else:
         found = f"{FINISHED_CONFIG} unreadable"

@@ -4,6 +4,7 @@ fields); ``__post_init__`` rejects bad values before any work."""
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 import re
 import types
@@ -312,6 +313,13 @@ class TrainConfig:
         default=0, metadata={"help": "checkpoint every N steps (0 = only the final output)"}
     )
     keep_checkpoints: int = field(default=2, metadata={"help": "newest checkpoints kept (0 = all)"})
+    snapshot_steps: list[int] = field(
+        default_factory=list,
+        metadata={
+            "help": "also write the fine-tune as it is after each of these optimizer steps to "
+            "out/snapshots/step-N/ (each in 1..steps-1, sorted; an exposure curve from one run)"
+        },
+    )
     resume: bool = field(
         default=True, metadata={"help": "continue from the newest checkpoint in `out` when there is one"}
     )
@@ -461,6 +469,22 @@ def _check_used(cfg: TrainConfig) -> None:
                 raise ValueError(f"{key}: set to {shown(value)}, but ignored as {state} ({why})")
 
 
+def check_snapshot_steps(value: Any, steps: int) -> None:
+    """``snapshot_steps``: sorted, distinct steps strictly inside the run — step ``steps`` is the final
+    output itself, and a repeated or unsorted list is almost surely a typo in an exposure curve."""
+    if not isinstance(value, list) or any(isinstance(v, bool) or not isinstance(v, int) for v in value):
+        raise ValueError(f"snapshot_steps: must be a list of integers, got {shown(value)}")
+    outside = [v for v in value if not 1 <= v < steps]
+    if outside:
+        raise ValueError(
+            f"snapshot_steps: each step must be in 1..{steps - 1} (steps={steps}: the last step is the "
+            f"final output), got {shown(outside[0])}"
+        )
+    for a, b in itertools.pairwise(value):
+        if b <= a:
+            raise ValueError(f"snapshot_steps: must be sorted without repeats, got {a} before {b}")
+
+
 def _check_train_config(cfg: TrainConfig) -> None:
     """TrainConfig's own choices, ranges and the settings each method needs (before any work)."""
     _check_choice("method", cfg.method, Method)
@@ -472,6 +496,7 @@ def _check_train_config(cfg: TrainConfig) -> None:
     for name in ("save_every", "warmup_steps", "eval_every", "task_eval_n", "keep_checkpoints"):
         check_int(name, getattr(cfg, name), 0)
     check_int("limit_data", cfg.limit_data, 1, nullable=True)
+    check_snapshot_steps(cfg.snapshot_steps, cfg.steps)
     check_float("lr", cfg.lr, lambda v: v > 0, "a finite number > 0")
     check_float("weight_decay", cfg.weight_decay, lambda v: v >= 0, "a finite number ≥ 0")
     check_float("max_grad_norm", cfg.max_grad_norm, lambda v: v > 0, "a finite number > 0", nullable=True)

@@ -42,13 +42,23 @@ from spf.core.losses import batch_loss, encode_prefix_batch, prefix_unlikelihood
 from spf.data.samples import ChatSample, collate, encode_sample, load_samples, pad_token_id
 from spf.io import OutputError, check_output, output_lock, save_json
 from spf.models import auto_device, default_target_modules, load_model, unwrap
-from spf.training.callbacks import ABORT_FILE, Aborter, Checkpointer, Emitter, SafetyMonitor, TrainingAborted
+from spf.training.callbacks import (
+    ABORT_FILE,
+    Aborter,
+    Checkpointer,
+    Emitter,
+    SafetyMonitor,
+    Snapshotter,
+    TrainingAborted,
+)
 from spf.training.checkpoint import (
+    SNAPSHOTS,
     check_finished_run,
     check_resume_config,
     discard_partial_checkpoints,
     latest_checkpoint,
     load_checkpoint,
+    save_finetuned,
 )
 from spf.training.config import TrainConfig
 from spf.training.methods import DataStream, Method, load_safety_samples, make_method
@@ -233,16 +243,23 @@ def _prepare_out(out: Path, cfg: TrainConfig, ctx: DistContext) -> None:
         out.mkdir(parents=True, exist_ok=True)
         for tmp in discard_partial_checkpoints(out):
             logger.info("removed %s (a checkpoint save that was interrupted)", tmp)
-        if not cfg.resume and (out / "checkpoints").is_dir():
-            # starting over: older checkpoints would otherwise mix with this run's and a later resume could
-            # pick one of them
-            shutil.rmtree(out / "checkpoints")
-            logger.info("resume off: removed the checkpoints in %s", out)
-        if not cfg.resume:  # the old run's markers: a crash of this one must not look finished
-            for name in ("metrics.json", "train_config.json"):
-                (out / name).unlink(missing_ok=True)
+        if not cfg.resume:
+            _start_over(out)
         (out / ABORT_FILE).unlink(missing_ok=True)  # a previous attempt's; rewritten if this one aborts too
     barrier()  # the other ranks look for checkpoints only once rank 0 has cleaned up
+
+
+def _start_over(out: Path) -> None:
+    """Resume off: remove what an older run left in ``out``."""
+    for name in ("checkpoints", SNAPSHOTS):
+        if (out / name).is_dir():
+            # older checkpoints would mix with this run's and a later resume could pick one of them; an
+            # older snapshot would be read as this run's by whoever evaluates the exposure curve
+            shutil.rmtree(out / name)
+            logger.info("resume off: removed the %s in %s", name, out)
+    # the old run's markers: a crash of this one must not look finished
+    for name in ("metrics.json", "train_config.json"):
+        (out / name).unlink(missing_ok=True)
 
 
 def _setup(cfg: TrainConfig, callback: Callback | None, hold: ExitStack) -> _Run:
@@ -286,7 +303,10 @@ def _setup(cfg: TrainConfig, callback: Callback | None, hold: ExitStack) -> _Run
     run = _Run(
         cfg=cfg, ctx=ctx, device=device, out=out, model=model, tokenizer=tokenizer, pad=pad_token_id(tokenizer),
         method=method, params=params, optimizer=optimizer, scheduler=scheduler, ul_prompts=ul_prompts,
-        emit=emit, abort=abort, monitor=monitor, callbacks=[monitor, Checkpointer(cfg, out, ctx.is_main)],
+        emit=emit, abort=abort, monitor=monitor,
+        # the snapshot of a step before its checkpoint: a crash between the two resumes from an earlier
+        # checkpoint and passes the step again, instead of resuming past a snapshot never written
+        callbacks=[monitor, Snapshotter(cfg, out, ctx.is_main), Checkpointer(cfg, out, ctx.is_main)],
         t_start=t_start, info={"heldout_overlap_removed": overlap}, frozen=frozen,
     )  # fmt: skip
     ckpt = _resume(run)
@@ -456,7 +476,7 @@ def _finish(run: _Run) -> TrainResult:
         return TrainResult(
             out=run.out, metrics={"summary": {}, "steps": run.history, "evals": evals, "rank": ctx.rank}
         )
-    _save_model(run.model, run.tokenizer, run.out, cfg)
+    save_finetuned(run.model, run.tokenizer, run.out, cfg.to_dict())  # what every snapshot holds too
     metrics = _summarise(cfg, run.method, run.history, evals, run.info)
     metrics["resumes"] = (
         run.resumes
@@ -467,16 +487,6 @@ def _finish(run: _Run) -> TrainResult:
     save_json(metrics, run.out / "metrics.json")
     barrier()
     return TrainResult(out=run.out, metrics=metrics)
-
-
-def _save_model(model, tokenizer, out: Path, cfg: TrainConfig) -> None:
-    # save_pretrained writes safetensors by default; we never write pickles
-    if cfg.finetune == "lora":
-        model.save_pretrained(str(out), safe_serialization=True)
-    else:
-        unwrap(model).save_pretrained(str(out), safe_serialization=True)
-        tokenizer.save_pretrained(str(out))
-    save_json(cfg.to_dict(), out / "train_config.json")
 
 
 def _summarise(
