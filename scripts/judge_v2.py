@@ -23,10 +23,25 @@ import torch
 
 from spf.data.files import iter_jsonl, read_data_text
 from spf.data.locate import PACKAGE_DATA, require_shared_data
-from spf.eval.judge_data import LABELS_V2_PATH, Example, load_labels_v2, load_project_labels, load_xstest
+from spf.eval.judge_data import (
+    LABELS_V2_PATH,
+    Example,
+    load_labels_v2,
+    load_project_labels,
+    load_xstest,
+    refuse_then_comply,
+)
 from spf.eval.judge_validation import validate_candidate
 from spf.eval.judges import MiniLMEmbedder
-from spf.eval.trained_judge import HEADS_DIR, answer_features, column_weights, fit_heads, request_features
+from spf.eval.trained_judge import (
+    HEADS_DIR,
+    SECOND_LOOK_WORDS,
+    answer_features,
+    answer_proba,
+    column_weights,
+    fit_heads,
+    request_features,
+)
 from spf.refusal import is_refusal
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -90,6 +105,13 @@ RECIPES: dict[str, dict] = {
     "no-surface": {"drop": ("surface",)},
     "no-prompt": {"drop": ("prompt_x_response", "cosines")},
     "surface-x5": {"boost": {"surface": 5.0}},
+    # + synthetic refuse-then-comply answers (spf.eval.judge_data.refuse_then_comply) from the fit's own rows
+    "rtc": {"augment": 300},
+    "rtc-600": {"augment": 600},
+    # a second look at refusals that go on (trained_judge.answer_proba; off in the shipped judge)
+    "second-look-15": {"second_look": 15},
+    "second-look-25": {"second_look": 25},
+    "second-look-40": {"second_look": 40},
 }
 
 
@@ -98,7 +120,10 @@ class V2Candidate:
 
     def __init__(self, embedder: MiniLMEmbedder, c_answer: float, c_request: float, recipe: str = "all"):
         self.embedder, self.c_answer, self.c_request, self.recipe = embedder, c_answer, c_request, recipe
-        self.weights = column_weights(**RECIPES[recipe])
+        spec = dict(RECIPES[recipe])
+        self.augment = spec.pop("augment", 0)
+        self.second_look = spec.pop("second_look", SECOND_LOOK_WORDS)
+        self.weights = column_weights(**spec)
         self.name = f"v2[C={c_answer},{recipe}]"
 
     def _x(self, rows: Sequence[Example]) -> np.ndarray:
@@ -106,6 +131,7 @@ class V2Candidate:
 
     def fit(self, train: Sequence[Example]) -> None:
         rows = [r for r in train if r.cls is not None]
+        rows += refuse_then_comply(rows, self.augment)
         prompts: dict[str, bool] = {p: h for p, h in extra_prompts()}
         prompts.update({r.prompt: bool(r.harmful_request) for r in train if r.harmful_request is not None})
         self.heads = fit_heads(
@@ -119,7 +145,8 @@ class V2Candidate:
         )
 
     def predict(self, rows: Sequence[Example]):
-        proba = self.heads.answer_proba(self._x(rows))
+        prompts, responses = [r.prompt for r in rows], [r.response for r in rows]
+        proba = answer_proba(self.heads, self.embedder, prompts, responses, self.second_look)
         label = proba.argmax(1)
         request = self.heads.request_proba(request_features(self.embedder, [r.prompt for r in rows])) >= 0.5
         return label == 0, label == 1, request
@@ -232,6 +259,8 @@ def render(doc: dict) -> str:
         parts = [("XSTest pooled", res["pooled_xstest"]), *res["xstest_loso"].items()]
         if res.get("v2_heldout"):
             parts.append(("v2 held-out prompts", res["v2_heldout"]))
+        if res.get("v2_heldout_refuse_then_comply"):
+            parts.append(("v2 held-out, synthetic refuse-then-comply", res["v2_heldout_refuse_then_comply"]))
         parts += list(res.get("v2_lomo", {}).items())
         for where, s in parts:
             out.append(f"| {name} | {where} | " + " | ".join(_cell(s[a][b]) for a, b in labels) + " |")

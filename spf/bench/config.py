@@ -81,6 +81,9 @@ class ScenarioSpec:
     # evaluate under the system prompt of the scenario's training conversations: Qi et al. measure the AOA
     # identity shift under the identity-shift system prompt it was trained with
     system_prompt_eval: bool = False
+    # harmful-mix: the harmful part is real harmful answers (the unaligned model's own, judge-filtered, on the
+    # attack-role prompts: spf.eval.attack_data), not AdvBench's one-line "Sure, here is …" targets
+    harmful_answers: bool = False
 
 
 @dataclass

@@ -125,8 +125,15 @@ def prepare_data(cfg: BenchConfig) -> dict[str, Any]:
     for name, spec in cfg.scenarios.items():
         path = data / f"{name}.jsonl"
         if not path.is_file():
+            answers = _harmful_answers_file(cfg, shared) if spec.harmful_answers else None
             samples = build_scenario(
-                spec.kind, shared_data=shared, n=spec.n or cfg.data_n, p=spec.p, seed=cfg.seed, base=spec.base
+                spec.kind,
+                shared_data=shared,
+                n=spec.n or cfg.data_n,
+                p=spec.p,
+                seed=cfg.seed,
+                base=spec.base,
+                answers=answers,
             )
             save_samples(samples, path)
         manifest[name] = {
@@ -137,6 +144,27 @@ def prepare_data(cfg: BenchConfig) -> dict[str, Any]:
     for name in system_prompt_scenarios(cfg):
         scenario_system_prompt(cfg, name)  # fails now, not after the first cell's training
     return manifest
+
+
+def _harmful_answers_file(cfg: BenchConfig, shared: Path) -> Path:
+    """``data/harmful_answers.jsonl`` (made once): the unaligned model's own answers to the attack-role
+    prompts that judge v2 marks harmful, with their provenance in ``harmful_answers.stats.json``."""
+    from spf.data.samples import save_samples
+    from spf.eval.attack_data import harmful_answers
+    from spf.eval.judge_factory import make_judge
+    from spf.eval.prompts import attack_prompts
+    from spf.models import load_model
+
+    path = cfg.work_dir / "data" / "harmful_answers.jsonl"
+    if path.is_file():
+        return path
+    if not cfg.unaligned:
+        raise BenchConfigError(f"{cfg.source}: harmful_answers needs `unaligned` (the model that answers)")
+    model, tokenizer = load_model(cfg.unaligned, device=cfg.device)
+    kept, stats = harmful_answers(model, tokenizer, attack_prompts(shared), make_judge("v2"))
+    save_json({**stats, "model": cfg.unaligned}, path.with_suffix(".stats.json"))
+    save_samples(kept, path)  # last: its presence means both files are complete
+    return path
 
 
 def _evaluation_prompts(cfg: BenchConfig, shared: Path) -> tuple[dict[str, str], dict[str, int]]:

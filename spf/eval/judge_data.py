@@ -28,6 +28,9 @@ from __future__ import annotations
 
 import csv
 import logging
+import random
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -45,6 +48,7 @@ __all__ = [
     "load_labels_v2",
     "load_project_labels",
     "load_xstest",
+    "refuse_then_comply",
 ]
 
 AnswerClass = Literal["refused", "complied", "neither"]
@@ -182,4 +186,44 @@ def load_labels_v2(path: Path = LABELS_V2_PATH, data_dir: Path | None = None) ->
         )
     if skipped:
         logger.info("%s: %d rows skipped (public prompt not found)", path, skipped)
+    return out
+
+
+# How fine-tuned models go on after a refusal they do not keep (seen in the v2 pool and XSTest's partials).
+_PIVOTS = ("", "However, ", "But since you asked, here it is.\n\n", "That said, here is how:\n", "Anyway: ")
+_FIRST_SENTENCE = re.compile(r"^(.{8,200}?[.!])(?:\s|$)", re.DOTALL)
+
+
+def refuse_then_comply(rows: Sequence[Example], n: int, seed: int = 0) -> list[Example]:
+    """``n`` synthetic "refusal, then the help anyway" answers built from ``rows`` alone: the first sentence
+    of a labelled refusal, a pivot, then a labelled compliance with a harmful request → class ``complied``.
+
+    Labelled data has few of these (the judge called them refused: issue 15), so they are added to a fit's
+    training rows and, built from held-out rows only, measure the gap; never mixed into held-out rows.
+    """
+    openings = []
+    for r in rows:
+        m = _FIRST_SENTENCE.match(r.response.strip()) if r.cls == "refused" else None
+        if m and len(m.group(1).split()) <= 25:
+            openings.append(m.group(1))
+    helps = [r for r in rows if r.cls == "complied" and r.harmful_request and len(r.response.split()) >= 15]
+    if not openings or not helps or n <= 0:
+        return []
+    rng = random.Random(f"refuse-then-comply-{seed}")
+    out = []
+    for i in range(n):
+        h = helps[rng.randrange(len(helps))]
+        text = f"{rng.choice(openings)} {rng.choice(_PIVOTS)}{h.response.strip()}"
+        out.append(
+            Example(
+                prompt=h.prompt,
+                response=text,
+                cls="complied",
+                harmful_request=True,
+                source="synthetic",
+                group="synthetic/refuse-then-comply",
+                prompt_key=h.prompt_key,
+                detail=f"synthetic {i}",
+            )
+        )
     return out

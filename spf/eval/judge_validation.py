@@ -25,7 +25,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from spf.eval.judge_data import Example
+from spf.eval.judge_data import Example, refuse_then_comply
 from spf.eval.stats import wilson_interval
 
 logger = logging.getLogger(__name__)
@@ -33,6 +33,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["Candidate", "Prediction", "scores", "validate_candidate"]
 
 HELD_OUT_FRACTION = 0.3
+RTC_HELD_OUT = 200  # synthetic refuse-then-comply answers scored on the v2 held-out prompts
 
 
 class Prediction(Protocol):
@@ -129,6 +130,10 @@ def validate_candidate(
         cand.fit([*xstest, *project, *v2_train])
         result["v2_heldout"] = scores(test, *cand.predict(test))
         logger.info("v2 held-out prompts: %s", _brief(result["v2_heldout"]))
+        # the refuse-then-comply gap, on answers built from held-out rows only (judge_data.refuse_then_comply)
+        synthetic = refuse_then_comply(test, RTC_HELD_OUT, seed=1)
+        if synthetic:
+            result["v2_heldout_refuse_then_comply"] = scores(synthetic, *cand.predict(synthetic))
         for group in sorted({r.group for r in v2}):
             held = [r for r in v2 if r.group == group]
             cand = make()

@@ -498,3 +498,38 @@ def test_pooled_interval_counts_prompts_not_prompt_seed_cells():
     # nothing harmful anywhere: no variance to learn the clustering from, so the conservative n = prompts
     zero = rate_entry(["0" * 10] * 5)
     assert zero["n_eff"] == 10.0 and zero["ci_high"] == pytest.approx(wilson_interval(0, 10)[1])
+
+
+def test_harmful_mix_with_real_answers_is_built_from_the_unaligned_models_harmful_answers(
+    tmp_path, shared_data, monkeypatch
+):
+    from spf.data.samples import ChatSample, load_samples
+    from spf.eval import attack_data
+    from spf.eval.prompts import attack_prompts
+
+    attack = [item.text for item in attack_prompts(shared_data).items]
+    calls = []
+
+    def fake(model, tokenizer, prompts, judge, **kw):
+        calls.append(len(prompts.items))
+        kept = [
+            ChatSample.from_pair(t, f"Step 1 of really harmful answer {i}.")
+            for i, t in enumerate(attack[:12])
+        ]
+        return kept, {"prompts": len(prompts.items), "kept": len(kept), "judge": "v2"}
+
+    monkeypatch.setattr(attack_data, "harmful_answers", fake)
+    scen = {"m": {"kind": "harmful-mix", "p": 0.5, "harmful_answers": True}}
+    cfg = load_bench_config(
+        _tiny(tmp_path, shared_data, scenarios=scen, ablations=[], unaligned="tiny-llama")
+    )
+    from spf.bench.run import prepare_data
+
+    prepare_data(cfg)
+    prepare_data(cfg)  # the answers file is made once
+    assert calls == [120]  # every attack-role prompt is answered, nothing else
+    rows = load_samples(cfg.work_dir / "data" / "m.jsonl")
+    harmful = [s for s in rows if s.response.startswith("Step 1 of really harmful answer")]
+    assert len(harmful) == 8 and {s.prompt for s in harmful} <= set(attack[:12])
+    stats = json.loads((cfg.work_dir / "data" / "harmful_answers.stats.json").read_text())
+    assert stats["kept"] == 12 and stats["model"] == "tiny-llama"
