@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue #5 on a GPU machine, in one go (≤ 10 minutes on one H200), printing the results table last.
+# Issue #5 on a GPU machine, in one go (was ≤ 10 minutes on one H200 at one seed; with 5 seeds and the exposure curve not yet timed), printing the results table last.
 #   bash scripts/gpu_bench.sh
 # * SPF_GPU_MODEL=/path/to/instruct-model (a local safetensors folder, e.g. Llama-3.2-1B-Instruct): when set
 #   and present, the benchmark runs on it as the aligned base (such models ship safety-tuned) — no align step;
