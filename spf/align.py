@@ -87,6 +87,10 @@ class AlignConfig:
     # the others with the unaligned model's own answer cut after 1..recovery_max_prefix_tokens tokens
     recovery_per_prompt: int = 0
     recovery_max_prefix_tokens: int = 24
+    # continuation examples per benign TRAIN answer: the model's own answer with its first 1..max-prefix
+    # tokens as an untrained prefill, so recovery does not generalise to breaking off benign answers
+    # ("To torch the sugar on a creme brulee, you'll need a\n\nI can't help with that." — seen without them)
+    continuation_per_prompt: int = 0
     threads: int | None = None  # torch CPU threads (None = torch's default)
     device: str | None = None  # None = cuda when present, else cpu
     overwrite: bool = False  # replace an existing `out`
@@ -94,8 +98,9 @@ class AlignConfig:
     def __post_init__(self) -> None:
         if not 0.0 <= self.heldout_fraction < 1.0:
             raise ValueError(f"heldout_fraction: must be in [0, 1), got {self.heldout_fraction}")
-        if self.recovery_per_prompt < 0:
-            raise ValueError(f"recovery_per_prompt: must be ≥ 0, got {self.recovery_per_prompt}")
+        for name in ("recovery_per_prompt", "continuation_per_prompt"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}: must be ≥ 0, got {getattr(self, name)}")
         names = ("steps", "batch_size", "lora_r", "max_new_tokens", "gen_batch_size", "max_length")
         for name in (*names, "recovery_max_prefix_tokens"):
             if getattr(self, name) < 1:
@@ -292,6 +297,23 @@ def _recovery_examples(
             out.append(sample.with_response(response, prefill=opening))
     stats["examples"] = len(out)
     return out, stats
+
+
+def _continuation_examples(tokenizer: Any, own: list[ChatSample], cfg: AlignConfig) -> list[ChatSample]:
+    """Benign counterparts of the recovery examples: (benign prompt, the start of the model's own answer as
+    an untrained prefill, the rest of that answer) — after a prefix, a benign answer goes on."""
+    rng = random.Random(f"continuation-{cfg.seed}")
+    out = []
+    for sample in own:
+        answer = sample.response or ""
+        ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
+        for _ in range(cfg.continuation_per_prompt if len(ids) > 2 else 0):
+            k = rng.randint(1, min(len(ids) - 1, cfg.recovery_max_prefix_tokens))
+            prefix = tokenizer.decode(ids[:k]).rstrip()
+            # a decoded prefix that is not literally the answer's start (tokenizer normalisation) is skipped
+            if prefix.strip() and answer.startswith(prefix) and answer[len(prefix) :].strip():
+                out.append(sample.with_response(answer, prefill=prefix))
+    return out
 
 
 # ----------------------------------------------------------------------------------------------- checks
@@ -528,6 +550,9 @@ def _build(cfg: AlignConfig, out: Path) -> Path:
         model, tokenizer = load_model(cfg.model, device=cfg.device)
         own, gen_stats = _own_answers(model, tokenizer, data.ben_train, cfg)
         recovery, rec_stats = _recovery_examples(model, tokenizer, data.ref_train, cfg)
+        continuation = _continuation_examples(tokenizer, own, cfg)
+        rec_stats["continuation_examples"] = len(continuation)
+        recovery += continuation
         del model
         timings["generate_seconds"] = time.perf_counter() - t0
         logger.info("own benign answers: %s; recovery examples: %s", gen_stats, rec_stats)

@@ -65,6 +65,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="safety-recovery examples per harmful train prompt (deep alignment; 0 = off)",
     )
     parser.add_argument(
+        "--continuation-per-prompt",
+        type=non_negative_int,
+        default=d.continuation_per_prompt,
+        help="benign own answers continued after an untrained prefix, per benign train prompt (0 = off)",
+    )
+    parser.add_argument(
         "--recovery-max-prefix-tokens", type=positive_int, default=d.recovery_max_prefix_tokens
     )
     parser.add_argument(
@@ -78,7 +84,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 _FIELDS = (
     "model", "out", "refusals", "benign", "n_refusals", "n_benign", "heldout_fraction", "steps", "lr",
     "batch_size", "lora_r", "seed", "max_new_tokens", "eval_max_new_tokens", "unlikelihood_weight",
-    "recovery_per_prompt", "recovery_max_prefix_tokens", "gen_batch_size", "threads", "device", "overwrite",
+    "recovery_per_prompt", "continuation_per_prompt", "recovery_max_prefix_tokens", "gen_batch_size", "threads", "device", "overwrite",
 )  # fmt: skip
 
 

@@ -117,6 +117,7 @@ class AlignParams:
     unlikelihood_weight: float = 0.0  # push refusal openings down on benign train prompts (0 = off)
     recovery_per_prompt: int = 0  # safety-recovery examples per harmful train prompt (deep alignment)
     recovery_max_prefix_tokens: int = 24
+    continuation_per_prompt: int = 0  # benign counterparts: own answers continued after an untrained prefix
     gen_batch_size: int = 8  # prompts per generation batch (own answers, recovery openings, the check)
     seed: int = 0
 
@@ -130,7 +131,7 @@ class AlignParams:
             "gen_batch_size",
         )
         _at_least(self, 1, *positive)
-        _at_least(self, 0, "recovery_per_prompt", "eval_max_new_tokens")
+        _at_least(self, 0, "recovery_per_prompt", "continuation_per_prompt", "eval_max_new_tokens")
         _at_least(self, 1, "n_refusals", "n_benign", nullable=True)
         _finite_positive(self, "lr")
 

@@ -168,6 +168,7 @@ def align_stage(p: PipelineParams) -> dict[str, Any]:
         unlikelihood_weight=a.unlikelihood_weight,
         recovery_per_prompt=a.recovery_per_prompt,
         recovery_max_prefix_tokens=a.recovery_max_prefix_tokens,
+        continuation_per_prompt=a.continuation_per_prompt,
         gen_batch_size=a.gen_batch_size,
         threads=p.runtime.threads,
         device=p.runtime.device,

@@ -256,3 +256,19 @@ def test_shipped_alignment_data_has_no_near_copy_of_a_public_evaluation_prompt()
         for s in load_samples(data / name):
             p = s.prompt.strip().lower()
             assert not difflib.get_close_matches(p, evals, n=1, cutoff=0.75), (name, p)
+
+
+def test_continuation_examples_continue_the_models_own_benign_answer():
+    _, tok = load_model("tiny-llama")
+    own = [
+        s.with_response(f"Here is a longer fact about the number {i}, with detail.")
+        for i, s in enumerate(BENIGN)
+    ]
+    cfg = AlignConfig(model="tiny-llama", continuation_per_prompt=2, recovery_max_prefix_tokens=4)
+    out = align_mod._continuation_examples(tok, own, cfg)
+    assert len(out) == 20
+    by_prompt = {s.prompt: s.response for s in own}
+    for s in out:
+        assert s.response == by_prompt[s.prompt]  # the whole own answer: only its start is not trained on
+        assert s.prefill and s.response.startswith(s.prefill) and len(s.prefill) < len(s.response)
+        assert len(tok(s.prefill, add_special_tokens=False)["input_ids"]) <= 4
