@@ -68,6 +68,8 @@ def check(
         out["align_seconds"] = align_report["timings"]["total_seconds"]
         checks["align < 20 min"] = out["align_seconds"] < 20 * 60
     out["checks"] = checks
+    out["eval_seconds"] = results.get("timing_s")  # per suite, this machine, as it ran
+    out["eval_prompts"] = {k: s[k]["n"] for k in ("harmful", "prefill", "overrefusal")}
     return out
 
 
