@@ -105,11 +105,7 @@ def main() -> None:
         model=a.model,
         split=a.split,
         command="python experiments/aligned_base.py "
-        + " ".join(
-            f"--{k.replace('_', '-')} {v}"
-            for k, v in vars(a).items()
-            if v is not None and k not in ("threads",)
-        ),
+        + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(a).items() if v is not None),
     )
     text = json.dumps(verdict, indent=1, ensure_ascii=False) + "\n"
     (a.out / "targets.json").write_text(text)

@@ -84,7 +84,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 _FIELDS = (
     "model", "out", "refusals", "benign", "n_refusals", "n_benign", "heldout_fraction", "steps", "lr",
     "batch_size", "lora_r", "seed", "max_new_tokens", "eval_max_new_tokens", "unlikelihood_weight",
-    "recovery_per_prompt", "continuation_per_prompt", "recovery_max_prefix_tokens", "gen_batch_size", "threads", "device", "overwrite",
+    "recovery_per_prompt", "continuation_per_prompt", "recovery_max_prefix_tokens", "gen_batch_size",
+    "threads", "device", "overwrite",
 )  # fmt: skip
 
 
