@@ -139,6 +139,9 @@ class BenchConfig:
     name: str
     aligned: str  # the aligned base every method fine-tunes
     work: str = "runs/bench"
+    # a tracked folder that finished evaluations are copied to and restored from (spf.bench.keep): the run
+    # goes on in a later session with a fresh work folder; None = the work folder only
+    keep: str | None = None
     unaligned: str | None = "smollm2-135m-instruct"  # reference row; None = skip
     report: str = "docs/results.md"
     shared_data: str | None = None  # None = ../shared/data discovery (spf.eval.suites.find_shared_data)
@@ -256,6 +259,12 @@ def _check(cfg: BenchConfig) -> None:
         unknown = sorted(set(a.subspace) - {f.name for f in fields(SubspaceSpec)})
         if unknown:
             raise BenchConfigError(f"{where}: ablations[{i}].subspace: unknown key(s) {', '.join(unknown)}")
+    if cfg.keep is not None:
+        keep, work = Path(cfg.keep).resolve(), cfg.work_dir.resolve()
+        if not isinstance(cfg.keep, str) or keep == work or work in keep.parents or keep in work.parents:
+            raise BenchConfigError(
+                f"{where}: keep: {shown(cfg.keep)} must be a folder apart from work ({cfg.work})"
+            )
     if isinstance(cfg.lanes, bool) or not isinstance(cfg.lanes, int) or cfg.lanes < 1:
         raise BenchConfigError(f"{where}: lanes: must be an integer ≥ 1, got {shown(cfg.lanes)}")
     try:  # TrainConfig's own checks of the two runtime knobs every cell hands on

@@ -58,6 +58,7 @@ from spf.bench.config import (
     system_prompt_scenarios,
     train_config,
 )
+from spf.bench.keep import Keep
 from spf.bench.report import acceptance_lines, collect, render_report, report_folder, write_report
 from spf.bench.verdicts import SuiteVerdicts, pool_suite, read_verdicts
 from spf.io import claim_output, output_lock, save_json
@@ -287,6 +288,46 @@ def _eval_is_current(out: Path, model: str, adapter: Path | None, kw: dict[str, 
     return same == want and judged and where
 
 
+def _keep(cfg: BenchConfig) -> Keep | None:
+    return None if cfg.keep is None else Keep(cfg.keep, cfg.work_dir, cfg.aligned)
+
+
+def _evals_done(cfg: BenchConfig, folder: Path, model: str, adapter: Path, system: str | None) -> bool:
+    """Every suite of one evaluation point is finished here or in the kept copy (restored if so)."""
+    keep = _keep(cfg)
+    for suite in cfg.eval.suites:
+        out, kw = folder / suite, _eval_kwargs(cfg, suite, system)
+        if _eval_is_current(out, model, adapter, kw):
+            continue
+        if keep is None or not keep.restore_eval(out) or not _eval_is_current(out, model, adapter, kw):
+            return False
+    return True
+
+
+def _kept_seed(
+    cfg: BenchConfig, cell: Cell, seed: int, steps: list[int], system: str | None
+) -> dict[str, Any] | None:
+    """A seed's training metrics when every one of its evaluations is already finished (kept from an
+    earlier session): the seed is then not trained again. None = train it."""
+    from spf.training.checkpoint import result_key, snapshot_dir
+
+    keep = _keep(cfg)
+    if keep is None:
+        return None
+    tcfg = train_config(cfg, cell, seed_dir(cfg, cell, seed), seed)
+    kept = keep.load_json(seed_dir(cfg, cell, seed) / "train_metrics.json")
+    want = json.loads(json.dumps(result_key(tcfg.to_dict()), default=str))
+    if kept is None or kept.get("result_key") != want:
+        return None
+    out = Path(tcfg.out)
+    for step in steps:
+        output = out if step == steps[-1] else snapshot_dir(out, step)
+        point = seed_dir(cfg, cell, seed) / "eval" / f"step-{step}"
+        if not _evals_done(cfg, point, cfg.aligned, output, system):
+            return None
+    return kept["metrics"]
+
+
 def _evaluate(
     cfg: BenchConfig, folder: Path, model: str, adapter: Path | None, system_prompt: str | None
 ) -> dict[str, tuple[dict[str, Any], SuiteVerdicts]]:
@@ -295,10 +336,17 @@ def _evaluate(
     from spf.eval.suites import run_eval
 
     got: dict[str, tuple[dict[str, Any], SuiteVerdicts]] = {}
+    keep = _keep(cfg)
     for suite in cfg.eval.suites:
         out, kw = folder / suite, _eval_kwargs(cfg, suite, system_prompt)
-        if not _eval_is_current(out, model, adapter, kw):
+        if not _eval_is_current(out, model, adapter, kw) and not (
+            keep is not None and keep.restore_eval(out) and _eval_is_current(out, model, adapter, kw)
+        ):
             run_eval(model, out, [suite], adapter=adapter, device=cfg.device, **kw)
+            if keep is not None:
+                keep.save_eval(out)
+        elif keep is not None and not keep.has_eval(out):
+            keep.save_eval(out)
         res = json.loads((out / "results.json").read_text())["suites"]
         verdicts = read_verdicts(out)
         mine = [k for k in res if (k == suite or k.startswith(f"{suite}.")) and k in verdicts]
@@ -388,7 +436,11 @@ def _train_seed(
             )
     if seed == seed_list(cfg)[0]:
         record["train_config"] = tcfg.to_dict()  # the other seeds differ in `seed` and `out` only
-    return out, json.loads((out / "metrics.json").read_text())
+    metrics = json.loads((out / "metrics.json").read_text())
+    keep = _keep(cfg)
+    if keep is not None:
+        keep.save_json({"result_key": want, "metrics": metrics}, folder / "train_metrics.json")
+    return out, metrics
 
 
 def _run_training_cell(cfg: BenchConfig, cell: Cell, record: dict[str, Any]) -> None:
@@ -407,7 +459,15 @@ def _run_training_cell(cfg: BenchConfig, cell: Cell, record: dict[str, Any]) -> 
     metrics: dict[int, dict[str, Any]] = {}
     record["train_seconds"] = 0.0
     for seed in seed_list(cfg):
-        out, metrics[seed] = _train_seed(cfg, cell, seed, record)
+        kept = _kept_seed(cfg, cell, seed, steps, system)
+        if kept is None:
+            out, metrics[seed] = _train_seed(cfg, cell, seed, record)
+        else:  # every evaluation of this seed was kept: no weights are needed
+            logger.info("%s seed %d: evaluations kept from an earlier run, not retrained", cell.id, seed)
+            tcfg = train_config(cfg, cell, seed_dir(cfg, cell, seed), seed)
+            out, metrics[seed] = Path(tcfg.out), kept
+            if seed == seed_list(cfg)[0]:
+                record["train_config"] = tcfg.to_dict()
         for step in steps:
             output = out if step == steps[-1] else snapshot_dir(out, step)
             folder = seed_dir(cfg, cell, seed) / "eval" / f"step-{step}"
@@ -438,6 +498,9 @@ def run_cell(cfg: BenchConfig, cell: Cell) -> dict[str, Any]:
 
     torch.set_num_threads(cfg.threads)
     folder = cell_dir(cfg, cell)
+    keep = _keep(cfg)
+    if keep is not None:
+        keep.check_base()  # kept verdicts of another base must not pair with this one's
     # one process per cell folder: a second `spf bench cell` of the same cell fails at once
     with output_lock(folder, what=f"bench cell {cell.id}"):
         return _run_cell(cfg, cell, folder)
@@ -470,6 +533,9 @@ def _run_cell(cfg: BenchConfig, cell: Cell, folder: Path) -> dict[str, Any]:
     record["total_seconds"] = time.perf_counter() - t0
     record["peak_rss_mb"] = _peak_rss_mb()
     save_json(record, done)
+    keep = _keep(cfg)
+    if keep is not None:
+        keep.save_json(record, done)
     return record
 
 
