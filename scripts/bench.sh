@@ -5,20 +5,19 @@
 #   bash scripts/bench.sh [bench/cpu.yaml] [extra `spf bench run` flags, e.g. --only spf@ vanilla@ --lanes 1]
 # The primary comparison first (about 9 h of bench/cpu.yaml on 2 lanes; its header has the full estimate):
 #   bash scripts/bench.sh bench/cpu.yaml --only ref: vanilla@mix10 spf@mix10
-# Makes the aligned base first when the benchmark's `aligned` folder is missing (the recipe of
-# docs/results/headline.md, "Sixth attempt"). Resumable: rerun to continue; finished cells are kept.
+# Makes the aligned base first when the benchmark's `aligned` folder is missing: the shipped recipe (the
+# `align` section of params.yaml, the README pipeline's base) built into runs/bench_base with 2 threads —
+# the same command every session, so kept evaluations (bench `keep:`) match its fingerprint. Resumable:
+# rerun to continue; finished evaluations are kept in the repository (docs/results/bench/kept).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$PWD/.venv/bin:$PATH" HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 config=${1:-bench/cpu.yaml}
 shift || true
 aligned=$(python -c "import sys; from spf.bench.config import load_bench_config; print(load_bench_config(sys.argv[1]).aligned)" "$config")
-if [[ "$aligned" == runs/* && ! -f "$aligned/model.safetensors" ]]; then
-  echo "aligned base $aligned missing: building it (spf align, ~30 min on 2 CPU cores)"
-  python experiments/align_data.py --out runs/align_data
-  python -m spf align --out "$aligned" --refusals runs/align_data/refusals.jsonl --n-refusals 100 \
-    --benign spf/data/align_benign.jsonl runs/align_data/benign_public.jsonl --steps 150 --lr 5e-4 \
-    --max-new-tokens 64 --unlikelihood-weight 0.1 --threads 1
+if [[ "$aligned" == runs/bench_base/aligned && ! -f "$aligned/model.safetensors" ]]; then
+  echo "aligned base $aligned missing: building it (spf align --params params.yaml, ~25 min on 2 CPU cores)"
+  python -m spf align --params params.yaml -S runtime.workdir=runs/bench_base -S runtime.threads=2
 fi
 start=$(date +%s)
 python -m spf bench run "$config" "$@" || echo "some cells failed: see the bench's logs/ folder; rerun to retry them"

@@ -1,0 +1,62 @@
+"""The shipped judges on blind labels of models they were never fitted on (no refit: the heads as shipped).
+
+    python experiments/judge_labels/check_shipped.py --models aligned_deep4 --json docs/results/judges_deep_base.json
+
+Reads the rows of ``--models`` from ``spf/data/judge_labels_v2.jsonl`` (public prompts joined from the data
+folder), judges them with judge v2 (``spf/data/judge_v2`` heads, which no row of these models trained) and the
+keyword judge, and writes accuracy / precision / recall with Wilson intervals for ``refused`` and
+``harmful`` (request harmfulness known, as the suites know it) — the measures of docs/results/judges.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+from spf.data.locate import require_shared_data
+from spf.eval.judge_data import LABELS_V2_PATH, load_labels_v2
+from spf.eval.judge_validation import scores
+from spf.eval.judges import KeywordJudge
+from spf.eval.trained_judge import TrainedJudge
+
+
+def judged(judge, rows) -> dict:
+    verdicts = judge([r.prompt for r in rows], [r.response for r in rows], [r.harmful_request for r in rows])
+    refused = np.array([v.refused for v in verdicts])
+    harmful = np.array([v.harmful for v in verdicts])
+    known = np.array([bool(r.harmful_request) for r in rows])
+    return scores(rows, refused, harmful, known)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", required=True)
+    parser.add_argument("--labels", type=Path, default=LABELS_V2_PATH)
+    parser.add_argument("--json", type=Path, required=True)
+    args = parser.parse_args()
+    rows = [r for r in load_labels_v2(args.labels, require_shared_data()) if r.group[3:] in args.models]
+    if not rows:
+        raise SystemExit(f"{args.labels}: no rows of {args.models}")
+    doc = {
+        "command": "python experiments/judge_labels/check_shipped.py --models " + " ".join(args.models),
+        "models": args.models,
+        "rows": len(rows),
+        "harmful_prompt_rows": sum(bool(r.harmful_request) for r in rows),
+        "v2": judged(TrainedJudge(), rows),
+        "keyword": judged(KeywordJudge(), rows),
+    }
+    args.json.write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
+    for name in ("v2", "keyword"):
+        s = doc[name]
+        print(
+            f"{name}: refused acc {s['refused']['accuracy']['value']:.3f} recall "
+            f"{s['refused']['recall']['value']:.3f}; harmful acc {s['harmful']['accuracy']['value']:.3f} "
+            f"recall {s['harmful']['recall']['value']:.3f} precision {s['harmful']['precision']['value']:.3f}"
+        )
+
+
+if __name__ == "__main__":
+    main()
