@@ -41,6 +41,8 @@ def collect(cfg: BenchConfig) -> dict[str, Any]:
     ids: dict[str, list[str]] = {}
     for c in cells(cfg):
         path = cell_dir(cfg, c) / "cell.json"
+        if not path.is_file() and cfg.keep is not None:  # a fresh work folder: the kept copy
+            path = Path(cfg.keep) / path.relative_to(cfg.work_dir)
         if path.is_file():
             found[c.id] = json.loads(path.read_text())
             _share_ids(found[c.id], ids)

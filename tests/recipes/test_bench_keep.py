@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from spf.bench.keep import KEPT_FIELDS, KeptBaseMismatch, base_fingerprint
+from spf.bench.report import collect
 from spf.bench.run import BenchConfigError, cells, load_bench_config, run_cell
 from tests.recipes.test_bench import SEEDED, _prepared, _tiny
 
@@ -42,6 +43,7 @@ def test_a_fresh_work_folder_is_filled_from_the_kept_copy_without_retraining(
     assert rows and all(set(r) <= set(KEPT_FIELDS) for r in rows)  # no generated text is kept
 
     shutil.rmtree(cfg.work_dir)  # the next session: a fresh machine, the tracked copy only
+    assert collect(cfg)["cells"]["vanilla@sst2"]["suites"] == first["suites"]  # the report, before any rerun
     cfg = _prepared(tmp_path, shared_data, **SEEDED, keep=str(keep))
 
     def refuse(*a, **k):
