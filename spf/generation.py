@@ -57,6 +57,7 @@ def _greedy_hf(
     attention_mask: torch.Tensor,
     max_new_tokens: int,
     stop_ids: list[int],
+    pad_id: int | None = None,  # after a row's stop; None = its first stop id
 ) -> list[torch.Tensor]:
     """``model.generate``'s greedy answers (every row runs until the longest one stops)."""
     out = model.generate(
@@ -71,7 +72,7 @@ def _greedy_hf(
         top_k=None,
         use_cache=True,
         eos_token_id=stop_ids,
-        pad_token_id=stop_ids[0],  # after a row's stop only; decoding skips special tokens
+        pad_token_id=stop_ids[0] if pad_id is None else pad_id,
     )
     return list(out[:, input_ids.shape[1] :])
 
@@ -154,6 +155,7 @@ def generate(
 
     device = model_device(model)
     stop_ids = eos_ids(model, tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
     answers: list[str] = [""] * len(texts)
     old_side, was_training = tokenizer.padding_side, model.training
     tokenizer.padding_side = "left"  # decoder-only models continue from the last position of each row
@@ -164,8 +166,11 @@ def generate(
                 enc = tokenizer(
                     [texts[i] for i in batch], add_special_tokens=False, padding=True, return_tensors="pt"
                 ).to(device)
-                decode = _greedy_pruned if prune_finished else _greedy_hf
-                tokens = decode(model, enc["input_ids"], enc["attention_mask"], max_new_tokens, stop_ids)
+                ids, mask = enc["input_ids"], enc["attention_mask"]
+                if prune_finished:
+                    tokens = _greedy_pruned(model, ids, mask, max_new_tokens, stop_ids)
+                else:
+                    tokens = _greedy_hf(model, ids, mask, max_new_tokens, stop_ids, pad_id)
                 decoded = tokenizer.batch_decode(tokens, skip_special_tokens=True)
                 for i, text in zip(batch, decoded, strict=True):
                     answers[i] = text.strip()

@@ -260,8 +260,9 @@ def _check(cfg: BenchConfig) -> None:
         if unknown:
             raise BenchConfigError(f"{where}: ablations[{i}].subspace: unknown key(s) {', '.join(unknown)}")
     if cfg.keep is not None:
-        keep, work = Path(cfg.keep).resolve(), cfg.work_dir.resolve()
-        if not isinstance(cfg.keep, str) or keep == work or work in keep.parents or keep in work.parents:
+        keep = Path(cfg.keep).resolve() if isinstance(cfg.keep, str) else None
+        work = cfg.work_dir.resolve()
+        if keep is None or keep == work or work in keep.parents or keep in work.parents:
             raise BenchConfigError(
                 f"{where}: keep: {shown(cfg.keep)} must be a folder apart from work ({cfg.work})"
             )

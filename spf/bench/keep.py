@@ -85,9 +85,8 @@ class Keep:
         body = "".join(_slim(line) + "\n" for line in lines if line.strip()).encode()
         with atomic_path(dest / _VERDICTS, tracked_ok=True) as tmp, gzip.GzipFile(tmp, "wb", mtime=0) as fh:
             fh.write(body)
-        with atomic_path(
-            dest / "results.json", tracked_ok=True
-        ) as tmp:  # last: its presence means the copy is whole
+        # results.json last: its presence means the copy is whole
+        with atomic_path(dest / "results.json", tracked_ok=True) as tmp:
             shutil.copyfile(out / "results.json", tmp)
 
     def has_eval(self, out: Path) -> bool:

@@ -14,6 +14,7 @@ from typing import Any
 
 from spf.bench.compare import final_noninferiority, paired_section
 from spf.bench.config import BenchConfig, cell_dir, cells, seed_list
+from spf.bench.keep import Keep
 from spf.bench.verdicts import CI_METHOD
 from spf.io import atomic_path, save_json
 from spf.training.config import BASELINE_METHODS
@@ -39,12 +40,15 @@ def collect(cfg: BenchConfig) -> dict[str, Any]:
     verdicts' prompt lists are kept once, in ``prompt_ids`` (SHA-256 → prompts)."""
     found = {}
     ids: dict[str, list[str]] = {}
+    keep = None if cfg.keep is None else Keep(cfg.keep, cfg.work_dir, cfg.aligned)
     for c in cells(cfg):
         path = cell_dir(cfg, c) / "cell.json"
-        if not path.is_file() and cfg.keep is not None:  # a fresh work folder: the kept copy
-            path = Path(cfg.keep) / path.relative_to(cfg.work_dir)
         if path.is_file():
-            found[c.id] = json.loads(path.read_text())
+            record = json.loads(path.read_text())
+        else:  # a fresh work folder: the kept copy, if any
+            record = None if keep is None else keep.load_json(path)
+        if record is not None:
+            found[c.id] = record
             _share_ids(found[c.id], ids)
     data: dict[str, Any] = {
         "name": cfg.name,

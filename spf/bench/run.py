@@ -292,32 +292,44 @@ def _keep(cfg: BenchConfig) -> Keep | None:
     return None if cfg.keep is None else Keep(cfg.keep, cfg.work_dir, cfg.aligned)
 
 
+def _eval_available(
+    keep: Keep | None, out: Path, model: str, adapter: Path | None, kw: dict[str, Any]
+) -> bool:
+    """A current evaluation in ``out``, or one restored there from the kept copy."""
+    if _eval_is_current(out, model, adapter, kw):
+        return True
+    return keep is not None and keep.restore_eval(out) and _eval_is_current(out, model, adapter, kw)
+
+
 def _evals_done(cfg: BenchConfig, folder: Path, model: str, adapter: Path, system: str | None) -> bool:
     """Every suite of one evaluation point is finished here or in the kept copy (restored if so)."""
     keep = _keep(cfg)
-    for suite in cfg.eval.suites:
-        out, kw = folder / suite, _eval_kwargs(cfg, suite, system)
-        if _eval_is_current(out, model, adapter, kw):
-            continue
-        if keep is None or not keep.restore_eval(out) or not _eval_is_current(out, model, adapter, kw):
-            return False
-    return True
+    return all(
+        _eval_available(keep, folder / suite, model, adapter, _eval_kwargs(cfg, suite, system))
+        for suite in cfg.eval.suites
+    )
+
+
+def _train_key(tcfg: Any) -> dict[str, Any]:
+    """The JSON form of a training config's result key (what a finished output is compared against)."""
+    from spf.training.checkpoint import result_key
+
+    return json.loads(json.dumps(result_key(tcfg.to_dict()), default=str))
 
 
 def _kept_seed(
     cfg: BenchConfig, cell: Cell, seed: int, steps: list[int], system: str | None
-) -> dict[str, Any] | None:
-    """A seed's training metrics when every one of its evaluations is already finished (kept from an
-    earlier session): the seed is then not trained again. None = train it."""
-    from spf.training.checkpoint import result_key, snapshot_dir
+) -> tuple[Any, dict[str, Any]] | None:
+    """A seed's training config and metrics when every one of its evaluations is already finished (kept
+    from an earlier session): the seed is then not trained again. None = train it."""
+    from spf.training.checkpoint import snapshot_dir
 
     keep = _keep(cfg)
     if keep is None:
         return None
     tcfg = train_config(cfg, cell, seed_dir(cfg, cell, seed), seed)
     kept = keep.load_json(seed_dir(cfg, cell, seed) / "train_metrics.json")
-    want = json.loads(json.dumps(result_key(tcfg.to_dict()), default=str))
-    if kept is None or kept.get("result_key") != want:
+    if kept is None or kept.get("result_key") != _train_key(tcfg):
         return None
     out = Path(tcfg.out)
     for step in steps:
@@ -325,7 +337,7 @@ def _kept_seed(
         point = seed_dir(cfg, cell, seed) / "eval" / f"step-{step}"
         if not _evals_done(cfg, point, cfg.aligned, output, system):
             return None
-    return kept["metrics"]
+    return tcfg, kept["metrics"]
 
 
 def _evaluate(
@@ -339,9 +351,7 @@ def _evaluate(
     keep = _keep(cfg)
     for suite in cfg.eval.suites:
         out, kw = folder / suite, _eval_kwargs(cfg, suite, system_prompt)
-        if not _eval_is_current(out, model, adapter, kw) and not (
-            keep is not None and keep.restore_eval(out) and _eval_is_current(out, model, adapter, kw)
-        ):
+        if not _eval_available(keep, out, model, adapter, kw):
             run_eval(model, out, [suite], adapter=adapter, device=cfg.device, **kw)
             if keep is not None:
                 keep.save_eval(out)
@@ -414,7 +424,7 @@ def _train_seed(
     folder = seed_dir(cfg, cell, seed)
     tcfg = train_config(cfg, cell, folder, seed)
     out = Path(tcfg.out)
-    want = json.loads(json.dumps(result_key(tcfg.to_dict()), default=str))
+    want = _train_key(tcfg)
     saved = out / "train_config.json"
     finished = (
         (out / "metrics.json").is_file()
@@ -464,8 +474,8 @@ def _run_training_cell(cfg: BenchConfig, cell: Cell, record: dict[str, Any]) -> 
             out, metrics[seed] = _train_seed(cfg, cell, seed, record)
         else:  # every evaluation of this seed was kept: no weights are needed
             logger.info("%s seed %d: evaluations kept from an earlier run, not retrained", cell.id, seed)
-            tcfg = train_config(cfg, cell, seed_dir(cfg, cell, seed), seed)
-            out, metrics[seed] = Path(tcfg.out), kept
+            tcfg, metrics[seed] = kept
+            out = Path(tcfg.out)
             if seed == seed_list(cfg)[0]:
                 record["train_config"] = tcfg.to_dict()
         for step in steps:
