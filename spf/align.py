@@ -38,6 +38,7 @@ import torch
 
 from spf.data.locate import shipped_file
 from spf.data.samples import ChatSample, DataError, load_samples, save_samples
+from spf.eval.jailbreaks import GENERIC_PREFILL
 from spf.io import atomic_dir, claim_output, save_json
 
 logger = logging.getLogger(__name__)
@@ -261,12 +262,12 @@ _IMPERATIVE_RE = re.compile(
 
 def sure_opening(prompt: str) -> str:
     """The compliant opening a prefill attack forces: "Write a guide on X" → "Sure, here is a guide on X"
-    (AdvBench's target format); other prompts get the bare "Sure, here is"."""
+    (AdvBench's target format); other prompts get the bare opening the prefill suite forces (GENERIC_PREFILL)."""
     text = prompt.strip().rstrip(".!?")
     match = _IMPERATIVE_RE.match(text)
     if match and len(text) > match.end() and len(text) <= 200:
-        return f"Sure, here is {text[match.end() :]}"
-    return "Sure, here is"
+        return f"{GENERIC_PREFILL} {text[match.end() :]}"
+    return GENERIC_PREFILL
 
 
 def _recovery_examples(
@@ -418,11 +419,12 @@ def _write_splits(cfg: AlignConfig, data: _Inputs, folder: Path) -> dict[str, An
 
 
 def _write_sft_data(
-    cfg: AlignConfig, data: _Inputs, own: list[ChatSample], recovery: list[ChatSample], folder: Path
+    cfg: AlignConfig, data: _Inputs, own: list[ChatSample], prefilled: list[ChatSample], folder: Path
 ) -> tuple[list[ChatSample], dict[str, Any]]:
-    """``sft_data.jsonl`` (train refusals + recovery examples + the model's own benign answers, shuffled)
+    """``sft_data.jsonl`` (train refusals + recovery and continuation examples + the model's own benign
+    answers, shuffled)
     and, with an unlikelihood weight, the benign prompts it applies to → (the mix, the unlikelihood settings)."""
-    mix = list(data.ref_train) + recovery + own
+    mix = list(data.ref_train) + prefilled + own
     random.Random(cfg.seed).shuffle(mix)
     save_samples(mix, folder / "sft_data.jsonl")
     unlikelihood: dict[str, Any] = {}
@@ -503,7 +505,13 @@ def _training_summary(cfg: AlignConfig, metrics: dict[str, Any]) -> dict[str, An
 
 
 def _report(
-    cfg: AlignConfig, data: _Inputs, splits: dict, gen_stats: dict, recovery: dict, n_sft: int
+    cfg: AlignConfig,
+    data: _Inputs,
+    splits: dict,
+    gen_stats: dict,
+    recovery: dict,
+    n_continuation: int,
+    n_sft: int,
 ) -> dict[str, Any]:
     """``align_report.json`` without the training, behaviour and timing parts (filled in by :func:`align`)."""
     return {
@@ -517,6 +525,7 @@ def _report(
             "benign_prompts_heldout": len(data.ben_held),
             "benign_own_answers": gen_stats,
             "recovery_examples": recovery,
+            "continuation_examples": n_continuation,
             "sft_samples": n_sft,
         },
         "split": {
@@ -551,12 +560,16 @@ def _build(cfg: AlignConfig, out: Path) -> Path:
         own, gen_stats = _own_answers(model, tokenizer, data.ben_train, cfg)
         recovery, rec_stats = _recovery_examples(model, tokenizer, data.ref_train, cfg)
         continuation = _continuation_examples(tokenizer, own, cfg)
-        rec_stats["continuation_examples"] = len(continuation)
-        recovery += continuation
         del model
         timings["generate_seconds"] = time.perf_counter() - t0
-        logger.info("own benign answers: %s; recovery examples: %s", gen_stats, rec_stats)
-        mix, unlikelihood = _write_sft_data(cfg, data, own, recovery, tmp)
+        logger.info(
+            "own benign answers: %s; recovery examples: %s; continuation examples: %d",
+            gen_stats,
+            rec_stats,
+            len(continuation),
+        )
+        # continuation right after recovery: the mix (and its seeded shuffle) is the one the base was built on
+        mix, unlikelihood = _write_sft_data(cfg, data, own, recovery + continuation, tmp)
 
         t0 = time.perf_counter()
         result = _train_adapter(cfg, tmp, unlikelihood, len(data.ref_held))
@@ -569,7 +582,7 @@ def _build(cfg: AlignConfig, out: Path) -> Path:
         if behaviour is not None:
             timings["eval_seconds"] = time.perf_counter() - t0
 
-        report = _report(cfg, data, splits, gen_stats, rec_stats, len(mix))
+        report = _report(cfg, data, splits, gen_stats, rec_stats, len(continuation), len(mix))
         report["training"] = _training_summary(cfg, result.metrics)
         report["heldout_behaviour"] = behaviour
         report["timings"] = {**timings, "total_seconds": time.perf_counter() - t_start}

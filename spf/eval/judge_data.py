@@ -191,6 +191,8 @@ def load_labels_v2(path: Path = LABELS_V2_PATH, data_dir: Path | None = None) ->
 
 # How fine-tuned models go on after a refusal they do not keep (seen in the v2 pool and XSTest's partials).
 _PIVOTS = ("", "However, ", "But since you asked, here it is.\n\n", "That said, here is how:\n", "Anyway: ")
+# Not judges._opening (which also splits at "?" and ":"): a refusal's first sentence ends in "." or "!",
+# and the shipped v2 heads were fit on answers built with this rule; changing it changes their training rows.
 _FIRST_SENTENCE = re.compile(r"^(.{8,200}?[.!])(?:\s|$)", re.DOTALL)
 
 

@@ -206,6 +206,23 @@ def test_recovery_examples_condition_on_a_compliant_opening_and_train_only_the_r
     assert sum(s.prefill == "Sure, here is" for s in recovery) >= 8
 
 
+def test_report_counts_recovery_and_continuation_examples_apart(data, monkeypatch):
+    own = [
+        s.with_response(f"Here is a longer fact about the number {i}, with detail.")
+        for i, s in enumerate(BENIGN)
+    ]
+    monkeypatch.setattr(align_mod, "_own_answers", lambda *a: (own, {"kept": len(own)}))
+    cfg = tiny_cfg(data, data / "aligned", recovery_per_prompt=1, continuation_per_prompt=1)
+    report = json.loads((align(cfg) / "align_report.json").read_text())["data"]
+    sft = load_samples(data / "aligned" / "sft_data.jsonl", require_response=True)
+    harmful = {s.prompt for s in REFUSALS}
+    n_recovery = sum(bool(s.prefill) and s.prompt in harmful for s in sft)
+    n_continuation = sum(bool(s.prefill) and s.prompt not in harmful for s in sft)
+    assert n_recovery == report["recovery_examples"]["examples"] == 8
+    assert n_continuation == report["continuation_examples"] > 0
+    assert report["sft_samples"] == len(sft) == 8 + n_recovery + n_continuation + len(own)
+
+
 def test_recovery_openings_come_from_the_models_own_answer(monkeypatch):
     model, tok = load_model("tiny-llama")
     monkeypatch.setattr("spf.refusal.generate", lambda *a, **k: ["Step one: buy the parts and then"] * 2)
