@@ -33,25 +33,33 @@ from spf.models import load_finetuned, load_model
 
 def dev_prompts(root: Path) -> list[dict]:
     """``{prompt, prompt_source, prompt_ref, harmful_request}`` for every dev prompt."""
+    return role_prompts(root, "dev")
+
+
+def role_prompts(root: Path, role: str) -> list[dict]:
+    """Every prompt of one role (``dev`` or ``test``); SST-2-format sentences only for ``dev`` (the bench
+    scores utility rows, it does not generate answers to them)."""
     out = []
     with open(root / "safety/advbench_behaviors.csv", encoding="utf-8", newline="") as fh:
-        dev = role_ids("advbench", "dev")
+        dev = role_ids("advbench", role)
         for row in csv.DictReader(fh):
             if row["BehaviorID"] in dev:
                 out.append(_p(row["Behavior"], "advbench", row["BehaviorID"], True))
     with open(root / "xstest/xstest_prompts.csv", encoding="utf-8", newline="") as fh:
-        safe, unsafe = role_ids("xstest-safe", "dev"), role_ids("xstest-unsafe", "dev")
+        safe, unsafe = role_ids("xstest-safe", role), role_ids("xstest-unsafe", role)
         for row in csv.DictReader(fh):
             if row["id"] in safe | unsafe:
                 out.append(_p(row["prompt"], f"xstest-{row['label']}", row["id"], row["id"] in unsafe))
     for i, line in enumerate((PACKAGE_DATA / "heldout_harmful.jsonl").read_text().splitlines()):
         rec = json.loads(line)
-        if rec["split"] == "dev":
+        if rec["split"] == role:
             out.append(_p(rec["prompt"], "ours-harmful", str(i), True))
     over = (PACKAGE_DATA / "overrefusal_prompts.jsonl").read_text().splitlines()
-    for i in load_splits()["ours"]["overrefusal_prompts"]["dev"]:
+    for i in load_splits()["ours"]["overrefusal_prompts"][role]:
         out.append(_p(json.loads(over[i])["prompt"], "ours-overrefusal", str(i), False))
-    for i, line in enumerate((PACKAGE_DATA / "sentiment_dev.jsonl").read_text().splitlines()[:30]):
+    for i, line in enumerate(
+        (PACKAGE_DATA / "sentiment_dev.jsonl").read_text().splitlines()[:30] * (role == "dev")
+    ):
         out.append(_p(json.loads(line)["prompt"], "ours-sentiment", str(i), False))
     return out
 
