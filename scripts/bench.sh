@@ -3,7 +3,7 @@
 # SmolLM2 (5 training seeds per cell, each along an exposure curve), then docs/results.md — tables, paired
 # tests, exposure curves — regenerated from the cells' JSON.
 #   bash scripts/bench.sh [bench/cpu.yaml] [extra `spf bench run` flags, e.g. --only spf@ vanilla@ --lanes 1]
-# The primary comparison first (about 9 h of bench/cpu.yaml on 2 lanes; its header has the full estimate):
+# The primary comparison first (about 9 h of bench/cpu.yaml on 2 lanes, 5 seeds; its header has the estimate):
 #   bash scripts/bench.sh bench/cpu.yaml --only ref: vanilla@mix10 spf@mix10
 # Makes the aligned base first when the benchmark's `aligned` folder is missing: the shipped recipe (the
 # `align` section of params.yaml, the README pipeline's base) built into runs/bench_base with 2 threads —
@@ -16,7 +16,7 @@ config=${1:-bench/cpu.yaml}
 shift || true
 aligned=$(python -c "import sys; from spf.bench.config import load_bench_config; print(load_bench_config(sys.argv[1]).aligned)" "$config")
 if [[ "$aligned" == runs/bench_base/aligned && ! -f "$aligned/model.safetensors" ]]; then
-  echo "aligned base $aligned missing: building it (spf align --params params.yaml, ~25 min on 2 CPU cores)"
+  echo "aligned base $aligned missing: building it (spf align --params params.yaml, ~30 min on 2 quiet CPU cores)"
   python -m spf align --params params.yaml -S runtime.workdir=runs/bench_base -S runtime.threads=2
 fi
 start=$(date +%s)

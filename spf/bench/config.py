@@ -45,6 +45,7 @@ __all__ = [
     "cell_steps",
     "cells",
     "load_bench_config",
+    "point_suites",
     "record_is_current",
     "repo_path",
     "seed_dir",
@@ -107,6 +108,9 @@ class EvalSpec:
     XSTest and our own held-out sets) of one ``split``, the same prompts for every cell and seed."""
 
     suites: list[str] = field(default_factory=lambda: list(SUITES))
+    # the suites evaluated at the exposure curve's EARLIER points (the last point runs every suite); None =
+    # every suite everywhere. One point of all suites is ~16 min of one core here, the harmful suite ~7.
+    curve_suites: list[str] | None = None
     # prompts per SOURCE of each suite (a sample seeded by the benchmark's fixed `seed`; None = all of
     # them); utility: rows per utility data set
     limits: dict[str, int | None] = field(
@@ -240,6 +244,12 @@ def _check(cfg: BenchConfig) -> None:
         if s not in SUITES:
             raise BenchConfigError(
                 f"{where}: eval.suites[{i}]: unknown suite {shown(s)}; known: {', '.join(SUITES)}"
+            )
+    for i, s in enumerate(cfg.eval.curve_suites or []):
+        if s not in cfg.eval.suites:
+            raise BenchConfigError(
+                f"{where}: eval.curve_suites[{i}]: {shown(s)} is not one of eval.suites "
+                f"({', '.join(cfg.eval.suites)})"
             )
     for name, spec in cfg.scenarios.items():
         _check_scenario(f"{where}: scenarios.{name}", spec)
@@ -422,6 +432,13 @@ def system_prompt_scenarios(cfg: BenchConfig) -> list[str]:
     """Scenarios evaluated under their own system prompt; the reference models are evaluated under each
     of them too, so that a method is compared with the aligned base on the same conversations."""
     return [name for name, spec in cfg.scenarios.items() if spec.system_prompt_eval]
+
+
+def point_suites(cfg: BenchConfig, step: int, steps: list[int]) -> list[str]:
+    """The suites one evaluation point of a curve runs: all of them at its last step, else curve_suites."""
+    if step == steps[-1] or cfg.eval.curve_suites is None:
+        return list(cfg.eval.suites)
+    return [s for s in cfg.eval.suites if s in cfg.eval.curve_suites]
 
 
 def cell_steps(cfg: BenchConfig, cell: Cell) -> list[int]:

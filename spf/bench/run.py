@@ -49,6 +49,7 @@ from spf.bench.config import (
     cell_steps,
     cells,
     load_bench_config,
+    point_suites,
     record_is_current,
     repo_path,
     seed_dir,
@@ -301,12 +302,14 @@ def _eval_available(
     return keep is not None and keep.restore_eval(out) and _eval_is_current(out, model, adapter, kw)
 
 
-def _evals_done(cfg: BenchConfig, folder: Path, model: str, adapter: Path, system: str | None) -> bool:
+def _evals_done(
+    cfg: BenchConfig, folder: Path, model: str, adapter: Path, system: str | None, suites: list[str]
+) -> bool:
     """Every suite of one evaluation point is finished here or in the kept copy (restored if so)."""
     keep = _keep(cfg)
     return all(
         _eval_available(keep, folder / suite, model, adapter, _eval_kwargs(cfg, suite, system))
-        for suite in cfg.eval.suites
+        for suite in suites
     )
 
 
@@ -335,21 +338,26 @@ def _kept_seed(
     for step in steps:
         output = out if step == steps[-1] else snapshot_dir(out, step)
         point = seed_dir(cfg, cell, seed) / "eval" / f"step-{step}"
-        if not _evals_done(cfg, point, cfg.aligned, output, system):
+        if not _evals_done(cfg, point, cfg.aligned, output, system, point_suites(cfg, step, steps)):
             return None
     return tcfg, kept["metrics"]
 
 
 def _evaluate(
-    cfg: BenchConfig, folder: Path, model: str, adapter: Path | None, system_prompt: str | None
+    cfg: BenchConfig,
+    folder: Path,
+    model: str,
+    adapter: Path | None,
+    system_prompt: str | None,
+    suites: list[str] | None = None,
 ) -> dict[str, tuple[dict[str, Any], SuiteVerdicts]]:
-    """Every configured suite of one model (a fine-tune output, a reference), each in its own folder (a
-    finished suite is not re-run on resume): ``{suite entry: (result, per-prompt verdicts)}``."""
+    """The ``suites`` (None = every configured one) of one model (a fine-tune output, a reference), each in
+    its own folder (a finished suite is not re-run on resume): ``{suite entry: (result, verdicts)}``."""
     from spf.eval.suites import run_eval
 
     got: dict[str, tuple[dict[str, Any], SuiteVerdicts]] = {}
     keep = _keep(cfg)
-    for suite in cfg.eval.suites:
+    for suite in cfg.eval.suites if suites is None else suites:
         out, kw = folder / suite, _eval_kwargs(cfg, suite, system_prompt)
         if not _eval_available(keep, out, model, adapter, kw):
             run_eval(model, out, [suite], adapter=adapter, device=cfg.device, **kw)
@@ -481,7 +489,8 @@ def _run_training_cell(cfg: BenchConfig, cell: Cell, record: dict[str, Any]) -> 
         for step in steps:
             output = out if step == steps[-1] else snapshot_dir(out, step)
             folder = seed_dir(cfg, cell, seed) / "eval" / f"step-{step}"
-            evals[step][seed] = _evaluate(cfg, folder, cfg.aligned, output, system)
+            suites = point_suites(cfg, step, steps)
+            evals[step][seed] = _evaluate(cfg, folder, cfg.aligned, output, system, suites)
     record["system_prompt"] = system
     record["train"] = _pooled_summary([m["summary"] for m in metrics.values()])
     record["train_by_seed"] = {str(s): m["summary"] for s, m in metrics.items()}

@@ -139,6 +139,7 @@ def test_subspace_key_depends_on_every_field():
         ({"scenarios": {"sst2": {"kind": "sst2", "eval_steps": [0, 2]}}}, "scenarios.sst2.eval_steps"),
         ({"scenarios": {"sst2": {"kind": "sst2", "steps": 3, "eval_steps": [2, 5]}}}, "beyond steps 3"),
         ({"eval": {"split": "validation"}}, "eval.split: must be dev or test"),
+        ({"eval": {"suites": ["harmful"], "curve_suites": ["utility"]}}, "eval.curve_suites[0]"),
         ({"noninferiority_margin": 0}, "noninferiority_margin: must be in (0, 1)"),
     ],
 )
@@ -426,6 +427,39 @@ def test_rerunning_a_cell_with_one_seed_finished_does_not_retrain_it(seeded, tmp
     assert not cell_done(cfg3, van)
     assert run_cell(cfg3, van)["seeds"] == [0, 1, 2] and seeds_trained == [1, 2]
     assert finished.stat().st_mtime_ns == stamp
+
+
+def test_curve_suites_run_at_the_earlier_points_and_every_suite_at_the_last(
+    tmp_path, shared_data, monkeypatch
+):
+    import spf.training.loop
+
+    over = {"seeds": [0], "scenarios": {"sst2": {"kind": "sst2", "eval_steps": [1, 2]}}, "ablations": []}
+    curve = {**over, "eval": {**yaml.safe_load(_tiny(tmp_path, shared_data).read_text())["eval"]}}
+    curve["eval"]["curve_suites"] = ["harmful"]
+    for sub in ("a", "b"):
+        (tmp_path / sub).mkdir()
+    cfg = _prepared(tmp_path / "a", shared_data, **curve)
+    van = next(c for c in cells(cfg) if c.id == "vanilla@sst2")
+    rec = run_cell(cfg, van)
+    points = cfg.work_dir / "cells" / "vanilla__sst2" / "seed-0" / "eval"
+    assert sorted(p.name for p in (points / "step-1").iterdir()) == ["harmful"]
+    assert sorted(p.name for p in (points / "step-2").iterdir()) == ["harmful", "utility"]
+    assert set(rec["curve"][0]["suites"]) == {"harmful"} and set(rec["verdicts"]["1"]) == {"harmful"}
+    assert {"harmful", "utility"} <= set(rec["suites"]) and cell_done(cfg, van)
+    write_report(cfg)  # an earlier point without every suite still renders (curve plot, paired tests)
+
+    # a seed evaluated on every suite everywhere (an earlier configuration) serves the narrower one as it
+    # is: nothing is trained or evaluated again, and the extra suites are left out of the record
+    full = _prepared(tmp_path / "b", shared_data, **over)
+    van = next(c for c in cells(full) if c.id == "vanilla@sst2")
+    assert {"harmful", "utility"} <= set(run_cell(full, van)["curve"][0]["suites"])
+    (full.work_dir / "cells" / "vanilla__sst2" / "cell.json").unlink()
+    narrow = load_bench_config(_tiny(tmp_path / "b", shared_data, **{**curve, "work": str(full.work_dir)}))
+    trained = []
+    monkeypatch.setattr(spf.training.loop, "train", lambda tcfg, callback=None: trained.append(tcfg))
+    rec = run_cell(narrow, van)
+    assert trained == [] and set(rec["curve"][0]["suites"]) == {"harmful"}
 
 
 def test_a_training_prompt_among_the_evaluation_prompts_is_refused(tmp_path, shared_data):
