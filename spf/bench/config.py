@@ -170,6 +170,8 @@ class BenchConfig:
     matrix: dict[str, list[str]] = field(default_factory=dict)  # {methods: [...], scenarios: [...]}
     ablations: list[AblationSpec] = field(default_factory=list)
     source: str = ""  # the YAML file this came from
+    # the file's own `seeds` when a command ran a subset of them (`--seeds`: an interim run), else None
+    file_seeds: list[int] | None = None
 
     @property
     def work_dir(self) -> Path:
@@ -210,8 +212,9 @@ def _typed(cls, raw: Any, where: str):
         raise BenchConfigError(f"{where}: {exc}") from None
 
 
-def load_bench_config(path: str | Path) -> BenchConfig:
-    """Read and check a benchmark YAML; every error names the file and the key."""
+def load_bench_config(path: str | Path, *, seeds: list[int] | None = None) -> BenchConfig:
+    """Read and check a benchmark YAML; every error names the file and the key. ``seeds``: run only these
+    of the file's training seeds (an interim result while the rest are still to run)."""
     path = Path(path)
     if not path.exists():
         raise BenchConfigError(f"{path}: benchmark file not found")
@@ -235,7 +238,20 @@ def load_bench_config(path: str | Path) -> BenchConfig:
     raw["source"] = str(path)
     cfg = _typed(BenchConfig, raw, str(path))
     _check(cfg)
+    if seeds is not None:
+        _select_seeds(cfg, seeds)
     return cfg
+
+
+def _select_seeds(cfg: BenchConfig, seeds: list[int]) -> None:
+    mine = seed_list(cfg)
+    if not seeds or len(set(seeds)) != len(seeds) or not set(seeds) <= set(mine):
+        raise BenchConfigError(
+            f"{cfg.source}: --seeds {' '.join(map(str, seeds))}: must be distinct seeds of the file's "
+            f"seeds ({', '.join(map(str, mine))})"
+        )
+    if list(seeds) != mine:
+        cfg.file_seeds, cfg.seeds = mine, list(seeds)
 
 
 def _check(cfg: BenchConfig) -> None:

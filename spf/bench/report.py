@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from spf.bench.compare import final_noninferiority, paired_section
-from spf.bench.config import BenchConfig, cell_dir, cells, seed_list
+from spf.bench.config import BenchConfig, cell_dir, cells, record_is_current, seed_list
 from spf.bench.keep import Keep
 from spf.bench.verdicts import CI_METHOD
 from spf.io import atomic_path, save_json
@@ -47,7 +47,10 @@ def collect(cfg: BenchConfig) -> dict[str, Any]:
             record = json.loads(path.read_text())
         else:  # a fresh work folder: the kept copy, if any
             record = None if keep is None else keep.load_json(path)
-        if record is not None:
+        if record is not None and not record_is_current(cfg, c, record):
+            # e.g. a cell of fewer seeds than this run asks for: its numbers would pass for these seeds'
+            logger.warning("%s: %s is not of this configuration (seeds, curve, suites): left out", c.id, path)
+        elif record is not None:
             found[c.id] = record
             _share_ids(found[c.id], ids)
     data: dict[str, Any] = {
@@ -55,6 +58,7 @@ def collect(cfg: BenchConfig) -> dict[str, Any]:
         "config": cfg.source,
         "aligned": cfg.aligned,
         "seeds": seed_list(cfg),
+        "file_seeds": cfg.file_seeds,  # the file's seeds when this is an interim run of a subset, else None
         "cells": found,
         "prompt_ids": ids,
     }
@@ -213,10 +217,20 @@ def _table_head(suites: list[str]) -> tuple[str, str]:
 
 def _intro(cfg: BenchConfig) -> list[str]:
     seeds, e = seed_list(cfg), cfg.eval
+    interim, flag = [], ""
+    if cfg.file_seeds is not None:
+        flag = f" --seeds {' '.join(map(str, seeds))}"
+        interim = [
+            f"**Interim result: {len(seeds)} of the {len(cfg.file_seeds)} training seeds the benchmark file "
+            f"asks for** ({', '.join(map(str, cfg.file_seeds))}); the other seeds are still to run.",
+            "",
+        ]
     return [
         f"# Benchmark results: {cfg.name}",
         "",
-        f"Produced by `spf bench run {cfg.source} && spf bench report {cfg.source}`; every number below is read "
+        *interim,
+        f"Produced by `spf bench run {cfg.source}{flag} && spf bench report {cfg.source}{flag}`; every number "
+        "below is read "
         f"from `{cfg.work_dir}/cells/*/cell.json` (collected in `{report_folder(cfg)}/bench.json`). "
         f"Aligned base `{cfg.aligned}`; every training cell is run with {len(seeds)} training seed(s) "
         f"({', '.join(map(str, seeds))}: data order and LoRA init) and evaluated at every step of its "

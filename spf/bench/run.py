@@ -558,11 +558,12 @@ def _run_cell(cfg: BenchConfig, cell: Cell, folder: Path) -> dict[str, Any]:
     return record
 
 
-def _run_child(cfg_path: str, cell: Cell, log_dir: Path) -> tuple[str, int]:
+def _run_child(cfg: BenchConfig, cell: Cell, log_dir: Path) -> tuple[str, int]:
     # each cell in its own process: its peak memory is its own, and a crash fails that cell only
     log_dir.mkdir(parents=True, exist_ok=True)
+    seeds = [] if cfg.file_seeds is None else ["--seeds", *map(str, seed_list(cfg))]
     log = log_dir / f"{cell.dirname}.log"
-    cmd = [sys.executable, "-m", "spf", "bench", "cell", cfg_path, cell.id]
+    cmd = [sys.executable, "-m", "spf", "bench", "cell", cfg.source, cell.id, *seeds]
     with log.open("a", encoding="utf-8") as fh:
         rc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, check=False).returncode
     return cell.id, rc
@@ -585,7 +586,7 @@ def _run_pending(cfg: BenchConfig, todo: list[Cell], lanes: int | None) -> dict[
     logger.info("%d cells, %d pending, %d lanes", len(todo), len(pending), lanes or cfg.lanes)
     codes: dict[str, int] = {}
     with ThreadPoolExecutor(max_workers=lanes or cfg.lanes) as pool:
-        for cell_id, rc in pool.map(lambda c: _run_child(cfg.source, c, cfg.work_dir / "logs"), pending):
+        for cell_id, rc in pool.map(lambda c: _run_child(cfg, c, cfg.work_dir / "logs"), pending):
             codes[cell_id] = rc
             print(f"{cell_id}: {'done' if rc == 0 else f'FAILED (exit {rc}), see logs'}", flush=True)
     return codes

@@ -28,6 +28,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     c.add_argument("cell")
     rep = sub.add_parser("report", help="collect the finished cells into the report")
     rep.add_argument("config")
+    for p in (r, c, rep):
+        p.add_argument(
+            "--seeds",
+            type=int,
+            nargs="+",
+            default=None,
+            help="only these of the file's training seeds: an interim result (the report says so)",
+        )
     ls = sub.add_parser("list", help="list the cells and whether each is done")
     ls.add_argument("config")
 
@@ -39,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     from spf.bench.run import run_bench, run_cell
 
     try:
-        cfg = load_bench_config(args.config)
+        cfg = load_bench_config(args.config, seeds=getattr(args, "seeds", None))
     except BenchConfigError as exc:
         print(f"spf: error: {exc}", file=sys.stderr)
         return 2

@@ -462,6 +462,30 @@ def test_curve_suites_run_at_the_earlier_points_and_every_suite_at_the_last(
     assert trained == [] and set(rec["curve"][0]["suites"]) == {"harmful"}
 
 
+def test_an_interim_run_of_some_seeds_is_reported_as_interim_and_only_for_those_seeds(
+    tmp_path, shared_data, capsys
+):
+    path = _tiny(tmp_path, shared_data, seeds=[0, 1], ablations=[])
+    with pytest.raises(BenchConfigError, match=r"--seeds 0 7: must be distinct seeds of the file's"):
+        load_bench_config(path, seeds=[0, 7])
+    # the cell runs in its own process: the seed subset reaches it (one seed trained, not two)
+    assert spf_main(["bench", "run", str(path), "--only", "vanilla@sst2", "--seeds", "0"]) == 0
+    folder = tmp_path / "work" / "cells" / "vanilla__sst2"
+    assert json.loads((folder / "cell.json").read_text())["seeds"] == [0]
+    assert not (folder / "seed-1").exists()
+    assert spf_main(["bench", "report", str(path), "--seeds", "0"]) == 0
+    report = (tmp_path / "docs" / "results.md").read_text()
+    assert "Interim result: 1 of the 2 training seeds" in report and "--seeds 0 &&" in report
+    assert "| vanilla |" in report and "n=6×1" in report
+    bench = json.loads((tmp_path / "docs" / "results" / "bench" / "bench.json").read_text())
+    assert bench["seeds"] == [0] and bench["file_seeds"] == [0, 1] and "vanilla@sst2" in bench["cells"]
+    # the full report leaves the one-seed cell out rather than pass it off as the file's two seeds
+    assert spf_main(["bench", "report", str(path)]) == 0
+    bench = json.loads((tmp_path / "docs" / "results" / "bench" / "bench.json").read_text())
+    assert "vanilla@sst2" not in bench["cells"] and bench["file_seeds"] is None
+    assert "Interim" not in (tmp_path / "docs" / "results.md").read_text()
+
+
 def test_a_training_prompt_among_the_evaluation_prompts_is_refused(tmp_path, shared_data):
     from spf.data.samples import ChatSample, save_samples
     from spf.eval.prompts import harmful_sources
