@@ -525,13 +525,26 @@ def run_cell(cfg: BenchConfig, cell: Cell) -> dict[str, Any]:
         return _run_cell(cfg, cell, folder)
 
 
+def _finished_record(cfg: BenchConfig, cell: Cell, done: Path) -> dict[str, Any] | None:
+    """The cell's current ``cell.json`` from the work folder, else from the kept copy (restored as it is,
+    so its timings stay those of the run that computed it); None = run the cell."""
+    keep = _keep(cfg)
+    here = json.loads(done.read_text()) if done.is_file() else None
+    for record in (here, None if keep is None else keep.load_json(done)):
+        if record is not None and record_is_current(cfg, cell, record):
+            if record is not here:
+                save_json(record, done)
+            return record
+    if here is not None:
+        logger.info("%s: cell.json is of other seeds or steps: completing it", cell.id)
+    return None
+
+
 def _run_cell(cfg: BenchConfig, cell: Cell, folder: Path) -> dict[str, Any]:
     done = folder / "cell.json"
-    if done.is_file():
-        old = json.loads(done.read_text())
-        if record_is_current(cfg, cell, old):
-            return old
-        logger.info("%s: cell.json is of other seeds or steps: completing it", cell.id)
+    finished = _finished_record(cfg, cell, done)
+    if finished is not None:
+        return finished
     record: dict[str, Any] = {
         "id": cell.id,
         "group": cell.group,

@@ -54,6 +54,10 @@ def test_a_fresh_work_folder_is_filled_from_the_kept_copy_without_retraining(
     again = run_cell(cfg, _cell(cfg, "vanilla@sst2"))
     assert again["verdicts"] == first["verdicts"] and again["suites"] == first["suites"]
     assert again["seeds"] == [0, 1] and again["train_by_seed"] == first["train_by_seed"]
+    # a finished cell comes back as it was kept: its timings are the run that computed it, not the restore
+    assert (again["total_seconds"], again["peak_rss_mb"]) == (first["total_seconds"], first["peak_rss_mb"])
+    kept_cell = keep / "cells" / "vanilla__sst2" / "cell.json"
+    assert json.loads(kept_cell.read_text())["total_seconds"] == first["total_seconds"]
 
 
 def test_a_seed_with_a_missing_kept_evaluation_is_retrained_and_only_it(tmp_path, shared_data, monkeypatch):
