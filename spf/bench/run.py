@@ -10,8 +10,8 @@ one continues from its last finished seed and suite.
 Protocol: a training cell runs once per training seed (``seeds``: data order and LoRA init), each to the
 last step of its scenario's exposure curve (``eval_steps``) with a snapshot at every other point; every
 point of every seed is evaluated on the project's protocol prompts (``eval.split`` of AdvBench, XSTest and
-our own held-out sets), sampled with the benchmark's fixed ``seed``, so verdicts pair prompt by prompt
-across seeds and cells. ``cell.json`` holds the rates pooled over seeds (``suites``, ``curve``) and the
+our own held-out sets; the earlier points on ``eval.curve_suites`` only, the last on every suite), sampled
+with the benchmark's fixed ``seed``, so verdicts pair prompt by prompt across seeds and cells. ``cell.json`` holds the rates pooled over seeds (``suites``, ``curve``) and the
 per-prompt verdicts (``verdicts``) that the report's paired tests read. ``spf bench report``
 (:mod:`spf.bench.report`) collects every ``cell.json`` into ``bench.json`` and writes the markdown report
 with its plots.
