@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from spf.bench.config import BenchConfig
+from spf.bench.config import BenchConfig, point_suites
 from spf.eval.paired import holm, mcnemar, noninferiority, paired_bootstrap
 
 logger = logging.getLogger(__name__)
@@ -112,7 +112,9 @@ def _scenario_rows(cfg: BenchConfig, got: dict[str, Any], scenario: str) -> list
         for method, rec in recs.items():
             others = [("vanilla", got.get(f"vanilla@{scenario}"), step, False)] if method != "vanilla" else []
             for against, other, at, ref in [*others, (BASE, base, 0, True)]:
-                for suite in suites:
+                # the point's own suites: a record with more at an earlier point (an older curve_suites)
+                # must not change the family's size
+                for suite in [s for s in suites if s in point_suites(cfg, step, rec.get("steps") or [step])]:
                     a, b = _outcomes(rec, step, suite), _outcomes(other, at, suite)
                     pair = _arrays(a, b, ref) if a and b else None
                     if pair is not None:

@@ -44,6 +44,7 @@ __all__ = [
     "cell_done",
     "cell_steps",
     "cells",
+    "eval_record",
     "load_bench_config",
     "point_suites",
     "record_is_current",
@@ -250,8 +251,9 @@ def _select_seeds(cfg: BenchConfig, seeds: list[int]) -> None:
             f"{cfg.source}: --seeds {' '.join(map(str, seeds))}: must be distinct seeds of the file's "
             f"seeds ({', '.join(map(str, mine))})"
         )
-    if list(seeds) != mine:
-        cfg.file_seeds, cfg.seeds = mine, list(seeds)
+    chosen = [s for s in mine if s in set(seeds)]  # the file's order: records compare seed lists as lists
+    if chosen != mine:
+        cfg.file_seeds, cfg.seeds = mine, chosen
 
 
 def _check(cfg: BenchConfig) -> None:
@@ -261,7 +263,13 @@ def _check(cfg: BenchConfig) -> None:
             raise BenchConfigError(
                 f"{where}: eval.suites[{i}]: unknown suite {shown(s)}; known: {', '.join(SUITES)}"
             )
-    for i, s in enumerate(cfg.eval.curve_suites or []):
+    curve = cfg.eval.curve_suites
+    if curve is not None and (not curve or ("harmful" in cfg.eval.suites and "harmful" not in curve)):
+        raise BenchConfigError(
+            f"{where}: eval.curve_suites: must name the harmful suite (the exposure curve is its rate), "
+            f"got {shown(curve)}"
+        )
+    for i, s in enumerate(curve or []):
         if s not in cfg.eval.suites:
             raise BenchConfigError(
                 f"{where}: eval.curve_suites[{i}]: {shown(s)} is not one of eval.suites "
@@ -478,15 +486,45 @@ def cell_steps(cfg: BenchConfig, cell: Cell) -> list[int]:
     return [s for s in curve if s < final] + [final]
 
 
+def eval_record(cfg: BenchConfig) -> dict[str, Any]:
+    """The evaluation settings a ``cell.json`` records (``eval``): its verdicts answer only these."""
+    e = cfg.eval
+    return {"split": e.split, "limits": e.limits, "judge": e.judge, "seed": cfg.seed}
+
+
 def record_is_current(cfg: BenchConfig, cell: Cell, record: dict[str, Any]) -> bool:
-    """Whether a finished ``cell.json`` answers this configuration: every suite, the same seeds and curve (a
-    training cell), every system prompt the comparisons need (a reference). A stale one is completed; the
-    seeds and suites already finished are kept."""
+    """Whether a finished ``cell.json`` answers this configuration: every suite, the same evaluation
+    settings; a training cell also the same seeds, curve (each point's suites) and training configuration;
+    a reference every system prompt the comparisons need. A stale one is completed from the finished (or
+    kept) seeds and suites that still answer it."""
     if not set(cfg.eval.suites) <= set(record.get("suites") or {}):
         return False  # a suite added to the file since
+    if json.loads(json.dumps(record.get("eval"))) != json.loads(json.dumps(eval_record(cfg))):
+        return False
     if cell.kind == "reference":
         return set(record.get("system_prompts", {})) == set(system_prompt_scenarios(cfg))
-    return record.get("seeds") == seed_list(cfg) and record.get("steps") == cell_steps(cfg, cell)
+    steps = cell_steps(cfg, cell)
+    if record.get("seeds") != seed_list(cfg) or record.get("steps") != steps:
+        return False
+    for point in record.get("curve") or []:
+        have = {k.split(".")[0] for k in point.get("suites") or {}}
+        if not set(point_suites(cfg, point["step"], steps)) <= have:
+            return False  # curve_suites widened since
+    return _same_training(cfg, cell, record.get("train_config"))
+
+
+def _same_training(cfg: BenchConfig, cell: Cell, recorded: dict[str, Any] | None) -> bool:
+    from spf.training.checkpoint import result_key
+
+    if recorded is None:
+        return False
+    seed = seed_list(cfg)[0]
+    want = train_config(cfg, cell, seed_dir(cfg, cell, seed), seed).to_dict()
+
+    def norm(d: dict[str, Any]) -> Any:
+        return json.loads(json.dumps(result_key(d), default=str))
+
+    return norm(want) == norm(recorded)
 
 
 def cell_done(cfg: BenchConfig, cell: Cell) -> bool:

@@ -48,6 +48,7 @@ from spf.bench.config import (
     cell_done,
     cell_steps,
     cells,
+    eval_record,
     load_bench_config,
     point_suites,
     record_is_current,
@@ -550,12 +551,7 @@ def _run_cell(cfg: BenchConfig, cell: Cell, folder: Path) -> dict[str, Any]:
         "group": cell.group,
         "method": cell.method,
         "scenario": cell.scenario,
-        "eval": {
-            "split": cfg.eval.split,
-            "limits": cfg.eval.limits,
-            "judge": cfg.eval.judge,
-            "seed": cfg.seed,
-        },
+        "eval": eval_record(cfg),
     }
     t0 = time.perf_counter()
     if cell.kind == "train":
@@ -566,7 +562,9 @@ def _run_cell(cfg: BenchConfig, cell: Cell, folder: Path) -> dict[str, Any]:
     record["peak_rss_mb"] = _peak_rss_mb()
     save_json(record, done)
     keep = _keep(cfg)
-    if keep is not None:
+    if keep is not None and cfg.file_seeds is None:
+        # an interim record (some seeds) is not kept: it would replace a kept one of every seed, whose
+        # timings a later restore cannot rebuild; its seeds' evaluations are kept one by one anyway
         keep.save_json(record, done)
     return record
 

@@ -28,7 +28,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     c.add_argument("cell")
     rep = sub.add_parser("report", help="collect the finished cells into the report")
     rep.add_argument("config")
-    for p in (r, c, rep):
+    ls = sub.add_parser("list", help="list the cells and whether each is done")
+    ls.add_argument("config")
+    for p in (r, c, rep, ls):
         p.add_argument(
             "--seeds",
             type=int,
@@ -36,8 +38,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             default=None,
             help="only these of the file's training seeds: an interim result (the report says so)",
         )
-    ls = sub.add_parser("list", help="list the cells and whether each is done")
-    ls.add_argument("config")
 
 
 def run(args: argparse.Namespace) -> int:

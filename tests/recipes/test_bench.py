@@ -139,7 +139,9 @@ def test_subspace_key_depends_on_every_field():
         ({"scenarios": {"sst2": {"kind": "sst2", "eval_steps": [0, 2]}}}, "scenarios.sst2.eval_steps"),
         ({"scenarios": {"sst2": {"kind": "sst2", "steps": 3, "eval_steps": [2, 5]}}}, "beyond steps 3"),
         ({"eval": {"split": "validation"}}, "eval.split: must be dev or test"),
-        ({"eval": {"suites": ["harmful"], "curve_suites": ["utility"]}}, "eval.curve_suites[0]"),
+        ({"eval": {"suites": ["harmful", "utility"], "curve_suites": ["utility"]}}, "eval.curve_suites"),
+        ({"eval": {"suites": ["utility"], "curve_suites": ["harmful"]}}, "eval.curve_suites[0]"),
+        ({"eval": {"curve_suites": []}}, "eval.curve_suites: must name the harmful suite"),
         ({"noninferiority_margin": 0}, "noninferiority_margin: must be in (0, 1)"),
     ],
 )
@@ -429,50 +431,108 @@ def test_rerunning_a_cell_with_one_seed_finished_does_not_retrain_it(seeded, tmp
     assert finished.stat().st_mtime_ns == stamp
 
 
-def test_curve_suites_run_at_the_earlier_points_and_every_suite_at_the_last(
-    tmp_path, shared_data, monkeypatch
-):
-    import spf.training.loop
+def _curve_configs(tmp_path: Path, shared: Path, **over) -> tuple[dict, dict]:
+    """(every suite at every point, harmful only at the earlier points) of one tiny two-point benchmark."""
+    ev = yaml.safe_load(_tiny(tmp_path, shared).read_text())["eval"]
+    ev = {**ev, "suites": ["harmful", "prefill", "utility"], "limits": {**ev["limits"], "prefill": 1}}
+    full = {"seeds": [0], "scenarios": {"sst2": {"kind": "sst2", "eval_steps": [1, 2]}}, "ablations": []}
+    full.update(over, eval=ev)
+    return full, {**full, "eval": {**ev, "curve_suites": ["harmful"]}}
 
-    over = {"seeds": [0], "scenarios": {"sst2": {"kind": "sst2", "eval_steps": [1, 2]}}, "ablations": []}
-    curve = {**over, "eval": {**yaml.safe_load(_tiny(tmp_path, shared_data).read_text())["eval"]}}
-    curve["eval"]["curve_suites"] = ["harmful"]
-    for sub in ("a", "b"):
-        (tmp_path / sub).mkdir()
-    cfg = _prepared(tmp_path / "a", shared_data, **curve)
-    van = next(c for c in cells(cfg) if c.id == "vanilla@sst2")
-    rec = run_cell(cfg, van)
+
+def test_curve_suites_run_at_the_earlier_points_and_every_suite_at_the_last(tmp_path, shared_data):
+    from spf.bench.compare import paired_rows
+    from spf.bench.report import collect
+
+    _, curve = _curve_configs(tmp_path, shared_data)
+    cfg = _prepared(tmp_path, shared_data, **curve)
+    got = {c.id: run_cell(cfg, c) for c in cells(cfg) if c.id in ("ref:aligned", "vanilla@sst2", "spf@sst2")}
     points = cfg.work_dir / "cells" / "vanilla__sst2" / "seed-0" / "eval"
     assert sorted(p.name for p in (points / "step-1").iterdir()) == ["harmful"]
-    assert sorted(p.name for p in (points / "step-2").iterdir()) == ["harmful", "utility"]
+    assert sorted(p.name for p in (points / "step-2").iterdir()) == ["harmful", "prefill", "utility"]
+    rec = got["vanilla@sst2"]
     assert set(rec["curve"][0]["suites"]) == {"harmful"} and set(rec["verdicts"]["1"]) == {"harmful"}
-    assert {"harmful", "utility"} <= set(rec["suites"]) and cell_done(cfg, van)
-    write_report(cfg)  # an earlier point without every suite still renders (curve plot, paired tests)
+    assert {"harmful", "utility"} <= set(rec["suites"]) and cell_done(cfg, cells(cfg)[1])
+    rows = paired_rows(cfg, collect(cfg))["sst2"]
+    assert {(r.step, r.suite) for r in rows} == {(1, "harmful"), (2, "harmful"), (2, "prefill")}
+    assert "![exposure curve: sst2]" in write_report(cfg).read_text()
+    # widening curve_suites afterwards: the record no longer answers the file (it is completed, not reused)
+    wide = load_bench_config(
+        _tiny(tmp_path, shared_data, **{**curve, "eval": {**curve["eval"], "curve_suites": None}})
+    )
+    assert not cell_done(wide, next(c for c in cells(wide) if c.id == "vanilla@sst2"))
 
-    # a seed evaluated on every suite everywhere (an earlier configuration) serves the narrower one as it
-    # is: nothing is trained or evaluated again, and the extra suites are left out of the record
-    full = _prepared(tmp_path / "b", shared_data, **over)
-    van = next(c for c in cells(full) if c.id == "vanilla@sst2")
-    assert {"harmful", "utility"} <= set(run_cell(full, van)["curve"][0]["suites"])
-    (full.work_dir / "cells" / "vanilla__sst2" / "cell.json").unlink()
-    narrow = load_bench_config(_tiny(tmp_path / "b", shared_data, **{**curve, "work": str(full.work_dir)}))
-    trained = []
-    monkeypatch.setattr(spf.training.loop, "train", lambda tcfg, callback=None: trained.append(tcfg))
-    rec = run_cell(narrow, van)
-    assert trained == [] and set(rec["curve"][0]["suites"]) == {"harmful"}
+
+def test_a_seed_kept_with_every_suite_serves_a_narrower_curve_as_it_is(tmp_path, shared_data, monkeypatch):
+    import shutil
+
+    import spf.eval.suites
+    import spf.training.loop
+    from spf.bench.compare import paired_rows
+    from spf.bench.report import collect
+
+    full, curve = _curve_configs(tmp_path, shared_data, keep=str(tmp_path / "kept"))
+    cfg = _prepared(tmp_path, shared_data, **full)
+    ids = ("ref:aligned", "vanilla@sst2", "spf@sst2")
+    assert all(
+        {"harmful", "utility"} <= set(run_cell(cfg, c)["curve"][0]["suites"])
+        for c in cells(cfg)
+        if c.id in ids
+    )
+    assert (1, "prefill") in {(r.step, r.suite) for r in paired_rows(cfg, collect(cfg))["sst2"]}
+    shutil.rmtree(cfg.work_dir)  # a later session, with the narrower curve; vanilla's cell.json was not kept
+    (tmp_path / "kept" / "cells" / "vanilla__sst2" / "cell.json").unlink()
+    narrow = _prepared(tmp_path, shared_data, **curve)
+
+    def refuse(*a, **k):
+        raise AssertionError("nothing may be trained or evaluated again")
+
+    monkeypatch.setattr(spf.training.loop, "train", refuse)
+    monkeypatch.setattr(spf.eval.suites, "run_eval", refuse)
+    recs = {c.id: run_cell(narrow, c) for c in cells(narrow) if c.id in ids}
+    # vanilla is rebuilt from its kept evaluations, the earlier point on curve_suites only; spf's kept
+    # cell.json still answers the narrower file (a superset) and comes back as it is
+    assert set(recs["vanilla@sst2"]["curve"][0]["suites"]) == {"harmful"}
+    assert {"harmful", "prefill"} <= set(recs["spf@sst2"]["curve"][0]["suites"])
+    # either way the paired tests of an earlier point are those of its own suites: the family is the same
+    rows = {(r.step, r.method, r.suite) for r in paired_rows(narrow, collect(narrow))["sst2"]}
+    assert {s for step, _, s in rows if step == 1} == {"harmful"} and (2, "spf", "prefill") in rows
+
+
+def test_a_record_of_other_evaluation_or_training_settings_is_not_current(tmp_path, shared_data):
+    from spf.bench.config import record_is_current
+
+    full, _ = _curve_configs(tmp_path, shared_data)
+    cfg = _prepared(tmp_path, shared_data, **full)
+    van = next(c for c in cells(cfg) if c.id == "vanilla@sst2")
+    rec = run_cell(cfg, van)
+    assert record_is_current(cfg, van, rec)
+    base = yaml.safe_load(_tiny(tmp_path, shared_data, **full).read_text())
+    for change in (
+        {"eval": {**base["eval"], "judge": "v2"}},
+        {"eval": {**base["eval"], "limits": {"harmful": 3, "utility": 4}}},
+        {"train": {**base["train"], "lr": 0.123}},
+        {"seed": 5},
+    ):
+        other = load_bench_config(_tiny(tmp_path, shared_data, **{**full, **change}))
+        assert not record_is_current(other, van, rec), change
 
 
 def test_an_interim_run_of_some_seeds_is_reported_as_interim_and_only_for_those_seeds(
     tmp_path, shared_data, capsys
 ):
-    path = _tiny(tmp_path, shared_data, seeds=[0, 1], ablations=[])
+    path = _tiny(tmp_path, shared_data, seeds=[0, 1], ablations=[], keep=str(tmp_path / "kept"))
     with pytest.raises(BenchConfigError, match=r"--seeds 0 7: must be distinct seeds of the file's"):
         load_bench_config(path, seeds=[0, 7])
+    assert load_bench_config(path, seeds=[1, 0]).file_seeds is None  # every seed, in any order: not interim
     # the cell runs in its own process: the seed subset reaches it (one seed trained, not two)
     assert spf_main(["bench", "run", str(path), "--only", "vanilla@sst2", "--seeds", "0"]) == 0
     folder = tmp_path / "work" / "cells" / "vanilla__sst2"
     assert json.loads((folder / "cell.json").read_text())["seeds"] == [0]
     assert not (folder / "seed-1").exists()
+    # its seed's evaluations are kept, the one-seed record is not (it would replace one of every seed)
+    kept = tmp_path / "kept" / "cells" / "vanilla__sst2"
+    assert (kept / "seed-0" / "train_metrics.json").is_file() and not (kept / "cell.json").exists()
     assert spf_main(["bench", "report", str(path), "--seeds", "0"]) == 0
     report = (tmp_path / "docs" / "results.md").read_text()
     assert "Interim result: 1 of the 2 training seeds" in report and "--seeds 0 &&" in report
