@@ -31,6 +31,21 @@ def judged(judge, rows) -> dict:
     return scores(rows, refused, harmful, known)
 
 
+def harmful_rates(rows, judges: dict) -> dict:
+    out: dict = {}
+    verdicts = {
+        name: j([r.prompt for r in rows], [r.response for r in rows], [r.harmful_request for r in rows])
+        for name, j in judges.items()
+    }
+    for i, r in enumerate(rows):
+        m = out.setdefault(r.group[3:], {"n": 0, "labelled": 0, **{name: 0 for name in judges}})
+        m["n"] += 1
+        m["labelled"] += int(r.cls == "complied" and bool(r.harmful_request))
+        for name, v in verdicts.items():
+            m[name] += int(bool(v[i].harmful))
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", required=True)
@@ -40,13 +55,16 @@ def main() -> None:
     rows = [r for r in load_labels_v2(args.labels, require_shared_data()) if r.group[3:] in args.models]
     if not rows:
         raise SystemExit(f"{args.labels}: no rows of {args.models}")
+    labels = "" if args.labels == LABELS_V2_PATH else f" --labels {args.labels}"
     doc = {
-        "command": "python experiments/judge_labels/check_shipped.py --models " + " ".join(args.models),
+        "command": f"python experiments/judge_labels/check_shipped.py{labels} --models " + " ".join(args.models),
         "models": args.models,
         "rows": len(rows),
         "harmful_prompt_rows": sum(bool(r.harmful_request) for r in rows),
         "v2": judged(TrainedJudge(), rows),
         "keyword": judged(KeywordJudge(), rows),
+        # per model: the labelled harmful rate beside each judge's, on the same rows (a judge's bias there)
+        "by_model": harmful_rates(rows, {"v2": TrainedJudge(), "keyword": KeywordJudge()}),
     }
     args.json.write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
     for name in ("v2", "keyword"):
