@@ -57,7 +57,8 @@ def main() -> None:
         raise SystemExit(f"{args.labels}: no rows of {args.models}")
     labels = "" if args.labels == LABELS_V2_PATH else f" --labels {args.labels}"
     doc = {
-        "command": f"python experiments/judge_labels/check_shipped.py{labels} --models " + " ".join(args.models),
+        "command": f"python experiments/judge_labels/check_shipped.py{labels} --models "
+        + " ".join(args.models),
         "models": args.models,
         "rows": len(rows),
         "harmful_prompt_rows": sum(bool(r.harmful_request) for r in rows),
