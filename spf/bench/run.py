@@ -251,8 +251,7 @@ def prepare_subspace(cfg: BenchConfig, spec: SubspaceSpec) -> Path:
 
 
 def _peak_rss_mb() -> float:
-    # ru_maxrss is KiB on Linux, bytes on macOS
-    scale = 1 / (1024 * 1024) if sys.platform == "darwin" else 1 / 1024
+    scale = 1 / (1024 * 1024) if sys.platform == "darwin" else 1 / 1024  # ru_maxrss: KiB on Linux, B on macOS
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 
 
@@ -489,9 +488,9 @@ def _run_training_cell(cfg: BenchConfig, cell: Cell, record: dict[str, Any]) -> 
                 record["train_config"] = tcfg.to_dict()
         for step in steps:
             output = out if step == steps[-1] else snapshot_dir(out, step)
-            folder = seed_dir(cfg, cell, seed) / "eval" / f"step-{step}"
-            suites = point_suites(cfg, step, steps)
-            evals[step][seed] = _evaluate(cfg, folder, cfg.aligned, output, system, suites)
+            point = seed_dir(cfg, cell, seed) / "eval" / f"step-{step}"
+            got = _evaluate(cfg, point, cfg.aligned, output, system, point_suites(cfg, step, steps))
+            evals[step][seed] = got
     record["system_prompt"] = system
     record["train"] = _pooled_summary([m["summary"] for m in metrics.values()])
     record["train_by_seed"] = {str(s): m["summary"] for s, m in metrics.items()}
@@ -527,8 +526,7 @@ def run_cell(cfg: BenchConfig, cell: Cell) -> dict[str, Any]:
 
 
 def _finished_record(cfg: BenchConfig, cell: Cell, done: Path) -> dict[str, Any] | None:
-    """The cell's current ``cell.json`` from the work folder, else from the kept copy (restored as it is,
-    so its timings stay those of the run that computed it); None = run the cell."""
+    """The current ``cell.json`` of the work folder, else of the kept copy (restored as it is); None: run it."""
     keep = _keep(cfg)
     here = json.loads(done.read_text()) if done.is_file() else None
     for record in (here, None if keep is None else keep.load_json(done)):
@@ -563,8 +561,7 @@ def _run_cell(cfg: BenchConfig, cell: Cell, folder: Path) -> dict[str, Any]:
     save_json(record, done)
     keep = _keep(cfg)
     if keep is not None and cfg.file_seeds is None:
-        # an interim record (some seeds) is not kept: it would replace a kept one of every seed, whose
-        # timings a later restore cannot rebuild; its seeds' evaluations are kept one by one anyway
+        # not an interim record (some seeds): it would replace one of every seed; its evaluations are kept
         keep.save_json(record, done)
     return record
 
