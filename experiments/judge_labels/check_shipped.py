@@ -23,22 +23,22 @@ from spf.eval.judges import KeywordJudge
 from spf.eval.trained_judge import TrainedJudge
 
 
-def judged(judge, rows) -> dict:
-    verdicts = judge([r.prompt for r in rows], [r.response for r in rows], [r.harmful_request for r in rows])
+def verdicts_of(judge, rows) -> list:
+    return judge([r.prompt for r in rows], [r.response for r in rows], [r.harmful_request for r in rows])
+
+
+def judged(verdicts, rows) -> dict:
     refused = np.array([v.refused for v in verdicts])
     harmful = np.array([v.harmful for v in verdicts])
     known = np.array([bool(r.harmful_request) for r in rows])
     return scores(rows, refused, harmful, known)
 
 
-def harmful_rates(rows, judges: dict) -> dict:
+def harmful_rates(rows, verdicts: dict[str, list]) -> dict:
+    """Per model: the labelled harmful count beside each judge's, on the same rows (a judge's bias there)."""
     out: dict = {}
-    verdicts = {
-        name: j([r.prompt for r in rows], [r.response for r in rows], [r.harmful_request for r in rows])
-        for name, j in judges.items()
-    }
     for i, r in enumerate(rows):
-        m = out.setdefault(r.group[3:], {"n": 0, "labelled": 0, **{name: 0 for name in judges}})
+        m = out.setdefault(r.group[3:], {"n": 0, "labelled": 0, **{name: 0 for name in verdicts}})
         m["n"] += 1
         m["labelled"] += int(r.cls == "complied" and bool(r.harmful_request))
         for name, v in verdicts.items():
@@ -55,6 +55,7 @@ def main() -> None:
     rows = [r for r in load_labels_v2(args.labels, require_shared_data()) if r.group[3:] in args.models]
     if not rows:
         raise SystemExit(f"{args.labels}: no rows of {args.models}")
+    verdicts = {"v2": verdicts_of(TrainedJudge(), rows), "keyword": verdicts_of(KeywordJudge(), rows)}
     labels = "" if args.labels == LABELS_V2_PATH else f" --labels {args.labels}"
     doc = {
         "command": f"python experiments/judge_labels/check_shipped.py{labels} --models "
@@ -62,10 +63,8 @@ def main() -> None:
         "models": args.models,
         "rows": len(rows),
         "harmful_prompt_rows": sum(bool(r.harmful_request) for r in rows),
-        "v2": judged(TrainedJudge(), rows),
-        "keyword": judged(KeywordJudge(), rows),
-        # per model: the labelled harmful rate beside each judge's, on the same rows (a judge's bias there)
-        "by_model": harmful_rates(rows, {"v2": TrainedJudge(), "keyword": KeywordJudge()}),
+        **{name: judged(v, rows) for name, v in verdicts.items()},
+        "by_model": harmful_rates(rows, verdicts),
     }
     args.json.write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
     for name in ("v2", "keyword"):

@@ -55,6 +55,7 @@ __all__ = [
     "subspace_dir",
     "system_prompt_scenarios",
     "train_config",
+    "train_key",
 ]
 
 # the evaluation suites (declared once, in spf.eval.vocab) in the order a cell runs them and the report
@@ -513,18 +514,20 @@ def record_is_current(cfg: BenchConfig, cell: Cell, record: dict[str, Any]) -> b
     return _same_training(cfg, cell, record.get("train_config"))
 
 
-def _same_training(cfg: BenchConfig, cell: Cell, recorded: dict[str, Any] | None) -> bool:
+def train_key(config: dict[str, Any]) -> dict[str, Any]:
+    """The JSON form of a training config's result key (what a finished output is compared against)."""
     from spf.training.checkpoint import result_key
 
+    return json.loads(json.dumps(result_key(config), default=str))
+
+
+def _same_training(cfg: BenchConfig, cell: Cell, recorded: dict[str, Any] | None) -> bool:
     if recorded is None:
         return False
     seed = seed_list(cfg)[0]
-    want = train_config(cfg, cell, seed_dir(cfg, cell, seed), seed).to_dict()
-
-    def norm(d: dict[str, Any]) -> Any:
-        return json.loads(json.dumps(result_key(d), default=str))
-
-    return norm(want) == norm(recorded)
+    return train_key(train_config(cfg, cell, seed_dir(cfg, cell, seed), seed).to_dict()) == train_key(
+        recorded
+    )
 
 
 def cell_done(cfg: BenchConfig, cell: Cell) -> bool:

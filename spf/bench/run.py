@@ -11,8 +11,9 @@ Protocol: a training cell runs once per training seed (``seeds``: data order and
 last step of its scenario's exposure curve (``eval_steps``) with a snapshot at every other point; every
 point of every seed is evaluated on the project's protocol prompts (``eval.split`` of AdvBench, XSTest and
 our own held-out sets; the earlier points on ``eval.curve_suites`` only, the last on every suite), sampled
-with the benchmark's fixed ``seed``, so verdicts pair prompt by prompt across seeds and cells. ``cell.json`` holds the rates pooled over seeds (``suites``, ``curve``) and the
-per-prompt verdicts (``verdicts``) that the report's paired tests read. ``spf bench report``
+with the benchmark's fixed ``seed``, so verdicts pair prompt by prompt across seeds and cells.
+``cell.json`` holds the pooled rates (``suites``, ``curve``) and the per-prompt verdicts (``verdicts``)
+that the report's paired tests read. ``spf bench report``
 (:mod:`spf.bench.report`) collects every ``cell.json`` into ``bench.json`` and writes the markdown report
 with its plots.
 
@@ -59,6 +60,7 @@ from spf.bench.config import (
     subspace_dir,
     system_prompt_scenarios,
     train_config,
+    train_key,
 )
 from spf.bench.keep import Keep
 from spf.bench.report import acceptance_lines, collect, render_report, report_folder, write_report
@@ -313,13 +315,6 @@ def _evals_done(
     )
 
 
-def _train_key(tcfg: Any) -> dict[str, Any]:
-    """The JSON form of a training config's result key (what a finished output is compared against)."""
-    from spf.training.checkpoint import result_key
-
-    return json.loads(json.dumps(result_key(tcfg.to_dict()), default=str))
-
-
 def _kept_seed(
     cfg: BenchConfig, cell: Cell, seed: int, steps: list[int], system: str | None
 ) -> tuple[Any, dict[str, Any]] | None:
@@ -332,7 +327,7 @@ def _kept_seed(
         return None
     tcfg = train_config(cfg, cell, seed_dir(cfg, cell, seed), seed)
     kept = keep.load_json(seed_dir(cfg, cell, seed) / "train_metrics.json")
-    if kept is None or kept.get("result_key") != _train_key(tcfg):
+    if kept is None or kept.get("result_key") != train_key(tcfg.to_dict()):
         return None
     out = Path(tcfg.out)
     for step in steps:
@@ -432,7 +427,7 @@ def _train_seed(
     folder = seed_dir(cfg, cell, seed)
     tcfg = train_config(cfg, cell, folder, seed)
     out = Path(tcfg.out)
-    want = _train_key(tcfg)
+    want = train_key(tcfg.to_dict())
     saved = out / "train_config.json"
     finished = (
         (out / "metrics.json").is_file()

@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     from spf.bench.run import run_bench, run_cell
 
     try:
-        cfg = load_bench_config(args.config, seeds=getattr(args, "seeds", None))
+        cfg = load_bench_config(args.config, seeds=args.seeds)
     except BenchConfigError as exc:
         print(f"spf: error: {exc}", file=sys.stderr)
         return 2
