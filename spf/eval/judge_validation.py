@@ -8,7 +8,8 @@ A judge candidate (:class:`Candidate`) is fitted on some labelled examples and s
   The held-out model's writing style and the prompts are both unseen, so neither can be memorised.
 * **v2 labels, held-out prompts**: the blind labels split by prompt (a fixed 30 % of prompts held out); fit
   on all XSTest, the project labels and the other 70 %.
-* **v2 labels, leave-one-model-out**: per model that wrote v2 answers, fit without its answers.
+* **v2 labels, leave-one-model-out**: per model that wrote v2 answers, fit without its answers (the
+  snapshots of one training run, ``…_step20`` / ``…_step40``, held out together).
 
 Scores (:func:`scores`): refused and harmful accuracy / precision / recall with Wilson 95 % intervals, on rows
 that have the label. ``harmful`` is scored twice: with the request's harmfulness known (as the suites judge:
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
@@ -101,6 +103,12 @@ def _xstest_folds(rows: Sequence[Example]) -> dict[str, int]:
     return folds
 
 
+def _run(group: str) -> str:
+    """The training run a model's answers came from: the snapshots of one run (``…_step20``, ``…_step40``)
+    write alike, so leave-one-model-out holds them out together."""
+    return re.sub(r"_step\d+$", "", group)
+
+
 def validate_candidate(
     make: Callable[[], Candidate],
     xstest: Sequence[Example],
@@ -134,11 +142,11 @@ def validate_candidate(
         synthetic = refuse_then_comply(test, RTC_HELD_OUT, seed=1)
         if synthetic:
             result["v2_heldout_refuse_then_comply"] = scores(synthetic, *cand.predict(synthetic))
-        for group in sorted({r.group for r in v2}):
-            held = [r for r in v2 if r.group == group]
+        for run in sorted({_run(r.group) for r in v2}):
+            held = [r for r in v2 if _run(r.group) == run]
             cand = make()
-            cand.fit([*xstest, *project, *[r for r in v2 if r.group != group]])
-            result["v2_lomo"][group] = scores(held, *cand.predict(held))
+            cand.fit([*xstest, *project, *[r for r in v2 if _run(r.group) != run]])
+            result["v2_lomo"][run] = scores(held, *cand.predict(held))
     result["pooled_xstest"] = _pool(result["xstest_loso"].values())
     return result
 

@@ -416,6 +416,8 @@ def evaluate(
 
     results: dict[str, Any] = {
         "judge": getattr(judge_obj, "name", None) if judge_obj is not None else None,
+        # which fitted judge (TrainedJudge.identity: the heads' hash), so a refit's verdicts are not paired
+        "judge_id": getattr(judge_obj, "identity", getattr(judge_obj, "name", None)) if judge_obj else None,
         "config": {
             "suites": names,
             "prompts": str(prompts) if prompts is not None else None,

@@ -518,6 +518,26 @@ def test_a_record_of_other_evaluation_or_training_settings_is_not_current(tmp_pa
         assert not record_is_current(other, van, rec), change
 
 
+def test_a_refit_judge_makes_finished_evaluations_and_records_stale(tmp_path, shared_data, monkeypatch):
+    import spf.eval.judge_factory as factory
+    from spf.bench import run as bench_run
+    from spf.bench.config import record_is_current
+
+    full, _ = _curve_configs(tmp_path, shared_data)
+    cfg = _prepared(tmp_path, shared_data, **full)
+    van = next(c for c in cells(cfg) if c.id == "vanilla@sst2")
+    rec = run_cell(cfg, van)
+    out = next((cfg.work_dir / "cells" / "vanilla__sst2").rglob("harmful/results.json")).parent
+    res = json.loads((out / "results.json").read_text())
+    assert res["judge_id"] == "keyword" and rec["eval"]["judge_id"] == "keyword"
+    args = (out, res["model"], Path(res["adapter"]), bench_run._eval_kwargs(cfg, "harmful", None))
+    assert bench_run._eval_is_current(*args) and record_is_current(cfg, van, rec)
+    refit = lambda kind: f"{kind}:refit"  # noqa: E731 — what a refit of the shipped heads does to the id
+    monkeypatch.setattr(factory, "judge_identity", refit)
+    monkeypatch.setattr(bench_run, "judge_identity", refit)
+    assert not bench_run._eval_is_current(*args) and not record_is_current(cfg, van, rec)
+
+
 def test_an_interim_run_of_some_seeds_is_reported_as_interim_and_only_for_those_seeds(
     tmp_path, shared_data, capsys
 ):
