@@ -12,8 +12,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # MKL_DYNAMIC=FALSE: MKL may otherwise run a product on fewer threads than asked when the machine is busy,
-# which changes float sums; the base rebuilt on 2026-12-03 beside a test run differed bit-wise from the
-# earlier builds (same held-out check) — the suspected cause, not a proven one
+# which changes float sums. The base rebuilt on 2026-12-03 beside a test run differed bit-wise from the three
+# earlier builds (same held-out check) and a float32 test flaked at 1e-6 that session — a suspected cause, not
+# a proven one. (MKL_CBWR would pin MKL's code path too, but changes it from today's, so it is not set.)
 export PATH="$PWD/.venv/bin:$PATH" HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 MKL_DYNAMIC=FALSE
 config=${1:-bench/cpu.yaml}
 shift || true

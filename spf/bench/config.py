@@ -492,13 +492,8 @@ def eval_record(cfg: BenchConfig) -> dict[str, Any]:
     from spf.eval.judge_factory import judge_identity  # reads the shipped heads' meta.json only
 
     e = cfg.eval
-    return {
-        "split": e.split,
-        "limits": e.limits,
-        "judge": e.judge,
-        "judge_id": judge_identity(e.judge),
-        "seed": cfg.seed,
-    }
+    ident = judge_identity(e.judge)
+    return {"split": e.split, "limits": e.limits, "judge": e.judge, "judge_id": ident, "seed": cfg.seed}
 
 
 def record_is_current(cfg: BenchConfig, cell: Cell, record: dict[str, Any]) -> bool:

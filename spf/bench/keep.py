@@ -9,7 +9,11 @@ filled back from it: an evaluation found there is not run again, and a seed whos
 metrics are there is not trained again.
 
 Kept evaluations are valid only for the aligned base they were made on: ``base.json`` records its
-fingerprint, and a run on another base is refused rather than pairing verdicts of two bases.
+fingerprint, and a run on another base is refused rather than pairing verdicts of two bases. A rebuild of the
+same recipe is not always bit-identical (float sums on a busy CPU: docs/results/aligned_base.md); so
+``base.json`` also records the base's next-token choices on a fixed probe (:func:`base_probe`), and a rebuild
+whose weights differ but whose choices are identical is accepted as the same base (its fingerprint is added
+to ``equivalent``, with a warning). A base that chooses any probe token differently is refused.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from spf.io import atomic_path, path_sha256, save_json
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["KEPT_FIELDS", "Keep", "KeptBaseMismatch", "base_fingerprint"]
+__all__ = ["KEPT_FIELDS", "Keep", "KeptBaseMismatch", "base_fingerprint", "base_probe"]
 
 # what the paired tests read from a judged record (spf.bench.verdicts); the answer text stays out
 KEPT_FIELDS = ("suite", "prompt", "source", "template", "harmful", "refused", "correct", "score")
@@ -48,6 +52,51 @@ def base_fingerprint(ref: str) -> str:
     return "sha256:" + hashlib.sha256(" ".join(path_sha256(f) for f in files).encode()).hexdigest()
 
 
+# the probe: our own dev prompts (shipped, so a fresh clone has them)
+PROBE_FILES = (("heldout_harmful.jsonl", 24), ("overrefusal_prompts.jsonl", 16))
+
+
+def _probe_prompts() -> list[str]:
+    from spf.data.files import iter_jsonl, read_data_text
+    from spf.data.locate import PACKAGE_DATA
+
+    out = []
+    for name, n in PROBE_FILES:
+        path = PACKAGE_DATA / name
+        rows = [r for _, r in iter_jsonl(path, read_data_text(path)) if r.get("split") == "dev"]
+        out += [r["prompt"] for r in rows[:n]]
+    return out
+
+
+def base_probe(ref: str) -> str:
+    """sha256 of the model's next-token choices (argmax) at every position of the chat-rendered probe
+    prompts: equal for two bases that decide alike there, as greedy decoding does. Cached beside the folder
+    per weight fingerprint."""
+    import torch
+
+    from spf.models import load_model
+
+    folder = Path(ref)
+    cache = folder.parent / f".{folder.name}.probe.json"
+    here = base_fingerprint(ref)
+    if cache.is_file():
+        cached = json.loads(cache.read_text(encoding="utf-8"))
+        if cached.get("fingerprint") == here:
+            return str(cached["probe"])
+    model, tokenizer = load_model(ref)
+    choices = []
+    for prompt in _probe_prompts():  # one at a time: no padding, so nothing depends on the batch
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
+        ids = tokenizer(text, return_tensors="pt").input_ids
+        with torch.no_grad():
+            choices.append(model(input_ids=ids).logits[0].argmax(-1).tolist())
+    probe = "sha256:" + hashlib.sha256(json.dumps(choices).encode()).hexdigest()
+    save_json({"fingerprint": here, "probe": probe, "prompts": len(choices)}, cache, tracked_ok=True)
+    return probe
+
+
 def _slim(line: str) -> str:
     rec = json.loads(line)
     return json.dumps({k: rec[k] for k in KEPT_FIELDS if k in rec}, ensure_ascii=False)
@@ -63,19 +112,33 @@ class Keep:
         return self.root / Path(path).relative_to(self.work)
 
     def check_base(self) -> None:
-        """Refuse kept evaluations of another base; record the base on first use."""
+        """Refuse kept evaluations of another base; record the base (and its probe) on first use."""
         here = base_fingerprint(self.aligned)
         path = self.root / "base.json"
+        probe = (lambda: base_probe(self.aligned)) if Path(self.aligned).is_dir() else (lambda: None)
         if not path.is_file():
-            save_json({"aligned": self.aligned, "fingerprint": here}, path, tracked_ok=True)
+            save_json({"aligned": self.aligned, "fingerprint": here, "probe": probe()}, path, tracked_ok=True)
             return
         kept = json.loads(path.read_text(encoding="utf-8"))
-        if kept.get("fingerprint") != here:
-            raise KeptBaseMismatch(
-                f"{path}: the kept evaluations are of aligned base {kept.get('aligned')!r} "
-                f"({kept.get('fingerprint')}), but {self.aligned!r} is {here}: rebuild the base with the "
-                f"benchmark's recipe, or move {self.root} away to start the benchmark afresh"
+        if here == kept.get("fingerprint") or here in kept.get("equivalent", []):
+            return
+        if kept.get("probe") and probe() == kept["probe"]:
+            logger.warning(
+                "%s: weights %s differ from the kept base's %s, but its next-token choices on the probe are "
+                "identical: accepted as the same base (added to base.json `equivalent`)",
+                self.aligned,
+                here,
+                kept.get("fingerprint"),
             )
+            kept["equivalent"] = [*kept.get("equivalent", []), here]
+            save_json(kept, path, tracked_ok=True)
+            return
+        raise KeptBaseMismatch(
+            f"{path}: the kept evaluations are of aligned base {kept.get('aligned')!r} "
+            f"({kept.get('fingerprint')}), but {self.aligned!r} is {here} and does not answer the probe "
+            f"the same way: rebuild the base with the benchmark's recipe, or move {self.root} away to start "
+            f"the benchmark afresh"
+        )
 
     def save_eval(self, out: Path) -> None:
         """Copy one finished ``run_eval`` folder (results + answer-free verdict records)."""

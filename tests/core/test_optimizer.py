@@ -142,9 +142,11 @@ def test_always_mode_projects_even_helpful_steps():
         u, s, v = sub.bases[name]
         getattr(model, name).weight.grad = u @ torch.diag(s) @ v.T  # a step that helps safety
     opt.step()
-    # the whole step lay inside the subspace, so nothing of it is left
+    # the whole step lay inside the subspace, so nothing of it is left (to float32 rounding of the step:
+    # a wrong projection leaves O(step); float32 leaves ~1e-7 of it, more when MKL changes its code path)
     for name in SHAPES:
-        assert (getattr(model, name).weight - w0[name]).abs().max() < 1e-6
+        step = 0.1 * getattr(model, name).weight.grad.abs().max()
+        assert (getattr(model, name).weight - w0[name]).abs().max() < 1e-5 * max(1.0, float(step))
     assert opt.last_diagnostics["spf/removed_frac"] == pytest.approx(1.0, abs=1e-4)
 
 

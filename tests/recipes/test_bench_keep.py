@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from spf.bench.keep import KEPT_FIELDS, KeptBaseMismatch, base_fingerprint
+from spf.bench.keep import KEPT_FIELDS, Keep, KeptBaseMismatch, base_fingerprint, base_probe
 from spf.bench.report import collect
 from spf.bench.run import BenchConfigError, cells, load_bench_config, run_cell
 from tests.recipes.test_bench import SEEDED, _prepared, _tiny
@@ -117,3 +117,32 @@ def test_keep_inside_or_around_the_work_folder_is_refused(tmp_path, shared_data,
 def test_shipped_cpu_benchmark_keeps_its_evaluations_in_the_repository():
     cfg = load_bench_config(Path(__file__).resolve().parents[2] / "bench" / "cpu.yaml")
     assert cfg.keep is not None and not cfg.keep.startswith("runs/")
+
+
+def test_a_rebuilt_base_that_answers_the_probe_alike_is_the_same_base(tmp_path):
+    import torch
+
+    from spf.models import tiny_llama
+
+    model, tokenizer = tiny_llama(seed=3)
+    base = tmp_path / "base" / "aligned"
+    model.save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    keep = Keep(tmp_path / "kept", tmp_path / "work", str(base))
+    keep.check_base()
+    first = json.loads((tmp_path / "kept" / "base.json").read_text())
+    assert first["probe"].startswith("sha256:") and first["probe"] == base_probe(str(base))
+    with torch.no_grad():  # a rounding-level rebuild: other bytes, same greedy answers
+        model.model.layers[0].mlp.down_proj.weight[0, 0] *= 1 + 1e-6
+    model.save_pretrained(base)
+    assert base_fingerprint(str(base)) != first["fingerprint"]
+    keep.check_base()
+    assert json.loads((tmp_path / "kept" / "base.json").read_text())["equivalent"] == [
+        base_fingerprint(str(base))
+    ]
+    with torch.no_grad():  # another model (its MLPs, not a rounding): refused
+        for layer in model.model.layers:
+            layer.mlp.down_proj.weight.mul_(50.0)
+    model.save_pretrained(base)
+    with pytest.raises(KeptBaseMismatch, match="does not answer the probe"):
+        keep.check_base()
