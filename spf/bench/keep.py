@@ -11,9 +11,10 @@ metrics are there is not trained again.
 Kept evaluations are valid only for the aligned base they were made on: ``base.json`` records its
 fingerprint, and a run on another base is refused rather than pairing verdicts of two bases. A rebuild of the
 same recipe is not always bit-identical (float sums on a busy CPU: docs/results/aligned_base.md); so
-``base.json`` also records the base's next-token choices on a fixed probe (:func:`base_probe`), and a rebuild
-whose weights differ but whose choices are identical is accepted as the same base (its fingerprint is added
-to ``equivalent``, with a warning). A base that chooses any probe token differently is refused.
+``base.json`` also records what the base decides on a fixed probe (:func:`base_probe`: next-token choices and
+greedy answers), and a rebuild whose weights differ but whose probe is identical is accepted as the same base
+(its fingerprint is added to ``equivalent``, with a warning). A base that decides any of it differently, or a
+kept base without a probe, is refused.
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ def base_fingerprint(ref: str) -> str:
 
 # the probe: our own dev prompts (shipped, so a fresh clone has them)
 PROBE_FILES = (("heldout_harmful.jsonl", 24), ("overrefusal_prompts.jsonl", 16))
+PROBE_TOKENS = 32
 
 
 def _probe_prompts() -> list[str]:
@@ -69,32 +71,40 @@ def _probe_prompts() -> list[str]:
 
 
 def base_probe(ref: str) -> str:
-    """sha256 of the model's next-token choices (argmax) at every position of the chat-rendered probe
-    prompts: equal for two bases that decide alike there, as greedy decoding does. Cached beside the folder
-    per weight fingerprint."""
+    """sha256 of what the model decides on the probe prompts: its argmax next token at every position of each
+    chat-rendered prompt, and its greedy answer (``PROBE_TOKENS`` new tokens) — what kept verdicts depend on.
+    Equal for two bases that decide alike there. The digest covers the prompts too; cached beside the folder
+    per (weight fingerprint, prompts)."""
     import torch
 
+    from spf.generation import generate
     from spf.models import load_model
 
     folder = Path(ref)
+    prompts = _probe_prompts()
+    key = {"fingerprint": base_fingerprint(ref), "prompts": _digest(prompts), "tokens": PROBE_TOKENS}
     cache = folder.parent / f".{folder.name}.probe.json"
-    here = base_fingerprint(ref)
     if cache.is_file():
         cached = json.loads(cache.read_text(encoding="utf-8"))
-        if cached.get("fingerprint") == here:
+        if {k: cached.get(k) for k in key} == key:
             return str(cached["probe"])
     model, tokenizer = load_model(ref)
+    chats = [[{"role": "user", "content": p}] for p in prompts]
     choices = []
-    for prompt in _probe_prompts():  # one at a time: no padding, so nothing depends on the batch
-        text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-        )
-        ids = tokenizer(text, return_tensors="pt").input_ids
+    for chat in chats:  # one at a time: no padding, so nothing depends on the batch
+        text = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
         with torch.no_grad():
-            choices.append(model(input_ids=ids).logits[0].argmax(-1).tolist())
-    probe = "sha256:" + hashlib.sha256(json.dumps(choices).encode()).hexdigest()
-    save_json({"fingerprint": here, "probe": probe, "prompts": len(choices)}, cache, tracked_ok=True)
+            choices.append(
+                model(input_ids=tokenizer(text, return_tensors="pt").input_ids).logits[0].argmax(-1).tolist()
+            )
+    answers = generate(model, tokenizer, chats, max_new_tokens=PROBE_TOKENS)
+    probe = _digest([key["prompts"], choices, answers])
+    save_json({**key, "probe": probe}, cache, tracked_ok=True)
     return probe
+
+
+def _digest(obj: Any) -> str:
+    return "sha256:" + hashlib.sha256(json.dumps(obj, ensure_ascii=False).encode()).hexdigest()
 
 
 def _slim(line: str) -> str:
@@ -133,11 +143,13 @@ class Keep:
             kept["equivalent"] = [*kept.get("equivalent", []), here]
             save_json(kept, path, tracked_ok=True)
             return
+        why = (
+            "decides the probe differently" if kept.get("probe") else "the kept base has no probe to compare"
+        )
         raise KeptBaseMismatch(
             f"{path}: the kept evaluations are of aligned base {kept.get('aligned')!r} "
-            f"({kept.get('fingerprint')}), but {self.aligned!r} is {here} and does not answer the probe "
-            f"the same way: rebuild the base with the benchmark's recipe, or move {self.root} away to start "
-            f"the benchmark afresh"
+            f"({kept.get('fingerprint')}), but {self.aligned!r} is {here} ({why}): rebuild the base with the "
+            f"benchmark's recipe, or move {self.root} away to start the benchmark afresh"
         )
 
     def save_eval(self, out: Path) -> None:

@@ -394,6 +394,9 @@ def evaluate(
         harmful, overrefusal, data_dir, limit, seed, template_names, gsm8k_max_new_tokens, utility_tasks
     )
     judge_obj = resolve_judge(judge, judge_kwargs) if _JUDGED & set(names) else None
+    # which fitted judge (TrainedJudge.identity: the heads' hash), read before any generation so a broken
+    # heads folder fails at once; recorded so a refit's verdicts are never paired with these
+    judge_id = getattr(judge_obj, "identity", getattr(judge_obj, "name", None)) if judge_obj else None
     ctx = EvalContext(model, tokenizer, judge_obj, max_new_tokens, batch_size, system_prompt)
 
     suite_results: dict[str, dict[str, Any]] = {}
@@ -416,8 +419,7 @@ def evaluate(
 
     results: dict[str, Any] = {
         "judge": getattr(judge_obj, "name", None) if judge_obj is not None else None,
-        # which fitted judge (TrainedJudge.identity: the heads' hash), so a refit's verdicts are not paired
-        "judge_id": getattr(judge_obj, "identity", getattr(judge_obj, "name", None)) if judge_obj else None,
+        "judge_id": judge_id,
         "config": {
             "suites": names,
             "prompts": str(prompts) if prompts is not None else None,

@@ -144,5 +144,5 @@ def test_a_rebuilt_base_that_answers_the_probe_alike_is_the_same_base(tmp_path):
         for layer in model.model.layers:
             layer.mlp.down_proj.weight.mul_(50.0)
     model.save_pretrained(base)
-    with pytest.raises(KeptBaseMismatch, match="does not answer the probe"):
+    with pytest.raises(KeptBaseMismatch, match="decides the probe differently"):
         keep.check_base()
