@@ -134,8 +134,8 @@ class Keep:
             return
         if kept.get("probe") and probe() == kept["probe"]:
             logger.warning(
-                "%s: weights %s differ from the kept base's %s, but its next-token choices on the probe are "
-                "identical: accepted as the same base (added to base.json `equivalent`)",
+                "%s: weights %s differ from the kept base's %s, but it decides the probe identically (next "
+                "tokens and greedy answers): accepted as the same base (added to base.json `equivalent`)",
                 self.aligned,
                 here,
                 kept.get("fingerprint"),
