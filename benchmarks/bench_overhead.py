@@ -24,7 +24,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = {
     "vanilla": {"method": "vanilla"},
-    "spf-T1": {"method": "spf", "refresh_every": 1},
+    "spf-T1": {"method": "spf", "refresh_every": 1},  # the shipped estimate route (spf.estimate's default)
+    "spf-T1-separate": {"method": "spf", "refresh_every": 1, "estimate": "separate"},
+    # the safety sample rides in the step's batch: one forward, one backward (spf.core.fused)
+    "spf-T1-fused": {"method": "spf", "refresh_every": 1, "estimate": "fused"},
+    "spf-T10-fused": {"method": "spf", "refresh_every": 10, "estimate": "fused"},
+    "spf-margin-T1-fused": {"method": "spf", "refresh_every": 1, "loss": "margin", "estimate": "fused"},
     "spf-T10": {"method": "spf", "refresh_every": 10},
     "spf-T50": {"method": "spf", "refresh_every": 50},
     "spf-never": {"method": "spf", "refresh_every": 0},
@@ -57,7 +62,8 @@ def child(args: argparse.Namespace) -> None:
         eval_every=0,
         task_eval_n=1,
         resume=False,
-        spf={"subspace": args.subspace, "rank": 8, "refresh_every": conf.get("refresh_every", 1)},
+        spf={"subspace": args.subspace, "rank": 8, "refresh_every": conf.get("refresh_every", 1)}
+        | ({"estimate": conf["estimate"]} if "estimate" in conf else {}),
         baselines={"safety_data": str(ROOT / "spf" / "data" / "align_refusals.jsonl")}
         if conf["method"] in ("safegrad", "lisa", "safeinstr")
         else {},
@@ -81,7 +87,9 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--configs", nargs="*", default=["vanilla", "spf-T1", "spf-T10", "spf-never", "safegrad"])
+    p.add_argument(
+        "--configs", nargs="*", default=["vanilla", "spf-T1-separate", "spf-T1-fused", "spf-T10", "safegrad"]
+    )
     p.add_argument(
         "--json", default=None, help="also write the results to this JSON file (spf bench report reads it)"
     )
@@ -133,10 +141,13 @@ def main() -> None:
             f"{c:<15} {med_step(c):>14.3f} {med_step(c) / base_t:>10.2f} {mean_step(c):>12.3f} "
             f"{mean_step(c) / base_mean:>10.2f} {peak(c):>12.0f} {peak(c) / base_m:>10.2f}"
         )
-    refresh = [x for res in results.get("spf-T1", []) for x in res["refresh_seconds"]]
+    per_step = next((c for c in ("spf-T1", "spf-T1-separate", "spf-T1-fused") if c in results), None)
+    refresh = [x for res in results.get(per_step, []) for x in res["refresh_seconds"]] if per_step else []
     if refresh:
         r = statistics.median(refresh)
-        print(f"one re-estimation: median {r:.3f} s = {r / base_t:.2f} × a vanilla training step")
+        print(
+            f"one re-estimation ({per_step}): median {r:.3f} s = {r / base_t:.2f} × a vanilla training step"
+        )
     if args.json:
         sys.path.insert(0, str(ROOT))
         from spf.io import save_json

@@ -11,6 +11,7 @@ from torch import Tensor
 from spf.data.samples import IGNORE_INDEX, ChatSample, chat_prompt_ids, collate, encode_sample, pad_token_id
 
 __all__ = [
+    "PlainBatch",
     "batch_loss",
     "encode_prefix_batch",
     "kept_position_loss",
@@ -44,6 +45,20 @@ def kept_position_loss(logits: Tensor, targets: Tensor) -> Tensor:
     ).view(targets.shape)
     mask = (targets != IGNORE_INDEX).float()
     return (tok * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+
+
+class PlainBatch:
+    """One micro-batch of plain training: the loop calls ``loss(model)`` then ``backward(loss)`` (the shape
+    :class:`spf.core.fused.FusedBatch` shares, so a training loop runs either)."""
+
+    def __init__(self, rows: Sequence[dict[str, list[int]]], pad: int, device: torch.device | str) -> None:
+        self.batch = {k: v.to(device) for k, v in collate(list(rows), pad).items()}
+
+    def loss(self, model: torch.nn.Module) -> Tensor:
+        return batch_loss(model, self.batch)
+
+    def backward(self, loss: Tensor) -> None:
+        loss.backward()
 
 
 def batch_loss(model: torch.nn.Module, batch: dict[str, Tensor]) -> Tensor:

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 from typing import Literal
 
-__all__ = ["ConflictScope", "ProjectMode", "ProjectOn"]
+__all__ = ["ConflictScope", "EstimateRoute", "ProjectMode", "ProjectOn"]
 
 ProjectMode = Literal["conflict", "always"]  # conflict: project only when the update raises the safety loss
 ProjectOn = Literal["update", "grad"]  # the optimizer's actual update (Adam-correct) or the raw gradient
 ConflictScope = Literal["module", "global"]  # where conflict mode tests the sign of the inner product
+# how a re-estimation gets the safety gradient: its own forward/backward of the sample (separate), or the
+# sample riding along as extra rows of the training step's batch (fused: one forward, one backward)
+EstimateRoute = Literal["separate", "fused"]

@@ -184,12 +184,15 @@ class SPFOptimizer(torch.optim.Optimizer):
                 ", ".join(self.uncovered[:5]) + (", …" if len(self.uncovered) > 5 else ""),
             )
 
-    def _maybe_refresh(self) -> dict[str, float]:
-        due = self.refresh_fn is not None and (
+    def refresh_due(self) -> bool:
+        """Whether the next :meth:`step` re-estimates (a fused estimate must capture in this step's pass)."""
+        return self.refresh_fn is not None and (
             self.subspace is None
             or (self.refresh_every > 0 and self.num_steps > 0 and self.num_steps % self.refresh_every == 0)
         )
-        if not due:
+
+    def _maybe_refresh(self) -> dict[str, float]:
+        if not self.refresh_due():
             return {"spf/refreshed": 0.0}
         t0 = time.perf_counter()
         previous = self.subspace

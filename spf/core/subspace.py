@@ -54,6 +54,7 @@ __all__ = [
     "module_gradient_factors",
     "module_shapes",
     "orthonormality_error",
+    "subspace_from_factors",
     "subspace_overlap",
     "weights_fingerprint",
 ]
@@ -350,7 +351,42 @@ def estimate_batch_subspace(
     batch = collate([encode_sample(tokenizer, s, max_length=max_length) for s in samples], pad)
     batch = {k: v.to(device) for k, v in batch.items()}
     ds, xs, loss = module_gradient_factors(model, batch, names, weights=weights)
-    n_tokens = int(batch["attention_mask"].sum())
+    return subspace_from_factors(
+        model,
+        names,
+        (ds, xs, loss),
+        samples,
+        rank=rank,
+        n_tokens=int(batch["attention_mask"].sum()),
+        spectrum_size=spectrum_size,
+        svd=svd,
+        model_ref=model_ref,
+        weights=weights,
+        started=t0,
+    )
+
+
+def subspace_from_factors(
+    model: nn.Module,
+    names: Sequence[str],
+    factors: tuple[list[Tensor], list[Tensor], Tensor],
+    samples: Sequence[ChatSample],
+    *,
+    rank: int,
+    n_tokens: int,
+    spectrum_size: int = 64,
+    svd: SVDMethod = "auto",
+    model_ref: str | None = None,
+    weights: Sequence[float] | None = None,
+    started: float | None = None,
+    estimate: str = "separate",
+) -> SafetySubspace:
+    """The subspace of captured factors ``(ds, xs, loss)``: a separate pass
+    (:func:`module_gradient_factors`) or the training step's own (:class:`spf.core.fused.FusedEstimate`)."""
+    t0 = time.perf_counter() if started is None else started
+    ds, xs, loss = factors
+    if not bool(torch.isfinite(loss)):
+        raise ValueError(f"the safety loss is not finite ({float(loss)}): no subspace can be estimated")
     bases, energy, spectra = {}, {}, {}
     for name, top in zip(names, topk_svds(ds, xs, rank, spectrum_size, svd), strict=True):
         energy[name] = top.energy
@@ -370,6 +406,7 @@ def estimate_batch_subspace(
         "n_factor_rows": int(ds[0].shape[0]) if ds else 0,  # < n_tokens when rows share a prefix
         "safety_loss": float(loss.detach()),
         "estimator": "single" if len(samples) == 1 else "batch",
+        "estimate": estimate,
         **({"weights": [float(w) for w in weights]} if weights is not None else {}),
         "seconds": round(time.perf_counter() - t0, 4),
     }
@@ -378,8 +415,9 @@ def estimate_batch_subspace(
     sub.metadata["orthonormality_error"] = orthonormality_error(sub)
     eff = sub.effective_rank.values()
     logger.info(
-        "estimated safety subspace: %d modules, rank %d (effective %d..%d), %d tokens, "
+        "estimated safety subspace (%s): %d modules, rank %d (effective %d..%d), %d tokens, "
         "max|UᵀU−I| %.1e, max|VᵀV−I| %.1e",
+        estimate,
         len(bases),
         rank,
         min(eff, default=0),

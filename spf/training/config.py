@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
 from typing import Any, Literal, get_args, get_origin
 
-from spf.core.modes import ConflictScope, ProjectMode, ProjectOn
+from spf.core.modes import ConflictScope, EstimateRoute, ProjectMode, ProjectOn
 
 # Method and BASELINE_METHODS stay here, beside the config, not in spf.training.methods: config must import
 # without torch so that `spf --help` stays fast. spf.training.methods.METHODS maps each name to its class.
@@ -192,6 +192,10 @@ class SPFSettings:
     refresh_every: int = field(
         default=1, metadata={"help": "re-estimate every T steps from the same sample; 0 = never"}
     )
+    estimate: EstimateRoute = field(
+        default="separate",
+        metadata={"help": "re-estimate in a pass of its own, or fused: the sample rides in the step's batch"},
+    )
     diagnostics: bool = field(default=True, metadata={"help": "record the per-step spf/* diagnostics"})
 
     def __post_init__(self) -> None:
@@ -201,6 +205,7 @@ class SPFSettings:
         _check_choice("spf.mode", self.mode, ProjectMode)
         _check_choice("spf.project_on", self.project_on, ProjectOn)
         _check_choice("spf.conflict_scope", self.conflict_scope, ConflictScope)
+        _check_choice("spf.estimate", self.estimate, EstimateRoute)
         _check_types(self, "spf.")  # after the range checks: they name the range
 
 
@@ -400,7 +405,7 @@ SETTINGS_USED_BY: tuple[tuple[str, tuple[str, ...], tuple[str, ...], str], ...] 
     ("finetune", ("full",), ("full_params",), "full_params applies to finetune=full"),
     ("method", ("spf",),
      ("spf.sample", "spf.sample_index", "spf.rank", "spf.mode", "spf.project_on", "spf.conflict_scope",
-      "spf.refresh_every", "spf.diagnostics"),
+      "spf.refresh_every", "spf.estimate", "spf.diagnostics"),
      "SPF settings apply to method=spf; other methods only track the refusal loss on the sample of spf.subspace"),
     ("method", BASELINE_METHODS, ("baselines.safety_data",),
      f"the safety pairs are read by {', '.join(BASELINE_METHODS)}"),

@@ -38,8 +38,8 @@ from spf.core.distributed import (
     is_distributed,
     mean_over_ranks,
 )
-from spf.core.losses import batch_loss, encode_prefix_batch, prefix_unlikelihood_loss
-from spf.data.samples import ChatSample, collate, encode_sample, load_samples, pad_token_id
+from spf.core.losses import encode_prefix_batch, prefix_unlikelihood_loss
+from spf.data.samples import ChatSample, encode_sample, load_samples, pad_token_id
 from spf.io import OutputError, check_output, output_lock, save_json
 from spf.models import auto_device, default_target_modules, load_model, unwrap
 from spf.training.callbacks import (
@@ -409,16 +409,17 @@ def _accumulate(run: _Run, step: int, phase: str) -> float:
     cfg, ctx = run.cfg, run.ctx
     mine = slice(ctx.rank * cfg.batch_size, (ctx.rank + 1) * cfg.batch_size)
     total = 0.0
-    for _ in range(cfg.grad_accum):
+    for micro in range(cfg.grad_accum):
         rows = run.streams[phase].next()[mine]
-        batch = {k: v.to(run.device) for k, v in collate(rows, run.pad).items()}
-        loss = batch_loss(run.model, batch) / cfg.grad_accum
-        value = float(loss.detach())
-        if not math.isfinite(value) and ctx.world == 1:
-            # before backward: a NaN loss would only fill every gradient with NaN (with several ranks the
-            # check waits for the all-reduced loss, so that every rank aborts together)
-            raise run.abort(TrainingAborted("non-finite loss", step + 1, "non_finite", {"loss": value}))
-        loss.backward()
+        # the method builds the micro-batch (SPF's fused estimate appends its safety rows to the first)
+        with run.method.micro_batch(rows, micro, run.pad, run.device) as mb:
+            loss = mb.loss(run.model) / cfg.grad_accum
+            value = float(loss.detach())
+            if not math.isfinite(value) and ctx.world == 1:
+                # before backward: a NaN loss would only fill every gradient with NaN (with several ranks
+                # the check waits for the all-reduced loss, so that every rank aborts together)
+                raise run.abort(TrainingAborted("non-finite loss", step + 1, "non_finite", {"loss": value}))
+            mb.backward(loss)
         total += value
     return total
 

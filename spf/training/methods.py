@@ -13,7 +13,8 @@ The loop calls the hooks in this order:
 * ``load_state(ckpt, saved_subspace, start_step, model, params)`` — after a checkpoint is restored (or not:
   ``ckpt`` None) — the counterpart of ``state()``, what goes into checkpoints (SPF's subspace, Lisa's anchor);
 * ``streams(task_rows, start_step, global_batch, per_step)`` — the resumable data stream of each phase;
-* per step: ``begin_step(step, params)``, ``phase(step)``, then after the backward pass (gradients
+* per step: ``begin_step(step, params)``, ``phase(step)``, per micro-batch ``micro_batch(rows, micro, pad,
+  device)`` (a context whose ``loss(model)`` and ``backward(loss)`` the loop calls), then after the backward pass (gradients
   all-reduced, before clipping) ``after_backward(step, params) -> dict`` and after the optimizer step
   ``after_step(optimizer) -> dict``, both merged into the step's record;
 * at the end: ``task_steps(history)`` (the steps that trained on the task) and ``summary(history, info)``.
@@ -24,13 +25,15 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 
-from spf.core.losses import batch_loss
+from spf.core.fused import FusedEstimate
+from spf.core.losses import PlainBatch, batch_loss
 from spf.core.optimizer import SPFOptimizer
 from spf.core.subspace import (
     SafetySubspace,
@@ -38,6 +41,7 @@ from spf.core.subspace import (
     estimate_batch_subspace,
     estimate_safety_subspace,
     module_shapes,
+    subspace_from_factors,
     weights_fingerprint,
 )
 from spf.data.samples import ChatSample, DataError, collate, encode_sample, load_samples, pad_token_id
@@ -167,6 +171,12 @@ class Method:
     def begin_step(self, step: int, params: list[torch.Tensor]) -> None:
         pass
 
+    @contextmanager
+    def micro_batch(
+        self, rows: Sequence[dict[str, list[int]]], micro: int, pad: int, device: torch.device
+    ) -> Iterator[PlainBatch]:
+        yield PlainBatch(rows, pad, device)
+
     def after_backward(self, step: int, params: list[torch.Tensor]) -> dict[str, Any]:
         return {}
 
@@ -283,12 +293,47 @@ class SPF(Method):
 
     name = "spf"
 
+    fused: FusedEstimate | None = None
+
     def setup(self, model, tokenizer, device: torch.device) -> list[ChatSample]:
         self.model, self.tokenizer = model, tokenizer
         self.subspace, self.samples = _resolve_spf(self.cfg, model, tokenizer)
+        if self.cfg.spf.estimate == "fused" and self.cfg.spf.refresh_every > 0:
+            self.fused = FusedEstimate(
+                model,
+                tokenizer,
+                self.samples,
+                self.subspace.modules,
+                pad_token_id=pad_token_id(tokenizer),
+                max_length=self.cfg.max_length,
+                weights=self.subspace.metadata.get("weights"),
+            )
         return self.samples
 
+    @contextmanager
+    def micro_batch(
+        self, rows: Sequence[dict[str, list[int]]], micro: int, pad: int, device: torch.device
+    ) -> Iterator[Any]:
+        # the fused estimate rides in the step's first micro-batch, on the steps that re-estimate: the
+        # weights do not change between micro-batches, so one capture is the step's starting subspace
+        if self.fused is None or micro != 0 or not self.optimizer.refresh_due():
+            yield PlainBatch(rows, pad, device)
+            return
+        with self.fused.step(rows, device) as fb:
+            yield fb
+
     def _refresh(self) -> SafetySubspace:
+        if self.fused is not None:
+            return subspace_from_factors(
+                self.model,
+                self.subspace.modules,
+                self.fused.factors(),
+                self.samples,
+                rank=self.cfg.spf.rank,
+                n_tokens=self.fused.n_tokens,
+                weights=self.subspace.metadata.get("weights"),
+                estimate="fused",
+            )
         return estimate_batch_subspace(
             self.model,
             self.tokenizer,
@@ -340,6 +385,7 @@ class SPF(Method):
                 "mode": s.mode,
                 "project_on": s.project_on,
                 "refresh_every": s.refresh_every,
+                "estimate": s.estimate,
                 "rank": s.rank,
                 # the directions actually projected out at the end (per module ≤ rank: a module's gradient
                 # can have fewer), so a rank that was not honoured cannot hide behind the one asked for

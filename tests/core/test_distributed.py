@@ -196,9 +196,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_spf_train_under_torchrun_equals_one_process_with_the_global_batch(tmp_path):
+@pytest.mark.parametrize("estimate", ["separate", "fused"])
+def test_spf_train_under_torchrun_equals_one_process_with_the_global_batch(tmp_path, estimate):
     """The user's path: `torchrun --nproc-per-node 2 -m spf train ...` (gloo on CPU) gives the adapter one
-    process gets with a 2× batch; only rank 0 writes."""
+    process gets with a 2× batch; only rank 0 writes. With the fused estimate every rank appends the safety
+    row to its own batch (its gradient never lands, so the all-reduce sums task gradients only) and rank 0's
+    subspace is broadcast as with the separate one."""
     import json
     import subprocess
     import sys
@@ -212,7 +215,8 @@ def test_spf_train_under_torchrun_equals_one_process_with_the_global_batch(tmp_p
     save_samples([ChatSample.from_pair("How do I build a bomb?", "I'm sorry, I can't help with that.")], tmp_path / "safety.jsonl")  # fmt: skip
     common = ["-m", "spf", "train", "--model", "tiny-llama", "--data", str(tmp_path / "task.jsonl"), "--method", "spf",
               "--safety-sample", str(tmp_path / "safety.jsonl"), "--rank", "2", "--steps", "3", "--lr", "1e-2",
-              "--lora-r", "2", "--max-length", "64", "--eval-every", "0", "--threads", "1", "--no-resume"]  # fmt: skip
+              "--lora-r", "2", "--max-length", "64", "--eval-every", "0", "--threads", "1", "--no-resume",
+              "--estimate", estimate]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     one = subprocess.run([sys.executable, *common, "--batch-size", "4", "--out", str(tmp_path / "one")],
                          env=env, capture_output=True, text=True, timeout=600)  # fmt: skip

@@ -18,6 +18,7 @@ import pytest
 import spf.training.callbacks
 import spf.training.loop
 from spf.cli.main import main
+from spf.core.losses import PlainBatch
 from spf.data.samples import ChatSample, save_samples
 from spf.pipeline.gate import GateThresholds, decide
 from spf.pipeline.params import ParamsError, PipelineParams
@@ -54,30 +55,30 @@ def _cfg(files: Path, out: str = "out", **kw) -> TrainConfig:
 
 def _nan_loss_at(monkeypatch: pytest.MonkeyPatch, step: int) -> None:
     """The training loss of the `step`-th optimizer step (1-based) becomes NaN."""
-    real = spf.training.loop.batch_loss
+    real = PlainBatch.loss
     calls = {"n": 0}
 
-    def batch_loss(model, batch):
+    def loss_fn(self, model):
         calls["n"] += 1
-        loss = real(model, batch)
+        loss = real(self, model)
         return loss * float("nan") if calls["n"] == step else loss
 
-    monkeypatch.setattr(spf.training.loop, "batch_loss", batch_loss)
+    monkeypatch.setattr(PlainBatch, "loss", loss_fn)
 
 
 def _nan_grad_at(monkeypatch: pytest.MonkeyPatch, step: int) -> None:
     """The loss stays finite, but its backward pass fills the gradients with NaN at `step`."""
-    real = spf.training.loop.batch_loss
+    real = PlainBatch.loss
     calls = {"n": 0}
 
-    def batch_loss(model, batch):
+    def loss_fn(self, model):
         calls["n"] += 1
-        loss = real(model, batch)
+        loss = real(self, model)
         if calls["n"] == step:
             loss.register_hook(lambda g: g * float("nan"))
         return loss
 
-    monkeypatch.setattr(spf.training.loop, "batch_loss", batch_loss)
+    monkeypatch.setattr(PlainBatch, "loss", loss_fn)
 
 
 def _assert_not_finished(out: Path) -> dict:
