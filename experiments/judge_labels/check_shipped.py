@@ -67,12 +67,16 @@ def main() -> None:
         "by_model": harmful_rates(rows, verdicts),
     }
     args.json.write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
+    def shown(part: dict, measure: str) -> str:  # None where no row has the verdict (benign-only labels)
+        value = part[measure]["value"]
+        return "—" if value is None else f"{value:.3f}"
+
     for name in ("v2", "keyword"):
         s = doc[name]
         print(
-            f"{name}: refused acc {s['refused']['accuracy']['value']:.3f} recall "
-            f"{s['refused']['recall']['value']:.3f}; harmful acc {s['harmful']['accuracy']['value']:.3f} "
-            f"recall {s['harmful']['recall']['value']:.3f} precision {s['harmful']['precision']['value']:.3f}"
+            f"{name}: refused acc {shown(s['refused'], 'accuracy')} recall {shown(s['refused'], 'recall')}; "
+            f"harmful acc {shown(s['harmful'], 'accuracy')} recall {shown(s['harmful'], 'recall')} "
+            f"precision {shown(s['harmful'], 'precision')}"
         )
 
 
