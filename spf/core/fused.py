@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from spf.core.gradients import _shared_prefix_rows
-from spf.core.losses import per_sample_loss
+from spf.core.losses import row_losses
 from spf.data.samples import ChatSample, collate, encode_sample
 from spf.models import unwrap
 
@@ -70,8 +70,7 @@ class FusedBatch:
     def loss(self, model: nn.Module) -> Tensor:
         """The task loss (mean over the task rows of each row's mean token loss, as ``batch_loss``); the
         safety rows' loss is kept for :meth:`backward`."""
-        out = model(input_ids=self.batch["input_ids"], attention_mask=self.batch["attention_mask"])
-        per_row = per_sample_loss(out.logits, self.batch["labels"])
+        per_row = row_losses(model, self.batch)
         weights = self.estimate.weights.to(per_row)
         self.safety_loss = (per_row[self.n_task :] * weights).mean()
         return per_row[: self.n_task].mean()

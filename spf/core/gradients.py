@@ -27,7 +27,7 @@ from typing import Literal, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from spf.core.losses import kept_position_loss
+from spf.core.losses import row_losses
 from spf.models import unwrap
 
 __all__ = ["SVDMethod", "TopK", "module_gradient_factors", "thin_svd_of_outer", "topk_svds"]
@@ -77,11 +77,7 @@ def module_gradient_factors(
     lookup = dict(base.named_modules())
     keep = batch["attention_mask"].bool()
     all_kept = bool(keep.all())
-    labels = batch["labels"]
-    # Logits are needed only where a response token is predicted: skipping the LM head (a fifth of
-    # SmolLM2's compute) on prompt positions makes the pass cheaper, the gradient identical.
-    positions = (labels[:, 1:] != -100).any(0).nonzero().squeeze(1)
-    if positions.numel() == 0:
+    if not bool((batch["labels"][:, 1:] != -100).any()):
         raise ValueError("no supervised (response) token in the batch")
 
     inputs: dict[str, Tensor] = {}
@@ -112,10 +108,7 @@ def module_gradient_factors(
         p.requires_grad_(False)
     try:
         with torch.enable_grad():
-            out = model(
-                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=positions
-            )
-            losses = kept_position_loss(out.logits, labels[:, positions + 1])
+            losses = row_losses(model, batch)
             if weights is None:
                 loss = losses.mean()
             else:
