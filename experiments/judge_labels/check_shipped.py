@@ -67,6 +67,7 @@ def main() -> None:
         "by_model": harmful_rates(rows, verdicts),
     }
     args.json.write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
+
     def shown(part: dict, measure: str) -> str:  # None where no row has the verdict (benign-only labels)
         value = part[measure]["value"]
         return "—" if value is None else f"{value:.3f}"
