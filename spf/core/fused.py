@@ -8,7 +8,10 @@ starting weights, for about ``1/(B+1)`` of a step instead of a second forward an
 Two things keep the task gradient exactly that of the task rows:
 
 * **routing** — every module that owns trainable parameters computes its safety rows with those parameters
-  *detached* (same value; autograd sees no path from a safety row to a parameter). Nothing ever lands in
+  *detached* (same value; autograd sees no path from a safety row to a parameter). A linear layer (LoRA's
+  A and B, every weight of full fine-tuning) does it in one op, :class:`_TaskRowsLinear`, whose backward sums
+  the weight gradient over the task rows only — no second product, no copy of the output; other modules
+  (embeddings, norms) recompute their safety rows with detached parameters. Nothing ever lands in
   ``.grad``, so gradient accumulation, clipping, all-reduce and a ``Trainer`` all see the pure task
   gradient; no subtraction after the fact (which would leave rounding residue and depend on the order of
   clipping). Gradients still flow through the safety rows' activations, which is what ``D`` needs.
@@ -141,17 +144,24 @@ class FusedEstimate:
         fb = FusedBatch(self, batch, n_task)
         inputs: dict[int, Tensor] = {}
         grads: dict[int, Tensor] = {}
-        handles = [m.register_forward_hook(_router(n_task, len(rows) + self.n_rows)) for m in self._owners]
+        n_rows = n_task + self.n_rows
+        linears = [m for m in self._owners if _patchable(m)]
+        hooked = [m for m in self._owners if not _patchable(m)]
+        handles = [m.register_forward_hook(_router(n_task, n_rows)) for m in hooked]
         handles += [
             m.register_forward_hook(_capturer(i, n_task, keep, inputs, grads))
             for i, m in enumerate(self._targets)
         ]
         self._captured = None
         try:
+            for m in linears:  # an instance attribute, removed after the block: the class's forward returns
+                m.forward = _routed_forward(m, n_task, n_rows)
             yield fb
         finally:
             for h in handles:
                 h.remove()
+            for m in linears:
+                m.__dict__.pop("forward", None)
         if fb.safety_loss is None or not grads:
             return  # no forward or no backward inside the block: nothing captured
         self._captured = self._assemble(batch, n_task, keep, inputs, grads, fb.safety_loss.detach())
@@ -207,6 +217,44 @@ def _parameter_owners(base: nn.Module) -> list[nn.Module]:
         if own or (isinstance(module, nn.Dropout) and module.p > 0):
             owners.append(module)
     return owners
+
+
+class _TaskRowsLinear(torch.autograd.Function):
+    """``y = x Wᵀ + b`` over all rows, whose weight (and bias) gradient sums over the first ``n_task`` rows
+    only: the safety rows' output gradient flows on to ``x`` (their ``D`` upstream) but never into W."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, n_task: int) -> Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.n_task, ctx.has_bias = n_task, bias is not None
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        x, weight = ctx.saved_tensors
+        n = ctx.n_task
+        grad_x = g @ weight if ctx.needs_input_grad[0] else None
+        g_task = g[:n].reshape(-1, g.shape[-1])
+        grad_w = g_task.T @ x[:n].reshape(-1, x.shape[-1]) if ctx.needs_input_grad[1] else None
+        grad_b = g_task.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return grad_x, grad_w, grad_b, None
+
+
+def _patchable(module: nn.Module) -> bool:
+    """A plain linear layer whose forward nobody else has replaced (accelerate's hooks patch the instance)."""
+    return type(module) is nn.Linear and "forward" not in module.__dict__
+
+
+def _routed_forward(module: nn.Linear, n_task: int, n_rows: int):
+    def forward(x: Tensor) -> Tensor:
+        if x.shape[0] != n_rows:
+            raise FusedError(
+                f"fused estimate: a linear layer got {x.shape[0]} rows, not the batch's {n_rows}; its safety "
+                "rows cannot be routed — use spf.estimate: separate"
+            )
+        return _TaskRowsLinear.apply(x, module.weight, module.bias, n_task)
+
+    return forward
 
 
 def _router(n_task: int, n_rows: int):

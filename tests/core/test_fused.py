@@ -114,6 +114,7 @@ def test_fused_equals_separate_and_leaves_the_task_gradient_alone(build, case):
         for n, g in plain_grads.items():
             torch.testing.assert_close(fused_grads[n], g, rtol=1e-5, atol=1e-7, msg=n)
     assert not any(m._forward_hooks for m in model.modules())  # every hook removed after the step
+    assert not any("forward" in vars(m) for m in model.modules())  # every routed forward restored
 
 
 def test_a_wrong_implementation_would_fail_the_gradient_check():
