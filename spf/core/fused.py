@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from spf.core.gradients import _shared_prefix_rows
+from spf.core.gradients import _shared_prefix_rows, merge_shared_rows
 from spf.core.losses import row_losses
 from spf.data.samples import ChatSample, collate, encode_sample
 from spf.models import unwrap
@@ -108,8 +108,6 @@ class FusedEstimate:
             raise ValueError("no safety samples to ride along")
         if weights is not None and len(weights) != len(samples):
             raise ValueError(f"weights: expected {len(samples)} values (one per sample), got {len(weights)}")
-        self.model = model
-        self.samples = list(samples)
         self.encoded = [encode_sample(tokenizer, s, max_length=max_length) for s in samples]
         self.weights = torch.tensor([1.0] * len(samples) if weights is None else list(weights))
         self.pad = pad_token_id
@@ -120,6 +118,9 @@ class FusedEstimate:
         self.names = list(modules)
         self._targets = [lookup[n] for n in self.names]
         self._owners = _parameter_owners(unwrap(model))
+        # plain linear layers route in one op (their forward patched for the block); the rest by a hook
+        self._linears = [m for m in self._owners if _patchable(m)]
+        self._hooked = [m for m in self._owners if not _patchable(m)]
         self._captured: tuple[list[Tensor], list[Tensor], Tensor] | None = None
         self.n_tokens = sum(int(sum(e["attention_mask"])) for e in self.encoded)
         dropout = functional_dropout(model)
@@ -131,7 +132,8 @@ class FusedEstimate:
             )
 
     @property
-    def n_rows(self) -> int:
+    def n_safety(self) -> int:
+        """Safety rows appended to each fused micro-batch."""
         return len(self.encoded)
 
     @contextmanager
@@ -142,25 +144,25 @@ class FusedEstimate:
         batch = {k: v.to(device) for k, v in collate([*rows, *self.encoded], self.pad).items()}
         keep = batch["attention_mask"][n_task:].bool()
         fb = FusedBatch(self, batch, n_task)
-        inputs: dict[int, Tensor] = {}
+        inputs: dict[int, tuple[Tensor, int]] = {}
         grads: dict[int, Tensor] = {}
-        n_rows = n_task + self.n_rows
-        linears = [m for m in self._owners if _patchable(m)]
-        hooked = [m for m in self._owners if not _patchable(m)]
-        handles = [m.register_forward_hook(_router(n_task, n_rows)) for m in hooked]
+        n_rows = n_task + self.n_safety
+        handles = [m.register_forward_hook(_router(n_task, n_rows)) for m in self._hooked]
         handles += [
             m.register_forward_hook(_capturer(i, n_task, keep, inputs, grads))
             for i, m in enumerate(self._targets)
         ]
         self._captured = None
         try:
-            for m in linears:  # an instance attribute, removed after the block: the class's forward returns
+            for (
+                m
+            ) in self._linears:  # an instance attribute, removed after the block: the class's forward returns
                 m.forward = _routed_forward(m, n_task, n_rows)
             yield fb
         finally:
             for h in handles:
                 h.remove()
-            for m in linears:
+            for m in self._linears:
                 m.__dict__.pop("forward", None)
         if fb.safety_loss is None or not grads:
             return  # no forward or no backward inside the block: nothing captured
@@ -175,23 +177,14 @@ class FusedEstimate:
         for i, name in enumerate(self.names):
             if i not in inputs:
                 raise FusedError(f"fused estimate: target module '{name}' did not run in the forward")
-            x = inputs[i]
+            x, width = inputs[i]
             d = grads.get(i)
             if d is None:  # the module's output got no gradient (nothing after it is supervised)
-                d = torch.zeros(x.shape[0], self._out_features(i, x), dtype=x.dtype, device=x.device)
-            if merge is not None:
-                rows, owner = merge
-                d = torch.zeros(rows.numel(), d.shape[1], dtype=d.dtype, device=d.device).index_add_(
-                    0, owner, d
-                )
-                x = x[rows]
+                d = torch.zeros(x.shape[0], width, dtype=x.dtype, device=x.device)
+            d, x = merge_shared_rows(d, x, merge)
             ds.append(d)
             xs.append(x)
         return ds, xs, loss
-
-    def _out_features(self, i: int, x: Tensor) -> int:
-        weight = getattr(self._targets[i], "weight", None)
-        return int(weight.shape[0]) if isinstance(weight, Tensor) else int(x.shape[1])
 
     def factors(self) -> tuple[list[Tensor], list[Tensor], Tensor]:
         """The last completed step's ``(ds, xs, safety_loss)``; FusedError when no step captured them."""
@@ -290,12 +283,14 @@ def _router(n_task: int, n_rows: int):
     return hook
 
 
-def _capturer(i: int, n_task: int, keep: Tensor, inputs: dict[int, Tensor], grads: dict[int, Tensor]):
-    """Forward hook on target ``i``: keep its safety rows' kept inputs; a tensor hook keeps their output
-    gradient when the backward reaches it."""
+def _capturer(
+    i: int, n_task: int, keep: Tensor, inputs: dict[int, tuple[Tensor, int]], grads: dict[int, Tensor]
+):
+    """Forward hook on target ``i``: keep its safety rows' kept inputs and its output width; a tensor hook
+    keeps their output gradient when the backward reaches it."""
 
     def hook(_module: nn.Module, args: tuple, out: Tensor) -> None:
-        inputs[i] = args[0][n_task:][keep].detach()
+        inputs[i] = (args[0][n_task:][keep].detach(), out.shape[-1])
         if out.requires_grad:
 
             def keep_grad(g: Tensor) -> None:

@@ -77,9 +77,6 @@ def module_gradient_factors(
     lookup = dict(base.named_modules())
     keep = batch["attention_mask"].bool()
     all_kept = bool(keep.all())
-    if not bool((batch["labels"][:, 1:] != -100).any()):
-        raise ValueError("no supervised (response) token in the batch")
-
     inputs: dict[str, Tensor] = {}
     outputs: dict[str, Tensor] = {}
 
@@ -128,14 +125,22 @@ def module_gradient_factors(
         x = inputs.pop(name)
         m = outputs[name].shape[-1]
         d = torch.zeros(n_tokens, m, device=x.device, dtype=x.dtype) if g_out is None else g_out[keep]
-        if merge is not None:
-            rows, owner = merge
-            d = torch.zeros(rows.numel(), m, device=d.device, dtype=d.dtype).index_add_(0, owner, d)
-            x = x[rows]
+        d, x = merge_shared_rows(d, x, merge)
         ds.append(d)
         xs.append(x)
     outputs.clear()
     return ds, xs, loss.detach()
+
+
+def merge_shared_rows(d: Tensor, x: Tensor, merge: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor]:
+    """One module's factors with the tokens of :func:`_shared_prefix_rows` merged: each shared token's ``D``
+    row summed into its owner's, only the owners' ``X`` rows kept (``G = Dᵀ X`` unchanged)."""
+    if merge is None:
+        return d, x
+    rows, owner = merge
+    return torch.zeros(rows.numel(), d.shape[1], device=d.device, dtype=d.dtype).index_add_(0, owner, d), x[
+        rows
+    ]
 
 
 def _shared_prefix_rows(input_ids: Tensor, keep: Tensor) -> tuple[Tensor, Tensor] | None:

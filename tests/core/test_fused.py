@@ -121,7 +121,7 @@ def test_a_wrong_implementation_would_fail_the_gradient_check():
     """Without routing, the safety rows' gradient lands in .grad: the check above would see it."""
     model, tok, names = _full_model()
     est = FusedEstimate(model, tok, [SAFETY], names, pad_token_id=tok.pad_token_id)
-    est._owners = []  # no routing
+    est._linears, est._hooked = [], []  # no routing
     with est.step([encode_sample(tok, s) for s in TASK], "cpu") as fb:
         fb.backward(fb.loss(model))
     leaked = _grads(model)
