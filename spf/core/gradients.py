@@ -233,17 +233,73 @@ def _finish(u: Tensor, s: Tensor, v: Tensor, floor: Tensor, rank: int, n_values:
     return u.float().contiguous(), s[:n_values].double(), v.float().contiguous()
 
 
+def _gram_route(ds: list[Tensor], xs: list[Tensor], rank: int, n_values: int) -> list[TopK]:
+    """Top-``rank`` triplets of each ``G = Dᵀ X`` from T×T problems, batched over modules.
+
+    Any factor ``L`` with ``L Lᵀ = X Xᵀ`` writes ``X = L Q_xᵀ`` (``Q_x`` orthonormal), so ``G = H Q_xᵀ``
+    with ``H = Dᵀ L``; ``HᵀH = Lᵀ (D Dᵀ) L = W Σ² Wᵀ`` gives ``U = Dᵀ (L W Σ⁻¹)`` and
+    ``V = Gᵀ U Σ⁻¹ = Xᵀ (D Dᵀ L W Σ⁻²)`` — no ``L⁻¹``, which would amplify the noise of X's near-zero
+    directions (repeated inputs) into V. ``L`` is the Cholesky factor (a ninth of an eigen-decomposition's
+    time at T = 60), or ``E Λ^½`` from ``X Xᵀ = E Λ Eᵀ`` where Cholesky fails (X Xᵀ numerically singular).
+    Modules that read the same input (q/k/v, gate/up) share one ``X Xᵀ`` and one factor.
+    """
+    d64 = [d.double() for d in ds]
+    uniq, slot = _distinct_inputs(xs)
+    x64 = [x.double() for x in uniq]
+    # Gram matrices in fp64 (see the module docstring)
+    k_d = torch.stack([d @ d.T for d in d64])
+    k_x = torch.stack([x @ x.T for x in x64])
+    fac = _gram_factor(k_x)[slot]
+    k_x = k_x[slot]
+    sig2, w = torch.linalg.eigh(fac.transpose(1, 2) @ k_d @ fac)  # ascending
+    sig, w = sig2.flip(-1).clamp_min(0).sqrt(), w.flip(-1)
+    top_w, s_top = w[:, :, :rank], sig[:, :rank]
+    inv_sig = torch.where(s_top > 0, 1.0 / s_top.clamp_min(1e-300), torch.zeros_like(s_top))
+    coef_u = fac @ top_w * inv_sig.unsqueeze(1)  # U = Dᵀ coef_u
+    coef_v = k_d @ coef_u * inv_sig.unsqueeze(1)  # V = Xᵀ coef_v
+    energies = (k_d * k_x).sum(dim=(1, 2))  # ‖DᵀX‖²_F = tr(K_d K_x), exact
+    d_norm = k_d.diagonal(dim1=1, dim2=2).sum(-1).clamp_min(0).sqrt()
+    x_norm = k_x.diagonal(dim1=1, dim2=2).sum(-1).clamp_min(0).sqrt()
+    out = []
+    for i, d in enumerate(d64):
+        floor = _noise_floor(d_norm[i], x_norm[i], sig[i, 0], ds[i].dtype)
+        u, s, v = _finish(d.T @ coef_u[i], sig[i], x64[slot[i]].T @ coef_v[i], floor, rank, n_values)
+        out.append(TopK(u, s, v, float(energies[i])))
+    return out
+
+
+def _distinct_inputs(xs: list[Tensor]) -> tuple[list[Tensor], list[int]]:
+    """The distinct inputs and each module's slot among them: a module whose input equals the previous
+    module's (q/k/v and gate/up read one hidden state; names come in model order) shares its slot."""
+    uniq: list[Tensor] = []
+    slot: list[int] = []
+    for x in xs:
+        prev = uniq[-1] if uniq else None
+        same = prev is not None and prev.shape == x.shape and prev.dtype == x.dtype and torch.equal(prev, x)
+        if not same:
+            uniq.append(x)
+        slot.append(len(uniq) - 1)
+    return uniq, slot
+
+
+def _gram_factor(k: Tensor) -> Tensor:
+    """``L`` with ``L Lᵀ = K`` for each PSD ``K`` of the batch: Cholesky, ``E Λ^½`` where it fails."""
+    fac, info = torch.linalg.cholesky_ex(k)
+    bad = (info != 0).nonzero().flatten()
+    if bad.numel():
+        lam, e = torch.linalg.eigh(k[bad])
+        fac[bad] = e * lam.clamp_min(0).sqrt().unsqueeze(1)
+    return fac
+
+
 def topk_svds(
     ds: list[Tensor], xs: list[Tensor], rank: int, n_values: int, method: SVDMethod = "auto"
 ) -> list[TopK]:
     """Per module the top-``rank`` (at most) singular triplets of ``G = Dᵀ X`` above the noise floor.
 
-    Gram route (T < min(m, n), or ``method="factored"``), all modules' T×T eigen-problems batched:
-    ``X Xᵀ = E Λ Eᵀ`` gives ``X = E Λ^½ Q_xᵀ`` (``Q_x`` orthonormal), so ``G = H Q_xᵀ`` with
-    ``H = Dᵀ E Λ^½``; ``HᵀH = Λ^½ Eᵀ (D Dᵀ) E Λ^½ = W Σ² Wᵀ`` gives ``U = Dᵀ (E Λ^½ W Σ⁻¹)`` and
-    ``V = Gᵀ U Σ⁻¹ = Xᵀ (D Dᵀ E Λ^½ W Σ⁻²)`` — no ``Λ^-½``, which would amplify the noise of X's
-    near-zero eigenvalues (repeated inputs) into V. Dense route otherwise: the SVD of the m×n ``G``.
-    Both end in :func:`_finish` (noise floor, QR). Returns one :class:`TopK` per module, in order.
+    Gram route (T < min(m, n), or ``method="factored"``): :func:`_gram_route`, all modules' T×T problems
+    batched. Dense route otherwise: the SVD of the m×n ``G``. Both end in :func:`_finish` (noise floor,
+    QR). Returns one :class:`TopK` per module, in order.
     """
     t = ds[0].shape[0] if ds else 0
     dense = [
@@ -253,27 +309,12 @@ def topk_svds(
     results: list[TopK | None] = [None] * len(ds)
     gram_idx = [i for i, is_dense in enumerate(dense) if not is_dense]
     if gram_idx:
-        d64 = {i: ds[i].double() for i in gram_idx}
-        x64 = {i: xs[i].double() for i in gram_idx}
-        # Gram matrices in fp64 (see the module docstring); every T×T step batched over modules, so two
-        # batched eigen-decompositions serve the whole model.
-        k_d = torch.stack([d64[i] @ d64[i].T for i in gram_idx])
-        k_x = torch.stack([x64[i] @ x64[i].T for i in gram_idx])
-        lam, e = torch.linalg.eigh(k_x)
-        er = e * lam.clamp_min(0).sqrt().unsqueeze(1)  # E Λ^½
-        sig2, w = torch.linalg.eigh(er.transpose(1, 2) @ k_d @ er)  # ascending
-        sig, w = sig2.flip(-1).clamp_min(0).sqrt(), w.flip(-1)
-        top_w, s_top = w[:, :, :rank], sig[:, :rank]
-        inv_sig = torch.where(s_top > 0, 1.0 / s_top.clamp_min(1e-300), torch.zeros_like(s_top))
-        coef_u = er @ top_w * inv_sig.unsqueeze(1)  # U = Dᵀ coef_u
-        coef_v = k_d @ coef_u * inv_sig.unsqueeze(1)  # V = Xᵀ coef_v
-        energies = (k_d * k_x).sum(dim=(1, 2))  # ‖DᵀX‖²_F = tr(K_d K_x), exact
-        d_norm = k_d.diagonal(dim1=1, dim2=2).sum(-1).clamp_min(0).sqrt()
-        x_norm = k_x.diagonal(dim1=1, dim2=2).sum(-1).clamp_min(0).sqrt()
-        for j, i in enumerate(gram_idx):
-            floor = _noise_floor(d_norm[j], x_norm[j], sig[j, 0], ds[i].dtype)
-            u, s, v = _finish(d64[i].T @ coef_u[j], sig[j], x64[i].T @ coef_v[j], floor, rank, n_values)
-            results[i] = TopK(u, s, v, float(energies[j]))
+        for i, top in zip(
+            gram_idx,
+            _gram_route([ds[i] for i in gram_idx], [xs[i] for i in gram_idx], rank, n_values),
+            strict=True,
+        ):
+            results[i] = top
     for i, is_dense in enumerate(dense):
         if is_dense:
             d, x = ds[i], xs[i]

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from spf.core import projection as P
-from spf.core.gradients import thin_svd_of_outer
+from spf.core.gradients import _gram_factor, thin_svd_of_outer, topk_svds
 from tests.helpers import orthonormal
 
 M, N, K, R = 24, 40, 5, 3
@@ -80,3 +80,40 @@ def test_svd_of_outer_product_is_exact(tokens):
     torch.testing.assert_close(u @ torch.diag(s.float()) @ v.T, g, rtol=1e-3, atol=1e-3)
     torch.testing.assert_close(u.T @ u, torch.eye(s.numel()), rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(v.T @ v, torch.eye(s.numel()), rtol=1e-4, atol=1e-4)
+
+
+def _projector(a: torch.Tensor) -> torch.Tensor:
+    return a.double() @ a.double().T
+
+
+def test_gram_route_matches_the_dense_svd_with_shared_and_singular_inputs():
+    """The factored route (Cholesky of X Xᵀ, the eigen-factor where X Xᵀ is singular, one factor for
+    modules reading one input) gives the dense SVD's top directions, module by module."""
+    gen = torch.Generator().manual_seed(3)
+    t, k = 12, 4
+    x_qkv = torch.randn(t, N, generator=gen)
+    x_singular = torch.randn(t, N, generator=gen)
+    x_singular[3] = x_singular[1]  # a repeated input (layer 0, a repeated token)
+    x_singular[0] = 0.0  # an input of zeros: X Xᵀ has a zero first pivot, Cholesky fails
+    xs = [x_qkv, x_qkv, x_qkv.clone(), torch.randn(t, N, generator=gen), x_singular, x_singular]
+    ds = [torch.randn(t, m, generator=gen) for m in (M, M // 2, M // 2, M, M, 2 * M)]
+    got = topk_svds(ds, xs, k, 8, "factored")
+    want = topk_svds(ds, xs, k, 8, "dense")
+    for i, (g, w) in enumerate(zip(got, want, strict=True)):
+        ref = torch.linalg.svdvals(ds[i].double().T @ xs[i].double())
+        torch.testing.assert_close(g.s[:k], ref[:k], rtol=1e-9, atol=0.0, msg=f"module {i}")
+        assert (_projector(g.u) - _projector(w.u)).abs().max() < 1e-5, i
+        assert (_projector(g.v) - _projector(w.v)).abs().max() < 1e-5, i
+        assert g.energy == pytest.approx(float(ref.pow(2).sum()), rel=1e-9)
+
+
+def test_gram_factor_falls_back_where_cholesky_fails():
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(6, N, generator=gen, dtype=torch.float64)
+    singular = x.clone()
+    singular[2] = 0.0
+    k = torch.stack([x @ x.T, singular @ singular.T])
+    assert torch.linalg.cholesky_ex(k).info.tolist()[1] != 0  # the case the fallback exists for
+    fac = _gram_factor(k)
+    torch.testing.assert_close(fac @ fac.transpose(1, 2), k, rtol=1e-10, atol=1e-10)
+    assert torch.equal(fac[0], torch.linalg.cholesky(k[0]))
