@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-__all__ = ["ConflictScope", "EstimateRoute", "ProjectMode", "ProjectOn"]
+__all__ = ["ConflictScope", "Directions", "EstimateRoute", "ProjectMode", "ProjectOn", "Removal"]
 
 ProjectMode = Literal["conflict", "always"]  # conflict: project only when the update raises the safety loss
 ProjectOn = Literal["update", "grad"]  # the optimizer's actual update (Adam-correct) or the raw gradient
@@ -13,3 +13,9 @@ ConflictScope = Literal["module", "global"]  # where conflict mode tests the sig
 # how a re-estimation gets the safety gradient: its own forward/backward of the sample (separate), or the
 # sample riding along as extra rows of the training step's batch (fused: one forward, one backward)
 EstimateRoute = Literal["separate", "fused"]
+# what a projected step does with the safety component: remove it (SPF), or — a control — keep the
+# update's direction and shrink it to the length removal would leave ("is SPF only a smaller step?")
+Removal = Literal["project", "shrink"]
+# where the subspace's directions come from: the safety gradient (SPF), or — a control — a random orthonormal
+# subspace of the same per-module ranks, redrawn at every re-estimation ("does the safety direction matter?")
+Directions = Literal["estimated", "random"]

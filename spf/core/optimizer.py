@@ -9,6 +9,8 @@ collects diagnostics.
   (``m/√v`` is not linear in the gradient) and decoupled weight decay.
 * ``project_on="grad"``: project the gradient before the inner step (PCGrad/GaLore style); exact for plain
   SGD only. Kept because it is what many papers do, and our tests show where it breaks.
+* ``removal="shrink"`` is a control, not SPF: every projected step keeps its own direction at the length the
+  projection would leave (:class:`~spf.core.targets.ShrinkLoraGroup`) — update mode only.
 * ``mode="always"`` removes the subspace component every step; ``mode="conflict"`` only when the step would
   raise the safety loss to first order, ``⟨G_k, ΔW⟩ > 0`` — per module (``conflict_scope="module"``,
   the prototype found conflict is per module) or for the whole model (``"global"``).
@@ -25,7 +27,12 @@ import torch
 from torch import Tensor, nn
 
 from spf.core.distributed import broadcast_subspace
-from spf.core.modes import ConflictScope, ProjectMode, ProjectOn  # re-exported: declared torch-free there
+from spf.core.modes import (
+    ConflictScope,
+    ProjectMode,
+    ProjectOn,
+    Removal,
+)  # re-exported: declared torch-free there
 from spf.core.subspace import SafetySubspace, subspace_overlap
 from spf.core.targets import (
     Bases,
@@ -34,6 +41,8 @@ from spf.core.targets import (
     LoraGradProjector,
     LoraGroup,
     LoraTarget,
+    ShrinkFullProjector,
+    ShrinkLoraGroup,
     Stats,
     find_targets,
     grads_present,
@@ -44,7 +53,7 @@ from spf.core.targets import (
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ConflictScope", "ProjectMode", "ProjectOn", "SPFOptimizer"]
+__all__ = ["ConflictScope", "ProjectMode", "ProjectOn", "Removal", "SPFOptimizer"]
 
 
 class SPFOptimizer(torch.optim.Optimizer):
@@ -57,7 +66,7 @@ class SPFOptimizer(torch.optim.Optimizer):
         optimizer: the inner optimizer (AdamW, SGD, …).
         model: the model whose modules the subspace names (a peft model or a plain transformer).
         subspace: the initial subspace; may be ``None`` when ``refresh_fn`` is given (estimated at step 0).
-        mode / project_on / conflict_scope: see the module docstring.
+        mode / project_on / conflict_scope / removal: see the module docstring.
         refresh_every: re-estimate with ``refresh_fn`` every T steps (0 = never).
         refresh_fn: returns a fresh :class:`SafetySubspace` at the current weights (same sample).
         diagnostics: compute per-step diagnostics (cheap for LoRA; for full FT with ``project_on="update"``
@@ -76,15 +85,19 @@ class SPFOptimizer(torch.optim.Optimizer):
         refresh_fn: Callable[[], SafetySubspace] | None = None,
         conflict_scope: ConflictScope = "module",
         diagnostics: bool = True,
+        removal: Removal = "project",
     ) -> None:
         for name, value, vocabulary in (
             ("mode", mode, ProjectMode),
             ("project_on", project_on, ProjectOn),
             ("conflict_scope", conflict_scope, ConflictScope),
+            ("removal", removal, Removal),
         ):
             if value not in get_args(vocabulary):
                 choices = " or ".join(repr(c) for c in get_args(vocabulary))
                 raise ValueError(f"{name} must be {choices}, got {value!r}")
+        if removal == "shrink" and project_on != "update":
+            raise ValueError("removal='shrink' (the norm-matched control) needs project_on='update'")
         if refresh_every < 0:
             raise ValueError(f"refresh_every must be ≥ 0, got {refresh_every}")
         if subspace is None and refresh_fn is None:
@@ -99,6 +112,7 @@ class SPFOptimizer(torch.optim.Optimizer):
         self.mode: ProjectMode = mode
         self.project_on: ProjectOn = project_on
         self.conflict_scope: ConflictScope = conflict_scope
+        self.removal: Removal = removal
         self.refresh_every = refresh_every
         self.refresh_fn = refresh_fn
         self.diagnostics = diagnostics
@@ -144,7 +158,7 @@ class SPFOptimizer(torch.optim.Optimizer):
     def __repr__(self) -> str:
         return (
             f"SPFOptimizer(mode={self.mode}, project_on={self.project_on}, refresh_every={self.refresh_every}, "
-            f"inner={self.optimizer.__class__.__name__})"
+            f"removal={self.removal}, inner={self.optimizer.__class__.__name__})"
         )
 
     # ------------------------------------------------------------------ subspace
@@ -160,13 +174,13 @@ class SPFOptimizer(torch.optim.Optimizer):
             t.name: tuple(b.to(target_parameters(t)[0].device, torch.float32) for b in subspace.bases[t.name])
             for t in self._targets
         }
-        self._groups = group_lora(self._targets, self._bases)
+        shrink = self.removal == "shrink"
+        self._groups = group_lora(self._targets, self._bases, ShrinkLoraGroup if shrink else LoraGroup)
         for g in self._groups:  # per-module bases become views of the stacked ones: one copy in memory
             for i, t in enumerate(g.targets):
                 self._bases[t.name] = (g.u[i], g.s[i], g.v[i])
-        self._full = [
-            FullProjector(t, *self._bases[t.name]) for t in self._targets if isinstance(t, FullTarget)
-        ]
+        full_cls = ShrinkFullProjector if shrink else FullProjector
+        self._full = [full_cls(t, *self._bases[t.name]) for t in self._targets if isinstance(t, FullTarget)]
         self._grad_projectors = {p.target.name: p for p in self._full}
         for t in self._targets:
             if isinstance(t, LoraTarget):

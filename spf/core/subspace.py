@@ -54,6 +54,7 @@ __all__ = [
     "module_gradient_factors",
     "module_shapes",
     "orthonormality_error",
+    "random_like",
     "subspace_from_factors",
     "subspace_overlap",
     "weights_fingerprint",
@@ -427,6 +428,19 @@ def subspace_from_factors(
         sub.metadata["orthonormality_error"]["v"],
     )
     return sub
+
+
+def random_like(sub: SafetySubspace, generator: torch.Generator) -> SafetySubspace:
+    """The random-direction control (``spf.directions: random``): per module Haar-random orthonormal U, V
+    with ``sub``'s effective rank, its singular values, energy and spectra kept — so a projection removes as
+    many directions as SPF's, none of them the safety gradient's (except by chance)."""
+    bases = {}
+    for name, (u, s, v) in sub.bases.items():
+        pair = [torch.randn(b.shape, generator=generator, dtype=torch.float64) for b in (u, v)]
+        q_u, q_v = (torch.linalg.qr(b).Q.float().to(u.device) for b in pair)
+        bases[name] = (q_u, s.clone(), q_v)
+    meta = {**sub.metadata, "directions": "random", "estimate": "random"}
+    return SafetySubspace(bases, dict(sub.energy), dict(sub.spectra), sub.rank, meta)
 
 
 def orthonormality_error(sub: SafetySubspace) -> dict[str, float]:

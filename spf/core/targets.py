@@ -8,7 +8,9 @@ math is :mod:`spf.core.projection`'s:
 
 * :class:`LoraGroup` — same-shaped LoRA modules projected together (update mode);
 * :class:`FullProjector` — a full weight, two-sided (update and grad mode);
-* :class:`LoraGradProjector` — one LoRA module's gradients (grad mode).
+* :class:`LoraGradProjector` — one LoRA module's gradients (grad mode);
+* :class:`ShrinkLoraGroup`, :class:`ShrinkFullProjector` — the norm-matched control (``removal="shrink"``):
+  the step keeps its own direction at the length the projection would leave it.
 """
 
 from __future__ import annotations
@@ -42,6 +44,8 @@ __all__ = [
     "LoraGradProjector",
     "LoraGroup",
     "LoraTarget",
+    "ShrinkFullProjector",
+    "ShrinkLoraGroup",
     "Stats",
     "find_targets",
     "grads_present",
@@ -225,8 +229,7 @@ class LoraGroup:
         a_old, b_old = snap
         a_new, b_new, factors, inner = work
         mask = mask.to(a_new.device)
-        b_proj = b_old + remove_left(b_new - b_old, self.u)
-        a_proj = a_old + remove_right(a_new - a_old, self.v)
+        b_proj, a_proj = self.kept(a_old, b_old, a_new, b_new)
         chosen = mask.nonzero().squeeze(1).tolist()
         if chosen:
             torch._foreach_copy_([self.targets[i].b for i in chosen], [b_proj[i] for i in chosen])
@@ -242,8 +245,30 @@ class LoraGroup:
         removed_sq = torch.where(mask, factored_sq_norm(lr, rr), torch.zeros_like(before_sq))
         stats.add_many(inner, after, before_sq, after_sq, removed_sq, self.s.pow(2).sum(-1), mask)
 
+    def kept(self, a_old: Tensor, b_old: Tensor, a_new: Tensor, b_new: Tensor) -> tuple[Tensor, Tensor]:
+        """(B, A) after a projected step: the safety component of each factor's change removed."""
+        return b_old + remove_left(b_new - b_old, self.u), a_old + remove_right(a_new - a_old, self.v)
 
-def group_lora(targets: list[Target], bases: dict[str, Bases]) -> list[LoraGroup]:
+
+def shrunk(delta: Tensor, kept: Tensor) -> Tensor:
+    """``delta`` scaled to ``kept``'s norm, per leading index (a zero ``delta`` stays zero)."""
+    dims = tuple(range(1, delta.dim()))
+    norm = delta.norm(dim=dims, keepdim=True)
+    return delta * torch.where(norm > 0, kept.norm(dim=dims, keepdim=True) / norm.clamp_min(1e-30), 0.0)
+
+
+class ShrinkLoraGroup(LoraGroup):
+    """The control: each factor's change keeps the optimizer's direction, shortened to the norm the
+    projection would leave — the same amount removed, none of it along the safety directions in particular."""
+
+    def kept(self, a_old: Tensor, b_old: Tensor, a_new: Tensor, b_new: Tensor) -> tuple[Tensor, Tensor]:
+        b_proj, a_proj = super().kept(a_old, b_old, a_new, b_new)
+        return b_old + shrunk(b_new - b_old, b_proj - b_old), a_old + shrunk(a_new - a_old, a_proj - a_old)
+
+
+def group_lora(
+    targets: list[Target], bases: dict[str, Bases], cls: type[LoraGroup] = LoraGroup
+) -> list[LoraGroup]:
     buckets: dict[tuple, list[LoraTarget]] = {}
     for t in targets:
         if isinstance(t, LoraTarget):
@@ -253,7 +278,7 @@ def group_lora(targets: list[Target], bases: dict[str, Bases]) -> list[LoraGroup
     groups = []
     for ts in buckets.values():
         u, s, v = (torch.stack([bases[t.name][i] for t in ts]) for i in range(3))
-        groups.append(LoraGroup(ts, u, s, v, ts[0].scale))
+        groups.append(cls(ts, u, s, v, ts[0].scale))
     return groups
 
 
@@ -313,6 +338,30 @@ class FullProjector:
             after, after_sq, removed_sq = inner, before_sq, torch.zeros(())
         if stats is not None:
             stats.add(inner, after, before_sq, after_sq, removed_sq, self.s, project)
+
+
+class ShrinkFullProjector(FullProjector):
+    """The control for a full weight: ΔW ← c·ΔW with ‖c·ΔW‖ = ‖ΔW − UUᵀΔWVVᵀ‖ (update mode only; it keeps a
+    copy of the weight, which the projection does not need)."""
+
+    def snapshot(self, keep_copy: bool) -> tuple[Tensor, ...]:
+        return super().snapshot(True)
+
+    def apply(self, snap: tuple[Tensor, ...], work: tuple, mask: Tensor, stats: Stats | None) -> None:
+        d_core, inner = work
+        inner = inner.reshape(())
+        w, w_old = self.target.w, snap[1]
+        delta = w.detach().float() - w_old.float()
+        before_sq = delta.pow(2).sum()
+        project = bool(mask[0])
+        c = ((before_sq - d_core.pow(2).sum()).clamp_min(0) / before_sq).sqrt() if before_sq > 0 else 1.0
+        c = torch.as_tensor(c if project else 1.0, dtype=torch.float32)
+        if project:
+            w.copy_((w_old.float() + c * delta).to(w.dtype))
+        if stats is not None:
+            stats.add(
+                inner, c * inner, before_sq, c**2 * before_sq, (1 - c) ** 2 * before_sq, self.s, project
+            )
 
 
 # -------------------------------------------------------------------------------------- grad mode

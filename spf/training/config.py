@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
 from typing import Any, Literal, get_args, get_origin
 
-from spf.core.modes import ConflictScope, EstimateRoute, ProjectMode, ProjectOn
+from spf.core.modes import ConflictScope, Directions, EstimateRoute, ProjectMode, ProjectOn, Removal
 
 # Method and BASELINE_METHODS stay here, beside the config, not in spf.training.methods: config must import
 # without torch so that `spf --help` stays fast. spf.training.methods.METHODS maps each name to its class.
@@ -197,6 +197,17 @@ class SPFSettings:
         metadata={"help": "re-estimate in a pass of its own, or fused: the sample rides in the step's batch"},
     )
     diagnostics: bool = field(default=True, metadata={"help": "record the per-step spf/* diagnostics"})
+    # the mechanism controls (issue 17): each changes one thing about SPF and is not a defense to ship
+    removal: Removal = field(
+        default="project",
+        metadata={"help": "project: remove the safety component; shrink (control): keep the step's "
+                  "direction at the length removal would leave"},
+    )  # fmt: skip
+    directions: Directions = field(
+        default="estimated",
+        metadata={"help": "estimated: the safety gradient's subspace; random (control): random orthonormal "
+                  "directions of the same ranks, redrawn at every re-estimation"},
+    )  # fmt: skip
 
     def __post_init__(self) -> None:
         check_int("spf.rank", self.rank, 1)
@@ -206,6 +217,10 @@ class SPFSettings:
         _check_choice("spf.project_on", self.project_on, ProjectOn)
         _check_choice("spf.conflict_scope", self.conflict_scope, ConflictScope)
         _check_choice("spf.estimate", self.estimate, EstimateRoute)
+        _check_choice("spf.removal", self.removal, Removal)
+        _check_choice("spf.directions", self.directions, Directions)
+        if self.removal == "shrink" and self.project_on != "update":
+            raise ValueError("spf.removal: shrink (the norm-matched control) needs spf.project_on: update")
         _check_types(self, "spf.")  # after the range checks: they name the range
 
 
@@ -405,7 +420,7 @@ SETTINGS_USED_BY: tuple[tuple[str, tuple[str, ...], tuple[str, ...], str], ...] 
     ("finetune", ("full",), ("full_params",), "full_params applies to finetune=full"),
     ("method", ("spf",),
      ("spf.sample", "spf.sample_index", "spf.rank", "spf.mode", "spf.project_on", "spf.conflict_scope",
-      "spf.refresh_every", "spf.estimate", "spf.diagnostics"),
+      "spf.refresh_every", "spf.estimate", "spf.diagnostics", "spf.removal", "spf.directions"),
      "SPF settings apply to method=spf; other methods only track the refusal loss on the sample of spf.subspace"),
     ("method", BASELINE_METHODS, ("baselines.safety_data",),
      f"the safety pairs are read by {', '.join(BASELINE_METHODS)}"),

@@ -35,17 +35,8 @@ import torch
 from spf.core.fused import FusedEstimate
 from spf.core.losses import PlainBatch, batch_loss
 from spf.core.optimizer import SPFOptimizer
-from spf.core.subspace import (
-    SafetySubspace,
-    check_rank_available,
-    estimate_batch_subspace,
-    estimate_safety_subspace,
-    module_shapes,
-    subspace_from_factors,
-    weights_fingerprint,
-)
-from spf.data.samples import ChatSample, DataError, collate, encode_sample, load_samples, pad_token_id
-from spf.models import model_fingerprint
+from spf.core.subspace import SafetySubspace, estimate_batch_subspace, random_like, subspace_from_factors
+from spf.data.samples import ChatSample, DataError, collate, encode_sample, pad_token_id
 from spf.training.baselines import (
     add_proximal_grad,
     lisa_last_switch,
@@ -57,6 +48,7 @@ from spf.training.baselines import (
 )
 from spf.training.checkpoint import load_extra_tensors
 from spf.training.config import TrainConfig
+from spf.training.start_subspace import check_subspace_matches_model, load_safety_samples, resolve_spf
 
 logger = logging.getLogger(__name__)
 
@@ -75,14 +67,6 @@ __all__ = [
     "load_safety_samples",
     "make_method",
 ]
-
-
-def load_safety_samples(subspace_dir: str | Path) -> list[ChatSample]:
-    """The (prompt, refusal) sample(s) `spf estimate` stored next to the subspace, for re-estimation.
-
-    One sample for SPF proper; several when the folder holds a batch estimate (an ablation).
-    """
-    return load_samples(Path(subspace_dir) / "sample.jsonl", require_response=True)
 
 
 def index_batches(n: int, batch_size: int, seed: int, start: int) -> Iterator[tuple[list[int], int]]:
@@ -200,93 +184,6 @@ class Vanilla(Method):
 # ---------------------------------------------------------------------------------------------------- SPF
 
 
-_RANK_FLAG = "--rank / spf.rank"
-
-
-def _resolve_spf(cfg: TrainConfig, model, tokenizer) -> tuple[SafetySubspace, list[ChatSample]]:
-    s = cfg.spf
-    if s.subspace:
-        return _stored_subspace(cfg, model, tokenizer)
-    from spf.refusal import first_refused, own_refusal  # generation is only needed here
-
-    candidates = load_samples(s.sample)  # type: ignore[arg-type]
-    if s.sample_index is not None:
-        if not 0 <= s.sample_index < len(candidates):
-            raise DataError(f"{s.sample}: index {s.sample_index} out of range (0..{len(candidates) - 1})")
-        cand = candidates[s.sample_index]
-        sample = cand if cand.response else own_refusal(model, tokenizer, cand)
-    else:
-        with_resp = [c for c in candidates if c.response]
-        sample = with_resp[0] if with_resp else first_refused(model, tokenizer, candidates)
-    sub = estimate_safety_subspace(
-        model, tokenizer, sample, rank=s.rank, max_length=cfg.max_length, model_ref=cfg.model
-    )
-    check_rank_available(sub, s.rank, _RANK_FLAG, f"the safety sample of {s.sample}")
-    return sub, [sample]
-
-
-def _stored_subspace(cfg: TrainConfig, model, tokenizer) -> tuple[SafetySubspace, list[ChatSample]]:
-    """The ``spf.subspace`` folder, verified against the model being trained, at the rank asked for."""
-    s, folder = cfg.spf, Path(cfg.spf.subspace)  # type: ignore[arg-type]
-    sub = SafetySubspace.load(folder)
-    check_subspace_matches_model(sub, folder, model, cfg.model)
-    samples = load_safety_samples(folder)
-    held = max(sub.effective_rank.values(), default=0)
-    if s.rank < held:
-        return sub.truncate(s.rank), samples
-    if s.rank > held:
-        if not s.refresh_every:
-            raise DataError(
-                f"{_RANK_FLAG} {s.rank} is more than the subspace in {folder} holds ({held} directions per "
-                f"module at most) and spf.refresh_every is 0 (never re-estimated): use {_RANK_FLAG} ≤ {held}, "
-                f"or re-run `spf estimate --rank {s.rank}`"
-            )
-        # the first refresh re-estimates at spf.rank from sample.jsonl: check now that the sample has that many
-        probe = estimate_batch_subspace(
-            model, tokenizer, samples, rank=s.rank, modules=sub.modules, max_length=cfg.max_length,
-            weights=sub.metadata.get("weights"),
-        )  # fmt: skip
-        check_rank_available(probe, s.rank, _RANK_FLAG, f"the safety sample in {folder / 'sample.jsonl'}")
-        logger.warning(
-            "subspace folder %s holds %d directions < spf.rank %d: using %d until the first refresh",
-            folder, held, s.rank, held,
-        )  # fmt: skip
-    return sub, samples
-
-
-def check_subspace_matches_model(sub: SafetySubspace, folder: Path, model, model_ref: str) -> None:
-    """DataError naming ``folder`` when the subspace was not estimated on this model: another architecture
-    (config fingerprint), other module shapes, or the same architecture with other weights."""
-    meta = sub.metadata
-    recorded = meta.get("model_fingerprint")
-    if not recorded:
-        raise DataError(
-            f"{folder / 'subspace.json'}: no model fingerprint (written by an older spf): re-run "
-            f"`spf estimate --model {model_ref}` to rebuild it"
-        )
-    was = f"{meta.get('model_ref') or 'an unnamed model'} (fingerprint {recorded})"
-    current = model_fingerprint(model)
-    if recorded != current:
-        raise DataError(
-            f"{folder}: the subspace was estimated on {was}, not on the model being trained, {model_ref} "
-            f"(fingerprint {current}): re-run `spf estimate --model {model_ref}`"
-        )
-    shapes = module_shapes(model, sub.modules)
-    for name, (u, _, v) in sub.bases.items():
-        want = [int(u.shape[0]), int(v.shape[0])]
-        if shapes.get(name) != want:
-            have = f"has shape {shapes[name]}" if name in shapes else "does not exist"
-            raise DataError(
-                f"{folder}: module '{name}' is {want} in the subspace (from {was}) but {have} in {model_ref}"
-            )
-    weights = meta.get("weights_fingerprint")
-    if weights and weights != weights_fingerprint(model, sub.modules):
-        raise DataError(
-            f"{folder}: the subspace was estimated on other weights than those of {model_ref} (same "
-            f"architecture, {was}): re-run `spf estimate --model {model_ref}`"
-        )
-
-
 class SPF(Method):
     """Safety-preserving fine-tuning: every update is projected off the refusal's subspace, re-estimated
     every ``spf.refresh_every`` steps from the same sample(s)."""
@@ -297,7 +194,13 @@ class SPF(Method):
 
     def setup(self, model, tokenizer, device: torch.device) -> list[ChatSample]:
         self.model, self.tokenizer = model, tokenizer
-        self.subspace, self.samples = _resolve_spf(self.cfg, model, tokenizer)
+        self.subspace, self.samples = resolve_spf(self.cfg, model, tokenizer)
+        if (
+            self.cfg.spf.directions == "random"
+        ):  # the control: the estimate gives the ranks, not the directions
+            self._draw = self._random
+            self.subspace = self._random()
+            return self.samples
         if self.cfg.spf.estimate == "fused" and self.cfg.spf.refresh_every > 0:
             self.fused = FusedEstimate(
                 model,
@@ -323,6 +226,15 @@ class SPF(Method):
             yield fb
 
     def _refresh(self) -> SafetySubspace:
+        return self._draw()
+
+    def _random(self) -> SafetySubspace:
+        # seeded by the run seed and the step, so a resumed run draws what the uninterrupted one would
+        step = self.optimizer.num_steps if hasattr(self, "optimizer") else 0
+        gen = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + 104_729 + step)
+        return random_like(self.subspace, gen)
+
+    def _draw(self) -> SafetySubspace:
         if self.fused is not None:
             return subspace_from_factors(
                 self.model,
@@ -357,6 +269,7 @@ class SPF(Method):
             refresh_fn=self._refresh,
             conflict_scope=s.conflict_scope,
             diagnostics=s.diagnostics,
+            removal=s.removal,
         )
         return self.optimizer
 
@@ -386,6 +299,8 @@ class SPF(Method):
                 "project_on": s.project_on,
                 "refresh_every": s.refresh_every,
                 "estimate": s.estimate,
+                "removal": s.removal,
+                "directions": s.directions,
                 "rank": s.rank,
                 # the directions actually projected out at the end (per module ≤ rank: a module's gradient
                 # can have fewer), so a rank that was not honoured cannot hide behind the one asked for

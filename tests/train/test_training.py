@@ -102,20 +102,27 @@ def _cfg(files, out, **kw):
     return TrainConfig(**base)
 
 
+class Crash(Exception):
+    """Raised by :func:`crash_at`: a run killed mid-way."""
+
+
+def crash_at(step: int):
+    """A training callback that raises :class:`Crash` when ``step`` is recorded."""
+
+    def callback(rec):
+        if rec.get("kind") == "train" and rec["step"] == step:
+            raise Crash
+
+    return callback
+
+
 def test_resume_from_a_checkpoint_reproduces_an_uninterrupted_run(files):
     full = train(_cfg(files, files / "full", save_every=2))
     ckpts = sorted(p.name for p in (files / "full" / "checkpoints").iterdir())
     assert ckpts == ["step-000002", "step-000004"]  # keep_checkpoints=2
 
-    class Crash(Exception):
-        pass
-
-    def crash_at_5(rec):
-        if rec.get("kind") == "train" and rec["step"] == 5:
-            raise Crash
-
     with pytest.raises(Crash):
-        train(_cfg(files, files / "resumed", save_every=2), callback=crash_at_5)
+        train(_cfg(files, files / "resumed", save_every=2), callback=crash_at(5))
     assert not (files / "resumed" / "metrics.json").exists()
     resumed = train(_cfg(files, files / "resumed", save_every=2))
     a = load_file(str(files / "full" / "adapter_model.safetensors"))
