@@ -5,7 +5,15 @@ from __future__ import annotations
 
 from typing import Literal
 
-__all__ = ["ConflictScope", "Directions", "EstimateRoute", "ProjectMode", "ProjectOn", "Removal"]
+__all__ = [
+    "ConflictScope",
+    "Directions",
+    "EstimateRoute",
+    "ProjectMode",
+    "ProjectOn",
+    "ProjectedChange",
+    "Removal",
+]
 
 ProjectMode = Literal["conflict", "always"]  # conflict: project only when the update raises the safety loss
 ProjectOn = Literal["update", "grad"]  # the optimizer's actual update (Adam-correct) or the raw gradient
@@ -19,3 +27,7 @@ Removal = Literal["project", "shrink"]
 # where the subspace's directions come from: the safety gradient (SPF), or — a control — a random orthonormal
 # subspace of the same per-module ranks, redrawn at every re-estimation ("does the safety direction matter?")
 Directions = Literal["estimated", "random"]
+# which change a projected step keeps off the subspace: this step's increment (the paper's; each step's
+# first-order effect is bounded, their sum is not), or the total change since training began, re-projected
+# against every new subspace (a lever for long exposure)
+ProjectedChange = Literal["step", "total"]

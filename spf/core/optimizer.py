@@ -9,6 +9,10 @@ collects diagnostics.
   (``m/√v`` is not linear in the gradient) and decoupled weight decay.
 * ``project_on="grad"``: project the gradient before the inner step (PCGrad/GaLore style); exact for plain
   SGD only. Kept because it is what many papers do, and our tests show where it breaks.
+* ``change="total"`` keeps the *total* change since the anchor (the parameters when the optimizer first
+  got a subspace, or :meth:`SPFOptimizer.load_anchor`'s) off the current subspace at every step, not only
+  the step's increment — per-step removal bounds each step's first-order effect, nothing bounds their sum.
+  Update mode only; for full fine-tuning it keeps an fp32 copy of every targeted weight.
 * ``removal="shrink"`` is a control, not SPF: every projected step keeps its own direction at the length the
   projection would leave (:class:`~spf.core.targets.ShrinkLoraGroup`) — update mode only.
 * ``mode="always"`` removes the subspace component every step; ``mode="conflict"`` only when the step would
@@ -27,14 +31,10 @@ import torch
 from torch import Tensor, nn
 
 from spf.core.distributed import broadcast_subspace
-from spf.core.modes import (
-    ConflictScope,
-    ProjectMode,
-    ProjectOn,
-    Removal,
-)  # re-exported: declared torch-free there
+from spf.core.modes import ConflictScope, ProjectedChange, ProjectMode, ProjectOn, Removal  # re-exported
 from spf.core.subspace import SafetySubspace, subspace_overlap
 from spf.core.targets import (
+    Anchor,
     Bases,
     FullProjector,
     FullTarget,
@@ -44,6 +44,8 @@ from spf.core.targets import (
     ShrinkFullProjector,
     ShrinkLoraGroup,
     Stats,
+    TotalFullProjector,
+    TotalLoraGroup,
     find_targets,
     grads_present,
     group_lora,
@@ -53,7 +55,7 @@ from spf.core.targets import (
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ConflictScope", "ProjectMode", "ProjectOn", "Removal", "SPFOptimizer"]
+__all__ = ["ConflictScope", "ProjectMode", "ProjectOn", "ProjectedChange", "Removal", "SPFOptimizer"]
 
 
 class SPFOptimizer(torch.optim.Optimizer):
@@ -66,7 +68,7 @@ class SPFOptimizer(torch.optim.Optimizer):
         optimizer: the inner optimizer (AdamW, SGD, …).
         model: the model whose modules the subspace names (a peft model or a plain transformer).
         subspace: the initial subspace; may be ``None`` when ``refresh_fn`` is given (estimated at step 0).
-        mode / project_on / conflict_scope / removal: see the module docstring.
+        mode / project_on / conflict_scope / removal / change: see the module docstring.
         refresh_every: re-estimate with ``refresh_fn`` every T steps (0 = never).
         refresh_fn: returns a fresh :class:`SafetySubspace` at the current weights (same sample).
         diagnostics: compute per-step diagnostics (cheap for LoRA; for full FT with ``project_on="update"``
@@ -86,18 +88,22 @@ class SPFOptimizer(torch.optim.Optimizer):
         conflict_scope: ConflictScope = "module",
         diagnostics: bool = True,
         removal: Removal = "project",
+        change: ProjectedChange = "step",
     ) -> None:
         for name, value, vocabulary in (
             ("mode", mode, ProjectMode),
             ("project_on", project_on, ProjectOn),
             ("conflict_scope", conflict_scope, ConflictScope),
             ("removal", removal, Removal),
+            ("change", change, ProjectedChange),
         ):
             if value not in get_args(vocabulary):
                 choices = " or ".join(repr(c) for c in get_args(vocabulary))
                 raise ValueError(f"{name} must be {choices}, got {value!r}")
         if removal == "shrink" and project_on != "update":
             raise ValueError("removal='shrink' (the norm-matched control) needs project_on='update'")
+        if change == "total" and (project_on != "update" or removal != "project"):
+            raise ValueError("change='total' needs project_on='update' and removal='project'")
         if refresh_every < 0:
             raise ValueError(f"refresh_every must be ≥ 0, got {refresh_every}")
         if subspace is None and refresh_fn is None:
@@ -113,6 +119,8 @@ class SPFOptimizer(torch.optim.Optimizer):
         self.project_on: ProjectOn = project_on
         self.conflict_scope: ConflictScope = conflict_scope
         self.removal: Removal = removal
+        self.change: ProjectedChange = change
+        self.anchor: Anchor | None = None  # change="total": the parameters the total change is measured from
         self.refresh_every = refresh_every
         self.refresh_fn = refresh_fn
         self.diagnostics = diagnostics
@@ -158,7 +166,7 @@ class SPFOptimizer(torch.optim.Optimizer):
     def __repr__(self) -> str:
         return (
             f"SPFOptimizer(mode={self.mode}, project_on={self.project_on}, refresh_every={self.refresh_every}, "
-            f"removal={self.removal}, inner={self.optimizer.__class__.__name__})"
+            f"removal={self.removal}, change={self.change}, inner={self.optimizer.__class__.__name__})"
         )
 
     # ------------------------------------------------------------------ subspace
@@ -174,13 +182,20 @@ class SPFOptimizer(torch.optim.Optimizer):
             t.name: tuple(b.to(target_parameters(t)[0].device, torch.float32) for b in subspace.bases[t.name])
             for t in self._targets
         }
-        shrink = self.removal == "shrink"
-        self._groups = group_lora(self._targets, self._bases, ShrinkLoraGroup if shrink else LoraGroup)
+        shrink, total = self.removal == "shrink", self.change == "total"
+        lora_cls = ShrinkLoraGroup if shrink else TotalLoraGroup if total else LoraGroup
+        self._groups = group_lora(self._targets, self._bases, lora_cls)
         for g in self._groups:  # per-module bases become views of the stacked ones: one copy in memory
             for i, t in enumerate(g.targets):
                 self._bases[t.name] = (g.u[i], g.s[i], g.v[i])
-        full_cls = ShrinkFullProjector if shrink else FullProjector
+        full_cls = ShrinkFullProjector if shrink else TotalFullProjector if total else FullProjector
         self._full = [full_cls(t, *self._bases[t.name]) for t in self._targets if isinstance(t, FullTarget)]
+        if total:
+            if self.anchor is None:  # the first subspace: training starts here
+                self.anchor = {t.name: tuple(p.detach().float().clone() for p in target_parameters(t))
+                               for t in self._targets}  # fmt: skip
+            for p in self._projectors():
+                p.set_anchor(self.anchor)  # type: ignore[union-attr]
         self._grad_projectors = {p.target.name: p for p in self._full}
         for t in self._targets:
             if isinstance(t, LoraTarget):
@@ -197,6 +212,23 @@ class SPFOptimizer(torch.optim.Optimizer):
                 len(self.uncovered),
                 ", ".join(self.uncovered[:5]) + (", …" if len(self.uncovered) > 5 else ""),
             )
+
+    def anchor_state(self) -> dict[str, Tensor]:
+        """The anchor of ``change="total"`` as flat tensors (``{module}.{i}``), for a checkpoint."""
+        return {f"{name}.{i}": t for name, ts in (self.anchor or {}).items() for i, t in enumerate(ts)}
+
+    def load_anchor(self, tensors: dict[str, Tensor]) -> None:
+        """Restore :meth:`anchor_state`'s tensors (a resumed run measures its total change from where the
+        interrupted one started)."""
+        anchor: dict[str, list[Tensor]] = {}
+        for key in sorted(tensors, key=lambda k: (k.rsplit(".", 1)[0], int(k.rsplit(".", 1)[1]))):
+            anchor.setdefault(key.rsplit(".", 1)[0], []).append(tensors[key].float())
+        self.anchor = {name: tuple(ts) for name, ts in anchor.items()}
+        if self.subspace is not None:
+            missing = [t.name for t in self._targets if t.name not in self.anchor]
+            if missing:
+                raise ValueError(f"load_anchor: no anchor for {missing[:3]} (of {len(missing)} modules)")
+            self.set_subspace(self.subspace)
 
     def refresh_due(self) -> bool:
         """Whether the next :meth:`step` re-estimates (a fused estimate must capture in this step's pass)."""

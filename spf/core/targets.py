@@ -9,6 +9,8 @@ math is :mod:`spf.core.projection`'s:
 * :class:`LoraGroup` — same-shaped LoRA modules projected together (update mode);
 * :class:`FullProjector` — a full weight, two-sided (update and grad mode);
 * :class:`LoraGradProjector` — one LoRA module's gradients (grad mode);
+* :class:`TotalLoraGroup`, :class:`TotalFullProjector` — ``change="total"``: the total change since an
+  anchor (training's start) is kept off the current subspace, not only the step's;
 * :class:`ShrinkLoraGroup`, :class:`ShrinkFullProjector` — the norm-matched control (``removal="shrink"``):
   the step keeps its own direction at the length the projection would leave it.
 """
@@ -38,6 +40,7 @@ from spf.models import unwrap
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "Anchor",
     "Bases",
     "FullProjector",
     "FullTarget",
@@ -47,6 +50,8 @@ __all__ = [
     "ShrinkFullProjector",
     "ShrinkLoraGroup",
     "Stats",
+    "TotalFullProjector",
+    "TotalLoraGroup",
     "find_targets",
     "grads_present",
     "group_lora",
@@ -250,6 +255,28 @@ class LoraGroup:
         return b_old + remove_left(b_new - b_old, self.u), a_old + remove_right(a_new - a_old, self.v)
 
 
+Anchor = dict[
+    str, tuple[Tensor, ...]
+]  # module name → its parameters at training's start (target_parameters order)
+
+
+@dataclass
+class TotalLoraGroup(LoraGroup):
+    """``change="total"``: B − B₀ ← (I − UUᵀ)(B − B₀), A − A₀ ← (A − A₀)(I − VVᵀ) against the anchor (B₀, A₀),
+    so the whole change s(BA − B₀A₀) has no ``Uᵀ(·)V`` component for the current subspace."""
+
+    a0: Tensor | None = None  # G×r×n
+    b0: Tensor | None = None  # G×m×r
+
+    def set_anchor(self, anchor: Anchor) -> None:
+        self.a0 = torch.stack([anchor[t.name][0] for t in self.targets]).float()
+        self.b0 = torch.stack([anchor[t.name][1] for t in self.targets]).float()
+
+    def kept(self, a_old: Tensor, b_old: Tensor, a_new: Tensor, b_new: Tensor) -> tuple[Tensor, Tensor]:
+        assert self.a0 is not None and self.b0 is not None, "TotalLoraGroup without an anchor"
+        return self.b0 + remove_left(b_new - self.b0, self.u), self.a0 + remove_right(a_new - self.a0, self.v)
+
+
 def shrunk(delta: Tensor, kept: Tensor) -> Tensor:
     """``delta`` scaled to ``kept``'s norm, per leading index (a zero ``delta`` stays zero)."""
     dims = tuple(range(1, delta.dim()))
@@ -338,6 +365,34 @@ class FullProjector:
             after, after_sq, removed_sq = inner, before_sq, torch.zeros(())
         if stats is not None:
             stats.add(inner, after, before_sq, after_sq, removed_sq, self.s, project)
+
+
+@dataclass
+class TotalFullProjector(FullProjector):
+    """``change="total"`` for a full weight: W ← W − U Uᵀ(W − W₀)V Vᵀ against the anchor W₀ (a copy of the
+    targeted weight, kept for the whole run)."""
+
+    w0: Tensor | None = None
+
+    def set_anchor(self, anchor: Anchor) -> None:
+        self.w0 = anchor[self.target.name][0]
+
+    def apply(self, snap: tuple[Tensor, ...], work: tuple, mask: Tensor, stats: Stats | None) -> None:
+        assert self.w0 is not None, "TotalFullProjector without an anchor"
+        inner = work[1].reshape(())
+        w = self.target.w
+        project = bool(mask[0])
+        total = two_sided_core(w.detach().float() - self.w0.float(), self.u, self.v)
+        if project:
+            w.sub_(expand_core(total, self.u, self.v).to(w.dtype))
+        if stats is None:
+            return
+        step = w.detach().float() - snap[1].float()  # the step as applied (its old state: the copy)
+        removed_sq = total.pow(2).sum() if project else torch.zeros(())
+        after = core_inner(two_sided_core(step, self.u, self.v), self.s)
+        after_sq = step.pow(2).sum()
+        before_sq = (step + expand_core(total, self.u, self.v)).pow(2).sum() if project else after_sq
+        stats.add(inner, after, before_sq, after_sq, removed_sq, self.s, project)
 
 
 class ShrinkFullProjector(FullProjector):

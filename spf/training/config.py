@@ -13,7 +13,15 @@ from collections.abc import Callable
 from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
 from typing import Any, Literal, get_args, get_origin
 
-from spf.core.modes import ConflictScope, Directions, EstimateRoute, ProjectMode, ProjectOn, Removal
+from spf.core.modes import (
+    ConflictScope,
+    Directions,
+    EstimateRoute,
+    ProjectedChange,
+    ProjectMode,
+    ProjectOn,
+    Removal,
+)
 
 # Method and BASELINE_METHODS stay here, beside the config, not in spf.training.methods: config must import
 # without torch so that `spf --help` stays fast. spf.training.methods.METHODS maps each name to its class.
@@ -197,6 +205,11 @@ class SPFSettings:
         metadata={"help": "re-estimate in a pass of its own, or fused: the sample rides in the step's batch"},
     )
     diagnostics: bool = field(default=True, metadata={"help": "record the per-step spf/* diagnostics"})
+    change: ProjectedChange = field(
+        default="step",
+        metadata={"help": "step: keep each step's change off the subspace; total: the whole change since "
+                  "training began, re-projected against every new subspace"},
+    )  # fmt: skip
     # the mechanism controls (issue 17): each changes one thing about SPF and is not a defense to ship
     removal: Removal = field(
         default="project",
@@ -219,6 +232,9 @@ class SPFSettings:
         _check_choice("spf.estimate", self.estimate, EstimateRoute)
         _check_choice("spf.removal", self.removal, Removal)
         _check_choice("spf.directions", self.directions, Directions)
+        _check_choice("spf.change", self.change, ProjectedChange)
+        if self.change == "total" and (self.project_on != "update" or self.removal != "project"):
+            raise ValueError("spf.change: total needs spf.project_on: update and spf.removal: project")
         if self.removal == "shrink" and self.project_on != "update":
             raise ValueError("spf.removal: shrink (the norm-matched control) needs spf.project_on: update")
         _check_types(self, "spf.")  # after the range checks: they name the range
@@ -420,7 +436,8 @@ SETTINGS_USED_BY: tuple[tuple[str, tuple[str, ...], tuple[str, ...], str], ...] 
     ("finetune", ("full",), ("full_params",), "full_params applies to finetune=full"),
     ("method", ("spf",),
      ("spf.sample", "spf.sample_index", "spf.rank", "spf.mode", "spf.project_on", "spf.conflict_scope",
-      "spf.refresh_every", "spf.estimate", "spf.diagnostics", "spf.removal", "spf.directions"),
+      "spf.refresh_every", "spf.estimate", "spf.diagnostics", "spf.removal", "spf.directions",
+      "spf.change"),
      "SPF settings apply to method=spf; other methods only track the refusal loss on the sample of spf.subspace"),
     ("method", BASELINE_METHODS, ("baselines.safety_data",),
      f"the safety pairs are read by {', '.join(BASELINE_METHODS)}"),

@@ -184,6 +184,9 @@ class Vanilla(Method):
 # ---------------------------------------------------------------------------------------------------- SPF
 
 
+_ANCHOR = "spf_anchor"  # checkpoint file stem of change=total's anchor
+
+
 class SPF(Method):
     """Safety-preserving fine-tuning: every update is projected off the refusal's subspace, re-estimated
     every ``spf.refresh_every`` steps from the same sample(s)."""
@@ -270,6 +273,7 @@ class SPF(Method):
             conflict_scope=s.conflict_scope,
             diagnostics=s.diagnostics,
             removal=s.removal,
+            change=s.change,
         )
         return self.optimizer
 
@@ -283,12 +287,19 @@ class SPF(Method):
     ) -> None:
         if saved_subspace is not None:
             self.optimizer.set_subspace(saved_subspace)
+        if ckpt is not None and self.cfg.spf.change == "total":
+            anchor = load_extra_tensors(ckpt, _ANCHOR)
+            if anchor is None:
+                raise DataError(f"{ckpt}: spf.change total checkpoint without {_ANCHOR}.safetensors")
+            self.optimizer.load_anchor(anchor)
 
     def after_step(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
         return dict(self.optimizer.last_diagnostics)
 
     def state(self) -> MethodState:
-        return MethodState(subspace=self.optimizer.subspace)
+        # change=total measures from training's start: a resumed run must keep that anchor, not its own
+        tensors = {_ANCHOR: self.optimizer.anchor_state()} if self.cfg.spf.change == "total" else {}
+        return MethodState(subspace=self.optimizer.subspace, tensors=tensors)
 
     def summary(self, history: list[dict[str, Any]], info: dict[str, Any]) -> dict[str, Any]:
         s = self.cfg.spf
@@ -300,6 +311,7 @@ class SPF(Method):
                 "refresh_every": s.refresh_every,
                 "estimate": s.estimate,
                 "removal": s.removal,
+                "change": s.change,
                 "directions": s.directions,
                 "rank": s.rank,
                 # the directions actually projected out at the end (per module ≤ rank: a module's gradient

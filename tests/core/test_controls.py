@@ -96,3 +96,76 @@ def test_random_like_has_the_ranks_not_the_directions():
     assert max(subspace_overlap(a, c).values()) < 0.99
     assert max(subspace_overlap(a, sub).values()) < 0.99
     assert a.metadata["directions"] == "random"
+
+
+# ------------------------------------------------------------------------------ change="total" (a lever)
+
+
+def _drifting(seed: int):
+    """A refresh_fn whose every subspace is new: the case where per-step removal lets the sum escape."""
+    counter = iter(range(seed, seed + 1000))
+    return lambda: random_subspace(SHAPES, rank=3, seed=next(counter))
+
+
+@pytest.mark.parametrize("lora", [True, False])
+@pytest.mark.parametrize(("change", "kept_out"), [("total", True), ("step", False)])
+def test_total_change_keeps_the_whole_change_off_every_new_subspace(lora, change, kept_out):
+    model = make_lora() if lora else TinyNet()
+    w0 = effective_weights(model)
+    inner = torch.optim.AdamW(trainable(model), lr=1e-2, weight_decay=0.1)
+    opt = SPFOptimizer(inner, model, None, refresh_every=1, refresh_fn=_drifting(10), change=change)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(6):
+        x, y = torch.randn(16, 16, generator=gen), torch.randn(16, 8, generator=gen)
+        opt.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+        w1 = effective_weights(model)
+        worst = max(
+            float((u.T @ (w1[n] - w0[n]) @ v).norm() / (w1[n] - w0[n]).norm())
+            for n, (u, _, v) in opt.subspace.bases.items()
+        )
+    assert (worst < 1e-5) == kept_out, worst  # after the last step, against the last subspace
+
+
+@pytest.mark.parametrize("lora", [True, False])
+def test_a_restored_anchor_continues_the_run_exactly(lora):
+    """A resumed run (new optimizer, the weights of step 3) with the saved anchor steps as the uninterrupted
+    one; without it, it would measure the total change from the resumed weights and step differently."""
+    model = make_lora() if lora else TinyNet()
+
+    def run(m, opt, seed):
+        gen = torch.Generator().manual_seed(seed)
+        for _ in range(3):
+            x, y = torch.randn(16, 16, generator=gen), torch.randn(16, 8, generator=gen)
+            opt.zero_grad()
+            nn.functional.mse_loss(m(x), y).backward()
+            opt.step()
+
+    def make(m, first_seed):  # SGD: no optimizer state, so the anchor is all a resume has to restore
+        return SPFOptimizer(torch.optim.SGD(trainable(m), lr=0.05), m, None, refresh_every=1,
+                            refresh_fn=_drifting(first_seed), change="total")  # fmt: skip
+
+    a = make(model, 20)
+    run(model, a, 1)  # draws subspaces 20, 21, 22
+    resumed, blind = copy.deepcopy(model), copy.deepcopy(model)
+    b, c = make(resumed, 23), make(blind, 23)
+    b.load_anchor({k: t.clone() for k, t in a.anchor_state().items()})
+    for m, opt in ((model, a), (resumed, b), (blind, c)):
+        run(m, opt, 2)
+    for (name, p), q, r in zip(
+        model.named_parameters(), resumed.parameters(), blind.parameters(), strict=True
+    ):
+        torch.testing.assert_close(p, q, msg=name)
+        if p.requires_grad and "bias" not in name:
+            assert not torch.allclose(p, r), name
+    with pytest.raises(ValueError, match="no anchor"):
+        b.load_anchor({})
+
+
+def test_total_change_refuses_what_it_cannot_do():
+    model = make_lora()
+    sub = random_subspace(SHAPES, rank=2)
+    for kw in ({"project_on": "grad"}, {"removal": "shrink"}):
+        with pytest.raises(ValueError, match="total"):
+            SPFOptimizer(torch.optim.SGD(trainable(model), lr=0.1), model, sub, change="total", **kw)

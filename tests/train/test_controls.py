@@ -56,3 +56,26 @@ def test_shrink_with_grad_mode_is_refused_before_any_work(files):  # noqa: F811
     with pytest.raises(ValueError, match="shrink"):
         _cfg(files, files / "bad", spf={"sample": str(files / "safety.jsonl"), "removal": "shrink",
                                         "project_on": "grad"})  # fmt: skip
+
+
+@pytest.mark.parametrize("finetune", ["lora", "full"])
+def test_total_change_checkpoints_its_anchor_and_resumes_exactly(files, finetune):  # noqa: F811
+    def cfg(out: str):
+        c = _cfg(files, files / f"{out}-{finetune}", save_every=2, finetune=finetune)
+        c.spf.change = "total"
+        return c
+
+    full = train(cfg("full"))
+    assert full.metrics["summary"]["spf"]["change"] == "total"
+    ckpt = files / f"full-{finetune}" / "checkpoints" / "step-000004"
+    anchor = load_file(str(ckpt / "spf_anchor.safetensors"))  # training's start, not step 4's weights
+    if finetune == "lora":
+        assert all(float(t.abs().max()) == 0.0 for k, t in anchor.items() if k.endswith(".1"))  # B₀ = 0
+    with pytest.raises(Crash):
+        train(cfg("resumed"), callback=crash_at(5))
+    train(cfg("resumed"))
+    name = "adapter_model.safetensors" if finetune == "lora" else "model.safetensors"
+    a = load_file(str(files / f"full-{finetune}" / name))
+    b = load_file(str(files / f"resumed-{finetune}" / name))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
