@@ -7,6 +7,9 @@ Pure helpers only (no model, no I/O); the method classes of ``spf.training.metho
 * **SafeGrad-style gradient surgery** (PCGrad, Yu et al., NeurIPS 2020, applied to a safety loss): remove
   from the task gradient its component against the safety gradient when the two conflict —
   :func:`pcgrad_project`, :func:`safety_batch_indices`.
+  Its safety loss is the refusals' cross-entropy (``safegrad_loss: ce``) or, as SafeGrad has it, the KL
+  divergence of the model's next-token distributions from the aligned model's on them — :func:`response_kl`;
+  its projection acts on the gradient or on the optimizer's update (Adam-correct, ``safegrad_project_on``).
 * **Lisa** (Huang et al., NeurIPS 2024): alternate alignment steps and task steps, each state pulled towards
   where the other one left the weights — :func:`lisa_state`, :func:`lisa_steps_before`,
   :func:`lisa_last_switch`, :func:`add_proximal_grad`.
@@ -29,6 +32,7 @@ __all__ = [
     "lisa_steps_before",
     "mix_safety_demos",
     "pcgrad_project",
+    "response_kl",
     "safeinstr_count",
     "safety_batch_indices",
 ]
@@ -49,6 +53,17 @@ def _cycled_permutations(n: int, k: int, gen: torch.Generator) -> list[int]:
     while len(out) < k:
         out.extend(torch.randperm(n, generator=gen).tolist())
     return out[:k]
+
+
+def response_kl(logits: Tensor, ref_logits: Tensor, mask: Tensor) -> Tensor:
+    """Mean over rows of the mean over a row's ``mask``ed positions of KL(p_ref ‖ p_θ) between the softmaxes
+    of ``ref_logits`` (the aligned model, no gradient) and ``logits`` ([B, P, V] both; ``mask`` [B, P]).
+    Zero exactly when the model predicts what the aligned one does at every response position."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    logq = torch.log_softmax(ref_logits.float(), dim=-1)
+    kl = (logq.exp() * (logq - logp)).sum(-1)  # [B, P]
+    m = mask.float()
+    return ((kl * m).sum(1) / m.sum(1).clamp_min(1.0)).mean()
 
 
 # --------------------------------------------------------------------------------------------- SafeInstr

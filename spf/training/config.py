@@ -31,6 +31,7 @@ BASELINE_METHODS: tuple[str, ...] = ("safeinstr", "safegrad", "lisa")
 Finetune = Literal["lora", "full"]
 FullParams = Literal["projected", "all"]
 SafeGradScope = Literal["global", "module"]
+SafeGradLoss = Literal["ce", "kl"]  # the refusals' cross-entropy, or SafeGrad's KL to the aligned model
 
 
 def shown(value: Any) -> str:
@@ -289,6 +290,16 @@ class BaselineSettings:
         default="global",
         metadata={"help": "safegrad: one dot product over all trainable params (global), or per tensor"},
     )
+    safegrad_loss: SafeGradLoss = field(
+        default="ce",
+        metadata={
+            "help": "safegrad: safety loss — refusal cross-entropy (ce) or KL to the aligned model (kl)"
+        },
+    )
+    safegrad_project_on: ProjectOn = field(
+        default="grad",
+        metadata={"help": "safegrad: project the gradient (PCGrad) or the optimizer's update (Adam-correct)"},
+    )
     lisa_align_steps: int = field(
         default=2, metadata={"help": "lisa: steps on the safety data per cycle (the cycle starts with them)"}
     )
@@ -305,6 +316,8 @@ class BaselineSettings:
         for name in ("safegrad_batch", "safegrad_every", "lisa_align_steps", "lisa_task_steps"):
             check_int(f"baselines.{name}", getattr(self, name), 1, noun="an integer ")
         _check_choice("baselines.safegrad_scope", self.safegrad_scope, SafeGradScope)
+        _check_choice("baselines.safegrad_loss", self.safegrad_loss, SafeGradLoss)
+        _check_choice("baselines.safegrad_project_on", self.safegrad_project_on, ProjectOn)
         check_float("baselines.lisa_rho", self.lisa_rho, lambda v: v >= 0, "a finite number ≥ 0")
         _check_types(self, "baselines.")  # after the range checks: they name the range
 
@@ -443,7 +456,8 @@ SETTINGS_USED_BY: tuple[tuple[str, tuple[str, ...], tuple[str, ...], str], ...] 
      f"the safety pairs are read by {', '.join(BASELINE_METHODS)}"),
     ("method", ("safeinstr",), ("baselines.safeinstr_fraction",), "safeinstr_* applies to method=safeinstr"),
     ("method", ("safegrad",), ("baselines.safegrad_batch", "baselines.safegrad_every",
-     "baselines.safegrad_scope"), "safegrad_* applies to method=safegrad"),
+     "baselines.safegrad_scope", "baselines.safegrad_loss", "baselines.safegrad_project_on"),
+     "safegrad_* applies to method=safegrad"),
     ("method", ("lisa",), ("baselines.lisa_align_steps", "baselines.lisa_task_steps", "baselines.lisa_rho"),
      "lisa_* applies to method=lisa"),
     ("spf.sample", (SET,), ("spf.sample_index",), "sample_index picks a record of spf.sample"),

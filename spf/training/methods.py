@@ -22,10 +22,11 @@ The loop calls the hooks in this order:
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -36,7 +37,7 @@ from spf.core.fused import FusedEstimate
 from spf.core.losses import PlainBatch, batch_loss
 from spf.core.optimizer import SPFOptimizer
 from spf.core.subspace import SafetySubspace, estimate_batch_subspace, random_like, subspace_from_factors
-from spf.data.samples import ChatSample, DataError, collate, encode_sample, pad_token_id
+from spf.data.samples import IGNORE_INDEX, ChatSample, DataError, collate, encode_sample, pad_token_id
 from spf.training.baselines import (
     add_proximal_grad,
     lisa_last_switch,
@@ -44,6 +45,7 @@ from spf.training.baselines import (
     lisa_steps_before,
     mix_safety_demos,
     pcgrad_project,
+    response_kl,
     safety_batch_indices,
 )
 from spf.training.checkpoint import load_extra_tensors
@@ -365,50 +367,105 @@ class SafeInstr(_Baseline):
         return {"safeinstr_added": len(self.added), "safeinstr_n_task": self.n_task}
 
 
-def _safegrad_surgery(
-    model, params: list[torch.Tensor], safety_encoded: list, pad: int, device, cfg: TrainConfig, step: int
-) -> dict[str, Any]:
-    """SafeGrad-style step: the safety gradient g_s on a deterministic batch, then PCGrad on the accumulated
-    task gradient in ``.grad`` (before clipping). One extra forward + backward; ``.grad`` is not touched by the
-    safety backward (``torch.autograd.grad``)."""
-    t0 = time.perf_counter()
+def _safety_gradient(
+    model, params: list[torch.Tensor], rows: list, pad: int, device, cfg: TrainConfig, step: int, reference
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """SafeGrad's safety loss on a deterministic batch of the safety pairs and its gradient g_s (one extra
+    forward + backward; ``.grad`` is not touched: ``torch.autograd.grad``)."""
     b = cfg.baselines
-    pick = safety_batch_indices(len(safety_encoded), b.safegrad_batch, cfg.seed, step)
-    batch = {k: v.to(device) for k, v in collate([safety_encoded[i] for i in pick], pad).items()}
-    s_loss = batch_loss(model, batch)
-    s_grads = torch.autograd.grad(s_loss, params, allow_unused=True)
-    s_grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, s_grads, strict=True)]
-    for p in params:
-        if p.grad is None:  # a parameter the task batch did not reach: its gradient is 0
-            p.grad = torch.zeros_like(p)
-    diag = pcgrad_project([p.grad for p in params], s_grads, b.safegrad_scope)  # type: ignore[misc]
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return {
-        "safegrad/safety_loss": float(s_loss.detach()),
-        "safegrad/cos": diag["cos"],
-        "safegrad/cos_after": diag["cos_after"],
-        "safegrad/projected": diag["projected"],
-        "safegrad/removed_frac": diag["removed_frac"],
-        "safegrad/seconds": time.perf_counter() - t0,
+    pick = safety_batch_indices(len(rows), b.safegrad_batch, cfg.seed, step)
+    batch = {k: v.to(device) for k, v in collate([rows[i] for i in pick], pad).items()}
+    loss = _kl_to_reference(model, reference, batch) if b.safegrad_loss == "kl" else batch_loss(model, batch)
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    return loss, [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads, strict=True)]
+
+
+def _kl_to_reference(model, reference, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """KL(aligned ‖ model) at the response positions (the LM head run only there, as in ``row_losses``)."""
+    labels = batch["labels"]
+    positions = (labels[:, 1:] != IGNORE_INDEX).any(0).nonzero().squeeze(1)
+    kw = {
+        "input_ids": batch["input_ids"],
+        "attention_mask": batch["attention_mask"],
+        "logits_to_keep": positions,
     }
+    with torch.no_grad(), reference() as aligned:
+        ref_logits = aligned(**kw).logits
+    return response_kl(model(**kw).logits, ref_logits, labels[:, positions + 1] != IGNORE_INDEX)
+
+
+def _aligned_reference(model):
+    """A context factory yielding the aligned model: the LoRA model with its adapter disabled (no copy), or
+    for full fine-tuning a frozen copy made before the first step (one more model in memory)."""
+    if callable(getattr(model, "disable_adapter", None)):
+
+        @contextmanager
+        def adapter_off():
+            with model.disable_adapter():
+                yield model
+
+        return adapter_off
+    frozen = copy.deepcopy(model).eval().requires_grad_(False)
+    return lambda: nullcontext(frozen)
 
 
 class SafeGrad(_Baseline):
-    """SafeGrad-style gradient surgery: PCGrad of the task gradient against a safety gradient."""
+    """SafeGrad-style gradient surgery: PCGrad of the task step against a safety gradient — on the gradient
+    (before clipping), or on the optimizer's update (``safegrad_project_on: update``, Adam-correct: the
+    update is what moves the weights); the safety loss is the refusals' CE or SafeGrad's KL to the aligned
+    model (``safegrad_loss: kl``)."""
 
     name = "safegrad"
-    settings = ("safegrad_batch", "safegrad_every", "safegrad_scope")
+    settings = ("safegrad_batch", "safegrad_every", "safegrad_scope", "safegrad_loss", "safegrad_project_on")
+    _pending: tuple | None = None  # update mode: (params, pre-step copy, g_s, safety loss, seconds so far)
 
     def setup(self, model, tokenizer, device: torch.device) -> list[ChatSample]:
         self.model, self.device, self.pad = model, device, pad_token_id(tokenizer)
         self.safety_rows = self._encode_safety(tokenizer)
+        self.reference = _aligned_reference(model) if self.cfg.baselines.safegrad_loss == "kl" else None
         return super().setup(model, tokenizer, device)
 
     def after_backward(self, step: int, params: list[torch.Tensor]) -> dict[str, Any]:
         if step % self.cfg.baselines.safegrad_every:
             return {}
-        return _safegrad_surgery(self.model, params, self.safety_rows, self.pad, self.device, self.cfg, step)
+        t0 = time.perf_counter()
+        args = (self.model, params, self.safety_rows, self.pad, self.device, self.cfg, step, self.reference)
+        loss, s_grads = _safety_gradient(*args)
+        if self.cfg.baselines.safegrad_project_on == "update":
+            snap = [p.detach().clone() for p in params]
+            self._pending = (params, snap, s_grads, loss, time.perf_counter() - t0)
+            return {}
+        for p in params:
+            if p.grad is None:  # a parameter the task batch did not reach: its gradient is 0
+                p.grad = torch.zeros_like(p)
+        diag = pcgrad_project([p.grad for p in params], s_grads, self.cfg.baselines.safegrad_scope)  # type: ignore[misc]
+        return self._record(loss, diag, time.perf_counter() - t0)
+
+    @torch.no_grad()
+    def after_step(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        if self._pending is None:
+            return {}
+        t0 = time.perf_counter()
+        params, snap, s_grads, loss, seconds = self._pending
+        self._pending = None
+        # the update as a descent direction (the step moves along −g): PCGrad's convention
+        steps = [old - p.detach() for p, old in zip(params, snap, strict=True)]
+        diag = pcgrad_project(steps, s_grads, self.cfg.baselines.safegrad_scope)
+        for p, old, g in zip(params, snap, steps, strict=True):
+            p.copy_(old - g)
+        return self._record(loss, diag, seconds + time.perf_counter() - t0)
+
+    def _record(self, loss: torch.Tensor, diag: dict[str, float], seconds: float) -> dict[str, Any]:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        return {
+            "safegrad/safety_loss": float(loss.detach()),
+            "safegrad/cos": diag["cos"],
+            "safegrad/cos_after": diag["cos_after"],
+            "safegrad/projected": diag["projected"],
+            "safegrad/removed_frac": diag["removed_frac"],
+            "safegrad/seconds": seconds,
+        }
 
     def _numbers(self, history: list[dict[str, Any]]) -> dict[str, Any]:
         checks = [h for h in history if "safegrad/cos" in h]

@@ -430,3 +430,116 @@ def test_pipeline_finetune_stage_runs_a_baseline_on_the_shipped_or_a_relative_sa
     assert (out["lisa_align_steps_run"], out["lisa_task_steps_run"]) == (1, 1)
     cfg = json.loads((tmp_path / "outputs" / "finetune" / "train_config.json").read_text())
     assert cfg["baselines"]["safety_data"] == "mine.jsonl"
+
+
+# ------------------------------------------------------------------- faithful SafeGrad: KL, update mode
+
+
+def test_response_kl_is_the_masked_mean_kl_to_the_reference():
+    from spf.training.baselines import response_kl
+
+    gen = torch.Generator().manual_seed(0)
+    ref, logits = torch.randn(2, 3, 7, generator=gen), torch.randn(2, 3, 7, generator=gen)
+    mask = torch.tensor([[True, True, False], [False, True, True]])
+    assert float(response_kl(ref, ref, mask)) == pytest.approx(0.0, abs=1e-7)
+    per = torch.nn.functional.kl_div(
+        torch.log_softmax(logits, -1), torch.log_softmax(ref, -1), log_target=True, reduction="none"
+    ).sum(-1)
+    want = ((per[0, 0] + per[0, 1]) / 2 + (per[1, 1] + per[1, 2]) / 2) / 2
+    assert float(response_kl(logits, ref, mask)) == pytest.approx(float(want), rel=1e-5)
+    changed = logits.clone()
+    changed[0, 2] += 100.0  # a masked position: no effect
+    assert float(response_kl(changed, ref, mask)) == pytest.approx(float(want), rel=1e-5)
+
+
+def _lora_safegrad(files, **baselines):
+    """A SafeGrad method set up on a LoRA tiny-llama as the loop does, with its trainable parameters."""
+    from peft import LoraConfig, get_peft_model
+
+    from spf.data.samples import load_samples
+    from spf.models import default_target_modules, load_model
+    from spf.training.methods import make_method
+
+    model, tok = load_model("tiny-llama")
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=default_target_modules(model)))
+    bl = {"safety_data": str(files / "refusals.jsonl"), "safegrad_batch": 4, **baselines}
+    method = make_method(_cfg(files, "sg-unit", "safegrad", baselines=bl))
+    method.prepare_data(TASK, load_samples(files / "refusals.jsonl"))
+    method.setup(model, tok, torch.device("cpu"))
+    return method, model, tok, [p for p in model.parameters() if p.requires_grad]
+
+
+def _task_backward(model, tok, rows) -> None:
+    from spf.core.losses import batch_loss
+    from spf.data.samples import collate, encode_sample, pad_token_id
+
+    batch = collate([encode_sample(tok, s) for s in rows], pad_token_id(tok))
+    batch_loss(model, batch).backward()
+
+
+@pytest.mark.parametrize("scope", ["global", "module"])
+def test_safegrad_update_mode_keeps_the_applied_update_off_the_safety_gradient(files, scope):
+    """Under Adam the update, not the gradient, is what moves the weights: after the step no tensor's change
+    raises the (KL) safety loss to first order, and where it would have, the change is not AdamW's."""
+    method, model, tok, params = _lora_safegrad(files, safegrad_project_on="update", safegrad_loss="kl",
+                                                safegrad_scope=scope)  # fmt: skip
+    opt = torch.optim.AdamW(params, lr=5e-2)
+    changed = 0
+    for step in range(3):
+        before = [p.detach().clone() for p in params]
+        _task_backward(model, tok, HARMFUL[2 * step : 2 * step + 2])
+        assert method.after_backward(step, params) == {}  # g_s computed, the projection waits for the update
+        opt.step()
+        adam = [p.detach().clone() for p in params]
+        rec = method.after_step(opt)
+        opt.zero_grad()
+        # the safety gradient the method used, recomputed at the pre-step weights
+        now = [p.detach().clone() for p in params]
+        with torch.no_grad():
+            for p, b in zip(params, before, strict=True):
+                p.copy_(b)
+        from spf.training.methods import _safety_gradient
+
+        _, g_s = _safety_gradient(model, params, method.safety_rows, method.pad, method.device, method.cfg,
+                                  step, method.reference)  # fmt: skip
+        with torch.no_grad():
+            for p, n in zip(params, now, strict=True):
+                p.copy_(n)
+        deltas = [n - b for n, b in zip(now, before, strict=True)]
+        dots = [float((d * g).sum()) for d, g in zip(deltas, g_s, strict=True)]
+        tol = 1e-6 * _norm(deltas) * _norm(g_s)
+        assert (max(dots) if scope == "module" else sum(dots)) <= tol, step
+        changed += sum(not torch.allclose(a, n) for a, n in zip(adam, now, strict=True))
+        assert rec["safegrad/safety_loss"] >= 0.0 and "safegrad/cos_after" in rec
+    assert changed > 0  # some step conflicted and was projected
+
+
+def test_safegrad_kl_is_zero_at_the_aligned_model_and_grows_with_training(files):
+    method, model, _tok, params = _lora_safegrad(files, safegrad_loss="kl")
+    from spf.training.methods import _safety_gradient
+
+    loss0, _ = _safety_gradient(model, params, method.safety_rows, method.pad, method.device, method.cfg, 0,
+                                method.reference)  # fmt: skip
+    assert float(loss0.detach()) == pytest.approx(0.0, abs=1e-6)  # LoRA B = 0: the model is the aligned one
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(std=0.5)
+    loss1, _ = _safety_gradient(model, params, method.safety_rows, method.pad, method.device, method.cfg, 0,
+                                method.reference)  # fmt: skip
+    assert float(loss1.detach()) > 1e-3
+    with method.reference() as aligned:  # the reference is the adapter switched off, restored afterwards
+        assert aligned is model
+    assert float(_safety_gradient(model, params, method.safety_rows, method.pad, method.device, method.cfg, 0,
+                                  method.reference)[0].detach()) == pytest.approx(float(loss1.detach()))  # fmt: skip
+
+
+def test_safegrad_faithful_settings_train_end_to_end(files):
+    bl = {"safety_data": str(files / "refusals.jsonl"), "safegrad_loss": "kl", "safegrad_project_on": "update",
+          "safegrad_scope": "module"}  # fmt: skip
+    m = train(_cfg(files, "sgf", "safegrad", data="harmful", steps=4, baselines=bl)).metrics
+    assert all("safegrad/cos" in h for h in m["steps"])
+    assert m["summary"]["baselines"]["safegrad_loss"] == "kl"
+    assert m["summary"]["baselines"]["safegrad_project_on"] == "update"
+    full = train(_cfg(files, "sgf-full", "safegrad", data="harmful", steps=2, finetune="full", baselines=bl))
+    assert full.metrics["steps"][0]["safegrad/safety_loss"] == pytest.approx(0.0, abs=1e-6)  # a frozen copy
