@@ -41,7 +41,7 @@ T = TypeVar("T")
 LisaState = Literal["align", "task"]
 
 # Seeds of the generators below are derived from the run seed so they never coincide with the task stream's
-# (spf.training.methods.index_batches uses seed * 1_000_003 + epoch).
+# (spf.training.streams.index_batches uses seed * 1_000_003 + epoch).
 _MIX_SALT = 0x5AFE_1257
 _PICK_SALT = 0x5AFE_6AAD
 

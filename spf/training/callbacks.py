@@ -225,7 +225,7 @@ class Snapshotter:
         if _same_run(dest / FINISHED_CONFIG, config):
             logger.info("snapshot %s exists (a resumed run): kept", dest)
             return
-        with atomic_dir(dest) as tmp:
+        with atomic_dir(dest) as tmp, run.method.output_weights(run.params):
             save_finetuned(run.model, run.tokenizer, tmp, config)
         logger.info("saved snapshot %s", dest)
 

@@ -25,7 +25,7 @@ from spf.core.modes import (
 
 # Method and BASELINE_METHODS stay here, beside the config, not in spf.training.methods: config must import
 # without torch so that `spf --help` stays fast. spf.training.methods.METHODS maps each name to its class.
-Method = Literal["vanilla", "spf", "safeinstr", "safegrad", "lisa"]
+Method = Literal["vanilla", "spf", "safeinstr", "safegrad", "lisa", "ema"]
 # the defenses of spf.training.baselines
 BASELINE_METHODS: tuple[str, ...] = ("safeinstr", "safegrad", "lisa")
 Finetune = Literal["lora", "full"]
@@ -300,6 +300,10 @@ class BaselineSettings:
         default="grad",
         metadata={"help": "safegrad: project the gradient (PCGrad) or the optimizer's update (Adam-correct)"},
     )
+    ema_decay: float = field(
+        default=0.99,
+        metadata={"help": "ema: the output is the moving average θ̄ ← d·θ̄ + (1 − d)·θ over steps (d = decay)"},
+    )
     lisa_align_steps: int = field(
         default=2, metadata={"help": "lisa: steps on the safety data per cycle (the cycle starts with them)"}
     )
@@ -319,6 +323,7 @@ class BaselineSettings:
         _check_choice("baselines.safegrad_loss", self.safegrad_loss, SafeGradLoss)
         _check_choice("baselines.safegrad_project_on", self.safegrad_project_on, ProjectOn)
         check_float("baselines.lisa_rho", self.lisa_rho, lambda v: v >= 0, "a finite number ≥ 0")
+        check_float("baselines.ema_decay", self.ema_decay, lambda v: 0.0 <= v < 1.0, "in [0, 1)")
         _check_types(self, "baselines.")  # after the range checks: they name the range
 
 
@@ -327,7 +332,10 @@ class TrainConfig:
     model: str = field(metadata={"help": "packaged name, local folder or hub id"})
     data: str = field(metadata={"help": "chat samples (JSON/JSONL/CSV/TSV) with responses"})
     out: str = field(metadata={"help": "output folder"})
-    method: Method = field(default="spf", metadata={"help": "vanilla, spf, or a baseline defense"})
+    method: Method = field(
+        default="spf",
+        metadata={"help": "vanilla, spf, a baseline defense, or ema (vanilla, weights averaged)"},
+    )
     finetune: Finetune = field(default="lora", metadata={"help": "LoRA adapters or full fine-tuning"})
     # Full fine-tuning trains, by default, only what the SPF projection covers (the decoder blocks' linear
     # weights), for every method: otherwise SPF would leave embeddings, norms and the head unprojected, and a
@@ -458,6 +466,7 @@ SETTINGS_USED_BY: tuple[tuple[str, tuple[str, ...], tuple[str, ...], str], ...] 
     ("method", ("safegrad",), ("baselines.safegrad_batch", "baselines.safegrad_every",
      "baselines.safegrad_scope", "baselines.safegrad_loss", "baselines.safegrad_project_on"),
      "safegrad_* applies to method=safegrad"),
+    ("method", ("ema",), ("baselines.ema_decay",), "ema_decay applies to method=ema"),
     ("method", ("lisa",), ("baselines.lisa_align_steps", "baselines.lisa_task_steps", "baselines.lisa_rho"),
      "lisa_* applies to method=lisa"),
     ("spf.sample", (SET,), ("spf.sample_index",), "sample_index picks a record of spf.sample"),

@@ -477,7 +477,8 @@ def _finish(run: _Run) -> TrainResult:
         return TrainResult(
             out=run.out, metrics={"summary": {}, "steps": run.history, "evals": evals, "rank": ctx.rank}
         )
-    save_finetuned(run.model, run.tokenizer, run.out, cfg.to_dict())  # what every snapshot holds too
+    with run.method.output_weights(run.params):
+        save_finetuned(run.model, run.tokenizer, run.out, cfg.to_dict())  # what every snapshot holds too
     metrics = _summarise(cfg, run.method, run.history, evals, run.info)
     metrics["resumes"] = (
         run.resumes

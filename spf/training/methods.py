@@ -17,6 +17,8 @@ The loop calls the hooks in this order:
   device)`` (a context whose ``loss(model)`` and ``backward(loss)`` the loop calls), then after the backward pass (gradients
   all-reduced, before clipping) ``after_backward(step, params) -> dict`` and after the optimizer step
   ``after_step(optimizer) -> dict``, both merged into the step's record;
+* whenever the weights are written out (the final output, each exposure-curve snapshot):
+  ``output_weights(params)``, a context in which the parameters hold what is published (EMA: the average);
 * at the end: ``task_steps(history)`` (the steps that trained on the task) and ``summary(history, info)``.
 """
 
@@ -51,10 +53,12 @@ from spf.training.baselines import (
 from spf.training.checkpoint import load_extra_tensors
 from spf.training.config import TrainConfig
 from spf.training.start_subspace import check_subspace_matches_model, load_safety_samples, resolve_spf
+from spf.training.streams import DataStream, index_batches
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "EMA",
     "METHODS",
     "SPF",
     "DataStream",
@@ -69,36 +73,6 @@ __all__ = [
     "load_safety_samples",
     "make_method",
 ]
-
-
-def index_batches(n: int, batch_size: int, seed: int, start: int) -> Iterator[tuple[list[int], int]]:
-    """Deterministic index stream: epoch e is a permutation seeded by (seed, e); resumable from `start`."""
-    pos = start
-    perm: list[int] = []
-    perm_epoch = -1
-    while True:
-        batch = []
-        for _ in range(batch_size):
-            epoch, i = divmod(pos, n)
-            if epoch != perm_epoch:
-                gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-                perm = torch.randperm(n, generator=gen).tolist()
-                perm_epoch = epoch
-            batch.append(perm[i])
-            pos += 1
-        yield batch, pos
-
-
-class DataStream:
-    """Global batches of encoded rows from :func:`index_batches`, starting at sample position ``start``."""
-
-    def __init__(self, rows: Sequence[Any], global_batch: int, seed: int, start: int) -> None:
-        self.rows = rows
-        self._indices = index_batches(len(rows), global_batch, seed, start)
-
-    def next(self) -> list[Any]:
-        idx, _pos = next(self._indices)
-        return [self.rows[i] for i in idx]
 
 
 @dataclass
@@ -172,6 +146,10 @@ class Method:
     def state(self) -> MethodState:
         return MethodState()
 
+    @contextmanager
+    def output_weights(self, params: list[torch.Tensor]) -> Iterator[None]:
+        yield
+
     def task_steps(self, history: list[dict[str, Any]]) -> list[dict[str, Any]]:
         return history
 
@@ -181,6 +159,50 @@ class Method:
 
 class Vanilla(Method):
     name = "vanilla"
+
+
+_EMA = "ema_weights"  # checkpoint file stem of the moving average
+
+
+class EMA(Vanilla):
+    """Vanilla training whose published weights are the exponential moving average of the iterates — the
+    cheap baseline of "Rethinking Safety in LLM Fine-tuning: An Optimization Perspective" (with tuned
+    lr / batch / steps). The run itself (losses, in-loop evaluations) sees the live weights."""
+
+    name = "ema"
+
+    def load_state(self, ckpt, saved_subspace, start_step: int, model, params: list[torch.Tensor]) -> None:
+        saved = load_extra_tensors(ckpt, _EMA) if ckpt is not None else None
+        if ckpt is not None and saved is None:
+            raise DataError(f"{ckpt}: an ema checkpoint without {_EMA}.safetensors")
+        self.params = params
+        self.average = (
+            [saved[str(i)] for i in range(len(params))] if saved else [p.detach().clone() for p in params]
+        )
+
+    def after_step(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        with torch.no_grad():
+            torch._foreach_lerp_(
+                self.average, [p.detach() for p in self.params], 1.0 - self.cfg.baselines.ema_decay
+            )
+        return {}
+
+    def state(self) -> MethodState:
+        return MethodState(tensors={_EMA: {str(i): t for i, t in enumerate(self.average)}})
+
+    @contextmanager
+    def output_weights(self, params: list[torch.Tensor]) -> Iterator[None]:
+        live = [p.detach().clone() for p in params]
+        with torch.no_grad():
+            torch._foreach_copy_(params, self.average)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                torch._foreach_copy_(params, live)
+
+    def summary(self, history: list[dict[str, Any]], info: dict[str, Any]) -> dict[str, Any]:
+        return {"baselines": {"ema_decay": self.cfg.baselines.ema_decay}}
 
 
 # ---------------------------------------------------------------------------------------------------- SPF
@@ -558,7 +580,7 @@ class Lisa(_Baseline):
 
 
 METHODS: dict[str, type[Method]] = {
-    cls.name: cls for cls in (Vanilla, SPF, SafeInstr, SafeGrad, Lisa)
+    cls.name: cls for cls in (Vanilla, SPF, SafeInstr, SafeGrad, Lisa, EMA)
 }  # name → class; the names are spf.training.config.Method's
 
 

@@ -543,3 +543,48 @@ def test_safegrad_faithful_settings_train_end_to_end(files):
     assert m["summary"]["baselines"]["safegrad_project_on"] == "update"
     full = train(_cfg(files, "sgf-full", "safegrad", data="harmful", steps=2, finetune="full", baselines=bl))
     assert full.metrics["steps"][0]["safegrad/safety_loss"] == pytest.approx(0.0, abs=1e-6)  # a frozen copy
+
+
+# --------------------------------------------------------------------------- EMA (optimization baseline)
+
+
+def _lora_b(folder) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in load_file(str(folder / "adapter_model.safetensors")).items() if "lora_B" in k}
+
+
+def test_ema_publishes_the_moving_average_of_the_iterates(files):
+    """peft starts B at 0, so after two steps the average of B is d(1 − d)·B₁ + (1 − d)·B₂, with B₁, B₂ the
+    vanilla iterates (same seed, same data order); a snapshot holds the average at its step too."""
+    d = 0.5
+    one = _lora_b(train(_cfg(files, "v1", "vanilla", steps=1)).out)
+    two = _lora_b(train(_cfg(files, "v2", "vanilla", steps=2)).out)
+    ema = train(_cfg(files, "e3", "ema", steps=3, snapshot_steps=[2], baselines={"ema_decay": d}))
+    snap = _lora_b(ema.out / "snapshots" / "step-2")
+    for k in one:
+        torch.testing.assert_close(snap[k], d * (1 - d) * one[k] + (1 - d) * two[k], rtol=1e-5, atol=1e-7)
+    assert ema.metrics["summary"]["baselines"]["ema_decay"] == d
+    last = _lora_b(ema.out)
+    three = _lora_b(train(_cfg(files, "v3", "vanilla", steps=3)).out)
+    assert all(not torch.allclose(last[k], three[k]) for k in last)  # the average, not the last iterate
+    plain = _lora_b(train(_cfg(files, "e0", "ema", steps=3, baselines={"ema_decay": 0.0})).out)
+    for k in plain:
+        torch.testing.assert_close(plain[k], three[k])  # decay 0: the last iterate
+
+
+def test_ema_checkpoints_its_average_and_resumes_exactly(files):
+    from tests.train.test_training import Crash, crash_at
+
+    def cfg(name):
+        return _cfg(files, name, "ema", steps=6, save_every=2, baselines={"ema_decay": 0.8})
+
+    full = train(cfg("ema-full"))
+    assert (full.out / "checkpoints" / "step-000004" / "ema_weights.safetensors").is_file()
+    with pytest.raises(Crash):
+        train(cfg("ema-resumed"), callback=crash_at(5))
+    resumed = train(cfg("ema-resumed"))
+    a, b = (
+        load_file(str(full.out / "adapter_model.safetensors")),
+        load_file(str(resumed.out / "adapter_model.safetensors")),
+    )
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-7)
