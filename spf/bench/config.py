@@ -14,11 +14,11 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
+from spf.bench.source import BenchSourceError, read_bench_yaml
 from spf.core.subspace import SubspaceLoss
 from spf.data.locate import SHIPPED_PREFIX, shipped_file
 from spf.data.scenarios import ScenarioKind
 from spf.eval.vocab import SUITES as EVAL_SUITES
-from spf.loaders import ConfigFileError, load_yaml_file
 from spf.training.config import (
     BASELINE_METHODS,
     SETTINGS_USED_BY,
@@ -218,15 +218,10 @@ def load_bench_config(path: str | Path, *, seeds: list[int] | None = None) -> Be
     """Read and check a benchmark YAML; every error names the file and the key. ``seeds``: run only these
     of the file's training seeds (an interim result while the rest are still to run)."""
     path = Path(path)
-    if not path.exists():
-        raise BenchConfigError(f"{path}: benchmark file not found")
-    try:  # strict: no aliases (expansion bombs), duplicate keys, empty file, folder, > 1 MiB
-        raw = load_yaml_file(path)
-    except ConfigFileError as exc:
+    try:  # `extends:` merged in (spf.bench.source)
+        raw = read_bench_yaml(path)
+    except BenchSourceError as exc:
         raise BenchConfigError(str(exc)) from None
-    if not isinstance(raw, dict):
-        raise BenchConfigError(f"{path}: expected a mapping at the top level")
-    raw = dict(raw)
     raw["subspace"] = _typed(SubspaceSpec, raw.get("subspace", {}), f"{path}: subspace")
     raw["eval"] = _typed(EvalSpec, raw.get("eval", {}), f"{path}: eval")
     scen = raw.get("scenarios") or {}
