@@ -22,7 +22,17 @@ from spf.eval.paired import holm, mcnemar, noninferiority, paired_bootstrap
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["BASE", "JUDGED", "N_BOOT", "PairedRow", "final_noninferiority", "paired_rows", "paired_section"]
+__all__ = [
+    "BASE",
+    "JUDGED",
+    "N_BOOT",
+    "PairedRow",
+    "cell_rows",
+    "final_noninferiority",
+    "paired_rows",
+    "paired_section",
+    "table_lines",
+]
 
 # the judged safety suites (lower is better for each): the ones a method is tested on
 JUDGED = ("harmful", "jailbreak", "prefill", "overrefusal")
@@ -94,6 +104,14 @@ def _compare(
     return row
 
 
+def _holm_family(rows: list[PairedRow]) -> list[PairedRow]:
+    """``rows`` with ``p_holm`` set: one family, Holm's step-down adjustment."""
+    adjusted = holm({str(i): r.p for i, r in enumerate(rows)})
+    for i, r in enumerate(rows):
+        r.p_holm = adjusted[str(i)]
+    return rows
+
+
 def _base_record(cfg: BenchConfig, got: dict[str, Any], scenario: str) -> dict[str, Any] | None:
     """The aligned base as the scenario's cells were evaluated: under its system prompt when it has one."""
     base = got.get("ref:aligned")
@@ -119,10 +137,7 @@ def _scenario_rows(cfg: BenchConfig, got: dict[str, Any], scenario: str) -> list
                     pair = _arrays(a, b, ref) if a and b else None
                     if pair is not None:
                         rows.append(_compare(cfg, (scenario, step, method, against, suite), *pair))
-    adjusted = holm({str(i): r.p for i, r in enumerate(rows)})
-    for i, r in enumerate(rows):
-        r.p_holm = adjusted[str(i)]
-    return rows
+    return _holm_family(rows)
 
 
 def final_noninferiority(
@@ -139,6 +154,27 @@ def final_noninferiority(
     return noninferiority(*pair, cfg.noninferiority_margin, n_boot=N_BOOT, seed=cfg.seed)
 
 
+def cell_rows(cfg: BenchConfig, got: dict[str, Any], a_id: str, b_id: str) -> list[PairedRow]:
+    """Cell ``a_id`` against cell ``b_id`` (an ablation against its base, two methods) at every step both
+    evaluated, on every judged suite both judged on the same prompts, over the seeds both ran — one
+    Holm family. KeyError naming a cell that has no finished record among ``got``."""
+    recs = []
+    for cid in (a_id, b_id):
+        if cid not in got:
+            raise KeyError(f"{cid}: no finished record of this configuration (see `spf bench list`)")
+        recs.append(got[cid])
+    a_rec, b_rec = recs
+    scenario = a_rec.get("scenario") or ""
+    rows: list[PairedRow] = []
+    for step in sorted(set(a_rec.get("steps") or []) & set(b_rec.get("steps") or [])):
+        for suite in [s for s in JUDGED if s in cfg.eval.suites]:
+            a, b = _outcomes(a_rec, step, suite), _outcomes(b_rec, step, suite)
+            pair = _arrays(a, b, False) if a and b else None
+            if pair is not None:
+                rows.append(_compare(cfg, (scenario, step, a_id, b_id, suite), *pair))
+    return _holm_family(rows)
+
+
 def paired_rows(cfg: BenchConfig, data: dict[str, Any]) -> dict[str, list[PairedRow]]:
     """Every scenario's paired comparisons (Holm-adjusted within the scenario), in the report's order."""
     got = data["cells"]
@@ -152,6 +188,15 @@ def paired_rows(cfg: BenchConfig, data: dict[str, Any]) -> dict[str, list[Paired
 
 def _p(p: float) -> str:
     return f"{p:.2g}" if p >= 1e-3 else f"{p:.1e}"
+
+
+def table_lines(rows: list[PairedRow], margin: float) -> list[str]:
+    """The markdown table of paired rows (the report's and ``spf bench compare``'s)."""
+    head = (
+        "| step | comparison | suite | rate | other's rate | difference [95 % CI] | p (test) | p (Holm) "
+        f"| significant (Holm p < 0.05) | non-inferior to base (margin {margin:g}) | n (prompts×seeds) |"
+    )
+    return [head, "|---" * 11 + "|", *(_line(r) for r in rows)]
 
 
 def _line(r: PairedRow) -> str:
@@ -187,11 +232,6 @@ def paired_section(cfg: BenchConfig, data: dict[str, Any]) -> list[str]:
         f"method (family-wise error 0.05); a bootstrap p is at least 1/{N_BOOT}, so a table of m rows cannot "
         f"reach an adjusted p below m/{N_BOOT}.",
     ]
-    head = (
-        "| step | comparison | suite | rate | other's rate | difference [95 % CI] | p (test) | p (Holm) "
-        f"| significant (Holm p < 0.05) | non-inferior to base (margin {margin:g}) | n (prompts×seeds) |"
-    )
     for scenario, rows in tables.items():
-        lines += ["", f"### `{scenario}` (m = {len(rows)})", "", head, "|---" * 11 + "|"]
-        lines += [_line(r) for r in rows]
+        lines += ["", f"### `{scenario}` (m = {len(rows)})", "", *table_lines(rows, margin)]
     return lines

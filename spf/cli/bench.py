@@ -1,4 +1,4 @@
-"""``spf bench run | cell | report | list``: the defense benchmark's command line (:mod:`spf.bench`)."""
+"""``spf bench run | cell | report | list | compare``: the defense benchmark's command line (:mod:`spf.bench`)."""
 
 from __future__ import annotations
 
@@ -30,7 +30,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     rep.add_argument("config")
     ls = sub.add_parser("list", help="list the cells and whether each is done")
     ls.add_argument("config")
-    for p in (r, c, rep, ls):
+    cmp = sub.add_parser("compare", help="paired tests of one finished cell against another (A − B)")
+    cmp.add_argument("config")
+    cmp.add_argument("a", help="cell id, e.g. ablation:fused")
+    cmp.add_argument("b", help="cell id, e.g. spf@mix10")
+    cmp.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    for p in (r, c, rep, ls, cmp):
         p.add_argument(
             "--seeds",
             type=int,
@@ -62,10 +67,37 @@ def run(args: argparse.Namespace) -> int:
             return 2
         run_cell(cfg, match[0])
         return 0
+    if args.bench_command == "compare":
+        return _compare(cfg, args)
     if args.bench_command == "run":
         codes = run_bench(cfg, only=args.only, lanes=args.lanes)
         if args.report:
             print(f"wrote {write_report(cfg)}")
         return 1 if any(codes.values()) else 0
     print(f"wrote {write_report(cfg)}")
+    return 0
+
+
+def _compare(cfg, args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+    from pathlib import Path
+
+    from spf.bench.compare import cell_rows, table_lines
+    from spf.bench.report import collect
+    from spf.io import save_json
+
+    try:
+        rows = cell_rows(cfg, collect(cfg)["cells"], args.a, args.b)
+    except KeyError as exc:
+        print(f"spf: error: {cfg.source}: {exc.args[0]}", file=sys.stderr)
+        return 2
+    if not rows:
+        print(f"spf: error: {args.a} and {args.b} share no step, suite and seed to pair", file=sys.stderr)
+        return 2
+    print("\n".join(table_lines(rows, cfg.noninferiority_margin)))
+    if args.json:
+        out = {"config": cfg.source, "seeds": cfg.seeds, "a": args.a, "b": args.b,
+               "rows": [asdict(r) for r in rows]}  # fmt: skip
+        save_json(out, Path(args.json), tracked_ok=True)  # e.g. docs/results/*.json, asked for by name
+        print(f"wrote {args.json}")
     return 0

@@ -1,4 +1,5 @@
-"""``extends:`` in benchmark files (spf.bench.source) and the shipped dev-prompt tuning file built on it."""
+"""``extends:`` in benchmark files (spf.bench.source), the shipped dev-prompt tuning file built on it, and the
+paired comparison of two cells (spf.bench.compare.cell_rows, `spf bench compare`)."""
 
 from __future__ import annotations
 
@@ -76,3 +77,44 @@ def test_the_dev_file_is_the_test_benchmark_on_dev_prompts():
     names = [a.name for a in dev.ablations]
     assert {"lisa-rho0.1", "lisa-rho10", "random-subspace", "shrink", "total-change"} <= set(names)
     assert any(n.startswith("vanilla-lr") for n in names) and any(n.startswith("spf-lr") for n in names)
+
+
+def _record(scenario: str, steps: dict[int, dict[str, dict[str, str]]]) -> dict:
+    """A cell record with per-seed 0/1 verdict strings, judged on one prompt list per suite."""
+    return {
+        "scenario": scenario,
+        "steps": sorted(steps),
+        "verdicts": {
+            str(step): {
+                suite: {"prompts_sha256": f"sha-{suite}", "by_seed": by_seed}
+                for suite, by_seed in suites.items()
+            }
+            for step, suites in steps.items()
+        },
+    }
+
+
+def test_cell_rows_pair_two_cells_on_shared_steps_suites_and_seeds():
+    from spf.bench.compare import cell_rows, table_lines
+
+    cfg = load_bench_config(ROOT / "bench" / "cpu.yaml")
+    worse = "1" * 30 + "0" * 10
+    better = "1" * 5 + "0" * 35
+    a = _record(
+        "mix10",
+        {80: {"harmful": {"1": worse}}, 250: {"harmful": {"1": worse, "2": worse}, "prefill": {"1": better}}},
+    )
+    b = _record(
+        "mix10",
+        {80: {"harmful": {"1": better}}, 250: {"harmful": {"1": better}}, 160: {"harmful": {"1": worse}}},
+    )
+    rows = cell_rows(cfg, {"ablation:x": a, "spf@mix10": b}, "ablation:x", "spf@mix10")
+    # steps both have (80, 250), suites both judged (prefill only in a), seeds both ran (seed 1)
+    assert [(r.step, r.suite, r.seeds) for r in rows] == [(80, "harmful", 1), (250, "harmful", 1)]
+    for r in rows:
+        assert (r.a_rate, r.b_rate) == (0.75, 0.125) and r.diff == pytest.approx(0.625)
+        assert r.test == "McNemar" and r.p < 1e-6 and r.significant
+        assert r.p_holm >= r.p  # one Holm family
+    assert len(table_lines(rows, 0.05)) == 2 + len(rows)
+    with pytest.raises(KeyError, match="ablation:missing"):
+        cell_rows(cfg, {"spf@mix10": b}, "ablation:missing", "spf@mix10")
