@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
 from spf.bench.compare import final_noninferiority, paired_section
 from spf.bench.config import BenchConfig, cell_dir, cells, record_is_current, seed_list
 from spf.bench.keep import Keep
+from spf.bench.plots import draw_report_plots
 from spf.bench.verdicts import CI_METHOD
 from spf.io import atomic_path, save_json
 from spf.training.config import BASELINE_METHODS
@@ -346,93 +346,6 @@ def render_report(cfg: BenchConfig, data: dict[str, Any], plots: dict[str, str])
     return "\n".join(lines) + "\n"
 
 
-# ------------------------------------------------------------------------------------------------- plots
-
-
-def _plots(cfg: BenchConfig, data: dict[str, Any], folder: Path) -> dict[str, str]:
-    """The safety-vs-utility scatter and the held-out refusal loss over steps; title → path from the report."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    folder.mkdir(parents=True, exist_ok=True)
-    rel = os.path.relpath(folder, Path(cfg.report).parent)
-    out: dict[str, str] = {}
-    got = data["cells"]
-    pts = [
-        (cid, r["suites"]["harmful"]["rate"], r["suites"]["utility"]["rate"])
-        for cid, r in got.items()
-        if "harmful" in r["suites"] and "utility" in r["suites"]
-    ]
-    if pts:
-        fig, ax = plt.subplots(figsize=(7, 5))
-        for cid, h, u in pts:
-            ax.scatter(u, h)
-            ax.annotate(cid, (u, h), fontsize=6)
-        ax.set_xlabel("utility (SST-2 accuracy)")
-        ax.set_ylabel("harmful rate")
-        ax.set_title("safety vs utility")
-        with atomic_path(folder / "safety_vs_utility.png", tracked_ok=True) as tmp:
-            fig.savefig(tmp, dpi=120, format="png")
-        plt.close(fig)
-        out["safety vs utility"] = f"{rel}/safety_vs_utility.png"
-    curves = {cid: r["safety_curve"] for cid, r in got.items() if r.get("safety_curve")}
-    if curves:
-        fig, ax = plt.subplots(figsize=(7, 5))
-        for cid, curve in curves.items():
-            xs = [e["step"] for e in curve if "safety_loss_heldout" in e]
-            ys = [e["safety_loss_heldout"] for e in curve if "safety_loss_heldout" in e]
-            if xs:
-                ax.plot(xs, ys, label=cid, marker=".")
-        ax.set_xlabel("step")
-        ax.set_ylabel("held-out refusal loss")
-        ax.set_title("safety loss over steps")
-        ax.legend(fontsize=5)
-        with atomic_path(folder / "safety_loss.png", tracked_ok=True) as tmp:
-            fig.savefig(tmp, dpi=120, format="png")
-        plt.close(fig)
-        out["safety loss over steps"] = f"{rel}/safety_loss.png"
-    for scenario in cfg.matrix.get("scenarios") or list(cfg.scenarios):
-        if _curve_plot(cfg, got, scenario, plt, folder / f"curve_{scenario}.png"):
-            out[f"exposure curve: {scenario}"] = f"{rel}/curve_{scenario}.png"
-    return out
-
-
-def _curve_plot(cfg: BenchConfig, got: dict[str, Any], scenario: str, plt: Any, path: Path) -> bool:
-    """Harmful rate against the fine-tuning step, one line per method with its 95 % intervals, and the
-    aligned base (as the scenario is evaluated) as a band; False when no cell of the scenario is done."""
-    lines = {}
-    for m in cfg.matrix.get("methods") or list(cfg.methods):
-        pts = [
-            (p["step"], p["suites"]["harmful"]) for p in (got.get(f"{m}@{scenario}") or {}).get("curve", [])
-        ]
-        if pts and all("harmful" in p["suites"] for p in got[f"{m}@{scenario}"]["curve"]):
-            lines[m] = pts
-    if not lines:
-        return False
-    fig, ax = plt.subplots(figsize=(7, 5))
-    for m, pts in lines.items():
-        xs, ys = [x for x, _ in pts], [e["rate"] for _, e in pts]
-        err = [[e["rate"] - e["ci_low"] for _, e in pts], [e["ci_high"] - e["rate"] for _, e in pts]]
-        ax.errorbar(xs, ys, yerr=err, label=m, marker="o", capsize=3)
-    base = got.get("ref:aligned") or {}
-    if cfg.scenarios[scenario].system_prompt_eval:
-        base = (base.get("system_prompts") or {}).get(scenario) or {}
-    h = (base.get("suites") or {}).get("harmful")
-    if h:
-        ax.axhline(h["rate"], color="grey", linestyle="--", label="aligned base")
-        ax.axhspan(h["ci_low"], h["ci_high"], color="grey", alpha=0.15)
-    ax.set_xlabel("fine-tuning step")
-    ax.set_ylabel("harmful rate (pooled over seeds)")
-    ax.set_title(f"exposure curve: {scenario}")
-    ax.legend(fontsize=7)
-    with atomic_path(path, tracked_ok=True) as tmp:
-        fig.savefig(tmp, dpi=120, format="png")
-    plt.close(fig)
-    return True
-
-
 def report_folder(cfg: BenchConfig) -> Path:
     """Where the report's JSON and plots go: docs/results.md → docs/results/bench/, X.md → X/."""
     folder = Path(cfg.report).with_suffix("")
@@ -444,7 +357,7 @@ def write_report(cfg: BenchConfig) -> Path:
     data = collect(cfg)
     folder = report_folder(cfg)
     save_json(data, folder / "bench.json", tracked_ok=True)  # reports are committed on purpose
-    text = render_report(cfg, data, _plots(cfg, data, folder))
+    text = render_report(cfg, data, draw_report_plots(cfg, data, folder))
     with atomic_path(cfg.report, tracked_ok=True) as tmp:
         tmp.write_text(text, encoding="utf-8")
     return Path(cfg.report)
