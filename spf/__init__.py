@@ -31,6 +31,9 @@ _EXPORTS = {
     "subspace_overlap": "spf.core.subspace",
     "TrainResult": "spf.training.loop",
     "train": "spf.training.loop",
+    "SPFCallback": "spf.training.hf",
+    "SPFTrainer": "spf.training.hf",
+    "create_spf_optimizer": "spf.training.hf",
 }
 # submodules reachable as attributes (``spf.models.default_target_modules`` in the README)
 _SUBMODULES = {
@@ -56,11 +59,14 @@ __all__ = [
     "DataError",
     "LoraSettings",
     "ModelLoadError",
+    "SPFCallback",
     "SPFOptimizer",
     "SPFSettings",
+    "SPFTrainer",
     "SafetySubspace",
     "TrainConfig",
     "TrainResult",
+    "create_spf_optimizer",
     "estimate_batch_subspace",
     "estimate_safety_subspace",
     "load_model",
@@ -97,4 +103,5 @@ if TYPE_CHECKING:  # static analysers and IDEs see the real names
     from spf.data.samples import ChatSample, DataError, load_samples, save_samples
     from spf.models import ModelLoadError, load_model, tiny_llama
     from spf.training.config import BaselineSettings, LoraSettings, SPFSettings, TrainConfig
+    from spf.training.hf import SPFCallback, SPFTrainer, create_spf_optimizer
     from spf.training.loop import TrainResult, train
