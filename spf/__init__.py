@@ -21,6 +21,7 @@ _EXPORTS = {
     "DataError": "spf.data.samples",
     "load_samples": "spf.data.samples",
     "save_samples": "spf.data.samples",
+    "to_dataset": "spf.data.hub",
     "ModelLoadError": "spf.models",
     "load_model": "spf.models",
     "tiny_llama": "spf.models",
@@ -74,6 +75,7 @@ __all__ = [
     "save_samples",
     "subspace_overlap",
     "tiny_llama",
+    "to_dataset",
     "train",
 ]
 
@@ -100,6 +102,7 @@ if TYPE_CHECKING:  # static analysers and IDEs see the real names
         estimate_safety_subspace,
         subspace_overlap,
     )
+    from spf.data.hub import to_dataset
     from spf.data.samples import ChatSample, DataError, load_samples, save_samples
     from spf.models import ModelLoadError, load_model, tiny_llama
     from spf.training.config import BaselineSettings, LoraSettings, SPFSettings, TrainConfig

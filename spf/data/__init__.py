@@ -10,12 +10,13 @@ import importlib
 from typing import Any
 
 _EXPORTS = {name: "spf.data.samples" for name in ("ChatSample", "DataError", "load_samples", "save_samples")}
-__all__ = ["ChatSample", "DataError", "load_samples", "save_samples"]
+_EXPORTS["to_dataset"] = "spf.data.hub"
+__all__ = ["ChatSample", "DataError", "load_samples", "save_samples", "to_dataset"]
 
 
 def __getattr__(name: str) -> Any:
     if name in _EXPORTS:
         return getattr(importlib.import_module(_EXPORTS[name]), name)
-    if name in ("samples", "scenarios", "locate", "files"):
+    if name in ("samples", "scenarios", "locate", "files", "hub"):
         return importlib.import_module(f"spf.data.{name}")
     raise AttributeError(f"module 'spf.data' has no attribute {name!r}")

@@ -312,25 +312,34 @@ def iter_records(path: str | Path) -> Iterator[tuple[str, Any]]:
 
 
 def load_samples(
-    path: str | Path,
+    path: str | Path | Any,
     *,
     prompt_field: str | None = None,
     response_field: str | None = None,
     require_response: bool = False,
     limit: int | None = None,
+    split: str = "train",
 ) -> list[ChatSample]:
-    """Load a JSON / JSONL / CSV / TSV file into chat samples.
+    """Load a JSON / JSONL / CSV / TSV file — or a ``datasets.Dataset``, a local dataset folder, a hub id
+    ``owner/name[:config]`` (``split`` picks the split; :mod:`spf.data.hub`) — into chat samples.
 
     Records may be ``{"messages": [...]}``, a bare list of messages, or a flat record with a prompt column
     (auto-detected from :data:`PROMPT_FIELDS`) and an optional response column (:data:`RESPONSE_FIELDS`).
     ``prompt_field`` / ``response_field`` override detection and must then be present in every record.
     ``limit`` keeps the first ``limit`` samples.
     """
-    path = Path(path)
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be a positive integer or None, got {limit}")
+    from spf.data.hub import iter_dataset, load_source  # imports datasets only for a dataset source
+
+    dataset = load_source(path, split)
+    if dataset is None:
+        records, name, label = iter_records(path), Path(path).name, str(path)
+    else:
+        name = label = dataset[0]
+        records = iter_dataset(dataset[1], name)
     samples: list[ChatSample] = []
-    for where, record in iter_records(path):
+    for where, record in records:
         sample, r_field = _record_to_sample(record, where, prompt_field, response_field)
         if require_response and sample.response is None:
             raise _err(where, "a non-empty response is required (require_response=True)", r_field)
@@ -338,14 +347,14 @@ def load_samples(
         if limit is not None and len(samples) >= limit:
             break
     if not samples:
-        raise DataError(f"{path.name}: no records")
-    _warn_duplicates(samples, path)
+        raise DataError(f"{name}: no records")
+    _warn_duplicates(samples, label)
     n_with_response = sum(s.response is not None for s in samples)
-    logger.info("loaded %d samples (%d with a response) from %s", len(samples), n_with_response, path)
+    logger.info("loaded %d samples (%d with a response) from %s", len(samples), n_with_response, label)
     return samples
 
 
-def _warn_duplicates(samples: list[ChatSample], path: Path) -> None:
+def _warn_duplicates(samples: list[ChatSample], path: str) -> None:
     """Duplicates are kept (repeating a sample weights it; ``repeat_epochs`` writes them on purpose) but
     logged, with the first pair's locations, since in a hand-made file they are usually a mistake."""
     first_seen: dict[str, str] = {}
