@@ -11,6 +11,10 @@ Two layers, each bounded, so an outage fails in seconds to a minute instead of h
   attempts (default 2) after delays ``SPF_IO_RETRY_DELAY`` (2 s) × ``SPF_IO_RETRY_BACKOFF`` (4) ^ i,
   capped at ``SPF_IO_RETRY_MAX_DELAY`` (60 s): by default 2 s, then 8 s.
 
+Prefect's own ``retries`` do the step level for every task; :func:`retry_call` is used only for the DVC
+transfers, which run after a local ``dvc commit`` (dvc-version) or inside the finetune flow's body, where a
+Prefect retry would repeat the commit or the whole fine-tune.
+
 The step-level policy is read from the environment when a task module is imported (Prefect fixes a
 task's retries at decoration), so set the variables before the flow process starts.
 """

@@ -251,29 +251,19 @@ def load_labelled(path: str | Path) -> list[LabelledPair]:
     return rows
 
 
-def _fit_logistic(x: np.ndarray, y: np.ndarray, *, l2: float = 1.0, iters: int = 50) -> np.ndarray:
-    """Weights (last = bias) of an L2-regularised logistic regression, by Newton's method.
+def _fit_logistic(x: np.ndarray, y: np.ndarray, *, l2: float = 1.0) -> np.ndarray:
+    """Weights (last = bias) of an L2-regularised logistic regression (scikit-learn, ``C = 1 / l2``;
+    the bias is not penalised). The ridge keeps the fit finite when the train split is linearly separable."""
+    from sklearn.linear_model import LogisticRegression
 
-    A handful of features and ~100 rows: Newton converges in a few steps and needs no learning rate.
-    The ridge keeps the fit finite when the train split is linearly separable (it nearly is).
-    """
-    xb = np.hstack([x, np.ones((len(x), 1))]).astype(np.float64)
-    w = np.zeros(xb.shape[1])
-    reg = l2 * np.eye(xb.shape[1])
-    reg[-1, -1] = 0.0  # do not shrink the bias
-    for _ in range(iters):
-        p = 1.0 / (1.0 + np.exp(-(xb @ w)))
-        grad = xb.T @ (p - y) + reg @ w
-        hess = (xb * (p * (1 - p))[:, None]).T @ xb + reg
-        step = np.linalg.solve(hess, grad)
-        w -= step
-        if np.abs(step).max() < 1e-8:
-            break
-    return w
+    fit = LogisticRegression(C=1.0 / l2, tol=1e-10, max_iter=1000).fit(x.astype(np.float64), y.astype(int))
+    return np.append(fit.coef_[0], fit.intercept_[0])
 
 
 def _sigmoid(z: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-z))
+    from scipy.special import expit  # no overflow warning at large |z|
+
+    return expit(z)
 
 
 def _knn_contrast(
@@ -536,19 +526,22 @@ class LlamaGuardJudge:
 
 
 def _prf(pred: Sequence[bool], gold: Sequence[bool]) -> dict[str, float]:
-    """Precision, recall, F1 and accuracy of ``pred`` against ``gold`` (0.0 where undefined)."""
-    tp = sum(p and g for p, g in zip(pred, gold, strict=True))
-    fp = sum(p and not g for p, g in zip(pred, gold, strict=True))
-    fn = sum(g and not p for p, g in zip(pred, gold, strict=True))
-    precision = tp / (tp + fp) if tp + fp else 0.0
-    recall = tp / (tp + fn) if tp + fn else 0.0
-    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-    correct = sum(p == g for p, g in zip(pred, gold, strict=True))
+    """Precision, recall, F1 and accuracy of ``pred`` against ``gold`` (scikit-learn; 0.0 where undefined)."""
+    from sklearn.metrics import accuracy_score, precision_recall_fscore_support
+
+    if len(pred) != len(gold):
+        raise ValueError(f"{len(pred)} predictions for {len(gold)} labels")
+    if not gold:
+        return dict.fromkeys(("precision", "recall", "f1", "accuracy", "positives", "predicted"), 0.0)
+    precision, recall, f1, _ = precision_recall_fscore_support(
+        list(gold), list(pred), labels=[False, True], pos_label=True, average="binary", zero_division=0.0
+    )  # fmt: skip
+    correct = accuracy_score(list(gold), list(pred))
     return {
-        "precision": precision,
-        "recall": recall,
-        "f1": f1,
-        "accuracy": correct / len(gold) if gold else 0.0,
+        "precision": float(precision),
+        "recall": float(recall),
+        "f1": float(f1),
+        "accuracy": float(correct),
         "positives": float(sum(gold)),
         "predicted": float(sum(pred)),
     }

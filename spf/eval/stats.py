@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -10,22 +9,21 @@ __all__ = ["SuiteResult", "count_true", "rate_dict", "wilson_interval"]
 
 
 def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """Wilson score interval for a binomial proportion k/n (``(0, 1)`` when n = 0: nothing is known).
+    """Wilson score interval for a binomial proportion k/n (``(0, 1)`` when n = 0: nothing is known);
+    scipy's ``binomtest(k, n).proportion_ci(method="wilson")`` at the confidence level of ``z``.
 
     Preferred over the normal approximation because it stays inside [0, 1] and is not degenerate at k = 0
     or k = n, which is exactly where safety rates live.
     """
+    from scipy.stats import binomtest, norm
+
     if n < 0 or k < 0 or k > n:
         raise ValueError(f"need 0 <= k <= n, got k={k}, n={n}")
     if n == 0:
         return 0.0, 1.0
-    p = k / n
-    z2 = z * z
-    denom = 1.0 + z2 / n
-    centre = (p + z2 / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / denom
+    ci = binomtest(int(k), int(n)).proportion_ci(confidence_level=2 * norm.cdf(z) - 1, method="wilson")
     # Clamp float round-off (e.g. -1e-17 at k = 0).
-    return max(0.0, centre - half), min(1.0, centre + half)
+    return max(0.0, float(ci.low)), min(1.0, float(ci.high))
 
 
 @dataclass

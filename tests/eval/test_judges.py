@@ -251,3 +251,15 @@ def test_verdict_is_frozen() -> None:
     v = Verdict(refused=True, harmful=False, score=0.0, judge="keyword")
     with pytest.raises(AttributeError):
         v.refused = False  # type: ignore[misc]
+
+
+def test_prf_counts_and_its_undefined_cases():
+    from spf.eval.judges import _prf
+
+    out = _prf([True, True, False, False, True], [True, False, False, True, True])
+    assert out["precision"] == pytest.approx(2 / 3) and out["recall"] == pytest.approx(2 / 3)
+    assert out["accuracy"] == pytest.approx(3 / 5) and out["positives"] == 3.0 and out["predicted"] == 3.0
+    none = _prf([False, False], [False, False])  # no positives at all: 0.0, not a warning or NaN
+    assert (none["precision"], none["recall"], none["f1"], none["accuracy"]) == (0.0, 0.0, 0.0, 1.0)
+    with pytest.raises(ValueError, match="2 predictions for 3 labels"):
+        _prf([True, False], [True, False, True])
