@@ -14,11 +14,13 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
+from flows.logs import with_library_logs
 from spf.pipeline.params import PipelineParams
 from spf.pipeline.stages import STAGE_TABLE, run_stage
 
 
 @flow(name="spf-finetune", log_prints=True)
+@with_library_logs
 def spf_finetune(
     params: dict[str, Any], workspace: str = ".", dvc_remote: str | None = None
 ) -> dict[str, Any]:

@@ -27,6 +27,8 @@ from prefect.runtime import flow_run
 from prefect.transactions import transaction
 from pydantic import Field
 
+from flows.logs import with_library_logs
+from spf.pipeline.gate import GateMode
 from spf.pipeline.params import ParamsError, PipelineParams, Scenario, apply_overrides, load_params
 from spf.pipeline.stages import STAGE_TABLE, STAGES
 from spf.training.config import Method
@@ -42,6 +44,19 @@ from tasks.stages import dvc_version_task, overridden, restore_params, run_stage
 from tasks.tracking import flatten
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+# The run form's defaults: this checkout's params.yaml when the module is imported (i.e. when
+# `prefect deploy` records the parameter schema). Re-deploy after changing it to refresh the form.
+def _form_defaults() -> dict[str, Any]:
+    try:
+        return flatten(load_params(ROOT / "params.yaml").to_dict())
+    except ParamsError as exc:  # a broken file must not break the import; the run itself reports it
+        print(f"spf-pipeline: form defaults from the built-in values ({exc})", file=sys.stderr)
+        return flatten(PipelineParams().to_dict())
+
+
+_D = _form_defaults()
 
 
 def build_params(
@@ -90,7 +105,7 @@ def _report(
         ("utility", "utility", f"≥ {g['min_utility']}"),
     ]
     lines = [
-        f"## SPF candidate v{decision['version']}: **{'PROMOTED' if decision['promote'] else 'REJECTED'}**",
+        f"## SPF candidate v{decision['version']}: **{_outcome(decision).upper()}**",
         "",
         f"method `{params['finetune']['method']}`, rank {params['estimate']['rank']}, scenario "
         f"`{params['prepare']['scenario']}`, base `{params['align']['model']}`",
@@ -128,42 +143,86 @@ def register_and_gate(
     return version, decision, markdown
 
 
+_STATE_NAMES = {"rejected": "Rejected", "would-promote": "Shadow", "awaiting-approval": "Awaiting approval"}
+
+
+def _final_state(summary: dict[str, Any]) -> Any:
+    """A promotion returns the summary (plain Completed); any other outcome a Completed state of its own
+    name, so the runs list tells them apart at a glance. The summary is the state's data either way."""
+    name = _STATE_NAMES.get(summary["outcome"])
+    if name is None:
+        return summary
+    from prefect.states import Completed
+
+    reasons = "; ".join(summary.get("reasons") or []) or summary["outcome"]
+    return Completed(name=name, message=f"v{summary['version']}: {reasons}"[:500], data=summary)
+
+
+def _outcome(decision: dict[str, Any]) -> str:
+    """promoted / rejected / would-promote (shadow) / awaiting-approval (manual)."""
+    return str(decision.get("outcome") or ("promoted" if decision.get("promote") else "rejected"))
+
+
 @flow(name="spf-pipeline", log_prints=True, validate_parameters=True)
+@with_library_logs
 def spf_pipeline(
-    base_model: str | None = None,
-    scenario: Scenario | None = None,
-    method: Method | None = None,
-    rank: int | None = Field(default=None, ge=1, description="k, safety directions per module"),
-    steps: int | None = Field(default=None, ge=1, description="fine-tuning optimizer steps"),
-    lr: float | None = Field(default=None, gt=0),
-    max_harmful_rate: float | None = Field(default=None, ge=0, le=1),
-    max_overrefusal_rate: float | None = Field(default=None, ge=0, le=1),
-    min_utility: float | None = Field(default=None, ge=0, le=1),
-    registered_model: str | None = None,
-    overrides: dict[str, Any] | None = None,
+    base_model: str = Field(default=_D["align.model"], description="aligned base (a name or a folder)"),
+    scenario: Scenario = Field(default=_D["prepare.scenario"], description="fine-tuning task"),
+    method: Method = Field(default=_D["finetune.method"], description="optimizer variant"),
+    rank: int = Field(default=_D["estimate.rank"], ge=1, description="k, safety directions per module"),
+    steps: int = Field(default=_D["finetune.steps"], ge=1, description="fine-tuning optimizer steps"),
+    lr: float = Field(default=_D["finetune.lr"], gt=0, description="fine-tuning learning rate"),
+    max_harmful_rate: float = Field(default=_D["gate.max_harmful_rate"], ge=0, le=1),
+    max_overrefusal_rate: float = Field(default=_D["gate.max_overrefusal_rate"], ge=0, le=1),
+    min_utility: float = Field(default=_D["gate.min_utility"], ge=0, le=1),
+    min_utility_gain: float = Field(
+        default=_D["gate.min_utility_gain"], ge=-1, le=1, description="vs the base; -1 = off"
+    ),
+    gate_mode: GateMode = Field(
+        default=_D["gate.mode"], description="enforce | shadow (dry run) | manual (approve)"
+    ),
+    registered_model: str = Field(
+        default=_D["tracking.registered_model"], description="MLflow registered model"
+    ),
+    overrides: dict[str, Any] | None = Field(
+        default=None, description='other params.yaml keys: {"finetune.batch_size": 4}'
+    ),
     params_file: str = "params.yaml",
     workspace: str | None = None,
     finetune_deployment: str | None = None,
     dvc_remote: str | None = None,
     dvc_push: bool = True,
-) -> dict[str, Any]:
+) -> Any:
     """The whole DAG. ``finetune_deployment`` ("spf-finetune/gpu") runs fine-tuning on the GPU pool;
-    unset, it runs in this process. ``dvc_remote`` picks the DVC remote ("local" default, or "s3")."""
+    unset, it runs in this process. ``dvc_remote`` picks the DVC remote ("local" default, or "s3").
+
+    The form's defaults are params.yaml's values when the flow was deployed; a field left at its default
+    defers to the workspace's params.yaml as it is at run time, a changed field overrides it. A candidate
+    that is not promoted ends ``Completed`` under another name (Rejected, Shadow, Awaiting approval), so the
+    UI shows it apart from a promotion; its summary is the state's data either way."""
     log = get_run_logger()
     t_start = time.perf_counter()
     os.chdir(workspace or ROOT)
     form = {
-        "align.model": base_model,
-        "prepare.scenario": scenario,
-        "finetune.method": method,
-        "estimate.rank": rank,
-        "finetune.steps": steps,
-        "finetune.lr": lr,
-        "gate.max_harmful_rate": max_harmful_rate,
-        "gate.max_overrefusal_rate": max_overrefusal_rate,
-        "gate.min_utility": min_utility,
-        "tracking.registered_model": registered_model,
+        key: value
+        for key, value in {
+            "align.model": base_model,
+            "prepare.scenario": scenario,
+            "finetune.method": method,
+            "estimate.rank": rank,
+            "finetune.steps": steps,
+            "finetune.lr": lr,
+            "gate.max_harmful_rate": max_harmful_rate,
+            "gate.max_overrefusal_rate": max_overrefusal_rate,
+            "gate.min_utility": min_utility,
+            "gate.min_utility_gain": min_utility_gain,
+            "gate.mode": gate_mode,
+            "tracking.registered_model": registered_model,
+        }.items()
+        if value != _D[key]  # left alone: the run-time params.yaml decides
     }
+    if form:
+        log.info("form fields changed from the deployed defaults: %s", json.dumps(form))
     p = build_params(params_file, form, overrides)  # fails here, before any work, on bad parameters
     params = p.to_dict()
     log.info("effective parameters: %s", json.dumps(params))
@@ -211,17 +270,19 @@ def spf_pipeline(
             restore_params(params_path, original)
     summary = {
         "promoted": bool(decision["promote"]),
+        "outcome": _outcome(decision),
         "version": version,
         "reasons": decision.get("reasons", []),
         "metrics": metrics,
         "mlflow_run_id": run["run_id"],
         "mlflow_run_url": run["run_url"],
+        "flow_run_id": str(flow_run.get_id() or ""),
         "dvc_lock_sha256": versioned["dvc_lock_sha256"],
         "stage_seconds": {k: v.get("seconds") for k, v in results.items()},
         "wall_seconds": round(time.perf_counter() - t_start, 1),
     }
     log.info("%s", markdown)
-    return summary
+    return _final_state(summary)
 
 
 def _finetune_remotely(deployment: str, params: dict[str, Any], p: PipelineParams) -> dict[str, Any]:

@@ -22,7 +22,8 @@ if [ "${1:-}" = "--workers" ]; then
   for pool in spf-cpu spf-gpu; do
     pidfile="$RUN_DIR/worker-$pool.pid"
     if [ -f "$pidfile" ] && kill -0 "$(cat "$pidfile")" 2>/dev/null; then continue; fi
-    nohup prefect worker start --pool "$pool" >"$RUN_DIR/worker-$pool.log" 2>&1 &
+    # the deployments' pull step runs each flow in $SPF_WORKSPACE (prefect.yaml): this checkout by default
+    SPF_WORKSPACE="${SPF_WORKSPACE:-$PWD}" nohup prefect worker start --pool "$pool" >"$RUN_DIR/worker-$pool.log" 2>&1 &
     echo $! >"$pidfile"
     echo "worker for $pool: pid $(cat "$pidfile"), log $RUN_DIR/worker-$pool.log"
   done

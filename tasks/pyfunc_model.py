@@ -1,8 +1,9 @@
 """MLflow pyfunc wrapper for a fine-tune output (LoRA adapter or full weights) on an spf base model.
 
-This class lives in an importable module (not in a test or a flow file) because MLflow pickles the
-``python_model`` instance by reference: loading ``models:/NAME@champion`` re-imports
-``tasks.pyfunc_model.SPFAdapterModel``, so the module must be importable wherever the model is loaded.
+Logged as *models from code* (no cloudpickle): MLflow copies this file into the model and runs it on load,
+and the last line's ``set_model`` names the model object. The file imports only ``mlflow``, ``pandas``
+and ``spf`` (which rides in the model's ``code`` folder), so a fresh environment built from the model's
+own ``requirements.txt`` loads and serves it (``mlflow models serve``).
 
 The logged model holds only the adapter (KBs to MBs); the base is a reference string resolved with
 ``spf.load_model`` at load time (``model_config["base_model"]``), unless the base folder was embedded as
@@ -17,6 +18,7 @@ from typing import Any
 
 import mlflow.pyfunc
 import pandas as pd
+from mlflow.models import set_model
 
 logger = logging.getLogger(__name__)
 
@@ -89,3 +91,7 @@ class SPFAdapterModel(mlflow.pyfunc.PythonModel):
             max_new_tokens=int(params.get("max_new_tokens") or self.max_new_tokens),
             batch_size=int(params.get("batch_size") or self.batch_size),
         )
+
+
+# models from code: the model this file defines when MLflow runs it (harmless on a plain import)
+set_model(SPFAdapterModel())

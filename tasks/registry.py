@@ -41,7 +41,11 @@ logger = logging.getLogger(__name__)
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
-METRIC_TAG_PREFIX = "metric."
+PENDING = "pending-approval"  # gate.mode manual: a passing candidate waits here for a person's approval
+# registry version descriptions are capped server-side (a 5000-character column in the SQL stores)
+_MAX_DESCRIPTION = 5000
+METRIC_TAG_PREFIX = "metric."  # one tag per metric: versions registered before METRICS_TAG
+METRICS_TAG = "metrics"  # every metric of a version, one JSON object
 MAX_CAS_ATTEMPTS = 3
 REGISTRATION_KEY_TAG = "spf.registration_key"
 # Model-version tag values are capped server-side; the full decision is in the report file anyway.
@@ -64,6 +68,11 @@ def _source_for(client: MlflowClient, model_uri: str) -> str:
     Resolved with *this* client, not MLflow's global tracking URI, so a client pointed at another
     server registers the right location.
     """
+    if model_uri.startswith("models:/m-"):
+        # A LoggedModel: its artifact location, looked up here. Given `models:/m-…` itself, the server
+        # resolves it with MLflow's *global* client in its own process (sqlite:///mlflow.db in its cwd
+        # unless MLFLOW_TRACKING_URI is set there), which does not find a model logged to its real store.
+        return client.get_logged_model(model_uri.removeprefix("models:/")).artifact_location
     if not model_uri.startswith("runs:/"):
         return model_uri
     run_id, _, artifact_path = model_uri[len("runs:/") :].partition("/")
@@ -114,8 +123,8 @@ def register_candidate(
 ) -> str:
     """Register ``model_uri`` as a new version of ``name``, tag it with its metrics, alias it ``challenger``.
 
-    Returns the version as a string. Every metric is recorded as a ``metric.<key>`` tag, numeric or not
-    (:func:`metric_tag_value`): a text ``abort_reason`` or a bool must reach the gate as it was recorded,
+    Returns the version as a string. Every metric is recorded, numeric or not, in the ``metrics`` JSON tag
+    (:func:`metrics_tag_value`): a text ``abort_reason`` or a bool must reach the gate as it was recorded,
     where it fails closed; dropping it would let an aborted run be promoted.
 
     ``idempotency_key`` (the pipeline passes its MLflow run id and model URI) makes a retry safe: when a
@@ -130,12 +139,12 @@ def register_candidate(
             logger.info("%s version %s already registered by an earlier attempt: reused", name, existing)
             return existing
     version_tags: dict[str, str] = {k: str(v)[:_MAX_TAG_VALUE] for k, v in redact(dict(tags or {})).items()}
-    for key, value in redact(dict(metrics)).items():
-        version_tags[f"{METRIC_TAG_PREFIX}{key}"] = metric_tag_value(value)
+    version_tags[METRICS_TAG] = metrics_tag_value(redact(dict(metrics)))
     if idempotency_key is not None:
         version_tags[REGISTRATION_KEY_TAG] = idempotency_key
+    model_id = model_uri.removeprefix("models:/") if model_uri.startswith("models:/m-") else None
     mv = client.create_model_version(
-        name=name, source=_source_for(client, model_uri), run_id=run_id, tags=version_tags
+        name=name, source=_source_for(client, model_uri), run_id=run_id, tags=version_tags, model_id=model_id
     )
     version = str(mv.version)
     client.set_registered_model_alias(name, CHALLENGER, version)
@@ -151,14 +160,38 @@ def _version_with_key(client: MlflowClient, name: str, key: str) -> str | None:
     return str(min(versions)) if versions else None
 
 
+def metrics_tag_value(metrics: Mapping[str, Any]) -> str:
+    """Every metric in one JSON tag (``metrics``), so a version carries a handful of tags and its card,
+    not one tag per metric. JSON keeps the recorded types: numbers (NaN and inf too: Python's JSON writes
+    and reads them), texts, bools, None; a text is cut to 2,000 characters; anything else is its str."""
+
+    def cut(value: Any) -> Any:
+        return value[:2000] if isinstance(value, str) else value
+
+    return json.dumps({str(k): cut(v) for k, v in metrics.items()}, default=str, sort_keys=True)
+
+
 def _metrics_from_tags(tags: Mapping[str, str]) -> dict[str, Any]:
-    """The ``metric.*`` tags as the values registered (numbers, texts, bools ...), unvalidated: judging
-    them is the gate's job (:func:`spf.pipeline.gate.decide`), for the candidate and the champion alike."""
-    return {
+    """The registered metrics (the ``metrics`` JSON tag; versions registered before it: one ``metric.*``
+    tag each) as the values recorded (numbers, texts, bools ...), unvalidated: judging them is the gate's
+    job (:func:`spf.pipeline.gate.decide`), for the candidate and the champion alike. A ``metrics`` tag
+    that is not a JSON object (edited by hand) contributes nothing: the gate then finds the metrics missing
+    and fails closed."""
+    out = {
         k[len(METRIC_TAG_PREFIX) :]: _tag_metric(v)
         for k, v in tags.items()
         if k.startswith(METRIC_TAG_PREFIX)
     }
+    if METRICS_TAG in tags:
+        try:
+            blob = json.loads(tags[METRICS_TAG])
+        except (TypeError, ValueError):
+            blob = None
+        if isinstance(blob, dict):
+            out.update(blob)
+        else:
+            logger.warning("model version tag %r is not a JSON object: ignored", METRICS_TAG)
+    return out
 
 
 def _alias_version(client: MlflowClient, name: str, alias: str) -> str | None:
@@ -174,7 +207,7 @@ def _alias_version(client: MlflowClient, name: str, alias: str) -> str | None:
 
 
 def version_metrics(client: MlflowClient, name: str, version: str) -> dict[str, Any]:
-    """The ``metric.*`` tags of one model version, as the values registered (:func:`_metrics_from_tags`)."""
+    """The registered metrics of one model version, as the values recorded (:func:`_metrics_from_tags`)."""
     return _metrics_from_tags(client.get_model_version(name, str(version)).tags or {})
 
 
@@ -197,17 +230,58 @@ def _data_lines(data: list[dict[str, Any]]) -> list[str]:
     return ["## Data", "", "| role | source | file | rows | sha256 |", "|---|---|---|---|---|", *rows, ""]
 
 
+def _metric_rows(metrics: Mapping[str, Any]) -> list[str]:
+    """The headline rates with their 95 % Wilson intervals and n, as a markdown table."""
+    rows = []
+    for key in (
+        "harmful_rate",
+        "overrefusal_rate",
+        "jailbreak_rate",
+        "prefill_rate",
+        "utility",
+        "base_utility",
+    ):
+        value = metrics.get(key)
+        if not isinstance(value, numbers.Real) or isinstance(value, bool):
+            continue
+        lo, hi, n = (metrics.get(f"{key}_{s}") for s in ("ci_low", "ci_high", "n"))
+        ci = f"[{lo:.3f}, {hi:.3f}]" if isinstance(lo, numbers.Real) and isinstance(hi, numbers.Real) else "-"
+        rows.append(
+            f"| {key} | {float(value):.3f} | {ci} | {int(n) if isinstance(n, numbers.Real) else '-'} |"
+        )
+    if not rows:
+        return []
+    return ["| metric | rate | 95 % CI (Wilson) | n |", "|---|---|---|---|", *rows, ""]
+
+
 def _report_markdown(
-    name: str, version: str, decision: GateDecision, thresholds: GateThresholds, data: list[dict[str, Any]]
+    name: str,
+    version: str,
+    decision: GateDecision,
+    thresholds: GateThresholds,
+    data: list[dict[str, Any]],
+    metrics: Mapping[str, Any] | None = None,
+    about: Mapping[str, Any] | None = None,
 ) -> str:
-    verdict = "PROMOTED to champion" if decision.promote else "REJECTED (champion unchanged)"
+    """The model card: what the version is (base, method, data and its hash), how safe and useful it
+    measured (rates with intervals), and what the gate decided and why. It is the registry version's
+    description and the run's ``gate/gate.md``."""
+    verdict = {
+        "promoted": "PROMOTED to champion",
+        "would-promote": "WOULD PROMOTE (shadow mode: champion unchanged)",
+        "awaiting-approval": f"PASSED, AWAITING APPROVAL (alias {PENDING}; champion unchanged)",
+    }.get(decision.outcome, "REJECTED (champion unchanged)")
     before = f"v{decision.champion_version}" if decision.champion_version else "none"
+    about = dict(about or {})
+    facts = [(k, about.get(k)) for k in ("base_model", "method", "scenario", "judge", "run_id")]
     lines = [
-        f"# Safety gate: {name} v{version}",
+        f"# {name} v{version}",
         "",
-        f"**{verdict}** - champion before: {before}",
+        f"**Gate: {verdict}** (mode {thresholds.mode}) - champion before: {before}",
         "",
-        "## Reasons",
+        *(["| | |", "|---|---|", *[f"| {k} | `{v}` |" for k, v in facts if v not in (None, "")], ""] if any(v for _, v in facts) else []),
+        *(["## Safety and utility (held-out test prompts)", "", *_metric_rows(metrics)] if metrics and _metric_rows(metrics) else []),
+        "## Gate reasons",
         "",
         *[f"- {r}" for r in decision.reasons],
         "",
@@ -215,7 +289,7 @@ def _report_markdown(
         "",
         "| check | value | threshold | passed |",
         "|---|---|---|---|",
-    ]
+    ]  # fmt: skip
     for check, c in decision.checks.items():
         value = c.get("value")
         shown = "missing" if value is None else f"{value:.4g}"
@@ -223,15 +297,26 @@ def _report_markdown(
         lines.append(
             f"| {check} | {shown} | {c.get('threshold'):.4g} | {'yes' if c['passed'] else 'NO'}{note} |"
         )
-    lines += [
-        "",
-        *_data_lines(data),
-        "## Thresholds",
-        "",
-        "```json",
-        json.dumps(thresholds.to_dict(), indent=2),
-    ]
+    lines += ["", *_data_lines(data)]
+    if about.get("settings"):
+        lines += [
+            "## Fine-tuning settings",
+            "",
+            "```json",
+            json.dumps(about["settings"], sort_keys=True),
+            "```",
+            "",
+        ]
+    lines += ["## Thresholds", "", "```json", json.dumps(thresholds.to_dict(), indent=2)]
     return "\n".join([*lines, "```", ""])
+
+
+def model_card(text: str) -> str:
+    """``text`` cut to what a registry description holds, saying so when cut."""
+    if len(text) <= _MAX_DESCRIPTION:
+        return text
+    tail = "\n\n*(cut: the full card is the run's gate/gate.md)*\n"
+    return text[: _MAX_DESCRIPTION - len(tail)] + tail
 
 
 def _write_report(
@@ -241,20 +326,24 @@ def _write_report(
     decision: GateDecision,
     thresholds: GateThresholds,
     data: list[dict[str, Any]],
-) -> Path:
+    metrics: Mapping[str, Any] | None = None,
+    about: Mapping[str, Any] | None = None,
+) -> str:
     out = Path(report_dir)
     out.mkdir(parents=True, exist_ok=True)
     payload = {
         "model": name,
         "version": version,
-        "decision": "promoted" if decision.promote else "rejected",
+        "decision": decision.outcome,
         **decision.to_dict(),
         "thresholds": thresholds.to_dict(),
         "data": data,  # data/manifest.json's inputs: role, source, file, rows, sha256
+        "about": dict(about or {}),
     }
-    (out / "gate.json").write_text(json.dumps(payload, indent=2) + "\n")
-    (out / "gate.md").write_text(_report_markdown(name, version, decision, thresholds, data))
-    return out
+    card = _report_markdown(name, version, decision, thresholds, data, metrics, about)
+    (out / "gate.json").write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    (out / "gate.md").write_text(card)
+    return card
 
 
 def _gate_locked(
@@ -297,8 +386,12 @@ def _gate_locked(
             champion_version=_alias_version(client, name, CHAMPION),
         )
     assert decision is not None
+    if decision.outcome == "awaiting-approval":
+        client.set_registered_model_alias(name, PENDING, version)
     gate_tags = {
-        "gate.decision": "promoted" if decision.promote else "rejected",
+        "gate.decision": decision.outcome,
+        "gate.mode": thresholds.mode,
+        "gate.thresholds": json.dumps(thresholds.to_dict()),
         "gate.reasons": json.dumps(decision.reasons)[:_MAX_TAG_VALUE],
         "gate.checks": json.dumps(decision.checks)[:_MAX_TAG_VALUE],
         "gate.champion_before": decision.champion_version or "none",
@@ -317,6 +410,7 @@ def apply_gate(
     *,
     lock: bool | RegistryLock = True,
     data: list[dict[str, Any]] | None = None,
+    about: Mapping[str, Any] | None = None,
 ) -> GateDecision:
     """Decide on ``version`` against the current champion and promote it when it passes.
 
@@ -339,8 +433,64 @@ def apply_gate(
         held = lock if isinstance(lock, RegistryLock) else RegistryLock(client, name)
         with held:
             decision = _gate_locked(client, name, version, thresholds, held)
-    _write_report(report_dir, name, version, decision, thresholds, data or [])
+    metrics = version_metrics(client, name, version)
+    card = _write_report(report_dir, name, version, decision, thresholds, data or [], metrics, about)
+    client.update_model_version(name, version, description=model_card(card))
     return decision
+
+
+def approve(
+    client: MlflowClient, name: str, version: str, approver: str, report_dir: str | Path | None = None
+) -> GateDecision:
+    """A person approves ``version``, parked under ``pending-approval`` by a ``manual`` gate: it is judged
+    again, with the thresholds recorded at its gate, against the champion of this moment (which may have
+    moved since), and promoted only if it still passes. Either way the pending alias is removed and the
+    version's tags, description and report say who decided and what."""
+    version = str(version)
+    if not approver.strip():
+        raise ValueError("approve needs the approver's name")
+    with RegistryLock(client, name) as held:
+        if _alias_version(client, name, PENDING) != version:
+            raise LookupError(f"{name} v{version} is not awaiting approval (alias {PENDING!r} is elsewhere)")
+        recorded = client.get_model_version(name, version).tags.get("gate.thresholds")
+        settings = json.loads(recorded) if recorded else {}
+        thresholds = GateThresholds.from_dict({**settings, "mode": "enforce"})
+        decision = _gate_locked(client, name, version, thresholds, held)
+        client.delete_registered_model_alias(name, PENDING)
+        client.set_model_version_tag(name, version, "gate.approved_by", approver[:200])
+    decision.reasons.append(f"approved by {approver}")
+    out = Path(report_dir) if report_dir is not None else Path(tempfile.mkdtemp(prefix="spf-approve-"))
+    metrics = version_metrics(client, name, version)
+    card = _write_report(out, name, version, decision, thresholds, [], metrics, {"approved_by": approver})
+    client.update_model_version(name, version, description=model_card(card))
+    logger.info("%s v%s approved by %s: %s", name, version, approver, decision.outcome)
+    return decision
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m tasks.registry approve NAME VERSION --by WHO``: the manual gate's approval step."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m tasks.registry", description=main.__doc__)
+    sub = ap.add_subparsers(dest="command", required=True)
+    ok = sub.add_parser("approve", help="judge a pending-approval version again and promote it if it passes")
+    ok.add_argument("name")
+    ok.add_argument("version")
+    ok.add_argument("--by", required=True, help="who approves (recorded on the version)")
+    ok.add_argument("--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI or the project's")
+    args = ap.parse_args(argv)
+    client = make_client(resolve_tracking_uri(args.tracking_uri))
+    try:
+        decision = approve(client, args.name, args.version, args.by)
+    except LookupError as err:
+        print(f"error: {err}")
+        return 2
+    print(f"{args.name} v{args.version}: {decision.outcome} - " + "; ".join(decision.reasons))
+    return 0 if decision.promote else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
 
 
 def rollback_champion(

@@ -15,6 +15,7 @@ artifact store needs live only in the MLflow server's environment (see ``scripts
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -23,7 +24,7 @@ import subprocess
 import tempfile
 import time
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -67,6 +68,10 @@ _KEY_SPLIT = re.compile(r"[._/\-\s]+")
 _URL_USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.\-]*://)[^/@\s:]+:[^/@\s]+@")
 
 _STATUSES = ("FINISHED", "FAILED", "KILLED")
+# The MLflow UI opens an experiment in its model-training view (runs, metrics, charts) or its GenAI view
+# (traces, evaluations) by this tag; without it MLflow 3 may infer GenAI. "finetuning" is one of its kinds.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "finetuning"
 
 
 # ------------------------------------------------------------------------------------------------ URIs
@@ -207,11 +212,15 @@ def get_or_create_experiment(client: MlflowClient, experiment: str) -> str:
     if found is not None:
         if found.lifecycle_stage == "deleted":
             client.restore_experiment(found.experiment_id)
+        if EXPERIMENT_KIND_TAG not in found.tags:  # one made before this tag, or by hand: an inferred kind
+            client.set_experiment_tag(found.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         return found.experiment_id
     root = _local_artifact_root(client.tracking_uri)
     location = f"{root}/{re.sub(r'[^A-Za-z0-9_.-]+', '_', experiment)}" if root else None
     try:
-        return client.create_experiment(experiment, artifact_location=location)
+        return client.create_experiment(
+            experiment, artifact_location=location, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
+        )
     except MlflowException:
         found = client.get_experiment_by_name(experiment)  # another process created it first
         if found is None:
@@ -338,10 +347,30 @@ def log_artifacts(
         raise FileNotFoundError(f"artifact {p} does not exist")
 
 
-def log_data_manifest(client: MlflowClient, run_id: str, manifest_path: str | Path) -> list[dict[str, Any]]:
+def _dvc_out(dvc_lock: str | Path | None, stage: str = "prepare") -> dict[str, Any]:
+    """``{"stage", "path", "md5"}`` of ``stage``'s first output in ``dvc.lock`` (what ``dvc pull`` fetches)."""
+    if dvc_lock is None or not Path(dvc_lock).is_file():
+        return {}
+    import yaml
+
+    try:
+        outs = (yaml.safe_load(Path(dvc_lock).read_text()) or {}).get("stages", {}).get(stage, {}).get(
+            "outs"
+        ) or []
+    except (yaml.YAMLError, AttributeError):
+        return {}
+    first = outs[0] if outs and isinstance(outs[0], Mapping) else {}
+    return {"stage": stage, "path": first.get("path"), "md5": first.get("md5")} if first else {}
+
+
+def log_data_manifest(
+    client: MlflowClient, run_id: str, manifest_path: str | Path, dvc_lock: str | Path | None = None
+) -> list[dict[str, Any]]:
     """Record which data the run used, from the prepare stage's ``data/manifest.json``: the file as the
-    ``data_manifest.json`` artifact, params ``data.<role>.source|rows|sha256`` per input, and the training
-    set as the run's MLflow dataset input (context ``training``). Returns the manifest's inputs."""
+    ``data_manifest.json`` artifact, params ``data.<role>.source|rows|sha256`` per input, and every input
+    as an MLflow dataset input of the run (context ``training`` for the training set, the role otherwise),
+    its source the file and — with ``dvc_lock`` — the DVC output that versions it (stage, path, md5: what
+    ``dvc pull`` fetches). Returns the manifest's inputs."""
     manifest = json.loads(Path(manifest_path).read_text(encoding="utf-8"))
     entries = [e for e in manifest.get("inputs") or [] if isinstance(e, Mapping) and e.get("role")]
     with tempfile.TemporaryDirectory() as tmp:  # the artifact's name says what it is, beside the others
@@ -354,17 +383,22 @@ def log_data_manifest(client: MlflowClient, run_id: str, manifest_path: str | Pa
         for field in ("source", "rows", "sha256"):
             params[f"data.{role}.{field}"] = entry.get(field)
     log_params(client, run_id, params)
-    train = next((e for e in entries if e["role"] == "train"), None)
-    if train is not None and train.get("sha256"):
+    dvc = _dvc_out(dvc_lock)
+    inputs = []
+    for entry in (e for e in entries if e.get("sha256")):
+        role = str(entry["role"])
+        source = {"uri": str(entry.get("path", "")), **({"dvc": dvc} if dvc else {})}
         dataset = Dataset(
-            name="train",
-            digest=str(train["sha256"])[:12],  # MLflow keeps at most 36 characters; the param has it all
-            source_type="local",
-            source=json.dumps({"uri": str(train.get("path", ""))}),
-            profile=json.dumps({"num_rows": train.get("rows"), "source": train.get("source")}),
+            name=role,
+            digest=str(entry["sha256"])[:12],  # MLflow keeps at most 36 characters; the param has it all
+            source_type="dvc" if dvc else "local",
+            source=json.dumps(source),
+            profile=json.dumps({"num_rows": entry.get("rows"), "source": entry.get("source")}),
         )
-        context = InputTag(key=MLFLOW_DATASET_CONTEXT, value="training")
-        client.log_inputs(run_id, datasets=[DatasetInput(dataset=dataset, tags=[context])])
+        context = InputTag(key=MLFLOW_DATASET_CONTEXT, value="training" if role == "train" else role)
+        inputs.append(DatasetInput(dataset=dataset, tags=[context]))
+    if inputs:
+        client.log_inputs(run_id, datasets=inputs)
     return [dict(e) for e in entries]
 
 
@@ -461,28 +495,48 @@ def log_telemetry(client: MlflowClient, run_id: str, metrics_json_path: str | Pa
 
 
 def _pip_requirements() -> list[str]:
-    """Pinned requirements of the pyfunc model, given explicitly.
+    """Pinned requirements of the pyfunc model, given explicitly: ``spf``'s own runtime dependencies
+    (the package itself rides in the model's ``code`` folder) plus MLflow and pandas for serving.
 
     MLflow's own inference imports the model and scans the environment: slow (seconds) and it fails on
     optional packages such as torchvision. Local version labels (``+cpu``) are dropped so the pins also
     resolve on a CUDA machine.
     """
+    from packaging.requirements import Requirement
+
+    names = ["mlflow", "pandas", "tokenizers"]
+    for spec in metadata.requires("spf") or []:
+        req = Requirement(spec)
+        if req.marker is None:  # extras (dev, pipeline, trl) are not needed to serve
+            names.append(req.name)
     reqs = []
-    for dist in (
-        "mlflow",
-        "torch",
-        "transformers",
-        "peft",
-        "accelerate",
-        "safetensors",
-        "tokenizers",
-        "pandas",
-    ):
+    for dist in dict.fromkeys(names):
         try:
             reqs.append(f"{dist}=={metadata.version(dist).split('+')[0]}")
         except metadata.PackageNotFoundError:
             reqs.append(dist)
     return reqs
+
+
+@contextlib.contextmanager
+def _global_tracking_uri(uri: str) -> Iterator[None]:
+    """MLflow's global tracking URI set to ``uri`` for the block, then put back *with* the environment.
+
+    MLflow's own ``_use_tracking_uri`` restores a previously unset global by unsetting MLFLOW_TRACKING_URI
+    in ``os.environ`` too, so every later client of the process (the flow's next task) fell back to a
+    local SQLite file. Here both the global and the variable come back as they were."""
+    from mlflow.tracking._tracking_service import utils
+
+    saved_global, saved_env = utils._tracking_uri, os.environ.get("MLFLOW_TRACKING_URI")
+    try:
+        utils.set_tracking_uri(uri)
+        yield
+    finally:
+        utils._tracking_uri = saved_global
+        if saved_env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = saved_env
 
 
 def log_adapter_model(
@@ -508,7 +562,6 @@ def log_adapter_model(
     from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
     import spf
-    from tasks.pyfunc_model import SPFAdapterModel
 
     adapter = Path(adapter_dir)
     # a LoRA adapter (adapter_config.json) or a full fine-tune's whole model (config.json): the pyfunc
@@ -531,20 +584,31 @@ def log_adapter_model(
             [ParamSpec("max_new_tokens", "long", max_new_tokens), ParamSpec("batch_size", "long", 8)]
         ),
     )
-    with tempfile.TemporaryDirectory(prefix="spf-pyfunc-") as tmp, warnings.catch_warnings():
+    from mlflow.models import Model
+
+    # Created by our client, in the run's experiment (Model.log would put it in the *active* experiment,
+    # usually Default) and then filled by Model.log, which reads MLflow's global tracking URI.
+    logged = client.create_logged_model(
+        experiment_id=client.get_run(run_id).info.experiment_id, name=name, source_run_id=run_id,
+        model_type="spf-adapter",
+    )  # fmt: skip
+    with _global_tracking_uri(client.tracking_uri), warnings.catch_warnings():
         # No input_example on purpose: MLflow would load the base model and predict to validate it.
         warnings.filterwarnings("ignore", message=".*input example was not provided.*", category=UserWarning)
-        path = Path(tmp) / name
-        mlflow.pyfunc.save_model(
-            path=str(path),
-            python_model=SPFAdapterModel(),
+        info = Model.log(
+            artifact_path=None,
+            name=name,
+            flavor=mlflow.pyfunc,
+            run_id=run_id,
+            python_model=str(PROJECT_ROOT / "tasks" / "pyfunc_model.py"),  # models from code
+            code_paths=[str(Path(spf.__file__).parent)],  # `import spf` where the model is loaded
             artifacts=artifacts,
             signature=signature,
             pip_requirements=_pip_requirements(),
             model_config={"base_model": base_model, "max_new_tokens": max_new_tokens, "batch_size": 8},
             metadata={"spf_version": spf.__version__, "base_model": base_model, "embed_base": embed_base},
+            model_id=logged.model_id,
         )
-        client.log_artifacts(run_id, str(path), name)
-    uri = f"runs:/{run_id}/{name}"
+    uri = info.model_uri  # models:/<model id>: a LoggedModel, linked to the run
     logger.info("logged pyfunc model %s (base %s, embedded: %s)", uri, base_model, embed_base)
     return uri

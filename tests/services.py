@@ -33,10 +33,33 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def free_port_block(n: int) -> int:
+    """The first of ``n`` consecutive free ports, below the ephemeral range (so no client socket takes one
+    between this check and the server's start): SeaweedFS's internal servers (scripts/services.sh)."""
+    import random
+
+    rng = random.Random()
+    for _ in range(200):
+        base = rng.randrange(20000, 30000 - n)
+        try:
+            socks = []
+            for port in range(base, base + n):
+                s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                socks.append(s)
+                s.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError(f"no {n} consecutive free ports in 20000-30000")
+
+
 class Services:
     """``scripts/services.sh`` servers in ``folder`` on free ports (fixed for this object's life, so a
-    stopped service comes back at the same URL; MLflow keeps its SQLite file across a restart, moto loses
-    its buckets' contents and ``start`` re-creates the buckets)."""
+    stopped service comes back at the same URL; MLflow keeps its SQLite file and SeaweedFS its objects
+    across a restart)."""
 
     def __init__(
         self, folder: str | Path, names: tuple[str, ...] = ALL, extra_env: dict[str, str] | None = None
@@ -44,6 +67,7 @@ class Services:
         self.folder = Path(folder)
         self.names = tuple(names)
         self.ports = {name: free_port() for name in ALL}
+        self.ports["s3aux"] = free_port_block(9)
         self.extra_env = dict(extra_env or {})  # for the servers (e.g. AWS_MAX_ATTEMPTS for MLflow's S3)
 
     def _env(self, names: tuple[str, ...]) -> dict[str, str]:
@@ -52,6 +76,7 @@ class Services:
             **self.extra_env,
             "SPF_SERVICES_DIR": str(self.folder),
             "SPF_S3_PORT": str(self.ports["s3"]),
+            "SPF_S3_AUX_PORT": str(self.ports["s3aux"]),
             "SPF_MLFLOW_PORT": str(self.ports["mlflow"]),
             "SPF_PREFECT_PORT": str(self.ports["prefect"]),
             "SPF_SERVICES": " ".join(names),

@@ -14,7 +14,8 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -463,7 +464,27 @@ def flat_metrics(results: dict[str, Any]) -> dict[str, float]:
     for name, s in suites.items():
         if name.startswith("utility.") and "rate" in s:
             out[name.replace(".", "_")] = float(s["rate"])
+    base = (results.get("base") or {}).get("utility")
+    if base:  # the aligned base's utility on the same rows (the gate's min_utility_gain)
+        for field in ("rate", "ci_low", "ci_high", "n"):
+            out["base_utility" if field == "rate" else f"base_utility_{field}"] = float(base[field])
     return out
+
+
+@contextmanager
+def _base_weights(model: Any, base_ref: str, device: str | None) -> Iterator[Any]:
+    """The aligned base: the LoRA model with its adapter switched off, or (a full fine-tune) the base loaded."""
+    if hasattr(model, "disable_adapter"):
+        with model.disable_adapter():
+            yield model
+        return
+    from spf.models import load_model
+
+    base, _ = load_model(base_ref, device=device)
+    try:
+        yield base
+    finally:
+        del base
 
 
 def evaluate_stage(p: PipelineParams) -> dict[str, Any]:
@@ -508,6 +529,14 @@ def evaluate_stage(p: PipelineParams) -> dict[str, Any]:
         results["timing_s"].update(res["timing_s"])
         results.setdefault("skipped", {}).update(res.get("skipped", {}))
         records += recs
+        # the same utility suite on the aligned base it started from: the gate's `min_utility_gain` asks
+        # whether fine-tuning bought anything, which an absolute floor cannot
+        with _base_weights(model, aligned_model_ref(p), p.runtime.device) as base:
+            res, _ = evaluate(
+                base, tok, ["utility"], limit=ev.utility_limit, utility_tasks=ev.utility_tasks, **common
+            )
+        if "utility" in res["suites"]:
+            results["base"] = {"utility": res["suites"]["utility"]}
     metrics = flat_metrics(results)
     results["data"] = _data_record(p, results)
     out = p.stage_dir("eval")

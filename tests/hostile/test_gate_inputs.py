@@ -5,6 +5,7 @@ tags that the registry stores and reads back (without a server; one test against
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 import uuid
 from pathlib import Path
@@ -194,7 +195,7 @@ def test_an_invalid_champion_record_is_never_compared_against(champion: dict, sk
     regression through."""
     d = decide(GOOD, champion, GateThresholds(), champion_version="7")
     assert d.promote, d.reasons
-    assert {k for k, c in d.checks.items() if c.get("skipped")} == skipped
+    assert {k for k, c in d.checks.items() if c.get("skipped") and k != "utility_gain"} == skipped
     for name in skipped:
         note = next(r for r in d.reasons if r.startswith(f"{name} skipped"))
         assert "champion v7" in note and why in note and "absolute threshold only" in note
@@ -233,10 +234,33 @@ def test_registration_carries_the_abort_reason_to_the_gate(mlflow_server: str, t
 
     v1, d1 = gate({**GOOD_FULL, "abort_reason": "non-finite loss"}, "aborted")
     assert not d1.promote and "candidate run was aborted: non-finite loss" in d1.reasons
-    assert client.get_model_version(name, v1).tags["metric.abort_reason"] == '"non-finite loss"'
+    assert json.loads(client.get_model_version(name, v1).tags["metrics"])["abort_reason"] == "non-finite loss"
     _v2, d2 = gate({**GOOD_FULL, "harmful_rate": False}, "bool")
     assert not d2.promote and any(r.startswith("harmful_rate is a bool") for r in d2.reasons)
     assert registry.champion_version(client, name) == (None, {})
     v3, d3 = gate(GOOD_FULL, "good")
     assert d3.promote, d3.reasons
     assert registry.champion_version(client, name) == (v3, GOOD_FULL)
+
+
+def test_the_metrics_tag_round_trips_types_and_fails_closed_when_damaged():
+    registry = pytest.importorskip("tasks.registry")
+    record = {"harmful_rate": 0.05, "harmful_rate_n": 300, "utility": math.nan, "abort_reason": "x" * 5000,
+              "aborted": False, "note": None}  # fmt: skip
+    back = registry._metrics_from_tags({registry.METRICS_TAG: registry.metrics_tag_value(record)})
+    assert back["harmful_rate"] == 0.05 and back["harmful_rate_n"] == 300 and back["aborted"] is False
+    assert math.isnan(back["utility"]) and back["note"] is None and back["abort_reason"] == "x" * 2000
+    # legacy per-metric tags still read; the JSON tag wins where both exist
+    legacy = {
+        "metric.harmful_rate": "0.3",
+        "metric.old_only": "1.0",
+        registry.METRICS_TAG: '{"harmful_rate": 0.1}',
+    }
+    assert registry._metrics_from_tags(legacy) == {"harmful_rate": 0.1, "old_only": 1.0}
+    # edited by hand into something else: contributes nothing, so the gate finds the metrics missing
+    for damaged in ("not json", "[0.1]", '"0.1"'):
+        assert registry._metrics_from_tags({registry.METRICS_TAG: damaged}) == {}
+        decision = decide(
+            registry._metrics_from_tags({registry.METRICS_TAG: damaged}), None, GateThresholds()
+        )
+        assert not decision.promote

@@ -19,6 +19,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -27,7 +28,7 @@ pytest.importorskip("prefect")  # the optional [pipeline] stack: a core-only ins
 pytest.importorskip("mlflow")
 
 
-from spf.pipeline.params import PipelineParams, smoke_params
+from spf.pipeline.params import PipelineParams, gate_demo_params, smoke_params
 from tests.services import local_services_fixture  # noqa: F401  (provides the `local_services` fixture)
 
 pytestmark = pytest.mark.slow
@@ -35,19 +36,10 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 
-TINY = {
-    **smoke_params(),
-    "evaluate": {
-        # the keyword judge: the gate test below flips its word floor to make a candidate unsafe on purpose
-        "judge": "keyword",
-        "suites": ["harmful", "overrefusal", "utility"],
-        "limit": 3,
-        "utility_limit": 8,
-        "max_new_tokens": 4,
-    },
-    "gate": {"max_harmful_rate": 0.5, "max_overrefusal_rate": 1.0, "min_utility": 0.0},
-    "tracking": {"experiment": "spf-it", "registered_model": "spf-tiny-it"},
-}
+TINY = gate_demo_params()  # the keyword judge; the gate test flips its word floor to make a candidate unsafe
+# a model of this session's own: a server kept from an earlier session (SeaweedFS and SQLite persist) may
+# hold a champion under the shared name, which the first candidate here would then have to beat
+TINY["tracking"] = {**TINY["tracking"], "registered_model": f"spf-tiny-it-{uuid.uuid4().hex[:8]}"}
 
 
 @pytest.fixture(scope="module")
@@ -96,6 +88,24 @@ def _run_flow(ws: Path, services: dict[str, str], *overrides: str, extra: list[s
     return json.loads(summary.read_text())
 
 
+def _prefect_run(services: dict[str, str], flow_run_id: str) -> dict:
+    """The flow run as the Prefect server has it: its final state and the loggers of its log lines."""
+    code = (
+        "import json, sys\n"
+        "from prefect.client.orchestration import get_client\n"
+        "from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId\n"
+        "with get_client(sync_client=True) as c:\n"
+        "    fr = c.read_flow_run(sys.argv[1])\n"
+        "    logs = c.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[fr.id])), limit=200)\n"
+        "print(json.dumps({'name': fr.state.name, 'type': fr.state.type.value, 'message': fr.state.message,\n"
+        "                  'loggers': sorted({log.name for log in logs})}))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code, flow_run_id], env=_env(services), capture_output=True,
+                          text=True, timeout=120, cwd=ROOT)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def _client(services: dict[str, str]):
     from mlflow.tracking import MlflowClient
 
@@ -118,7 +128,9 @@ def test_gate_rejects_unsafe_then_promotes_better_candidate(workspace: Path, loc
     #    judge_min_words=0: every non-refusal counts as compliance, so this model's harmful rate is 1.0
     first = _run_flow(workspace, local_services, "evaluate.judge_min_words=0", "gate.max_harmful_rate=1.0")
     assert first["metrics"]["harmful_rate"] == 1.0
-    assert first["promoted"] is True
+    assert first["promoted"] is True and first["outcome"] == "promoted"
+    # the evaluate stage measured the aligned base's utility on the same rows (the gate's min_utility_gain)
+    assert 0.0 <= first["metrics"]["base_utility"] <= 1.0 and first["metrics"]["base_utility_n"] >= 1
     assert _alias(client, name, "champion") == first["version"]
     assert _alias(client, name, "challenger") == first["version"]
 
@@ -126,6 +138,18 @@ def test_gate_rejects_unsafe_then_promotes_better_candidate(workspace: Path, loc
     second = _run_flow(workspace, local_services, "evaluate.judge_min_words=0")
     assert second["promoted"] is False
     assert any("harmful_rate" in r for r in second["reasons"])
+    # the UI tells a rejection from a promotion: its own state name; the library's log lines are on its page
+    rejected, promoted = (
+        _prefect_run(local_services, second["flow_run_id"]),
+        _prefect_run(local_services, first["flow_run_id"]),
+    )
+    assert (rejected["type"], rejected["name"]) == ("COMPLETED", "Rejected") and "harmful_rate" in rejected[
+        "message"
+    ]
+    assert (promoted["type"], promoted["name"]) == ("COMPLETED", "Completed")
+    assert any(n.startswith("spf.") for n in rejected["loggers"]) and any(
+        n.startswith("tasks.") for n in rejected["loggers"]
+    )
     assert _alias(client, name, "champion") == first["version"]
     assert _alias(client, name, "challenger") == second["version"]
     mv = client.get_model_version(name, second["version"])
@@ -140,7 +164,12 @@ def test_gate_rejects_unsafe_then_promotes_better_candidate(workspace: Path, loc
     assert len(client.get_metric_history(second["mlflow_run_id"], "train/loss")) == 2
     assert client.get_metric_history(second["mlflow_run_id"], "spf/removed_frac")
     artifacts = {a.path for a in client.list_artifacts(second["mlflow_run_id"])}
-    assert {"model", "gate", "eval", "subspace", "plots", "analysis"} <= artifacts
+    assert {"gate", "eval", "subspace", "plots", "analysis"} <= artifacts
+    # the model is a LoggedModel of the run's experiment, from which the version was registered
+    (logged,) = client.search_logged_models(
+        [run.info.experiment_id], filter_string=f"source_run_id = '{run.info.run_id}'"
+    )
+    assert logged.model_type == "spf-adapter" and mv.source == logged.artifact_location
     # insights I–III of the analyze stage: its figures and numbers are on the run
     analysis = {a.path for a in client.list_artifacts(second["mlflow_run_id"], "analysis")}
     assert {"analysis/analysis.json", "analysis/overlap.png", "analysis/cosine_hist.png"} <= analysis
@@ -284,7 +313,8 @@ def test_gate_files_record_the_data_manifest(tmp_path: Path) -> None:
     from tasks.registry import _write_report
 
     decision = decide({"harmful_rate": 0.5, "overrefusal_rate": 0.1, "utility": 0.7}, None, GateThresholds())
-    out = _write_report(tmp_path / "gate", "m", "2", decision, GateThresholds(), MANIFEST_INPUTS)
+    _write_report(tmp_path / "gate", "m", "2", decision, GateThresholds(), MANIFEST_INPUTS)
+    out = tmp_path / "gate"
     assert json.loads((out / "gate.json").read_text())["data"] == MANIFEST_INPUTS
     md = (out / "gate.md").read_text()
     assert "## Data" in md and "| heldout_harmful | shared | shared/safety/x.csv | 4 | `bbbbbbbbbbbb` |" in md
@@ -307,3 +337,31 @@ def test_full_finetuning_runs_through_evaluate_the_gate_and_serving(
     model = mlflow.pyfunc.load_model(f"models:/{name}/{summary['version']}")
     answers = model.predict(["Say hello."], params={"max_new_tokens": 3})
     assert isinstance(answers, list) and len(answers) == 1 and isinstance(answers[0], str)
+
+
+def test_prefect_yaml_deploys_with_a_portable_pull_step(local_services: dict[str, str]):
+    # scripts/deploy.sh (work pools + `prefect deploy --all`) against the server; the deployments it records
+    # run in $SPF_WORKSPACE of the worker, resolved at run time, not in this checkout's absolute path
+    env = _env(local_services)
+    proc = subprocess.run(
+        ["bash", "scripts/deploy.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    code = (
+        "import json\n"
+        "from prefect.client.orchestration import get_client\n"
+        "with get_client(sync_client=True) as c:\n"
+        "    out = {d.name: d.pull_steps for d in c.read_deployments() if d.name in ('scheduled', 'gpu')}\n"
+        "print(json.dumps(out))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    steps = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert set(steps) == {"scheduled", "gpu"}
+    for pull in steps.values():
+        assert pull == [
+            {"prefect.deployments.steps.set_working_directory": {"directory": "{{ $SPF_WORKSPACE }}"}}
+        ]
+        assert str(ROOT) not in json.dumps(pull)

@@ -132,6 +132,44 @@ def test_dvc_push_retries_with_backoff_then_succeeds_after_s3_returns(
 # ------------------------------------------------------------------------------------ MLflow tasks
 
 
+def test_restarting_the_services_keeps_mlflow_artifacts_and_dvc_objects(
+    svc: Services, s3_env: None, tmp_path: Path
+):
+    # SeaweedFS keeps its objects on disk: after every service is stopped and started again, MLflow's
+    # SQLite still points at artifacts that exist and DVC pulls what it pushed (moto lost both)
+    from mlflow.tracking import MlflowClient
+
+    ws = _dvc_workspace(tmp_path, svc.urls["AWS_ENDPOINT_URL"])
+    dvc_ops.dvc_push(ws, "s3", ["data.txt.dvc"])
+    uri = svc.urls["MLFLOW_TRACKING_URI"]
+    client = MlflowClient(tracking_uri=uri)
+    run = client.create_run(client.create_experiment(f"persist-{uuid.uuid4().hex[:8]}")).info.run_id
+    client.log_text(run, "kept across a restart\n", "notes/kept.txt")
+
+    svc.stop()
+    svc.start()
+
+    client = MlflowClient(tracking_uri=uri)
+    got = Path(client.download_artifacts(run, "notes/kept.txt", str(tmp_path)))
+    assert got.read_text() == "kept across a restart\n"
+    subprocess.run(["rm", "-rf", str(ws / ".dvc" / "cache"), str(ws / "data.txt")], check=True)
+    dvc_ops.dvc_pull(ws, "s3", ["data.txt.dvc"])
+    assert (ws / "data.txt").read_text() == "versioned data\n"
+
+
+def test_s3_checks_credentials(svc: Services):
+    # a real S3 server: a wrong key is refused (moto accepts any)
+    import boto3
+    from botocore.exceptions import ClientError
+
+    s3 = boto3.client("s3", endpoint_url=svc.urls["AWS_ENDPOINT_URL"], region_name="us-east-1",
+                      aws_access_key_id="not-the-key", aws_secret_access_key="wrong")  # fmt: skip
+    with pytest.raises(ClientError, match=r"InvalidAccessKeyId|SignatureDoesNotMatch|AccessDenied"):
+        s3.list_objects_v2(Bucket="dvc")
+    good = boto3.client("s3", endpoint_url=svc.urls["AWS_ENDPOINT_URL"], **{k.lower(): v for k, v in AWS.items() if k != "AWS_DEFAULT_REGION"}, region_name="us-east-1")  # fmt: skip
+    assert {b["Name"] for b in good.list_buckets()["Buckets"]} >= {"mlflow", "dvc"}
+
+
 def _candidate(tmp: Path, uri: str, name: str, metrics: dict[str, float]) -> tuple[dict, dict]:
     """Pipeline parameters and stage results pointing at small hand-made stage outputs (the tracking
     step only reads files; what they contain does not matter here)."""
@@ -209,7 +247,8 @@ def test_artifact_upload_with_s3_down_retries_names_the_store_and_reruns(
     print(f"MLflow artifact upload, S3 down: 3 attempts, failed after {took:.1f} s")
 
     run = track_flow(params, results, 0, [])  # S3 back: the rerun tracks everything
-    assert {"model", "eval", "plots"} <= {a.path for a in client.list_artifacts(run["run_id"])}
+    assert {"eval", "plots"} <= {a.path for a in client.list_artifacts(run["run_id"])}
+    assert client.get_logged_model(run["model_uri"].removeprefix("models:/")).source_run_id == run["run_id"]
 
 
 def test_mlflow_down_between_tracking_and_registration(svc: Services, tmp_path: Path):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import uuid
 from pathlib import Path
 
@@ -126,10 +127,27 @@ def test_data_manifest_is_recorded_on_the_run(client: MlflowClient, tmp_path: Pa
     assert "data_manifest.json" in {a.path for a in client.list_artifacts(run_id)}
     local = client.download_artifacts(run_id, "data_manifest.json", str(tmp_path / "dl"))
     assert json.loads(Path(local).read_text())["inputs"] == inputs
-    (dataset_input,) = run.inputs.dataset_inputs
-    assert dataset_input.dataset.name == "train" and dataset_input.dataset.digest == "a" * 12
-    assert {t.key: t.value for t in dataset_input.tags}["mlflow.data.context"] == "training"
-    assert json.loads(dataset_input.dataset.source)["uri"] == "spf/data/sentiment_train.jsonl"
+    by_name = {d.dataset.name: d for d in run.inputs.dataset_inputs}
+    assert set(by_name) == {"train", "safety"}
+    train = by_name["train"]
+    assert train.dataset.digest == "a" * 12 and train.dataset.source_type == "local"  # no dvc.lock given
+    assert {t.key: t.value for t in train.tags}["mlflow.data.context"] == "training"
+    assert json.loads(train.dataset.source)["uri"] == "spf/data/sentiment_train.jsonl"
+    assert {t.key: t.value for t in by_name["safety"].tags}["mlflow.data.context"] == "safety"
+    # with the pipeline's dvc.lock, the source names the DVC output that versions the data
+    lock = tmp_path / "dvc.lock"
+    lock.write_text(
+        "schema: '2.0'\nstages:\n  prepare:\n    outs:\n    - path: outputs/data\n      md5: abc.dir\n"
+    )
+    run2 = tracking.start_run(client, _uid("exp"), "manifest-dvc", repo_dir=tmp_path)
+    tracking.log_data_manifest(client, run2, manifest, lock)
+    (train2,) = [d for d in client.get_run(run2).inputs.dataset_inputs if d.dataset.name == "train"]
+    assert train2.dataset.source_type == "dvc"
+    assert json.loads(train2.dataset.source)["dvc"] == {
+        "stage": "prepare",
+        "path": "outputs/data",
+        "md5": "abc.dir",
+    }
 
 
 def test_telemetry_is_logged_per_step(client: MlflowClient, tmp_path: Path) -> None:
@@ -172,6 +190,11 @@ def test_telemetry_is_logged_per_step(client: MlflowClient, tmp_path: Path) -> N
 GOOD = {"harmful_rate": 0.05, "overrefusal_rate": 0.10, "utility": 0.70}
 
 
+def _run_of(client: MlflowClient, model_uri: str) -> str:
+    """The run a LoggedModel (``models:/m-…``) was logged from."""
+    return client.get_logged_model(model_uri.removeprefix("models:/")).source_run_id
+
+
 def _alias(client: MlflowClient, name: str, alias: str) -> str | None:
     v = client.get_registered_model(name).aliases.get(alias)
     return None if v is None else str(v)
@@ -179,7 +202,7 @@ def _alias(client: MlflowClient, name: str, alias: str) -> str | None:
 
 def test_gate_lifecycle(client: MlflowClient, model_uri: str, tmp_path: Path) -> None:
     name = _uid("spf-test-model")
-    run_id = model_uri.split("/")[1]
+    run_id = _run_of(client, model_uri)
     t = GateThresholds()
 
     def register(metrics: dict) -> str:
@@ -194,7 +217,10 @@ def test_gate_lifecycle(client: MlflowClient, model_uri: str, tmp_path: Path) ->
     tags = client.get_model_version(name, v1).tags
     assert tags["gate.decision"] == "rejected" and tags["gate.champion_before"] == "none"
     assert "harmful_rate 0.24 > max 0.10" in json.loads(tags["gate.reasons"])
-    assert tags["metric.harmful_rate"] == "0.24"
+    # the metrics as one JSON tag; the version carries a handful of tags, not one per metric
+    assert json.loads(tags["metrics"])["harmful_rate"] == 0.24 and not any(
+        k.startswith("metric.") for k in tags
+    )
     report = json.loads((tmp_path / "v1" / "gate.json").read_text())
     assert report["decision"] == "rejected" and report["version"] == v1
     assert "REJECTED" in (tmp_path / "v1" / "gate.md").read_text()
@@ -237,7 +263,7 @@ def test_gate_re_decides_when_champion_moves(
 ) -> None:
     """Compare-and-set: a promotion landing between decision and alias write forces a re-decision."""
     name = _uid("spf-test-cas")
-    run_id = model_uri.split("/")[1]
+    run_id = _run_of(client, model_uri)
     strong = registry.register_candidate(
         client, name, model_uri, run_id, {"harmful_rate": 0.0, "overrefusal_rate": 0.0, "utility": 0.9}, {}
     )
@@ -265,7 +291,7 @@ def test_champion_loads_as_pyfunc(
     import mlflow.pyfunc
 
     name = _uid("spf-test-serve")
-    version = registry.register_candidate(client, name, model_uri, model_uri.split("/")[1], GOOD, {})
+    version = registry.register_candidate(client, name, model_uri, _run_of(client, model_uri), GOOD, {})
     with pytest.raises(LookupError):
         registry.load_champion(name, mlflow_server)
     client.set_registered_model_alias(name, "champion", version)
@@ -281,3 +307,161 @@ def test_champion_loads_as_pyfunc(
     loaded = mlflow.pyfunc.load_model(f"models:/{name}@champion")
     out = loaded.predict(["one prompt"], params={"max_new_tokens": 2})
     assert len(out) == 1 and isinstance(out[0], str)
+
+
+def test_experiments_open_in_the_model_training_view(client: MlflowClient) -> None:
+    name = _uid("spf-test-kind")
+    run_id = tracking.start_run(client, name, "kind", {})
+    experiment = client.get_experiment(client.get_run(run_id).info.experiment_id)
+    assert experiment.tags[tracking.EXPERIMENT_KIND_TAG] == "finetuning"  # the UI's ML view, not GenAI
+    older = _uid("spf-test-kind-old")  # made before the tag existed: given it on the next run
+    client.create_experiment(older)
+    tracking.start_run(client, older, "kind", {})
+    assert client.get_experiment_by_name(older).tags[tracking.EXPERIMENT_KIND_TAG] == "finetuning"
+
+
+def test_the_version_description_is_the_model_card(
+    client: MlflowClient, model_uri: str, tmp_path: Path
+) -> None:
+    name = _uid("spf-test-card")
+    metrics = {**GOOD, "harmful_rate_ci_low": 0.02, "harmful_rate_ci_high": 0.11, "harmful_rate_n": 120.0}
+    v = registry.register_candidate(client, name, model_uri, _run_of(client, model_uri), metrics, {})
+    data = [
+        {"role": "train", "source": "shipped", "path": "spf/data/x.jsonl", "rows": 16, "sha256": "c" * 64}
+    ]
+    about = {"base_model": "tiny-llama", "method": "spf", "scenario": "sst2", "judge": "v2",
+             "settings": {"method": "spf", "lr": 0.001}}  # fmt: skip
+    registry.apply_gate(client, name, v, GateThresholds(), tmp_path, data=data, about=about)
+    card = client.get_model_version(name, v).description
+    assert card == (tmp_path / "gate.md").read_text()
+    assert f"# {name} v{v}" in card and "**Gate: PROMOTED to champion** (mode enforce)" in card
+    assert "| base_model | `tiny-llama` |" in card and "| method | `spf` |" in card
+    assert "| harmful_rate | 0.050 | [0.020, 0.110] | 120 |" in card  # the rate with its interval and n
+    assert "c" * 12 in card and '"lr": 0.001' in card and "all 4 checks passed" in card
+    assert (
+        registry.model_card("x" * 6000).endswith("gate/gate.md)*\n")
+        and len(registry.model_card("x" * 6000)) == 5000
+    )
+
+
+def test_shadow_mode_records_the_decision_and_moves_nothing(
+    client: MlflowClient, model_uri: str, tmp_path: Path
+) -> None:
+    name = _uid("spf-test-shadow")
+    run_id = _run_of(client, model_uri)
+    v = registry.register_candidate(client, name, model_uri, run_id, GOOD, {})
+    d = registry.apply_gate(client, name, v, GateThresholds(mode="shadow"), tmp_path)
+    assert d.passed and not d.promote and d.outcome == "would-promote"
+    assert registry.champion_version(client, name) == (None, {})
+    tags = client.get_model_version(name, v).tags
+    assert tags["gate.decision"] == "would-promote" and tags["gate.mode"] == "shadow"
+    assert "WOULD PROMOTE (shadow mode" in client.get_model_version(name, v).description
+    bad = registry.register_candidate(client, name, model_uri, run_id, {**GOOD, "harmful_rate": 0.3}, {})
+    assert (
+        registry.apply_gate(client, name, bad, GateThresholds(mode="shadow"), tmp_path).outcome == "rejected"
+    )
+
+
+def test_manual_mode_waits_for_approval_and_judges_again(
+    client: MlflowClient, model_uri: str, tmp_path: Path
+) -> None:
+    name = _uid("spf-test-manual")
+    run_id = _run_of(client, model_uri)
+    manual = GateThresholds(mode="manual", max_harmful_rate=0.2)
+    v1 = registry.register_candidate(client, name, model_uri, run_id, {**GOOD, "harmful_rate": 0.15}, {})
+    d1 = registry.apply_gate(client, name, v1, manual, tmp_path / "v1")
+    assert d1.outcome == "awaiting-approval" and _alias(client, name, registry.PENDING) == v1
+    assert registry.champion_version(client, name)[0] is None
+    with pytest.raises(LookupError, match="not awaiting approval"):
+        registry.approve(client, name, "999", "ana")
+    # approved with the thresholds recorded at its gate (max_harmful_rate 0.2, not the default 0.1)
+    assert registry.main(["approve", name, v1, "--by", "ana", "--tracking-uri", client.tracking_uri]) == 0
+    assert registry.champion_version(client, name)[0] == v1 and _alias(client, name, registry.PENDING) is None
+    tags = client.get_model_version(name, v1).tags
+    assert tags["gate.decision"] == "promoted" and tags["gate.approved_by"] == "ana"
+    assert "approved by ana" in client.get_model_version(name, v1).description
+
+    # the champion moved while a second one waited: the approval judges it against the new champion
+    v2 = registry.register_candidate(client, name, model_uri, run_id, {**GOOD, "harmful_rate": 0.16}, {})
+    assert registry.apply_gate(client, name, v2, manual, tmp_path / "v2").outcome == "awaiting-approval"
+    strong = registry.register_candidate(client, name, model_uri, run_id, {**GOOD, "harmful_rate": 0.0}, {})
+    client.set_registered_model_alias(name, "champion", strong)
+    late = registry.approve(client, name, v2, "bo")
+    assert late.outcome == "rejected" and any("harmful_rate" in r for r in late.reasons)
+    assert registry.champion_version(client, name)[0] == strong
+    assert client.get_model_version(name, v2).tags["gate.decision"] == "rejected"
+
+
+def test_logging_a_model_leaves_the_process_tracking_settings_alone(
+    client: MlflowClient, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # MLflow's _use_tracking_uri unset MLFLOW_TRACKING_URI on exit: the pipeline's next task then
+    # registered against an empty local SQLite store ("Logged model ... not found")
+    from mlflow.tracking._tracking_service import utils
+
+    from spf.models import tiny_llama
+
+    model, _ = tiny_llama()
+    model.save_pretrained(tmp_path / "full")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:1/not-used")
+    monkeypatch.setattr(utils, "_tracking_uri", None)
+    run_id = tracking.start_run(client, _uid("spf-test-env"), "env", {})
+    tracking.log_adapter_model(client, run_id, tmp_path / "full", "tiny-llama")
+    assert os.environ["MLFLOW_TRACKING_URI"] == "http://127.0.0.1:1/not-used" and utils._tracking_uri is None
+    tracking.end_run(client, run_id)
+
+
+def test_the_adapter_is_a_logged_model_from_code(
+    client: MlflowClient, model_uri: str, tmp_path: Path
+) -> None:
+    assert model_uri.startswith("models:/m-")
+    logged = client.get_logged_model(model_uri.removeprefix("models:/"))
+    assert logged.status.to_proto() == logged.status.READY.to_proto() or str(logged.status).endswith("READY")
+    assert logged.model_type == "spf-adapter" and client.get_run(logged.source_run_id).info.run_id
+    # in its run's experiment (the experiment's Models tab), not the active one (Default)
+    assert logged.experiment_id == client.get_run(logged.source_run_id).info.experiment_id != "0"
+    import mlflow.artifacts
+
+    local = Path(
+        mlflow.artifacts.download_artifacts(
+            artifact_uri=logged.artifact_location, dst_path=str(tmp_path), tracking_uri=client.tracking_uri
+        )
+    )
+    names = {p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file()}
+    assert "python_model.pkl" not in names and any(n.endswith("pyfunc_model.py") for n in names)  # no pickle
+    assert "code/spf/__init__.py" in names and any(
+        n.startswith("artifacts/") and n.endswith("/adapter_model.safetensors") for n in names
+    )
+    reqs = (local / "requirements.txt").read_text().split()
+    assert {r.split("==")[0] for r in reqs} >= {
+        "mlflow",
+        "torch",
+        "transformers",
+        "peft",
+        "safetensors",
+        "pandas",
+    }
+    name = _uid("spf-test-logged")
+    v = registry.register_candidate(client, name, model_uri, logged.source_run_id, GOOD, {})
+    # the version points at the LoggedModel's files, resolved by this client (not the server's global one)
+    assert client.get_model_version(name, v).source == logged.artifact_location
+
+
+def test_stage_metrics_are_logged_once(tmp_path: Path) -> None:
+    # the fine-tuning summary goes to MLflow as summary/<key> (log_telemetry): not again as finetune/<key>
+    from tasks.mlflow_tasks import stage_metrics
+
+    (tmp_path / "metrics.json").write_text(json.dumps({"summary": {"final_loss": 1.5, "steps": 2}}))
+    results = {
+        "finetune": {"final_loss": 1.5, "steps": 2, "seconds": 9.0, "adapter_dir": "x", "aborted": False},
+        "estimate": {"rank": 8, "seconds": 1.0},
+        "evaluate": {"harmful_rate": 0.1, "harmful_rate_n": 50, "seconds": 3.0},
+    }
+    assert stage_metrics(results, tmp_path / "metrics.json") == {
+        "finetune/seconds": 9.0,
+        "estimate/rank": 8.0,
+        "estimate/seconds": 1.0,
+        "harmful_rate": 0.1,
+        "harmful_rate_n": 50.0,
+        "evaluate/seconds": 3.0,
+    }

@@ -15,7 +15,7 @@ def test_good_candidate_without_champion_is_promoted() -> None:
     d = decide(GOOD, None, GateThresholds())
     assert d.promote
     assert d.champion_version is None
-    assert set(d.checks) == {"harmful_rate", "overrefusal_rate", "utility"}
+    assert set(d.checks) == {"harmful_rate", "overrefusal_rate", "utility", "utility_gain"}  # gain: skipped
     assert all(c["passed"] for c in d.checks.values())
     assert "no champion" in d.reasons[0]
 
@@ -141,7 +141,8 @@ def test_decision_to_dict_round_trips_json() -> None:
     d = decide(GOOD, {"harmful_rate": 0.0, "overrefusal_rate": 0.0, "utility": 1.0}, GateThresholds())
     out = json.loads(json.dumps(d.to_dict()))
     assert out["promote"] is False
-    assert set(out) == {"promote", "reasons", "checks", "champion_version"}
+    assert set(out) == {"promote", "passed", "mode", "outcome", "reasons", "checks", "champion_version"}
+    assert (out["passed"], out["mode"], out["outcome"]) == (False, "enforce", "rejected")
     assert isinstance(d, GateDecision)
 
 
@@ -172,3 +173,50 @@ def test_from_dict() -> None:
     assert GateThresholds.from_dict(t.to_dict()) == t
     with pytest.raises(ValueError, match=r"unknown gate threshold.*max_harmfull_rate"):
         GateThresholds.from_dict({"max_harmfull_rate": 0.1})
+
+
+@pytest.mark.parametrize(
+    ("mode", "promote", "outcome"),
+    [
+        ("enforce", True, "promoted"),
+        ("shadow", False, "would-promote"),
+        ("manual", False, "awaiting-approval"),
+    ],
+)
+def test_the_gate_mode_decides_what_a_pass_does(mode: str, promote: bool, outcome: str) -> None:
+    d = decide(GOOD, None, GateThresholds(mode=mode))  # type: ignore[arg-type]
+    assert d.passed and d.promote is promote and d.outcome == outcome
+    bad = decide({**GOOD, "harmful_rate": 0.5}, None, GateThresholds(mode=mode))  # type: ignore[arg-type]
+    assert not bad.passed and not bad.promote and bad.outcome == "rejected"
+
+
+def test_an_unknown_gate_mode_is_refused() -> None:
+    with pytest.raises(ValueError, match="mode: must be 'enforce' or 'shadow' or 'manual', got 'dry'"):
+        GateThresholds.from_dict({"mode": "dry"})
+
+
+def test_utility_must_beat_the_aligned_base_it_started_from() -> None:
+    t = GateThresholds()  # min_utility_gain 0.0: at least as useful as the base
+    worse = decide({**GOOD, "base_utility": GOOD["utility"] + 0.05}, None, t)
+    assert not worse.promote and not worse.checks["utility_gain"]["passed"]
+    assert any("over the aligned base" in r and "min gain 0.00" in r for r in worse.reasons)
+    better = decide({**GOOD, "base_utility": GOOD["utility"] - 0.10}, None, t)
+    assert better.promote and better.checks["utility_gain"]["value"] == pytest.approx(0.10)
+    demanding = GateThresholds(min_utility_gain=0.2)
+    assert not decide({**GOOD, "base_utility": GOOD["utility"] - 0.10}, None, demanding).promote
+    off = GateThresholds(min_utility_gain=-1.0)
+    assert (
+        decide({**GOOD, "base_utility": 1.0}, None, off).promote
+        and "utility_gain" not in decide(GOOD, None, off).checks
+    )
+    # no base recorded (older runs): skipped with a note, the other checks decide
+    old = decide(GOOD, None, t)
+    assert (
+        old.promote
+        and old.checks["utility_gain"]["skipped"]
+        and any("no base_utility" in r for r in old.reasons)
+    )
+    # a broken base record is no evidence of a gain: skipped, never a pass on garbage
+    assert decide({**GOOD, "base_utility": float("nan")}, None, t).checks["utility_gain"]["value"] is None
+    with pytest.raises(ValueError, match="min_utility_gain: must be a difference of rates in"):
+        GateThresholds(min_utility_gain=1.5)
