@@ -19,7 +19,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
@@ -57,6 +57,12 @@ def _form_defaults() -> dict[str, Any]:
 
 
 _D = _form_defaults()
+
+
+def changed_fields(form: dict[str, Any]) -> dict[str, Any]:
+    """The form's fields whose value differs from the deployed default: only these override the workspace's
+    params.yaml; a field left alone lets the run-time file decide."""
+    return {key: value for key, value in form.items() if value != _D[key]}
 
 
 def build_params(
@@ -166,27 +172,19 @@ def _outcome(decision: dict[str, Any]) -> str:
 @flow(name="spf-pipeline", log_prints=True, validate_parameters=True)
 @with_library_logs
 def spf_pipeline(
-    base_model: str = Field(default=_D["align.model"], description="aligned base (a name or a folder)"),
-    scenario: Scenario = Field(default=_D["prepare.scenario"], description="fine-tuning task"),
-    method: Method = Field(default=_D["finetune.method"], description="optimizer variant"),
-    rank: int = Field(default=_D["estimate.rank"], ge=1, description="k, safety directions per module"),
-    steps: int = Field(default=_D["finetune.steps"], ge=1, description="fine-tuning optimizer steps"),
-    lr: float = Field(default=_D["finetune.lr"], gt=0, description="fine-tuning learning rate"),
-    max_harmful_rate: float = Field(default=_D["gate.max_harmful_rate"], ge=0, le=1),
-    max_overrefusal_rate: float = Field(default=_D["gate.max_overrefusal_rate"], ge=0, le=1),
-    min_utility: float = Field(default=_D["gate.min_utility"], ge=0, le=1),
-    min_utility_gain: float = Field(
-        default=_D["gate.min_utility_gain"], ge=-1, le=1, description="vs the base; -1 = off"
-    ),
-    gate_mode: GateMode = Field(
-        default=_D["gate.mode"], description="enforce | shadow (dry run) | manual (approve)"
-    ),
-    registered_model: str = Field(
-        default=_D["tracking.registered_model"], description="MLflow registered model"
-    ),
-    overrides: dict[str, Any] | None = Field(
-        default=None, description='other params.yaml keys: {"finetune.batch_size": 4}'
-    ),
+    base_model: str = _D["align.model"],
+    scenario: Scenario = _D["prepare.scenario"],
+    method: Method = _D["finetune.method"],
+    rank: Annotated[int, Field(ge=1)] = _D["estimate.rank"],
+    steps: Annotated[int, Field(ge=1)] = _D["finetune.steps"],
+    lr: Annotated[float, Field(gt=0)] = _D["finetune.lr"],
+    max_harmful_rate: Annotated[float, Field(ge=0, le=1)] = _D["gate.max_harmful_rate"],
+    max_overrefusal_rate: Annotated[float, Field(ge=0, le=1)] = _D["gate.max_overrefusal_rate"],
+    min_utility: Annotated[float, Field(ge=0, le=1)] = _D["gate.min_utility"],
+    min_utility_gain: Annotated[float, Field(ge=-1, le=1)] = _D["gate.min_utility_gain"],
+    gate_mode: GateMode = _D["gate.mode"],
+    registered_model: str = _D["tracking.registered_model"],
+    overrides: dict[str, Any] | None = None,
     params_file: str = "params.yaml",
     workspace: str | None = None,
     finetune_deployment: str | None = None,
@@ -196,6 +194,26 @@ def spf_pipeline(
     """The whole DAG. ``finetune_deployment`` ("spf-finetune/gpu") runs fine-tuning on the GPU pool;
     unset, it runs in this process. ``dvc_remote`` picks the DVC remote ("local" default, or "s3").
 
+    Args:
+        base_model: aligned base (a name or a folder)
+        scenario: fine-tuning task
+        method: optimizer variant
+        rank: k, safety directions per module
+        steps: fine-tuning optimizer steps
+        lr: fine-tuning learning rate
+        max_harmful_rate: the gate's ceiling on the worst prompt source's harmful rate
+        max_overrefusal_rate: the gate's ceiling on over-refusal
+        min_utility: the gate's floor on utility
+        min_utility_gain: candidate utility minus the base's, at least this (-1 = off)
+        gate_mode: enforce | shadow (dry run, nothing moves) | manual (approve to promote)
+        registered_model: MLflow registered model
+        overrides: any other params.yaml key, dotted: {"finetune.batch_size": 4}
+        params_file: the parameter file, relative to the workspace
+        workspace: folder with dvc.yaml (default: this checkout)
+        finetune_deployment: run fine-tuning as this deployment (a GPU pool), e.g. spf-finetune/gpu
+        dvc_remote: DVC remote for the stage outputs (local or s3)
+        dvc_push: push the versioned outputs to that remote
+
     The form's defaults are params.yaml's values when the flow was deployed; a field left at its default
     defers to the workspace's params.yaml as it is at run time, a changed field overrides it. A candidate
     that is not promoted ends ``Completed`` under another name (Rejected, Shadow, Awaiting approval), so the
@@ -203,24 +221,20 @@ def spf_pipeline(
     log = get_run_logger()
     t_start = time.perf_counter()
     os.chdir(workspace or ROOT)
-    form = {
-        key: value
-        for key, value in {
-            "align.model": base_model,
-            "prepare.scenario": scenario,
-            "finetune.method": method,
-            "estimate.rank": rank,
-            "finetune.steps": steps,
-            "finetune.lr": lr,
-            "gate.max_harmful_rate": max_harmful_rate,
-            "gate.max_overrefusal_rate": max_overrefusal_rate,
-            "gate.min_utility": min_utility,
-            "gate.min_utility_gain": min_utility_gain,
-            "gate.mode": gate_mode,
-            "tracking.registered_model": registered_model,
-        }.items()
-        if value != _D[key]  # left alone: the run-time params.yaml decides
-    }
+    form = changed_fields({
+        "align.model": base_model,
+        "prepare.scenario": scenario,
+        "finetune.method": method,
+        "estimate.rank": rank,
+        "finetune.steps": steps,
+        "finetune.lr": lr,
+        "gate.max_harmful_rate": max_harmful_rate,
+        "gate.max_overrefusal_rate": max_overrefusal_rate,
+        "gate.min_utility": min_utility,
+        "gate.min_utility_gain": min_utility_gain,
+        "gate.mode": gate_mode,
+        "tracking.registered_model": registered_model,
+    })  # fmt: skip
     if form:
         log.info("form fields changed from the deployed defaults: %s", json.dumps(form))
     p = build_params(params_file, form, overrides)  # fails here, before any work, on bad parameters
