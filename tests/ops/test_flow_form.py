@@ -27,7 +27,9 @@ def test_the_form_shows_params_yaml_values_and_dropdowns():
         assert "anyOf" not in schema[field]  # a typed field, not an "X | None" toggle
     assert schema["scenario"]["enum"][:2] == ["sst2", "agnews"] and "spf" in schema["method"]["enum"]
     assert schema["gate_mode"]["enum"] == ["enforce", "shadow", "manual"]
-    assert schema["rank"]["minimum"] == 1 and schema["max_harmful_rate"]["maximum"] == 1  # the UI checks bounds
+    assert (
+        schema["rank"]["minimum"] == 1 and schema["max_harmful_rate"]["maximum"] == 1
+    )  # the UI checks bounds
     assert schema["rank"]["description"] == "k, safety directions per module"  # from the docstring's Args
     with pytest.raises(Exception, match="greater than or equal to 1"):
         spf_pipeline.validate_parameters({"rank": 0})
