@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from spf.pipeline.params import smoke_params
+from spf.pipeline.presets import smoke_params
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

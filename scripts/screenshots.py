@@ -36,7 +36,7 @@ CHROMIUM_FLAGS = [  # the closed network: no background connections, no first-ru
 
 
 def demo_params() -> dict[str, Any]:
-    from spf.pipeline.params import gate_demo_params
+    from spf.pipeline.presets import gate_demo_params
 
     return {**gate_demo_params(), "tracking": {"experiment": "spf-demo", "registered_model": MODEL}}
 

@@ -193,15 +193,21 @@ def data_inputs(params: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def card_facts(params: dict[str, Any], run: dict[str, Any]) -> dict[str, Any]:
-    """What the model card says the version is: base, method, scenario, judge, run, fine-tuning settings."""
-    return {
-        "base_model": params["align"].get("model"),
-        "method": params["finetune"].get("method"),
-        "scenario": params["prepare"].get("scenario"),
-        "judge": params["evaluate"].get("judge"),
+    """What the model card says the version is: base, method, scenario, judge, run, fine-tuning settings.
+    A section the caller did not pass (a gate applied to a version registered elsewhere) is left out."""
+
+    def section(name: str) -> dict[str, Any]:
+        return params.get(name) or {}
+
+    facts = {
+        "base_model": section("align").get("model"),
+        "method": section("finetune").get("method"),
+        "scenario": section("prepare").get("scenario"),
+        "judge": section("evaluate").get("judge"),
         "run_id": run.get("run_id"),
-        "settings": params["finetune"],
+        "settings": section("finetune") or None,
     }
+    return {k: v for k, v in facts.items() if v is not None}
 
 
 # No retries: a retry after the alias moved would judge the candidate against itself. A failure after the

@@ -50,7 +50,8 @@ def stage_workspace(
 
     import yaml
 
-    from spf.pipeline.params import PipelineParams, smoke_params
+    from spf.pipeline.params import PipelineParams
+    from spf.pipeline.presets import smoke_params
     from spf.pipeline.stages import run_stage
 
     root = Path(root)

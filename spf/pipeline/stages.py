@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from spf.data.locate import shipped_file
+from spf.eval.report import flat_metrics
 from spf.io import atomic_dir, check_output, output_lock, path_sha256
 from spf.pipeline import inputs
 from spf.pipeline.params import AlignParams, PipelineParams
@@ -433,42 +434,6 @@ def _finetune_key(cfg: Any, p: PipelineParams) -> dict[str, Any]:
     config["spf"] = {k: v for k, v in config["spf"].items() if k != "subspace"}
     config["baselines"] = {k: v for k, v in config["baselines"].items() if k != "safety_data"}
     return {"config": config, "inputs": hashes}
-
-
-def flat_metrics(results: dict[str, Any]) -> dict[str, float]:
-    """``results.json`` of ``spf eval`` → the flat metrics the gate and MLflow use."""
-    suites = results.get("suites", {})
-    names = {
-        "harmful": "harmful_rate",
-        "overrefusal": "overrefusal_rate",
-        "jailbreak": "jailbreak_rate",
-        "prefill": "prefill_rate",
-        "utility": "utility",
-    }
-    out: dict[str, float] = {}
-    for suite, key in names.items():
-        if suite in suites:
-            s = suites[suite]
-            # With several prompt sources the headline is the worst source's rate, not the pooled mean: a
-            # model safe on one distribution and unsafe on another must not pass on the average.
-            head = s["by_source"][s["worst_source"]] if s.get("worst_source") else s
-            out[key] = float(head["rate"])
-            out[f"{key}_ci_low"] = float(head["ci_low"])
-            out[f"{key}_ci_high"] = float(head["ci_high"])
-            out[f"{key}_n"] = float(head["n"])
-            if s.get("worst_source"):
-                out[f"{key}_pooled"] = float(s["rate"])
-                for source, r in s["by_source"].items():
-                    out[f"{key}_{source.replace('-', '_')}"] = float(r["rate"])
-                    out[f"{key}_{source.replace('-', '_')}_n"] = float(r["n"])
-    for name, s in suites.items():
-        if name.startswith("utility.") and "rate" in s:
-            out[name.replace(".", "_")] = float(s["rate"])
-    base = (results.get("base") or {}).get("utility")
-    if base:  # the aligned base's utility on the same rows (the gate's min_utility_gain)
-        for field in ("rate", "ci_low", "ci_high", "n"):
-            out["base_utility" if field == "rate" else f"base_utility_{field}"] = float(base[field])
-    return out
 
 
 @contextmanager

@@ -21,7 +21,7 @@ from spf.cli.main import main
 from spf.data.samples import ChatSample, save_samples
 from spf.io import OutputError, atomic_dir, atomic_path, check_output, output_lock
 from spf.models import tiny_llama
-from spf.pipeline.params import smoke_params
+from spf.pipeline.presets import smoke_params
 from tests.helpers import stage_workspace, tree_state
 
 ROOT = Path(__file__).resolve().parents[2]

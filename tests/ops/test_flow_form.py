@@ -11,7 +11,8 @@ import yaml
 pytest.importorskip("prefect")
 
 from flows.pipeline import build_params, changed_fields, spf_pipeline
-from spf.pipeline.params import load_params, smoke_params
+from spf.pipeline.params import load_params
+from spf.pipeline.presets import smoke_params
 from tasks.tracking import flatten
 
 ROOT = Path(__file__).resolve().parents[2]

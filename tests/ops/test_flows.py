@@ -28,7 +28,8 @@ pytest.importorskip("prefect")  # the optional [pipeline] stack: a core-only ins
 pytest.importorskip("mlflow")
 
 
-from spf.pipeline.params import PipelineParams, gate_demo_params, smoke_params
+from spf.pipeline.params import PipelineParams
+from spf.pipeline.presets import gate_demo_params, smoke_params
 from tests.services import local_services_fixture  # noqa: F401  (provides the `local_services` fixture)
 
 pytestmark = pytest.mark.slow

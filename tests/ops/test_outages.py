@@ -313,7 +313,7 @@ def test_registration_retry_completes_a_half_registered_version(svc: Services, t
 
 
 def test_pipeline_fails_in_seconds_when_mlflow_is_unreachable_from_the_start(tmp_path: Path):
-    from spf.pipeline.params import smoke_params
+    from spf.pipeline.presets import smoke_params
 
     ws = dvc_ops.init_workspace(tmp_path / "ws", smoke_params(), local_remote=tmp_path / "remote")
     dead = f"http://127.0.0.1:{free_port()}"

@@ -126,7 +126,7 @@ def test_write_back_round_trip_restores_the_teams_file(tmp_path):
     it in place; `overridden` says the team's file differs; `restore_params` puts its bytes back."""
     import yaml
 
-    from spf.pipeline.params import smoke_params
+    from spf.pipeline.presets import smoke_params
     from tasks.stages import overridden, restore_params, write_params
 
     path = tmp_path / "params.yaml"

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from spf.pipeline.params import ParamsError, PipelineParams, apply_overrides, load_params, smoke_params
+from spf.pipeline.params import ParamsError, PipelineParams, apply_overrides, load_params
+from spf.pipeline.presets import smoke_params
 
 REPO = Path(__file__).resolve().parents[2]
 

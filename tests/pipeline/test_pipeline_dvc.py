@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from spf.pipeline.params import smoke_params
+from spf.pipeline.presets import smoke_params
 from spf.pipeline.stages import STAGE_TABLE, STAGES
 from tests.services import free_port
 

@@ -15,7 +15,8 @@ from safetensors.torch import load_file
 
 from spf.cli.main import _build_parser, _train_config, main
 from spf.data.samples import ChatSample, save_samples
-from spf.pipeline.params import ParamsError, PipelineParams, smoke_params
+from spf.pipeline.params import ParamsError, PipelineParams
+from spf.pipeline.presets import smoke_params
 from spf.training.baselines import (
     add_proximal_grad,
     lisa_last_switch,
