@@ -9,7 +9,7 @@ Chromium driven by Playwright (docs/img/ui-*.png, shown in docs/pipeline.md).
 It registers prefect.yaml's deployments (scripts/deploy.sh), runs the pipeline twice on the tiny random
 model in a scratch workspace — a promotion under a permissive gate, then the same candidate under the
 standard one, rejected — and photographs what a user opens next: the deployment's run form, the rejected
-run, the runs list, and the registered model with its version's model card.
+run, the runs list, the MLflow experiment, and the registered model with its version's model card.
 """
 
 from __future__ import annotations
@@ -57,6 +57,14 @@ def deployment_id(name: str) -> str:
         return str(client.read_deployment_by_name(name).id)
 
 
+def experiment_id(uri: str) -> str:
+    from mlflow.tracking import MlflowClient
+
+    return str(
+        MlflowClient(uri).get_experiment_by_name(demo_params()["tracking"]["experiment"]).experiment_id
+    )
+
+
 def shoot(pages: dict[str, str], out: Path, chromium: str) -> list[Path]:
     from playwright.sync_api import sync_playwright
 
@@ -100,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         "prefect-run-form": f"{prefect_ui}/deployments/deployment/{deployment_id('spf-pipeline/scheduled')}/run",
         "prefect-rejected-run": f"{prefect_ui}/runs/flow-run/{rejected['flow_run_id']}",
         "prefect-runs": f"{prefect_ui}/runs",
+        "mlflow-experiment": f"{mlflow_ui}/#/experiments/{experiment_id(mlflow_ui)}?workflowType=machine_learning",
         "mlflow-registry": f"{mlflow_ui}/#/models/{MODEL}",
         "mlflow-model-card": f"{mlflow_ui}/#/models/{MODEL}/versions/{rejected['version']}",
     }

@@ -147,7 +147,10 @@ def run_url(client: Any, run_id: str) -> str:
     uri = client.tracking_uri
     run = client.get_run(run_id)
     if uri.startswith("http"):
-        return f"{uri.rstrip('/')}/#/experiments/{run.info.experiment_id}/runs/{run_id}"
+        # MLflow 3.17's UI opens in its GenAI view unless told (a per-browser setting, not the experiment's
+        # kind tag): the query string picks the model-training view for whoever follows the link
+        base = f"{uri.rstrip('/')}/#/experiments/{run.info.experiment_id}/runs/{run_id}"
+        return f"{base}?workflowType=machine_learning"
     return f"{uri} (run {run_id}; browse with `mlflow ui --backend-store-uri {uri}`)"
 
 

@@ -69,9 +69,13 @@ _URL_USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.\-]*://)[^/@\s:]+:[^
 
 _STATUSES = ("FINISHED", "FAILED", "KILLED")
 # The MLflow UI opens an experiment in its model-training view (runs, metrics, charts) or its GenAI view
-# (traces, evaluations) by this tag; without it MLflow 3 may infer GenAI. "finetuning" is one of its kinds.
+# (traces, evaluations) by this tag; without it MLflow 3 may infer GenAI. Of the kinds its UI knows, only
+# "custom_model_development" ("Machine learning") is the model-training one ("finetuning", also in its list,
+# is a legacy value). MLflow 3.17's UI still opens in the view last chosen in that browser (GenAI by default):
+# the links we log add ?workflowType=machine_learning (tasks/mlflow_tasks.py run_url).
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
-EXPERIMENT_KIND = "finetuning"
+EXPERIMENT_KIND = "custom_model_development"
+_OLD_KINDS = ("finetuning",)  # what earlier versions of this module set: replaced
 
 
 # ------------------------------------------------------------------------------------------------ URIs
@@ -212,7 +216,7 @@ def get_or_create_experiment(client: MlflowClient, experiment: str) -> str:
     if found is not None:
         if found.lifecycle_stage == "deleted":
             client.restore_experiment(found.experiment_id)
-        if EXPERIMENT_KIND_TAG not in found.tags:  # one made before this tag, or by hand: an inferred kind
+        if found.tags.get(EXPERIMENT_KIND_TAG, _OLD_KINDS[0]) in _OLD_KINDS:  # made before this tag, or by us
             client.set_experiment_tag(found.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         return found.experiment_id
     root = _local_artifact_root(client.tracking_uri)

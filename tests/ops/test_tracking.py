@@ -313,11 +313,24 @@ def test_experiments_open_in_the_model_training_view(client: MlflowClient) -> No
     name = _uid("spf-test-kind")
     run_id = tracking.start_run(client, name, "kind", {})
     experiment = client.get_experiment(client.get_run(run_id).info.experiment_id)
-    assert experiment.tags[tracking.EXPERIMENT_KIND_TAG] == "finetuning"  # the UI's ML view, not GenAI
+    assert (
+        experiment.tags[tracking.EXPERIMENT_KIND_TAG] == "custom_model_development"
+    )  # the UI's ML view, not GenAI
     older = _uid("spf-test-kind-old")  # made before the tag existed: given it on the next run
     client.create_experiment(older)
     tracking.start_run(client, older, "kind", {})
-    assert client.get_experiment_by_name(older).tags[tracking.EXPERIMENT_KIND_TAG] == "finetuning"
+    assert (
+        client.get_experiment_by_name(older).tags[tracking.EXPERIMENT_KIND_TAG] == "custom_model_development"
+    )
+    # our earlier value (it opened the GenAI view) is replaced; a kind a user chose is kept
+    for kind, after in (
+        ("finetuning", "custom_model_development"),
+        ("genai_development", "genai_development"),
+    ):
+        other = _uid("spf-test-kind-set")
+        client.create_experiment(other, tags={tracking.EXPERIMENT_KIND_TAG: kind})
+        tracking.start_run(client, other, "kind", {})
+        assert client.get_experiment_by_name(other).tags[tracking.EXPERIMENT_KIND_TAG] == after
 
 
 def test_the_version_description_is_the_model_card(
@@ -465,3 +478,19 @@ def test_stage_metrics_are_logged_once(tmp_path: Path) -> None:
         "harmful_rate_n": 50.0,
         "evaluate/seconds": 3.0,
     }
+
+
+def test_run_links_open_the_model_training_view() -> None:
+    from types import SimpleNamespace
+
+    from tasks.mlflow_tasks import run_url
+
+    fake = SimpleNamespace(
+        tracking_uri="http://127.0.0.1:5000/",
+        get_run=lambda run_id: SimpleNamespace(info=SimpleNamespace(experiment_id="7")),
+    )
+    assert (
+        run_url(fake, "abc") == "http://127.0.0.1:5000/#/experiments/7/runs/abc?workflowType=machine_learning"
+    )
+    fake.tracking_uri = "sqlite:///x.db"
+    assert "mlflow ui --backend-store-uri sqlite:///x.db" in run_url(fake, "abc")
