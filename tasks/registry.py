@@ -274,13 +274,14 @@ def _report_markdown(
     before = f"v{decision.champion_version}" if decision.champion_version else "none"
     about = dict(about or {})
     facts = [(k, about.get(k)) for k in ("base_model", "method", "scenario", "judge", "run_id")]
+    rates = _metric_rows(metrics or {})
     lines = [
         f"# {name} v{version}",
         "",
         f"**Gate: {verdict}** (mode {thresholds.mode}) - champion before: {before}",
         "",
         *(["| | |", "|---|---|", *[f"| {k} | `{v}` |" for k, v in facts if v not in (None, "")], ""] if any(v for _, v in facts) else []),
-        *(["## Safety and utility (held-out test prompts)", "", *_metric_rows(metrics)] if metrics and _metric_rows(metrics) else []),
+        *(["## Safety and utility (held-out test prompts)", "", *rates] if rates else []),
         "## Gate reasons",
         "",
         *[f"- {r}" for r in decision.reasons],
@@ -433,10 +434,24 @@ def apply_gate(
         held = lock if isinstance(lock, RegistryLock) else RegistryLock(client, name)
         with held:
             decision = _gate_locked(client, name, version, thresholds, held)
-    metrics = version_metrics(client, name, version)
-    card = _write_report(report_dir, name, version, decision, thresholds, data or [], metrics, about)
-    client.update_model_version(name, version, description=model_card(card))
+    _publish_card(client, report_dir, name, version, decision, thresholds, data or [], about)
     return decision
+
+
+def _publish_card(
+    client: MlflowClient,
+    report_dir: str | Path,
+    name: str,
+    version: str,
+    decision: GateDecision,
+    thresholds: GateThresholds,
+    data: list[dict[str, Any]],
+    about: Mapping[str, Any] | None,
+) -> None:
+    """The card of a judged version, from its registered metrics: gate.md/gate.json and its description."""
+    metrics = version_metrics(client, name, version)
+    card = _write_report(report_dir, name, version, decision, thresholds, data, metrics, about)
+    client.update_model_version(name, version, description=model_card(card))
 
 
 def approve(
@@ -460,9 +475,7 @@ def approve(
         client.set_model_version_tag(name, version, "gate.approved_by", approver[:200])
     decision.reasons.append(f"approved by {approver}")
     out = Path(report_dir) if report_dir is not None else Path(tempfile.mkdtemp(prefix="spf-approve-"))
-    metrics = version_metrics(client, name, version)
-    card = _write_report(out, name, version, decision, thresholds, [], metrics, {"approved_by": approver})
-    client.update_model_version(name, version, description=model_card(card))
+    _publish_card(client, out, name, version, decision, thresholds, [], {"approved_by": approver})
     logger.info("%s v%s approved by %s: %s", name, version, approver, decision.outcome)
     return decision
 
